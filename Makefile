@@ -1,0 +1,51 @@
+# tphtrap developer entry points. Every target uses the project's own virtual environment.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST  ?= $(BIN)/python -m pytest
+
+.PHONY: help setup test demo lint policy-check bench fuzz clean
+
+help:
+	@echo "make demo          replay the bundled guest trace against the bundled policy"
+	@echo "make test          run the test suite (creates .venv on first use)"
+	@echo "make lint          ruff and mypy"
+	@echo "make policy-check  check every example policy"
+	@echo "make bench         benchmarks; writes bench/results.md"
+	@echo "make fuzz          a longer fuzzing campaign"
+	@echo "make clean         remove .venv and caches"
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tphtrap needs Python 3.11 or newer")'
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { echo "python3 venv support is missing: apt-get install python3-venv" >&2; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PYTEST) -q
+
+demo: $(STAMP)
+	$(BIN)/tphtrap inspect fixtures/devices/nic-st-in-cap.lspci
+	$(BIN)/tphtrap replay fixtures/traces/demo-session.jsonl --policy policies/two-tenants.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check tphtrap tests examples bench
+	$(BIN)/ruff format --check tphtrap tests examples bench
+	$(BIN)/mypy tphtrap
+
+policy-check: $(STAMP)
+	$(BIN)/tphtrap policy check policies/*.yaml
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py --output bench/results.md
+
+fuzz: $(STAMP)
+	TPHTRAP_FUZZ=long $(PYTEST) -q tests/test_fuzz.py tests/test_engine_stateful.py -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,143 @@
+"""Frozen value objects: what goes into the engine (accesses) and what comes out (decisions).
+
+Inputs are noun phrases (``ConfigWrite``, ``MsixWrite``), outputs carry a :class:`Verdict`
+(``pass``, ``rewrite``, ``drop``), a kebab-case reason code, the exact writes the hypervisor must
+perform on the real device, in order, and what the guest sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+__all__ = [
+    "Access",
+    "ConfigRead",
+    "ConfigWrite",
+    "Decision",
+    "DeviceWrite",
+    "MsixRead",
+    "MsixWrite",
+    "Region",
+    "Reset",
+    "Verdict",
+]
+
+
+class Verdict(StrEnum):
+    PASS = "pass"  # perform the guest's access unchanged
+    REWRITE = "rewrite"  # perform ``writes`` instead (or patch the read with mask/patch)
+    DROP = "drop"  # perform nothing on the device
+
+
+class Region(StrEnum):
+    CONFIG = "config"
+    MSIX = "msix"  # a BAR access (the MSI-X table lives in a memory BAR)
+    DEVICE = "device"  # reset, attach, detach: the whole function
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWrite:
+    vm: str
+    bdf: str
+    offset: int
+    width: int
+    value: int
+
+    region = Region.CONFIG
+    is_write = True
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRead:
+    vm: str
+    bdf: str
+    offset: int
+    width: int
+
+    region = Region.CONFIG
+    is_write = False
+
+
+@dataclass(frozen=True, slots=True)
+class MsixWrite:
+    """A guest write into a memory BAR (``bar`` index, ``offset`` inside the BAR)."""
+
+    vm: str
+    bdf: str
+    bar: int
+    offset: int
+    width: int
+    value: int
+
+    region = Region.MSIX
+    is_write = True
+
+
+@dataclass(frozen=True, slots=True)
+class MsixRead:
+    vm: str
+    bdf: str
+    bar: int
+    offset: int
+    width: int
+
+    region = Region.MSIX
+    is_write = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Function Level Reset or bus reset: TPH control and tags return to power-on state."""
+
+    vm: str
+    bdf: str
+
+    region = Region.DEVICE
+    is_write = False
+
+
+Access = ConfigWrite | ConfigRead | MsixWrite | MsixRead | Reset
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceWrite:
+    """One write the hypervisor must perform on the real device, in decision order."""
+
+    space: Literal["config", "bar"]
+    offset: int
+    width: int
+    value: int
+    bar: int | None = None
+
+    def to_json(self) -> dict[str, int | str]:
+        d: dict[str, int | str] = {"space": self.space}
+        if self.bar is not None:
+            d["bar"] = self.bar
+        d["offset"] = self.offset
+        d["width"] = self.width
+        d["value"] = self.value
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The engine's answer for one access.
+
+    For writes: ``writes`` are performed in order (empty for ``drop``; exactly the guest's
+    access for ``pass``) and ``guest_value`` is what the guest reads back from the bytes it
+    wrote. For reads: the guest sees ``(device_value & ~read_mask) | (guest_value & read_mask)``
+    where ``device_value`` is what the hypervisor reads from the device (needless when
+    ``read_mask`` covers the whole width). ``reason`` is the most significant reason code;
+    ``reasons`` lists every distinct one in order.
+    """
+
+    verdict: Verdict
+    reason: str
+    detail: str
+    writes: tuple[DeviceWrite, ...] = ()
+    guest_value: int | None = None
+    read_mask: int = 0
+    reasons: tuple[str, ...] = ()
+    rule: str | None = None

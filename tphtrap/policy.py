@@ -1,0 +1,260 @@
+"""The policy model and its tag semantics. Pure data and pure functions; no YAML here.
+
+Semantics (also stated in docs/policy.md, and enforced here only):
+
+* ``host.steering_tags`` gives, per host CPU, the 8-bit and 16-bit steering tags the platform
+  firmware reports for volatile memory (the ACPI ``_DSM`` values Linux reads in
+  ``pcie_tph_get_cpu_st``). Several CPUs may share a tag (a shared cache).
+* A host tag is *allowed* for a VM at a width if every host CPU that owns that tag at that width
+  is in the VM's ``cpus`` (strict: a tag shared with any CPU outside the VM is foreign), or if it
+  is listed in ``host.neutral_tags``. A tag no CPU owns and that is not neutral is never allowed.
+* 8-bit tags apply while TPH Requester Enable is "TPH only"; 16-bit tags while it is
+  "Extended TPH". In No ST mode the device emits tag 0, so No ST mode is only granted where 0 is
+  allowed (put 0 in ``neutral_tags`` if the platform treats it as "no particular CPU").
+* With ``vcpus`` (vCPU -> host CPU pinning), the guest is given *virtual* tags: the virtual tag
+  of vCPU ``i`` is ``i`` at both widths. A guest write of virtual tag ``i`` becomes the host tag
+  (of the width in force) of the CPU vCPU ``i`` is pinned to. Values ``>= len(vcpus)`` are
+  violations. Translation makes host tags unnecessary (and unusable) inside the guest.
+* On a violation: ``drop`` keeps the device as it was (the write never reaches it), ``rewrite``
+  puts the VM's fallback tag instead (default: the tag of its first CPU whose tag is allowed),
+  ``disable`` forces TPH Requester Enable off for the device until the next reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .spec import TagWidth
+
+__all__ = [
+    "CpuTags",
+    "DeviceSettings",
+    "HostPolicy",
+    "OnViolation",
+    "Policy",
+    "TagRules",
+    "VmPolicy",
+    "format_cpulist",
+    "parse_cpulist",
+]
+
+
+class OnViolation(StrEnum):
+    DROP = "drop"
+    REWRITE = "rewrite"
+    DISABLE = "disable"
+
+
+def parse_cpulist(text: str | int, limit: int = 8192) -> list[int]:
+    """Linux cpulist syntax (``0-3,8,10-11``; ``0-7:2`` strides) -> sorted unique CPUs.
+
+    Raises ValueError with a short reason. ``limit`` bounds the CPU numbers accepted.
+    """
+    if isinstance(text, bool):
+        raise ValueError("a cpulist is text like 0-3,8, not a boolean")
+    if isinstance(text, int):
+        text = str(text)
+    s = text.strip()
+    if not s:
+        raise ValueError("empty cpulist")
+    cpus: set[int] = set()
+    for part in s.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty element in cpulist {text!r}")
+        stride = 1
+        if ":" in part:
+            part, _, stride_s = part.partition(":")
+            if not stride_s.isdigit() or int(stride_s) == 0:
+                raise ValueError(f"bad stride {stride_s!r} in cpulist {text!r}")
+            stride = int(stride_s)
+        lo_s, dash, hi_s = part.partition("-")
+        if not lo_s.isdigit() or (dash and not hi_s.isdigit()):
+            raise ValueError(f"bad cpulist element {part!r} (use N or N-M)")
+        lo = int(lo_s)
+        hi = int(hi_s) if dash else lo
+        if hi < lo:
+            raise ValueError(f"range {part!r} runs backwards")
+        if hi >= limit:
+            raise ValueError(f"CPU {hi} is beyond the supported {limit} CPUs")
+        cpus.update(range(lo, hi + 1, stride))
+    return sorted(cpus)
+
+
+def format_cpulist(cpus: Iterable[int]) -> str:
+    """Sorted CPUs -> compact cpulist (``0-3,8``)."""
+    out: list[str] = []
+    run: list[int] = []
+    for c in sorted(set(cpus)):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuTags:
+    """The steering tags the platform reports for one host CPU (None: no valid tag)."""
+
+    cpu: int
+    st8: int | None
+    st16: int | None
+
+    def tag(self, width: TagWidth) -> int | None:
+        return self.st8 if width is TagWidth.ST8 else self.st16
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    steering_tags: Mapping[int, CpuTags]
+    neutral_tags: frozenset[int] = frozenset()
+
+    def owners(self, width: TagWidth) -> dict[int, frozenset[int]]:
+        """tag -> the host CPUs that own it at ``width``."""
+        acc: dict[int, set[int]] = {}
+        for cpu, tags in self.steering_tags.items():
+            t = tags.tag(width)
+            if t is not None:
+                acc.setdefault(t, set()).add(cpu)
+        return {t: frozenset(c) for t, c in acc.items()}
+
+    def neutral(self, width: TagWidth) -> frozenset[int]:
+        return frozenset(t for t in self.neutral_tags if t <= width.mask)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Per-device overrides inside a VM (None: inherit the VM's setting)."""
+
+    bdf: str
+    tph: bool = True  # False: TPH Requester Enable is always forced off
+    extended_tph: bool = True  # False: Extended TPH is always downgraded to TPH only
+    on_violation: OnViolation | None = None
+    fallback_cpu: int | None = None
+
+
+@dataclass(frozen=True)
+class VmPolicy:
+    name: str
+    cpus: frozenset[int]
+    on_violation: OnViolation = OnViolation.DROP
+    vcpus: tuple[int, ...] | None = None  # vCPU index -> host CPU
+    fallback_cpu: int | None = None
+    devices: Mapping[str, DeviceSettings] = field(default_factory=dict)
+    share_cpus_with: frozenset[str] = frozenset()
+    tph: bool = True
+    extended_tph: bool = True
+
+
+@dataclass(frozen=True)
+class Policy:
+    host: HostPolicy
+    vms: Mapping[str, VmPolicy]
+    source: str = "<policy>"
+
+    def vm_of_device(self, bdf: str) -> VmPolicy | None:
+        for vm in self.vms.values():
+            if bdf in vm.devices:
+                return vm
+        return None
+
+    def rules(self, vm_name: str, bdf: str) -> TagRules:
+        """The compiled rules for one device of one VM (KeyError if either is unknown)."""
+        vm = self.vms[vm_name]
+        dev = vm.devices[bdf]
+        return TagRules.build(self.host, vm, dev)
+
+
+@dataclass(frozen=True)
+class TagRules:
+    """Everything the engine needs about tags for one (VM, device), precomputed.
+
+    ``allowed[w]`` are the *host* tags the device may hold at width ``w``; ``translate[w]`` maps
+    a virtual tag (vCPU index) to a host tag, or is None when the VM has no translation.
+    """
+
+    vm: str
+    bdf: str
+    allowed: Mapping[TagWidth, frozenset[int]]
+    translate: Mapping[TagWidth, tuple[int | None, ...]] | None
+    fallback: Mapping[TagWidth, int | None]
+    on_violation: OnViolation
+    tph_allowed: bool
+    ext_allowed: bool  # policy lets Extended TPH be granted (the device must support it too)
+    rule: str  # breadcrumb of the policy entry these rules come from
+
+    @classmethod
+    def build(cls, host: HostPolicy, vm: VmPolicy, dev: DeviceSettings) -> TagRules:
+        allowed: dict[TagWidth, frozenset[int]] = {}
+        fallback: dict[TagWidth, int | None] = {}
+        fb_cpu = dev.fallback_cpu if dev.fallback_cpu is not None else vm.fallback_cpu
+        for w in TagWidth:
+            owners = host.owners(w)
+            ok = {t for t, cpus in owners.items() if cpus <= vm.cpus} | host.neutral(w)
+            allowed[w] = frozenset(ok)
+            fallback[w] = _fallback(host, vm, w, allowed[w], fb_cpu)
+        translate: dict[TagWidth, tuple[int | None, ...]] | None = None
+        if vm.vcpus is not None:
+            translate = {}
+            for w in TagWidth:
+                row: list[int | None] = []
+                for cpu in vm.vcpus:
+                    tags = host.steering_tags.get(cpu)
+                    t = tags.tag(w) if tags is not None else None
+                    row.append(t if t is not None and t in allowed[w] else None)
+                translate[w] = tuple(row)
+        ext_allowed = vm.extended_tph and dev.extended_tph and bool(allowed[TagWidth.ST16])
+        return cls(
+            vm=vm.name,
+            bdf=dev.bdf,
+            allowed=allowed,
+            translate=translate,
+            fallback=fallback,
+            on_violation=dev.on_violation or vm.on_violation,
+            tph_allowed=vm.tph and dev.tph,
+            ext_allowed=ext_allowed,
+            rule=f"vms.{vm.name}.devices.{dev.bdf}",
+        )
+
+    def resolve(self, guest_tag: int, width: TagWidth) -> int | None:
+        """The host tag the device should hold for ``guest_tag`` at ``width``; None: violation.
+
+        At 8 bits only the low byte of an entry is a tag; without translation the rest of the
+        entry is passed through (it only matters once Extended TPH is enabled, and every entry
+        is re-resolved at 16 bits before that happens).
+        """
+        tag = guest_tag & width.mask
+        if self.translate is not None:
+            row = self.translate[width]
+            host = row[tag] if tag < len(row) else None
+            return host
+        if tag in self.allowed[width]:
+            return guest_tag
+        return None
+
+    def host_ok(self, host_tag: int, width: TagWidth) -> bool:
+        """Is a value already on the device safe at ``width``?"""
+        return (host_tag & width.mask) in self.allowed[width]
+
+
+def _fallback(
+    host: HostPolicy,
+    vm: VmPolicy,
+    width: TagWidth,
+    allowed: frozenset[int],
+    fb_cpu: int | None,
+) -> int | None:
+    order = [fb_cpu] if fb_cpu is not None else sorted(vm.cpus)
+    for cpu in order:
+        tags = host.steering_tags.get(cpu)
+        t = tags.tag(width) if tags is not None else None
+        if t is not None and t in allowed:
+            return t
+    return None

@@ -1,0 +1,111 @@
+"""PCI, PCIe TPH and MSI-X constants, named as in Linux ``include/uapi/linux/pci_regs.h``.
+
+Only offsets, capability ids and enumerations live here; the bit layout of each register is
+declared once, in :mod:`tphtrap.layouts`, and every mask the engine uses is derived from it.
+
+Sources checked:
+- Linux ``include/uapi/linux/pci_regs.h`` (TPH names as of the 2024 ``drivers/pci/tph.c`` work),
+- Linux ``drivers/pci/tph.c`` (``pcie_enable_tph``, ``pcie_tph_set_st_entry``),
+- Linux ``drivers/vfio/pci/vfio_pci_config.c`` (``vfio_ext_cap_len``: TPH length is
+  ``PCI_TPH_BASE_SIZEOF + 2 * N`` when the ST table is in the capability),
+- pciutils ``ls-ecaps.c`` (``cap_tph``) and ``lspci`` dump format.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "PCI_CAPABILITY_LIST",
+    "PCI_CAP_ID_MSIX",
+    "PCI_CFG_SPACE_EXP_SIZE",
+    "PCI_CFG_SPACE_SIZE",
+    "PCI_EXT_CAP_ID_TPH",
+    "PCI_MSIX_ENTRY_CTRL_ST_OFFSET",
+    "PCI_MSIX_ENTRY_DATA",
+    "PCI_MSIX_ENTRY_LOWER_ADDR",
+    "PCI_MSIX_ENTRY_SIZE",
+    "PCI_MSIX_ENTRY_UPPER_ADDR",
+    "PCI_MSIX_ENTRY_VECTOR_CTRL",
+    "PCI_MSIX_FLAGS",
+    "PCI_MSIX_PBA",
+    "PCI_MSIX_TABLE",
+    "PCI_STATUS",
+    "PCI_STATUS_CAP_LIST",
+    "PCI_TPH_BASE_SIZEOF",
+    "PCI_TPH_CAP",
+    "PCI_TPH_CTRL",
+    "PCI_TPH_ST_TABLE_MAX_IN_CAP",
+    "ReqEnable",
+    "StLocation",
+    "StMode",
+    "TagWidth",
+]
+
+# --- Type 0/1 header -------------------------------------------------------------------------
+PCI_STATUS = 0x06
+PCI_STATUS_CAP_LIST = 0x10  # Support Capability List
+PCI_CAPABILITY_LIST = 0x34  # Offset of first capability list entry
+PCI_CFG_SPACE_SIZE = 256
+PCI_CFG_SPACE_EXP_SIZE = 4096
+
+# --- Standard capabilities ---------------------------------------------------------------------
+PCI_CAP_ID_MSIX = 0x11
+PCI_MSIX_FLAGS = 2  # Message Control
+PCI_MSIX_TABLE = 4  # Table offset and BIR
+PCI_MSIX_PBA = 8  # Pending Bit Array offset and BIR
+
+# MSI-X table entry (in a memory BAR), PCI_MSIX_ENTRY_SIZE bytes each.
+PCI_MSIX_ENTRY_SIZE = 16
+PCI_MSIX_ENTRY_LOWER_ADDR = 0x0
+PCI_MSIX_ENTRY_UPPER_ADDR = 0x4
+PCI_MSIX_ENTRY_DATA = 0x8
+PCI_MSIX_ENTRY_VECTOR_CTRL = 0xC
+# PCI_MSIX_ENTRY_CTRL_ST is bits 31:16 of Vector Control, i.e. bytes +0xE..+0xF of the entry.
+PCI_MSIX_ENTRY_CTRL_ST_OFFSET = PCI_MSIX_ENTRY_VECTOR_CTRL + 2
+
+# --- Extended capabilities ---------------------------------------------------------------------
+PCI_EXT_CAP_ID_TPH = 0x17  # TPH Requester
+PCI_TPH_CAP = 0x4  # capability register
+PCI_TPH_CTRL = 0x8  # control register
+PCI_TPH_BASE_SIZEOF = 0xC  # size with no ST table; the table (when in the cap) starts here
+# PCIe r6.x, 7.9.13.2: when the ST table is located in the TPH capability its size is limited
+# to 64 entries (an encoded size of at most 63).
+PCI_TPH_ST_TABLE_MAX_IN_CAP = 64
+
+
+class StMode(IntEnum):
+    """ST Mode Select, ``PCI_TPH_CTRL_MODE_SEL_MASK`` (control bits 2:0). 3..7 are reserved."""
+
+    NO_ST = 0  # PCI_TPH_ST_NS_MODE: the requester uses tag 0 for every request
+    INT_VEC = 1  # PCI_TPH_ST_IV_MODE: tag = ST entry of the request's interrupt vector
+    DEV_SPEC = 2  # PCI_TPH_ST_DS_MODE: the device picks tags by its own (untrappable) means
+
+
+class StLocation(IntEnum):
+    """ST Table Location, ``PCI_TPH_CAP_LOC_MASK`` (capability bits 10:9)."""
+
+    NONE = 0  # PCI_TPH_LOC_NONE
+    CAP = 1  # PCI_TPH_LOC_CAP: 16-bit entries at PCI_TPH_BASE_SIZEOF + 2 * i
+    MSIX = 2  # PCI_TPH_LOC_MSIX: bits 31:16 of each MSI-X Vector Control
+    RESERVED = 3
+
+
+class ReqEnable(IntEnum):
+    """TPH Requester Enable, ``PCI_TPH_CTRL_REQ_EN_MASK`` (control bits 9:8). 2 is reserved."""
+
+    DISABLED = 0  # PCI_TPH_REQ_DISABLE
+    TPH = 1  # PCI_TPH_REQ_TPH_ONLY: 8-bit steering tags
+    RESERVED = 2
+    EXT_TPH = 3  # PCI_TPH_REQ_EXT_TPH: 16-bit steering tags
+
+
+class TagWidth(IntEnum):
+    """Width of the steering tags the requester emits, in bits."""
+
+    ST8 = 8
+    ST16 = 16
+
+    @property
+    def mask(self) -> int:
+        return (1 << int(self)) - 1
