@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except Exception as exc:  # noqa: BLE001 - last line of defence: report, never a traceback
+    except Exception as exc:
         print(
             f"tphtrap: internal error: {type(exc).__name__}: {exc} (this is a bug)",
             file=sys.stderr,

@@ -67,7 +67,9 @@ class Problem:
     level: str = field(default="error", compare=False)
 
     def format(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}" if self.file else f"{self.line}:{self.column}"
+        where = f"{self.line}:{self.column}"
+        if self.file:
+            where = f"{self.file}:{where}"
         return f"{where}: {self.level}: {self.message} ({self.rule})"
 
 
@@ -91,7 +93,7 @@ class WireError(TphtrapError):
         code: str,
         message: str,
         *,
-        request_id: object = None,
+        request_id: int | str | None = None,
         field: str | None = None,
     ) -> None:
         super().__init__(message)
