@@ -1,0 +1,526 @@
+"""``tphtrap serve``: the hypervisor plugin, JSON lines on stdin/stdout (docs/protocol.md).
+
+:class:`Server` is the request handler (one line in, one reply line out, plus audit events); it
+does no I/O of its own and is what the tests drive directly. :func:`serve_forever` is the loop
+around it: it reads standard input in chunks with a bounded line buffer, answers every request
+in order, flushes each reply before it waits for more input, and handles SIGHUP (reload the
+policy), SIGTERM/SIGINT (stop) and EOF (exit 0) through ``signal.set_wakeup_fd`` so that a
+signal is never handled in the middle of a decision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import select
+import signal
+import sys
+import time
+from collections import Counter
+from typing import IO, Any
+
+from . import __version__
+from .audit import Auditor
+from .device import ConfigSpace, load_device, parse_hex_config
+from .engine import AttachRefused, Engine, describe_reason
+from .errors import DeviceError, PolicyError, TphtrapError, WireError
+from .events import Decision
+from .policy import Policy
+from .wire import (
+    ACCESS_OPS,
+    MAX_LINE,
+    PROTOCOL_VERSIONS,
+    Request,
+    decision_json,
+    encode,
+    error_reply,
+    parse_request,
+    reply,
+    to_access,
+)
+
+__all__ = ["Server", "add_parser", "serve_forever"]
+
+
+def _load_policy(path: str) -> Policy:
+    from .policyfile import load_policy
+
+    return load_policy(path)
+
+
+def _drop(code: str) -> dict[str, Any]:
+    """The decision carried by an error reply: fail closed, nothing reaches the device."""
+    return {
+        "verdict": "drop",
+        "reason": code,
+        "reasons": [code],
+        "detail": describe_reason(code),
+        "writes": [],
+    }
+
+
+class Server:
+    """Answers protocol lines. Keeps serving whatever it is sent."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        policy_path: str | None,
+        auditor: Auditor,
+        *,
+        recorder: IO[str] | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.engine = Engine(policy)
+        self.policy_path = policy_path
+        self.audit = auditor
+        self.recorder = recorder
+        self.debug = debug
+        self.version: int | None = None
+        self.stopping = False
+        self.started = time.monotonic()
+        self.requests = 0
+        self.errors: Counter[str] = Counter()
+        self.verdicts: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.policy_loads = 1
+        self.policy_rejects = 0
+
+    # --- one line ------------------------------------------------------------------------
+    def handle_line(self, line: bytes) -> bytes:
+        self.requests += 1
+        try:
+            req = parse_request(line)
+        except WireError as exc:
+            return self._wire_error(exc, line)
+        if self.debug:
+            self.audit.emit("wire.received", "debug", id=req.id, op=req.op)
+        try:
+            return self._dispatch(req)
+        except WireError as exc:
+            return self._wire_error(exc, line)
+        except Exception as exc:
+            self.errors["internal-error"] += 1
+            self.audit.emit(
+                "engine.failed",
+                "error",
+                id=req.id,
+                op=req.op,
+                error=f"{type(exc).__name__}: {exc}",
+                vm=req.args.get("vm"),
+                bdf=req.args.get("bdf"),
+            )
+            return error_reply(
+                req.id,
+                "internal-error",
+                f"internal error: {type(exc).__name__}: {exc}",
+                decision=_drop("internal-error"),
+            )
+
+    def _wire_error(self, exc: WireError, line: bytes) -> bytes:
+        self.errors[exc.code] += 1
+        self.audit.emit(
+            "wire.rejected",
+            "warning",
+            id=exc.request_id,
+            code=exc.code,
+            field=exc.field,
+            message=exc.message,
+            line=line[:200].decode("utf-8", "replace"),
+        )
+        return error_reply(
+            exc.request_id, exc.code, exc.message, exc.field, decision=_drop(exc.code)
+        )
+
+    def _dispatch(self, req: Request) -> bytes:
+        if req.op == "hello":
+            return self._hello(req)
+        if self.version is None:
+            raise WireError(
+                "handshake-required",
+                'send {"op":"hello","versions":[1]} first',
+                request_id=req.id,
+                field="op",
+            )
+        if req.op in ACCESS_OPS:
+            return self._access(req)
+        handler = getattr(self, f"_op_{req.op}")
+        out: bytes = handler(req)
+        return out
+
+    def _hello(self, req: Request) -> bytes:
+        common = set(req.args["versions"]) & set(PROTOCOL_VERSIONS)
+        if not common:
+            raise WireError(
+                "unsupported-version",
+                f"no common protocol version; this server speaks {list(PROTOCOL_VERSIONS)}",
+                request_id=req.id,
+                field="versions",
+            )
+        self.version = max(common)
+        self.audit.emit(
+            "session.started",
+            version=self.version,
+            client=req.args.get("client"),
+            server=f"tphtrap {__version__}",
+        )
+        return reply(
+            req.id,
+            op="hello",
+            version=self.version,
+            server=f"tphtrap {__version__}",
+            max_line=MAX_LINE,
+        )
+
+    def _access(self, req: Request) -> bytes:
+        access = to_access(req)
+        decision = self.engine.handle(access)
+        self._count(decision)
+        self.audit.decided(access, decision, {"id": req.id})
+        self._record(req, decision_json(decision))
+        if decision.reason in ("unknown-vm", "unknown-device"):
+            field = "vm" if decision.reason == "unknown-vm" else "bdf"
+            return error_reply(
+                req.id, decision.reason, decision.detail, field, decision=decision_json(decision)
+            )
+        return reply(req.id, decision=decision_json(decision))
+
+    def _count(self, decision: Decision) -> None:
+        self.verdicts[decision.verdict.value] += 1
+        self.reasons[decision.reason] += 1
+
+    def _record(self, req: Request, expect: dict[str, Any]) -> None:
+        if self.recorder is None:
+            return
+        rec: dict[str, Any] = {"id": req.id, "op": req.op}
+        rec.update({k: v for k, v in req.args.items() if k != "expect"})
+        rec["expect"] = expect
+        self.recorder.write(encode(rec).decode())
+        self.recorder.flush()
+
+    def _op_attach(self, req: Request) -> bytes:
+        a = req.args
+        try:
+            if "config" in a:
+                cfg = parse_hex_config(a["config"], f"request {req.id!r} config", a["bdf"])
+            else:
+                cfg = load_device(a["path"], a.get("source_bdf"))
+                cfg = ConfigSpace.from_bytes(cfg.data, cfg.source, a["bdf"], cfg.line_map)
+        except DeviceError as exc:
+            raise WireError(
+                "bad-config",
+                str(exc),
+                request_id=req.id,
+                field="config" if "config" in a else "path",
+            ) from None
+        try:
+            decision = self.engine.attach(a["vm"], a["bdf"], cfg)
+        except AttachRefused as exc:
+            self.audit.emit(
+                "device.refused",
+                "warning",
+                vm=a["vm"],
+                bdf=a["bdf"],
+                code=exc.code,
+                message=exc.message,
+            )
+            field = "vm" if exc.code == "unknown-vm" else "bdf"
+            raise WireError(exc.code, exc.message, request_id=req.id, field=field) from None
+        sess = self.engine.session(a["vm"], a["bdf"])
+        assert sess is not None
+        device = _device_summary(cfg, sess.untrappable)
+        self.audit.emit(
+            "device.attached",
+            vm=a["vm"],
+            bdf=a["bdf"],
+            source=cfg.source,
+            **decision_json(decision) | {"device": device},
+        )
+        self._record(req, decision_json(decision))
+        return reply(req.id, decision=decision_json(decision), device=device)
+
+    def _op_detach(self, req: Request) -> bytes:
+        decision = self.engine.detach(req.args["vm"], req.args["bdf"])
+        if decision.verdict.value == "drop":
+            raise WireError(decision.reason, decision.detail, request_id=req.id, field="bdf")
+        self.audit.emit("device.detached", vm=req.args["vm"], bdf=req.args["bdf"])
+        self._record(req, decision_json(decision))
+        return reply(req.id, decision=decision_json(decision))
+
+    def _op_reload(self, req: Request) -> bytes:
+        path = req.args.get("policy", self.policy_path)
+        if path is None:
+            raise WireError(
+                "missing-field", "no policy path to reload", request_id=req.id, field="policy"
+            )
+        result = self.reload(path)
+        if isinstance(result, PolicyError):
+            problems = [p.format() for p in result.problems[:20]]
+            raise WireError(
+                "policy-invalid",
+                f"{path}: {len(result.problems)} problem(s); the old policy stays in force: "
+                + (problems[0] if problems else ""),
+                request_id=req.id,
+                field="policy",
+            )
+        if isinstance(result, TphtrapError):
+            raise WireError("policy-invalid", str(result), request_id=req.id, field="policy")
+        return reply(req.id, policy=path, corrections=result)
+
+    def reload(self, path: str) -> list[dict[str, Any]] | TphtrapError:
+        """Load ``path`` and swap it in; on any problem keep the old policy (audited)."""
+        try:
+            policy = _load_policy(path)
+        except PolicyError as exc:
+            self.policy_rejects += 1
+            self.audit.emit(
+                "policy.rejected", "error", path=path, problems=[p.format() for p in exc.problems]
+            )
+            return exc
+        except TphtrapError as exc:
+            self.policy_rejects += 1
+            self.audit.emit("policy.rejected", "error", path=path, problems=[str(exc)])
+            return exc
+        except OSError as exc:
+            self.policy_rejects += 1
+            err = DeviceError(path, exc.strerror or str(exc))
+            self.audit.emit("policy.rejected", "error", path=path, problems=[str(err)])
+            return err
+        self.policy_path = path
+        self.policy_loads += 1
+        corrections = []
+        for sess, decision in self.engine.reload(policy):
+            entry = {"vm": sess.vm, "bdf": sess.bdf, "decision": decision_json(decision)}
+            corrections.append(entry)
+            self.audit.emit("policy.applied", vm=sess.vm, bdf=sess.bdf, **decision_json(decision))
+        self.audit.emit(
+            "policy.loaded", path=path, vms=sorted(policy.vms), devices=len(corrections)
+        )
+        return corrections
+
+    def _op_stats(self, req: Request) -> bytes:
+        devices = []
+        for s in self.engine.sessions():
+            devices.append(
+                {
+                    "vm": s.vm,
+                    "bdf": s.bdf,
+                    "tph_enabled": s.dev_enabled(),
+                    "latched_off": s.latched,
+                    "frozen": s.poisoned is not None,
+                    "revoked": s.revoked,
+                    "decisions": dict(s.counts),
+                }
+            )
+        return reply(
+            req.id,
+            requests=self.requests,
+            errors=dict(self.errors),
+            verdicts=dict(self.verdicts),
+            reasons=dict(self.reasons),
+            devices=devices,
+            policy=self.policy_path,
+            policy_loads=self.policy_loads,
+            policy_rejects=self.policy_rejects,
+            uptime_s=round(time.monotonic() - self.started, 3),
+        )
+
+    def done(self) -> bool:
+        return self.stopping
+
+    def _op_shutdown(self, req: Request) -> bytes:
+        self.stopping = True
+        return reply(req.id, op="shutdown")
+
+
+def _device_summary(cfg: ConfigSpace, untrappable: str | None) -> dict[str, Any]:
+    tph = cfg.tph
+    msix = cfg.msix
+    out: dict[str, Any] = {"tph": None, "msix": None, "trappable": untrappable is None}
+    if untrappable:
+        out["forced_off_reason"] = untrappable
+    if tph is not None:
+        out["tph"] = {
+            "offset": tph.offset,
+            "location": tph.location.name.lower(),
+            "table_size": tph.table_size,
+            "extended": tph.extended_tph,
+            "modes": [
+                m
+                for m, ok in (
+                    ("no_st", tph.no_st_mode),
+                    ("interrupt_vector", tph.interrupt_vector_mode),
+                    ("device_specific", tph.device_specific_mode),
+                )
+                if ok
+            ],
+        }
+    if msix is not None:
+        out["msix"] = {
+            "table_size": msix.table_size,
+            "bir": msix.table_bir,
+            "offset": msix.table_offset,
+        }
+    return out
+
+
+# --- the I/O loop -----------------------------------------------------------------------
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
+    """Run until EOF, ``shutdown`` or SIGTERM/SIGINT. Returns the exit code."""
+    rpipe, wpipe = os.pipe()
+    os.set_blocking(wpipe, False)
+    os.set_blocking(rpipe, False)
+    old_fd = signal.set_wakeup_fd(wpipe, warn_on_full_buffer=False)
+    handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.signal(s, lambda *_: None) for s in handled}
+    buf = bytearray()
+    discarding = False  # inside an over-long line: drop bytes up to its newline
+    out = bytearray()
+    try:
+        while not server.stopping:
+            try:
+                ready, _, _ = select.select([in_fd, rpipe], [], [])
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+            if rpipe in ready:
+                for signum in os.read(rpipe, 64):
+                    if signum == signal.SIGHUP:
+                        if server.policy_path:
+                            server.reload(server.policy_path)
+                    elif signum in (signal.SIGTERM, signal.SIGINT):
+                        server.audit.emit("session.ended", reason=signal.Signals(signum).name)
+                        return 0
+            if in_fd not in ready:
+                continue
+            try:
+                chunk = os.read(in_fd, 1 << 16)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    continue
+                raise
+            eof = not chunk
+            if eof and buf and not discarding:
+                buf += b"\n"  # a last line without its newline is still a request
+            buf += chunk
+            start = 0
+            while True:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                line = bytes(buf[start:nl])
+                start = nl + 1
+                if discarding:
+                    discarding = False
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if not line.strip():
+                    continue
+                out += server.handle_line(line)
+                if server.done():
+                    break
+            del buf[:start]
+            if len(buf) > MAX_LINE and not discarding:
+                err = WireError("line-too-long", f"line longer than {MAX_LINE} bytes")
+                out += server._wire_error(err, bytes(buf[:200]))
+                buf.clear()
+                discarding = True
+            elif discarding:
+                buf.clear()
+            if out:
+                _write_all(out_fd, bytes(out))
+                out.clear()
+            if eof:
+                server.audit.emit("session.ended", reason="eof", requests=server.requests)
+                return 0
+        server.audit.emit("session.ended", reason="shutdown", requests=server.requests)
+        return 0
+    except BrokenPipeError:
+        server.audit.emit("session.ended", "warning", reason="stdout-closed")
+        return 0
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(rpipe)
+        os.close(wpipe)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run as a hypervisor plugin: JSON lines on stdin, decisions on stdout",
+        description=(
+            "Serve the tphtrap plugin protocol (docs/protocol.md) on stdin/stdout. Standard "
+            "output carries protocol replies only; audit events go to standard error or "
+            "--audit FILE. SIGHUP reloads the policy (a broken policy is refused and the old "
+            "one stays); EOF on stdin exits 0."
+        ),
+        epilog=(
+            "example: tphtrap serve --policy policies/two-tenants.yaml --audit /var/log/tph.jsonl"
+        ),
+    )
+    p.add_argument("--policy", required=True, metavar="FILE", help="YAML policy to enforce")
+    p.add_argument(
+        "--audit",
+        metavar="FILE",
+        help="append audit events (JSON lines) to FILE instead of standard error",
+    )
+    p.add_argument(
+        "--audit-passes",
+        action="store_true",
+        help="also audit accesses that never touch TPH state (verbose)",
+    )
+    p.add_argument(
+        "--record",
+        metavar="FILE",
+        help="write every request with its decision as a native trace for replay",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("info", "debug"),
+        default="info",
+        help="debug also logs every request received (to the audit stream)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    auditor = (
+        Auditor.to_file(args.audit, include_passes=args.audit_passes)
+        if args.audit
+        else Auditor(sys.stderr, include_passes=args.audit_passes)
+    )
+    try:
+        policy = _load_policy(args.policy)
+    except PolicyError as exc:
+        for p in exc.problems:
+            print(p.format(), file=sys.stderr)
+        auditor.emit(
+            "policy.rejected",
+            "error",
+            path=args.policy,
+            problems=[p.format() for p in exc.problems],
+        )
+        return 1
+    recorder = None
+    if args.record:
+        recorder = open(args.record, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
+    server = Server(
+        policy, args.policy, auditor, recorder=recorder, debug=args.log_level == "debug"
+    )
+    auditor.emit("policy.loaded", path=args.policy, vms=sorted(policy.vms))
+    try:
+        return serve_forever(server, sys.stdin.fileno(), sys.stdout.fileno())
+    finally:
+        if recorder is not None:
+            recorder.close()
+        auditor.close()

@@ -1,0 +1,320 @@
+"""The plugin protocol codec (docs/protocol.md): JSON lines in, JSON lines out. Pure.
+
+``parse_request`` turns one line into a validated :class:`Request` or raises
+:class:`~tphtrap.errors.WireError` carrying an error code, the request id when it could be read,
+and the offending field. ``reply`` / ``error_reply`` / ``decision_json`` build the answers.
+Every field of every operation is declared once, in :data:`OPS`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .device import normalize_bdf
+from .errors import WireError
+from .events import Access, ConfigRead, ConfigWrite, Decision, MsixRead, MsixWrite, Reset
+
+__all__ = [
+    "MAX_LINE",
+    "OPS",
+    "PROTOCOL_VERSIONS",
+    "Request",
+    "decision_json",
+    "encode",
+    "error_reply",
+    "parse_request",
+    "reply",
+    "to_access",
+]
+
+PROTOCOL_VERSIONS = (1,)
+# A 4096-byte config space as hex is 8192 characters; 64 KiB leaves ample room and bounds the
+# memory one line can take (the reader refuses longer lines without buffering them).
+MAX_LINE = 65536
+MAX_ID_LEN = 128
+MAX_NAME_LEN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int | str
+    op: str
+    args: Mapping[str, Any]
+
+
+# --- field validators: (raw value) -> value, raising ValueError(reason) ----------------------
+def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, str) and v[:2].lower() == "0x":
+            try:
+                v = int(v, 16)
+            except ValueError:
+                raise ValueError("not a hex number") from None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError('an integer (or a "0x..." string)')
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is out of range {lo}..{hi:#x}")
+        return v
+
+    return check
+
+
+def _choice(*allowed: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"one of {', '.join(map(str, allowed))}")
+        if v not in allowed:
+            raise ValueError(f"{v} is not one of {', '.join(map(str, allowed))}")
+        return v
+
+    return check
+
+
+def _name(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("a string")
+    if not v or len(v) > MAX_NAME_LEN or not v.isprintable():
+        raise ValueError(f"must be 1-{MAX_NAME_LEN} printable characters")
+    return v
+
+
+def _bdf(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError('a string like "0000:3b:00.0"')
+    return normalize_bdf(v)
+
+
+def _text(limit: int) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str):
+            raise TypeError("a string")
+        if len(v) > limit:
+            raise ValueError(f"longer than {limit} characters")
+        return v
+
+    return check
+
+
+def _versions(v: Any) -> list[int]:
+    if not isinstance(v, list) or not v or len(v) > 16:
+        raise TypeError("a non-empty list of integers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError("a non-empty list of integers")
+    return list(v)
+
+
+_U64 = (1 << 64) - 1
+_VM = ("vm", _name)
+_DEV = ("bdf", _bdf)
+
+# op -> (required fields, optional fields)
+OPS: dict[str, tuple[dict[str, Callable[[Any], Any]], dict[str, Callable[[Any], Any]]]] = {
+    "hello": ({"versions": _versions}, {"client": _text(128)}),
+    "attach": (
+        dict([_VM, _DEV]),
+        {"config": _text(MAX_LINE), "path": _text(4096), "source_bdf": _bdf},
+    ),
+    "detach": (dict([_VM, _DEV]), {}),
+    "cfg_write": (
+        dict(
+            [
+                _VM,
+                _DEV,
+                ("offset", _int_in(0, 4095)),
+                ("width", _choice(1, 2, 4)),
+                ("value", _int_in(0, 0xFFFFFFFF)),
+            ]
+        ),
+        {},
+    ),
+    "cfg_read": (
+        dict([_VM, _DEV, ("offset", _int_in(0, 4095)), ("width", _choice(1, 2, 4))]),
+        {},
+    ),
+    "msix_write": (
+        dict(
+            [
+                _VM,
+                _DEV,
+                ("bar", _int_in(0, 5)),
+                ("offset", _int_in(0, _U64)),
+                ("width", _choice(1, 2, 4, 8)),
+                ("value", _int_in(0, _U64)),
+            ]
+        ),
+        {},
+    ),
+    "msix_read": (
+        dict(
+            [
+                _VM,
+                _DEV,
+                ("bar", _int_in(0, 5)),
+                ("offset", _int_in(0, _U64)),
+                ("width", _choice(1, 2, 4, 8)),
+            ]
+        ),
+        {},
+    ),
+    "reset": (dict([_VM, _DEV]), {}),
+    "reload": ({}, {"policy": _text(4096)}),
+    "stats": ({}, {}),
+    "shutdown": ({}, {}),
+}
+# Fields every request may carry besides its own: the id, and in recorded traces the expected
+# decision (ignored by serve, compared by replay --expect).
+_COMMON = frozenset({"id", "op", "expect"})
+
+
+def _request_id(obj: Mapping[str, Any]) -> int | str | None:
+    rid = obj.get("id")
+    if isinstance(rid, bool):
+        return None
+    if isinstance(rid, int) and -(2**63) <= rid < 2**64:
+        return rid
+    if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN:
+        return rid
+    return None
+
+
+def parse_request(line: bytes | str) -> Request:
+    """Validate one protocol line (without its newline). Raises :class:`WireError`."""
+    if isinstance(line, bytes):
+        if len(line) > MAX_LINE:
+            raise WireError("line-too-long", f"line longer than {MAX_LINE} bytes")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError("bad-utf8", f"not UTF-8 at byte {exc.start}") from None
+    else:
+        text = line
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WireError("bad-json", f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise WireError("bad-json", "JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise WireError("not-an-object", f"a request is a JSON object, got {type(obj).__name__}")
+    rid = _request_id(obj)
+    if "id" not in obj:
+        raise WireError("missing-field", 'every request needs an "id"', field="id")
+    if rid is None:
+        raise WireError(
+            "bad-type",
+            f'"id" must be an integer or a string of 1-{MAX_ID_LEN} characters',
+            field="id",
+        )
+    op = obj.get("op")
+    if not isinstance(op, str):
+        code = "missing-field" if op is None else "bad-type"
+        raise WireError(
+            code, '"op" must be a string naming the operation', request_id=rid, field="op"
+        )
+    spec = OPS.get(op)
+    if spec is None:
+        raise WireError("unknown-op", f"unknown op {op!r}", request_id=rid, field="op")
+    required, optional = spec
+    args: dict[str, Any] = {}
+    for key in obj:
+        if key not in required and key not in optional and key not in _COMMON:
+            raise WireError(
+                "unknown-field", f"{op} takes no field {key!r}", request_id=rid, field=key
+            )
+    for key, check in required.items():
+        if key not in obj:
+            raise WireError("missing-field", f"{op} needs {key!r}", request_id=rid, field=key)
+        args[key] = _checked(obj[key], check, rid, key)
+    for key, check in optional.items():
+        if key in obj:
+            args[key] = _checked(obj[key], check, rid, key)
+    if "value" in args and "width" in args and args["value"] >> (8 * args["width"]):
+        raise WireError(
+            "out-of-range",
+            f"value {args['value']:#x} does not fit in {args['width']} bytes",
+            request_id=rid,
+            field="value",
+        )
+    if op.startswith("cfg_") and args["offset"] + args["width"] > 4096:
+        raise WireError(
+            "out-of-range",
+            f"offset {args['offset']:#x} + width {args['width']} runs past 4096",
+            request_id=rid,
+            field="offset",
+        )
+    if op == "attach" and ("config" in args) == ("path" in args):
+        raise WireError(
+            "missing-field" if "config" not in args else "bad-type",
+            'attach needs exactly one of "config" (hex) or "path"',
+            request_id=rid,
+            field="config",
+        )
+    if "expect" in obj:
+        args["expect"] = obj["expect"]
+    return Request(rid, op, args)
+
+
+def _checked(v: Any, check: Callable[[Any], Any], rid: int | str, key: str) -> Any:
+    try:
+        return check(v)
+    except TypeError as exc:
+        raise WireError("bad-type", f"{key!r} must be {exc}", request_id=rid, field=key) from None
+    except ValueError as exc:
+        raise WireError("out-of-range", f"{key!r}: {exc}", request_id=rid, field=key) from None
+
+
+def to_access(req: Request) -> Access:
+    """The engine access a request carries (only for the access ops)."""
+    a = req.args
+    if req.op == "cfg_write":
+        return ConfigWrite(a["vm"], a["bdf"], a["offset"], a["width"], a["value"])
+    if req.op == "cfg_read":
+        return ConfigRead(a["vm"], a["bdf"], a["offset"], a["width"])
+    if req.op == "msix_write":
+        return MsixWrite(a["vm"], a["bdf"], a["bar"], a["offset"], a["width"], a["value"])
+    if req.op == "msix_read":
+        return MsixRead(a["vm"], a["bdf"], a["bar"], a["offset"], a["width"])
+    if req.op == "reset":
+        return Reset(a["vm"], a["bdf"])
+    raise ValueError(f"{req.op} is not an access")
+
+
+ACCESS_OPS = frozenset({"cfg_write", "cfg_read", "msix_write", "msix_read", "reset"})
+
+
+def decision_json(d: Decision) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "verdict": d.verdict.value,
+        "reason": d.reason,
+        "reasons": list(d.reasons),
+        "detail": d.detail,
+        "writes": [w.to_json() for w in d.writes],
+    }
+    if d.read_mask:
+        out["guest_value"] = d.guest_value
+        out["read_mask"] = d.read_mask
+    if d.rule:
+        out["rule"] = d.rule
+    return out
+
+
+def encode(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+
+def reply(rid: int | str | None, **fields: Any) -> bytes:
+    return encode({"id": rid, "ok": True, **fields})
+
+
+def error_reply(
+    rid: int | str | None, code: str, message: str, field: str | None = None, **extra: Any
+) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    err.update(extra)
+    return encode({"id": rid, "ok": False, "error": err})
