@@ -33,9 +33,7 @@ foreign tag is ever usable. A partial (one byte) update is decided on the whole 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Literal
 
 from .device import ConfigSpace
@@ -79,6 +77,10 @@ VC_SIZE = MSIX_VECTOR_CTRL.size
 VC_PASS_MASK = ((1 << (8 * VC_SIZE)) - 1) & ~_VC_ST.mask  # mask bit and reserved: guest's own
 
 _VALID_MODES = frozenset(int(m) for m in StMode)
+_PASS, _REWRITE, _DROP = Verdict.PASS, Verdict.REWRITE, Verdict.DROP
+_VC_ST_MASK = _VC_ST.mask
+_VC_ST_SHIFT = _VC_ST.shift
+_ST_BYTE = PCI_MSIX_ENTRY_VECTOR_CTRL + _VC_ST_SHIFT // 8  # first ST byte of an entry
 _CONFIG_WIDTHS = (1, 2, 4)
 _BAR_WIDTHS = (1, 2, 4, 8)
 
@@ -129,6 +131,20 @@ def describe_reason(code: str) -> str:
     return REASONS.get(code, code)
 
 
+_VIOLATIONS = frozenset(
+    {"foreign-tag", "unknown-virtual-tag", "no-st-tag-foreign", "enable-refused"}
+)
+# reasons (as collected) -> (distinct reasons, main reason, detail text, is a violation)
+_META: dict[tuple[str, ...], tuple[tuple[str, ...], str, str, bool]] = {}
+
+
+def _meta(reasons: tuple[str, ...]) -> tuple[tuple[str, ...], str, str, bool]:
+    uniq = tuple(dict.fromkeys(reasons))
+    main = next((r for r in uniq if r not in _BENIGN), uniq[0] if uniq else "not-tph")
+    text = "; ".join(describe_reason(r) for r in uniq if r not in _BENIGN or r == main)
+    return uniq, main, text, any(r in _VIOLATIONS for r in uniq)
+
+
 class AttachRefused(TphtrapError):
     """The engine will not attach a device: ``code`` is a reason code."""
 
@@ -137,17 +153,17 @@ class AttachRefused(TphtrapError):
         self.code = code
 
 
-class _Kind(IntEnum):
-    RO = 0  # read-only header/capability register: writes dropped
-    PAD = 1  # past the ST table, inside the capability: writes dropped
-    CTRL = 2
-    ST = 3  # ST table entry in the capability
-    VC = 4  # MSI-X Vector Control (only its ST bits are filtered)
+# Register kinds (plain ints: this is the VM-exit path).
+_RO = 0  # read-only header/capability register: writes dropped
+_PAD = 1  # past the ST table, inside the capability: writes dropped
+_CTRL = 2
+_ST = 3  # ST table entry in the capability
+_VC = 4  # MSI-X Vector Control (only its ST bits are filtered)
 
 
 @dataclass(frozen=True, slots=True)
 class _Reg:
-    kind: _Kind
+    kind: int
     start: int  # offset in its space (config offset or BAR offset)
     size: int
     index: int = 0
@@ -215,22 +231,22 @@ class Session:
         regs: list[_Reg] = []
         if tph:
             base = self.tph_start
-            regs.append(_Reg(_Kind.RO, base, PCI_TPH_CAP))
-            regs.append(_Reg(_Kind.RO, base + PCI_TPH_CAP, PCI_TPH_CTRL - PCI_TPH_CAP))
-            regs.append(_Reg(_Kind.CTRL, self.ctrl_off, CTRL_SIZE))
+            regs.append(_Reg(_RO, base, PCI_TPH_CAP))
+            regs.append(_Reg(_RO, base + PCI_TPH_CAP, PCI_TPH_CTRL - PCI_TPH_CAP))
+            regs.append(_Reg(_CTRL, self.ctrl_off, CTRL_SIZE))
             table = base + PCI_TPH_BASE_SIZEOF
             cap_entries = self.n_entries if self.location is StLocation.CAP else 0
             for i in range(cap_entries):
-                regs.append(_Reg(_Kind.ST, table + ST_ENTRY_SIZE * i, ST_ENTRY_SIZE, i))
+                regs.append(_Reg(_ST, table + ST_ENTRY_SIZE * i, ST_ENTRY_SIZE, i))
             pad = table + ST_ENTRY_SIZE * cap_entries
             if pad < self.tph_end:
-                regs.append(_Reg(_Kind.PAD, pad, self.tph_end - pad))
+                regs.append(_Reg(_PAD, pad, self.tph_end - pad))
         self._cfg_map: list[_Reg] = []
         for reg in regs:
             self._cfg_map.extend([reg] * reg.size)
         self._vc_regs = [
             _Reg(
-                _Kind.VC,
+                _VC,
                 self.msix_start + i * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL,
                 4,
                 i,
@@ -251,7 +267,35 @@ class Session:
         self.vc_low = [1] * (self.n_entries if self.msix_st else 0)  # PCIe: Mask bit resets to 1
         self.latched = False
         self.prospective = TagWidth.ST8
+        # Entries outside ``dirty`` hold, on the device, exactly what plan_enable would put
+        # there at ``clean_width``: an enable at that width re-checks only the dirty ones.
+        self.clean_width: TagWidth | None = None
+        self.dirty: set[int] = set(range(self.n_entries))
         self.counts: dict[str, int] = {}
+
+    # --- which filtered registers an access touches ---------------------------------------
+    def cfg_regs(self, off: int, end: int) -> list[_Reg]:
+        """Registers of the TPH capability overlapping config bytes [off, end)."""
+        lo = max(off, self.tph_start)
+        hi = min(end, self.tph_end)
+        cmap, base = self._cfg_map, self.tph_start
+        regs: list[_Reg] = []
+        pos = lo
+        while pos < hi:
+            reg = cmap[pos - base]
+            regs.append(reg)
+            pos = reg.start + reg.size
+        return regs
+
+    def msix_regs(self, off: int, end: int) -> list[_Reg]:
+        """Vector Control registers overlapping BAR bytes [off, end) of the MSI-X table."""
+        lo = max(off, self.msix_start)
+        hi = min(end, self.msix_end)
+        if lo >= hi:
+            return []
+        first = (lo - self.msix_start) // PCI_MSIX_ENTRY_SIZE
+        last = (hi - 1 - self.msix_start) // PCI_MSIX_ENTRY_SIZE
+        return [r for r in self._vc_regs[first : last + 1] if r.start < hi and lo < r.start + 4]
 
     # --- small helpers -------------------------------------------------------------------
     def dev_enabled(self) -> bool:
@@ -277,7 +321,7 @@ class Session:
     def _entry_write(self, i: int, tag: int) -> DeviceWrite:
         if self.msix_st:
             reg = self._vc_regs[i]
-            value = (self.vc_low[i] & VC_PASS_MASK) | _VC_ST.put(0, tag)
+            value = (self.vc_low[i] & VC_PASS_MASK) | (tag) << _VC_ST_SHIFT
             return DeviceWrite("bar", reg.start, VC_SIZE, value, bar=self.msix_bir)
         off = self.tph_start + PCI_TPH_BASE_SIZEOF + ST_ENTRY_SIZE * i
         return DeviceWrite("config", off, ST_ENTRY_SIZE, tag)
@@ -294,9 +338,9 @@ class Session:
     # --- register values for reads ---------------------------------------------------------
     def guest_cfg_byte(self, off: int) -> int:
         reg = self._cfg_map[off - self.tph_start]
-        if reg.kind is _Kind.CTRL:
+        if reg.kind is _CTRL:
             return (self.guest_ctrl >> (8 * (off - reg.start))) & 0xFF
-        if reg.kind is _Kind.ST:
+        if reg.kind is _ST:
             return (self.guest_st[reg.index] >> (8 * (off - reg.start))) & 0xFF
         return self.snap[off - self.tph_start]
 
@@ -314,21 +358,25 @@ class Session:
         old = self.dev_st[i]
         width = self._width_for_tags()
         host, code = self.resolve_tag(guest_tag, width)
+        if host is None and self.rules.on_violation is OnViolation.REWRITE:
+            host = self.rules.fallback[width]  # None: no allowed fallback, drop (fail closed)
         if host is not None:
             self.dev_st[i] = host
+            self._mark(i, width, True)
             return _Outcome(host, old, [code])
-        action = self.rules.on_violation
-        if action is OnViolation.REWRITE:
-            fb = self.rules.fallback[width]
-            if fb is not None:
-                self.dev_st[i] = fb
-                return _Outcome(fb, old, [code])
-            action = OnViolation.DROP  # no allowed fallback at this width: fail closed
-        if action is OnViolation.DISABLE:
+        if self.rules.on_violation is OnViolation.DISABLE:
             self.latched = True
             self.force_off(pre)
+            self.dirty.add(i)
             return _Outcome(None, old, [code, "tph-forced-off"])
+        self._mark(i, width, old is not None and self.rules.host_ok(old, width))
         return _Outcome(None, old, [code])
+
+    def _mark(self, i: int, width: TagWidth, clean: bool) -> None:
+        if clean and width is self.clean_width:
+            self.dirty.discard(i)
+        else:
+            self.dirty.add(i)
 
     def grant_ctrl(self, requested: int) -> tuple[int, list[str]]:
         """The control value the device may get for the guest's ``requested`` control value.
@@ -394,7 +442,8 @@ class Session:
                 reasons.append("tph-forced-off")
             return None if action is OnViolation.DROP and refuse_keeps else off
         changes: list[tuple[int, int]] = []
-        for i in range(self.n_entries):
+        check = sorted(self.dirty) if width is self.clean_width else range(self.n_entries)
+        for i in check:
             host, code = self.resolve_tag(self.guest_st[i], width)
             if host is None:
                 if action is OnViolation.REWRITE and self.rules.fallback[width] is not None:
@@ -424,6 +473,8 @@ class Session:
                 self.dev_st[i] = host
                 pre.append(self._entry_write(i, host))
             reasons.append("entries-corrected")
+        self.clean_width = width
+        self.dirty.clear()
         return target
 
     def on_ctrl_write(
@@ -451,6 +502,8 @@ class Session:
         self.vc_low = [1] * len(self.vc_low)
         self.latched = False
         self.prospective = TagWidth.ST8
+        self.clean_width = None
+        self.dirty = set(range(self.n_entries))
 
     # --- write assembly ----------------------------------------------------------------
     def write(
@@ -459,30 +512,29 @@ class Session:
         off: int,
         width: int,
         value: int,
-        reg_at: Callable[[int], _Reg | None],
+        regs: list[_Reg],
         bar: int | None,
     ) -> tuple[Verdict, tuple[DeviceWrite, ...], list[str]]:
+        """Decide a write touching the filtered registers ``regs`` (in offset order)."""
+        if len(regs) == 1:
+            reg = regs[0]
+            if reg.start == off and reg.size == width and reg.kind >= _CTRL:
+                return self._write_register(space, reg, value, bar)
         data = value.to_bytes(width, "little")
         end = off + width
         out: list[int | None] = list(data)  # device byte per access byte; None = dropped
         pre: list[DeviceWrite] = []
         whole: list[DeviceWrite] = []
         reasons: list[str] = []
-        passthrough = False
-        pos = off
-        while pos < end:
-            reg = reg_at(pos)
-            if reg is None:
-                passthrough = True
-                pos += 1
-                continue
-            lo = max(pos, reg.start)
+        covered = 0
+        for reg in regs:
+            lo = max(off, reg.start)
             hi = min(end, reg.start + reg.size)
-            pos = hi
-            if reg.kind is _Kind.RO or reg.kind is _Kind.PAD:
+            covered += hi - lo
+            if reg.kind <= _PAD:
                 for b in range(lo, hi):
                     out[b - off] = None
-                reasons.append("read-only" if reg.kind is _Kind.RO else "beyond-st-table")
+                reasons.append("read-only" if reg.kind == _RO else "beyond-st-table")
                 continue
             # merge the guest's bytes into the register's guest view
             shift = 8 * (lo - reg.start)
@@ -496,29 +548,26 @@ class Session:
                 for b in range(lo, hi):
                     out[b - off] = None
                 continue
-            full = nbytes == reg.size
             old = outcome.old_dev
-            if full:
-                nb = new.to_bytes(reg.size, "little")
-                out[lo - off : hi - off] = list(nb)
+            if nbytes == reg.size:
+                out[lo - off : hi - off] = list(new.to_bytes(reg.size, "little"))
             elif old is not None and (old & ~bmask) | piece == new:
                 pass  # the guest's partial write produces exactly the right device value
             else:
                 for b in range(lo, hi):
                     out[b - off] = None
                 whole.append(self._reg_write(reg, new, bar))
-                if reg.kind is _Kind.VC:
+                if reg.kind == _VC:
                     reasons.append("msix-sub-dword")
-        if passthrough and not reasons:
+        if covered < width and not reasons:
             reasons.append("not-tph")
         if not pre and not whole and None not in out:
             new_value = int.from_bytes(bytes(b for b in out if b is not None), "little")
             if new_value == value:
-                return Verdict.PASS, (DeviceWrite(space, off, width, value, bar),), reasons
+                return _PASS, (DeviceWrite(space, off, width, value, bar),), reasons
             if off % width == 0:
                 # Same shape, other value: an 8-byte MSI-X write stays one 8-byte write.
-                dw = DeviceWrite(space, off, width, new_value, bar)
-                return Verdict.REWRITE, (dw,), reasons
+                return _REWRITE, (DeviceWrite(space, off, width, new_value, bar),), reasons
             # An unaligned access that must change: emit naturally aligned pieces below.
         writes = list(pre)
         run_start = None
@@ -537,41 +586,55 @@ class Session:
         body.sort(key=lambda w: w.offset)
         writes.extend(body)
         if not writes:
-            return Verdict.DROP, (), reasons
-        return Verdict.REWRITE, tuple(writes), reasons
+            return _DROP, (), reasons
+        return _REWRITE, tuple(writes), reasons
+
+    def _write_register(
+        self, space: Literal["config", "bar"], reg: _Reg, value: int, bar: int | None
+    ) -> tuple[Verdict, tuple[DeviceWrite, ...], list[str]]:
+        """The common case: the access is exactly one filtered register."""
+        pre: list[DeviceWrite] = []
+        outcome = self._handle(reg, (1 << (8 * reg.size)) - 1, value, pre)
+        new = outcome.new_dev
+        if new is None:
+            return (_REWRITE if pre else _DROP), tuple(pre), outcome.reasons
+        main = DeviceWrite(space, reg.start, reg.size, new, bar)
+        if pre:
+            return _REWRITE, (*pre, main), outcome.reasons
+        return (_PASS if new == value else _REWRITE), (main,), outcome.reasons
 
     def _reg_write(self, reg: _Reg, value: int, bar: int | None) -> DeviceWrite:
-        if reg.kind is _Kind.VC:
+        if reg.kind is _VC:
             return DeviceWrite("bar", reg.start, reg.size, value, bar)
         return DeviceWrite("config", reg.start, reg.size, value)
 
     def _handle(self, reg: _Reg, bmask: int, piece: int, pre: list[DeviceWrite]) -> _Outcome:
-        if reg.kind is _Kind.CTRL:
+        if reg.kind is _CTRL:
             requested = (self.guest_ctrl & ~bmask) | piece
             return self.on_ctrl_write(requested, pre)
-        if reg.kind is _Kind.ST:
+        if reg.kind is _ST:
             entry = (self.guest_st[reg.index] & ~bmask) | piece
             return self.on_tag_write(reg.index, entry, pre)
         # MSI-X Vector Control: pass-through bits are the guest's, ST bits are filtered.
         i = reg.index
-        old_guest = (self.vc_low[i] & VC_PASS_MASK) | _VC_ST.put(0, self.guest_st[i])
+        old_guest = (self.vc_low[i] & VC_PASS_MASK) | (self.guest_st[i]) << _VC_ST_SHIFT
         merged = (old_guest & ~bmask) | piece
         self.vc_low[i] = merged & VC_PASS_MASK
         old_st = self.dev_st[i]
-        old_dev = None if old_st is None else (old_guest & VC_PASS_MASK) | _VC_ST.put(0, old_st)
+        old_dev = None if old_st is None else (old_guest & VC_PASS_MASK) | (old_st) << _VC_ST_SHIFT
         if not bmask & _VC_ST.mask:
             # Only the mask/reserved bits: not ours to filter, the guest's bytes go through.
-            keep = _VC_ST.put(0, old_st or 0)
+            keep = (old_st or 0) << _VC_ST_SHIFT
             old_dev = (old_guest & VC_PASS_MASK) | keep
             return _Outcome((merged & VC_PASS_MASK) | keep, old_dev, ["not-tph"])
-        outcome = self.on_tag_write(i, _VC_ST.get(merged), pre)
+        outcome = self.on_tag_write(i, (merged & _VC_ST_MASK) >> _VC_ST_SHIFT, pre)
         tag = outcome.new_dev
         if tag is None:
             # The tag write is dropped, but the dword still carries the mask bit: keep the
             # device's tag (0 if never written; TPH is disabled then, see plan_enable).
             tag = old_st if old_st is not None else 0
             self.dev_st[i] = tag
-        new_dev = (merged & VC_PASS_MASK) | _VC_ST.put(0, tag)
+        new_dev = (merged & VC_PASS_MASK) | (tag) << _VC_ST_SHIFT
         return _Outcome(new_dev, old_dev, outcome.reasons)
 
 
@@ -625,16 +688,14 @@ class Engine:
             sess.force_off(pre)
             reasons.append("attach-disabled-tph")
         sess.guest_ctrl = sess.dev_ctrl
-        verdict = Verdict.REWRITE if pre else Verdict.PASS
+        verdict = _REWRITE if pre else _PASS
         return self._decision(sess, verdict, reasons, tuple(pre))
 
     def detach(self, vm: str, bdf: str) -> Decision:
         sess = self._sessions.pop((vm, bdf), None)
         if sess is None:
             return self._unknown(vm, bdf)
-        return Decision(
-            Verdict.PASS, "detached", describe_reason("detached"), reasons=("detached",)
-        )
+        return Decision(_PASS, "detached", describe_reason("detached"), reasons=("detached",))
 
     def reload(self, policy: Policy) -> list[tuple[Session, Decision]]:
         """Swap in ``policy`` (already validated); re-check every device against it.
@@ -654,10 +715,11 @@ class Engine:
                 reasons = ["device-revoked"]
             else:
                 sess.rules = policy.rules(sess.vm, sess.bdf)
+                sess.clean_width = None  # the allowed tags may have changed: re-check all
                 reasons = ["policy-reloaded"]
                 if sess.has_tph and sess.poisoned is None:
                     reasons += self._reconcile(sess, pre)
-            verdict = Verdict.REWRITE if pre else Verdict.PASS
+            verdict = _REWRITE if pre else _PASS
             out.append((sess, self._decision(sess, verdict, reasons, tuple(pre))))
         return out
 
@@ -681,14 +743,14 @@ class Engine:
         if sess is None:
             return self._unknown(access.vm, access.bdf)
         if sess.poisoned is not None:
-            return self._decision(sess, Verdict.DROP, ["internal-error"], detail=sess.poisoned)
+            return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
         if sess.revoked:
-            return self._decision(sess, Verdict.DROP, ["device-revoked"])
+            return self._decision(sess, _DROP, ["device-revoked"])
         try:
             return self._dispatch(sess, access)
         except Exception as exc:
             sess.poisoned = f"internal error: {type(exc).__name__}: {exc}"
-            return self._decision(sess, Verdict.DROP, ["internal-error"], detail=sess.poisoned)
+            return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
 
     def _dispatch(self, sess: Session, access: Access) -> Decision:
         if isinstance(access, ConfigWrite):
@@ -701,7 +763,7 @@ class Engine:
             return self._msix_read(sess, access)
         if isinstance(access, Reset):
             sess.reset()
-            return self._decision(sess, Verdict.PASS, ["reset"])
+            return self._decision(sess, _PASS, ["reset"])
         raise TypeError(f"not an access: {access!r}")
 
     @staticmethod
@@ -716,21 +778,17 @@ class Engine:
     def _config_write(self, sess: Session, a: ConfigWrite) -> Decision:
         off, width = a.offset, a.width
         if not self._valid(off, width, _CONFIG_WIDTHS, PCI_CFG_SPACE_EXP_SIZE, a.value):
-            return self._decision(sess, Verdict.DROP, ["bad-access"])
+            return self._decision(sess, _DROP, ["bad-access"])
         if not sess.has_tph or off + width <= sess.tph_start or off >= sess.tph_end:
             return self._pass(sess, DeviceWrite("config", off, width, a.value))
-        start, end, cmap = sess.tph_start, sess.tph_end, sess._cfg_map
-
-        def reg_at(pos: int) -> _Reg | None:
-            return cmap[pos - start] if start <= pos < end else None
-
-        verdict, writes, reasons = sess.write("config", off, width, a.value, reg_at, None)
-        return self._written(sess, verdict, writes, reasons, off, width, config=True)
+        regs = sess.cfg_regs(off, off + width)
+        verdict, writes, reasons = sess.write("config", off, width, a.value, regs, None)
+        return self._written(sess, verdict, writes, reasons, off, width, regs, config=True)
 
     def _msix_write(self, sess: Session, a: MsixWrite) -> Decision:
         off, width = a.offset, a.width
         if not self._valid(off, width, _BAR_WIDTHS, 1 << 64, a.value) or not 0 <= a.bar <= 5:
-            return self._decision(sess, Verdict.DROP, ["bad-access"])
+            return self._decision(sess, _DROP, ["bad-access"])
         if (
             not sess.msix_st
             or a.bar != sess.msix_bir
@@ -738,18 +796,11 @@ class Engine:
             or off >= sess.msix_end
         ):
             return self._pass(sess, DeviceWrite("bar", off, width, a.value, a.bar))
-        mstart, mend, vcs = sess.msix_start, sess.msix_end, sess._vc_regs
-
-        def reg_at(pos: int) -> _Reg | None:
-            if not mstart <= pos < mend:
-                return None
-            rel = pos - mstart
-            if rel % PCI_MSIX_ENTRY_SIZE < PCI_MSIX_ENTRY_VECTOR_CTRL:
-                return None
-            return vcs[rel // PCI_MSIX_ENTRY_SIZE]
-
-        verdict, writes, reasons = sess.write("bar", off, width, a.value, reg_at, a.bar)
-        return self._written(sess, verdict, writes, reasons, off, width, config=False)
+        regs = sess.msix_regs(off, off + width)
+        if not regs:
+            return self._pass(sess, DeviceWrite("bar", off, width, a.value, a.bar))
+        verdict, writes, reasons = sess.write("bar", off, width, a.value, regs, a.bar)
+        return self._written(sess, verdict, writes, reasons, off, width, regs, config=False)
 
     def _written(
         self,
@@ -759,39 +810,50 @@ class Engine:
         reasons: list[str],
         off: int,
         width: int,
+        regs: list[_Reg],
         *,
         config: bool,
     ) -> Decision:
-        mask, patch = (
-            self._cfg_view(sess, off, width) if config else self._msix_view(sess, off, width)
-        )
+        reg = regs[0]
+        if len(regs) == 1 and reg.start == off and reg.size == width and reg.kind >= _CTRL:
+            # The guest's view of exactly one register (the common case).
+            if reg.kind == _CTRL:
+                mask, patch = 0xFFFFFFFF, sess.guest_ctrl
+            elif reg.kind == _ST:
+                mask, patch = 0xFFFF, sess.guest_st[reg.index]
+            else:
+                mask, patch = _VC_ST_MASK, sess.guest_st[reg.index] << _VC_ST_SHIFT
+        elif config:
+            mask, patch = self._cfg_view(sess, off, width)
+        else:
+            mask, patch = self._msix_view(sess, off, width)
         return self._decision(sess, verdict, reasons, writes, guest_value=patch, read_mask=mask)
 
     def _config_read(self, sess: Session, a: ConfigRead) -> Decision:
         if not self._valid(a.offset, a.width, _CONFIG_WIDTHS, PCI_CFG_SPACE_EXP_SIZE, 0):
             return self._decision(
                 sess,
-                Verdict.DROP,
+                _DROP,
                 ["bad-access"],
                 guest_value=(1 << (8 * a.width)) - 1 if a.width in _CONFIG_WIDTHS else None,
             )
         mask, patch = self._cfg_view(sess, a.offset, a.width)
         if not mask:
-            return self._decision(sess, Verdict.PASS, ["not-tph"])
+            return self._decision(sess, _PASS, ["not-tph"])
         return self._decision(
-            sess, Verdict.REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
+            sess, _REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
         )
 
     def _msix_read(self, sess: Session, a: MsixRead) -> Decision:
         if not self._valid(a.offset, a.width, _BAR_WIDTHS, 1 << 64, 0) or not 0 <= a.bar <= 5:
-            return self._decision(sess, Verdict.DROP, ["bad-access"])
+            return self._decision(sess, _DROP, ["bad-access"])
         if a.bar != sess.msix_bir:
-            return self._decision(sess, Verdict.PASS, ["not-tph"])
+            return self._decision(sess, _PASS, ["not-tph"])
         mask, patch = self._msix_view(sess, a.offset, a.width)
         if not mask:
-            return self._decision(sess, Verdict.PASS, ["not-tph"])
+            return self._decision(sess, _PASS, ["not-tph"])
         return self._decision(
-            sess, Verdict.REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
+            sess, _REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
         )
 
     @staticmethod
@@ -828,13 +890,11 @@ class Engine:
     # --- decisions -----------------------------------------------------------------------
     def _pass(self, sess: Session, write: DeviceWrite) -> Decision:
         sess.counts["pass"] = sess.counts.get("pass", 0) + 1
-        return Decision(Verdict.PASS, "not-tph", REASONS["not-tph"], (write,), reasons=("not-tph",))
+        return Decision(_PASS, "not-tph", REASONS["not-tph"], (write,), reasons=("not-tph",))
 
     def _unknown(self, vm: str, bdf: str) -> Decision:
         code = "unknown-vm" if vm not in self._policy.vms else "unknown-device"
-        return Decision(
-            Verdict.DROP, code, f"{describe_reason(code)}: vm={vm} bdf={bdf}", reasons=(code,)
-        )
+        return Decision(_DROP, code, f"{describe_reason(code)}: vm={vm} bdf={bdf}", reasons=(code,))
 
     def _decision(
         self,
@@ -847,15 +907,11 @@ class Engine:
         read_mask: int = 0,
         detail: str | None = None,
     ) -> Decision:
-        uniq = tuple(dict.fromkeys(reasons))
-        main = next((r for r in uniq if r not in _BENIGN), uniq[0] if uniq else "not-tph")
-        sess.counts[verdict.value] = sess.counts.get(verdict.value, 0) + 1
-        violation = any(
-            r in ("foreign-tag", "unknown-virtual-tag", "no-st-tag-foreign", "enable-refused")
-            for r in uniq
-        )
-        rule = f"{sess.rules.rule}.on_violation" if violation else sess.rules.rule
-        text = detail or "; ".join(
-            describe_reason(r) for r in uniq if r not in _BENIGN or r == main
-        )
-        return Decision(verdict, main, text, writes, guest_value, read_mask, uniq, rule)
+        key = tuple(reasons)
+        meta = _META.get(key)
+        if meta is None:
+            meta = _META[key] = _meta(key)
+        uniq, main, text, violation = meta
+        sess.counts[verdict] = sess.counts.get(verdict, 0) + 1
+        rule = sess.rules.rule_violation if violation else sess.rules.rule
+        return Decision(verdict, main, detail or text, writes, guest_value, read_mask, uniq, rule)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import StrEnum
 
 from .spec import TagWidth
@@ -189,6 +190,10 @@ class TagRules:
     tph_allowed: bool
     ext_allowed: bool  # policy lets Extended TPH be granted (the device must support it too)
     rule: str  # breadcrumb of the policy entry these rules come from
+
+    @cached_property
+    def rule_violation(self) -> str:
+        return f"{self.rule}.on_violation"
 
     @classmethod
     def build(cls, host: HostPolicy, vm: VmPolicy, dev: DeviceSettings) -> TagRules:
