@@ -4,17 +4,32 @@ Sources: a sysfs ``config`` file (binary, 64/256/4096 bytes) or a sysfs device d
 ``lspci -x``/``-xxx``/``-xxxx`` text (one or many devices, picked by BDF; the format pciutils'
 ``lib/dump.c`` reads with ``lspci -F``), and plain hex strings.
 
-Walks follow Linux ``drivers/pci/pci.c`` (``__pci_find_next_cap_ttl``: at most 48 standard
-capabilities, pointers below 0x40 end the list, low two bits ignored; ``pci_find_next_ext_capability``:
-extended list starts at 0x100, at most (4096 - 256) / 8 entries, next pointers below 0x100 end
-it). Anything malformed raises :class:`DeviceError` naming the file and dump line, or, where the
-device is still usable, becomes a warning; nothing here can loop or index past the data.
+The walks follow Linux and pciutils:
+
+- standard list (Linux ``drivers/pci/pci.c`` ``__pci_find_next_cap_ttl``): at most
+  ``PCI_FIND_CAP_TTL`` (48) entries, a pointer below 0x40 ends the list, the low two bits of a
+  pointer are ignored, an id of 0xff ends it (pciutils ``ls-caps.c`` prints "<chain broken>");
+- extended list (Linux ``pci_find_next_ext_capability``): starts at 0x100, at most
+  (4096 - 256) / 8 entries, a header of 0 ends it, ``PCI_EXT_CAP_NEXT`` is ``(header >> 20) &
+  0xffc``. It is only walked when the standard list has a PCI Express (or PCI-X) capability,
+  as pciutils ``ls-caps.c`` ``show_caps`` does (``can_have_ext_caps``) and as Linux does when it
+  sizes config space.
+
+Capability lengths (the byte ranges a capability owns) follow Linux
+``drivers/vfio/pci/vfio_pci_config.c`` (``pci_cap_length``, ``vfio_cap_len``,
+``vfio_ext_cap_len``).
+
+Anything malformed raises :class:`DeviceError` naming the file and dump line (or byte offset
+for binaries); where the device is still usable it becomes a warning. Every loop is bounded
+and every read is checked against the data, so nothing here can hang or index past the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +57,14 @@ from .spec import (
     PCI_TPH_CAP,
     PCI_TPH_CTRL,
     PCI_TPH_ST_TABLE_MAX_IN_CAP,
+    ReqEnable,
     StLocation,
+    StMode,
 )
 
 __all__ = [
+    "PCI_STD_HEADER_SIZEOF",
+    "SYSFS_DEVICES",
     "Capability",
     "ConfigSpace",
     "MsixInfo",
@@ -57,23 +76,51 @@ __all__ = [
     "parse_lspci",
 ]
 
+PCI_STD_HEADER_SIZEOF = 64
 PCI_FIND_CAP_TTL = 48
 PCI_EXT_CAP_TTL = (PCI_CFG_SPACE_EXP_SIZE - PCI_CFG_SPACE_SIZE) // 8
-VALID_SIZES = (64, PCI_CFG_SPACE_SIZE, PCI_CFG_SPACE_EXP_SIZE)
+VALID_SIZES = (PCI_STD_HEADER_SIZEOF, PCI_CFG_SPACE_SIZE, PCI_CFG_SPACE_EXP_SIZE)
+SYSFS_DEVICES = Path("/sys/bus/pci/devices")
 
-# Fixed capability lengths, from Linux vfio_pci_config.c pci_cap_length / pci_ext_cap_length,
-# for the byte-ownership map. Variable or unknown ones are left as None.
+PCI_CAP_ID_PM = 0x01
+PCI_CAP_ID_MSI = 0x05
+PCI_CAP_ID_PCIX = 0x07
+PCI_CAP_ID_VNDR = 0x09
+PCI_CAP_ID_EXP = 0x10
+PCI_EXP_FLAGS_VERS = 0x000F
+PCI_EXP_FLAGS_TYPE = 0x00F0
+PCI_EXP_TYPE_RC_END = 0x9
+PCI_MSI_FLAGS_64BIT = 0x0080
+PCI_MSI_FLAGS_MASKBIT = 0x0100
+PCI_EXT_CAP_ID_VNDR = 0x0B
+PCI_EXT_CAP_ID_ACS = 0x0D
+PCI_EXT_CAP_ID_REBAR = 0x15
+PCI_EXT_CAP_ID_DVSEC = 0x23
+PCI_ACS_EC = 0x20
+MSIX_BIR_MAX = 5  # BIR 6 and 7 are reserved
+
 STD_CAP_NAMES = {
     0x01: "Power Management",
+    0x02: "AGP",
+    0x03: "Vital Product Data",
+    0x04: "Slot ID",
     0x05: "MSI",
+    0x06: "CompactPCI Hot Swap",
+    0x07: "PCI-X",
+    0x08: "HyperTransport",
     0x09: "Vendor Specific",
+    0x0A: "Debug port",
+    0x0D: "Subsystem ID",
     0x10: "PCI Express",
     0x11: "MSI-X",
     0x12: "SATA",
     0x13: "Advanced Features",
+    0x14: "Enhanced Allocation",
 }
+# Fixed lengths from vfio_pci_config.c pci_cap_length; variable ones are computed below.
 STD_CAP_LENGTHS = {0x01: 8, 0x03: 8, 0x04: 4, 0x06: 8, 0x0A: 4, 0x0D: 8, 0x11: 12, 0x12: 8, 0x13: 6}
 EXT_CAP_NAMES = {
+    0x00: "Null",
     0x01: "Advanced Error Reporting",
     0x02: "Virtual Channel",
     0x03: "Device Serial Number",
@@ -96,9 +143,9 @@ EXT_CAP_NAMES = {
     0x26: "Physical Layer 16.0 GT/s",
 }
 EXT_CAP_LENGTHS = {
+    0x00: 0x04,  # Null: only the header (vfio hides it behind a 4-byte placeholder)
     0x01: 0x48,  # PCI_ERR_ROOT_ERR_SRC + 4
     0x03: 0x0C,  # PCI_EXT_CAP_DSN_SIZEOF
-    0x0D: 0x08,  # PCI_EXT_CAP_ACS_SIZEOF (without egress vector)
     0x0E: 0x08,  # PCI_EXT_CAP_ARI_SIZEOF
     0x0F: 0x08,  # PCI_EXT_CAP_ATS_SIZEOF
     0x10: 0x40,  # PCI_EXT_CAP_SRIOV_SIZEOF
@@ -154,8 +201,9 @@ class TphInfo:
     cap_raw: int
     ctrl_raw: int
     entries: tuple[int, ...]  # ST table contents when located in the capability
-    table_ok: bool  # the in-capability table fits and overlaps nothing
+    table_ok: bool  # a standard ST table exists, fits and overlaps nothing
     problems: tuple[str, ...]
+    version: int = 0
 
     @property
     def no_st_mode(self) -> bool:
@@ -189,14 +237,34 @@ class TphInfo:
     @property
     def length(self) -> int:
         """Bytes the capability owns (vfio_ext_cap_len)."""
-        if self.location is StLocation.CAP:
-            return PCI_TPH_BASE_SIZEOF + 2 * self.table_size
-        return PCI_TPH_BASE_SIZEOF
+        return _tph_length(self.cap_raw)
 
     @property
     def region_length(self) -> int:
         """:attr:`length` rounded up to a dword: what the filter claims (padding is dropped)."""
         return (self.length + 3) & ~3
+
+    @property
+    def st_mode(self) -> int:
+        """ST Mode Select of the snapshot's control register (a :class:`StMode` value or 3..7)."""
+        return TPH_CTRL["st_mode_select"].get(self.ctrl_raw)
+
+    @property
+    def req_enable(self) -> ReqEnable:
+        """TPH Requester Enable of the snapshot's control register."""
+        return ReqEnable(TPH_CTRL["tph_requester_enable"].get(self.ctrl_raw))
+
+    @property
+    def enabled(self) -> bool:
+        """TPH Requester Enable is not 0 in the snapshot."""
+        return self.req_enable is not ReqEnable.DISABLED
+
+    @property
+    def st_mode_known(self) -> StMode | None:
+        try:
+            return StMode(self.st_mode)
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +308,11 @@ class MsixInfo:
     def pba_offset(self) -> int:
         return self.pba_raw & MSIX_TABLE_BIR["offset_qw"].mask
 
+    @property
+    def pba_bytes(self) -> int:
+        """One pending bit per vector, in whole qwords."""
+        return ((self.table_size + 63) // 64) * 8
+
 
 @dataclass(frozen=True)
 class ConfigSpace:
@@ -247,6 +320,8 @@ class ConfigSpace:
 
     Build it with :func:`ConfigSpace.from_bytes` or the loaders; construction walks both
     capability lists once and raises :class:`DeviceError` on a malformed space.
+    ``ext_visible`` is False when the extended capabilities (where TPH lives) could not be
+    examined: a 64- or 256-byte snapshot, or no PCI Express capability.
     """
 
     data: bytes
@@ -257,6 +332,7 @@ class ConfigSpace:
     tph: TphInfo | None = field(default=None, compare=False)
     msix: MsixInfo | None = field(default=None, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    ext_visible: bool = field(default=False, compare=False)
 
     @classmethod
     def from_bytes(
@@ -273,23 +349,42 @@ class ConfigSpace:
                 "(truncated dump or not a config space)",
             )
         probe = cls(bytes(data), source, bdf, tuple(line_map))
-        caps, warnings = _walk(probe)
-        tph, msix = None, None
-        tph_warnings: tuple[str, ...] = ()
+        caps, warnings, ext_visible = _walk(probe)
+        tph: TphInfo | None = None
+        msix: MsixInfo | None = None
         for cap in caps:
-            if cap.kind == "ext" and cap.cap_id == PCI_EXT_CAP_ID_TPH and tph is None:
-                tph = _tph_info(probe, cap, caps)
-                tph_warnings = tph.problems
-            elif cap.kind == "std" and cap.cap_id == PCI_CAP_ID_MSIX and msix is None:
-                msix = MsixInfo(
-                    cap.offset,
-                    probe.u16(cap.offset + PCI_MSIX_FLAGS),
-                    probe.u32(cap.offset + PCI_MSIX_TABLE),
-                    probe.u32(cap.offset + PCI_MSIX_PBA),
+            if cap.kind == "ext" and cap.cap_id == PCI_EXT_CAP_ID_TPH:
+                if tph is None:
+                    tph = _tph_info(probe, cap, caps)
+                else:
+                    tph = _with_problem(
+                        tph,
+                        f"a second TPH Requester capability at {cap.offset:#x}: which one the "
+                        "device obeys is unknown",
+                    )
+            elif cap.kind == "std" and cap.cap_id == PCI_CAP_ID_MSIX:
+                if msix is None:
+                    msix = MsixInfo(
+                        cap.offset,
+                        probe.u16(cap.offset + PCI_MSIX_FLAGS),
+                        probe.u32(cap.offset + PCI_MSIX_TABLE),
+                        probe.u32(cap.offset + PCI_MSIX_PBA),
+                    )
+                    warnings.extend(_msix_warnings(msix))
+                else:
+                    warnings.append(f"second MSI-X capability at {cap.offset:#x} ignored")
+        if tph is not None and tph.location is StLocation.MSIX:
+            if msix is None:
+                tph = _with_problem(
+                    tph, "ST table location is MSI-X but the device has no MSI-X capability"
                 )
-        if tph is not None and tph.location is StLocation.MSIX and msix is None:
-            tph_warnings += ("ST table location is MSI-X but the device has no MSI-X capability",)
-            tph = TphInfo(tph.offset, tph.cap_raw, tph.ctrl_raw, (), False, tph_warnings)
+            elif msix.table_bir > MSIX_BIR_MAX:
+                tph = _with_problem(
+                    tph,
+                    f"ST table location is MSI-X but the MSI-X table BIR {msix.table_bir} "
+                    "is reserved",
+                )
+        tph_warnings = tph.problems if tph is not None else ()
         return cls(
             bytes(data),
             source,
@@ -299,6 +394,7 @@ class ConfigSpace:
             tph,
             msix,
             tuple(warnings) + tph_warnings,
+            ext_visible,
         )
 
     # --- raw access ------------------------------------------------------------------------
@@ -330,6 +426,15 @@ class ConfigSpace:
     def device_id(self) -> int:
         return self.u16(2)
 
+    @property
+    def revision(self) -> int:
+        return self.u8(0x08)
+
+    @property
+    def class_code(self) -> int:
+        """The 24-bit class code (base class, subclass, programming interface)."""
+        return int.from_bytes(self.data[0x09:0x0C], "little")
+
     def owner(self, off: int) -> Capability | None:
         """The capability that owns config byte ``off`` (vfio's pci_config_map), if known."""
         for cap in self.caps:
@@ -342,8 +447,8 @@ class ConfigSpace:
         """A copy of this device with ``overlay``'s TPH capability grafted onto its ext list.
 
         Used by replay's "what if this device had TPH": the TPH capability bytes of ``overlay``
-        are copied to the first free dword-aligned spot after this device's ext capabilities
-        and linked in as the last entry.
+        are copied to the first free, all-zero, dword-aligned spot after this device's ext
+        capabilities and linked in as the last entry.
         """
         if overlay.tph is None:
             raise DeviceError(overlay.source, "overlay source has no TPH capability")
@@ -353,13 +458,17 @@ class ConfigSpace:
         length = tph.region_length
         blob = overlay.data[tph.offset : tph.offset + length]
         data = bytearray(self.data.ljust(PCI_CFG_SPACE_EXP_SIZE, b"\x00"))
-        if len(self.data) < PCI_CFG_SPACE_EXP_SIZE:
-            data[PCI_CFG_SPACE_SIZE:] = bytes(PCI_CFG_SPACE_EXP_SIZE - PCI_CFG_SPACE_SIZE)
-        ext = [c for c in self.caps if c.kind == "ext"]
-        used_end = max((c.end or c.offset + 4) for c in ext) if ext else PCI_CFG_SPACE_SIZE
-        place = (used_end + 3) & ~3
+        ext = [c for c in self.caps if c.kind == "ext"] if self.ext_visible else []
         if not ext:
             place = PCI_CFG_SPACE_SIZE
+            data[PCI_CFG_SPACE_SIZE:] = bytes(PCI_CFG_SPACE_EXP_SIZE - PCI_CFG_SPACE_SIZE)
+        else:
+            # A capability of unknown length owns at least its header; then skip anything
+            # that is not zero, so the graft never lands inside a capability's body.
+            used_end = max(c.end if c.end is not None else c.offset + 4 for c in ext)
+            place = (used_end + 3) & ~3
+            while place + length <= PCI_CFG_SPACE_EXP_SIZE and any(data[place : place + length]):
+                place += 4
         if place + length > PCI_CFG_SPACE_EXP_SIZE:
             raise DeviceError(self.source, "no room in extended config space for a TPH overlay")
         header = EXT_CAP_HEADER["next"].put(int.from_bytes(blob[:4], "little"), 0)
@@ -369,98 +478,215 @@ class ConfigSpace:
             hdr = int.from_bytes(data[last.offset : last.offset + 4], "little")
             hdr = EXT_CAP_HEADER["next"].put(hdr, place)
             data[last.offset : last.offset + 4] = hdr.to_bytes(4, "little")
-        return ConfigSpace.from_bytes(bytes(data), f"{self.source}+tph({overlay.source})", self.bdf)
+        out = ConfigSpace.from_bytes(bytes(data), f"{self.source}+tph({overlay.source})", self.bdf)
+        if out.tph is None:
+            raise DeviceError(
+                self.source,
+                "cannot graft a TPH capability: the device has no PCI Express capability, so "
+                "its extended config space is not reachable",
+            )
+        return out
 
 
-def _walk(cfg: ConfigSpace) -> tuple[list[Capability], list[str]]:
+def _with_problem(tph: TphInfo, problem: str) -> TphInfo:
+    return TphInfo(
+        tph.offset, tph.cap_raw, tph.ctrl_raw, (), False, (*tph.problems, problem), tph.version
+    )
+
+
+def _msix_warnings(msix: MsixInfo) -> list[str]:
+    out: list[str] = []
+    if msix.table_bir > MSIX_BIR_MAX:
+        out.append(f"MSI-X table BIR {msix.table_bir} is reserved (valid: 0-5)")
+    if msix.pba_bir > MSIX_BIR_MAX:
+        out.append(f"MSI-X PBA BIR {msix.pba_bir} is reserved (valid: 0-5)")
+    if msix.table_bir == msix.pba_bir:
+        t0, t1 = msix.table_offset, msix.table_offset + msix.table_bytes
+        p0, p1 = msix.pba_offset, msix.pba_offset + msix.pba_bytes
+        if t0 < p1 and p0 < t1:
+            out.append(
+                f"MSI-X table ({t0:#x}-{t1 - 1:#x}) and PBA ({p0:#x}-{p1 - 1:#x}) overlap "
+                f"in BAR {msix.table_bir}"
+            )
+    return out
+
+
+# --- walks ----------------------------------------------------------------------------------
+def _walk(cfg: ConfigSpace) -> tuple[list[Capability], list[str], bool]:
     caps: list[Capability] = []
     warnings: list[str] = []
     size = cfg.size
-    if size < 64:
-        return caps, warnings
+    if cfg.vendor_id == 0xFFFF:
+        warnings.append(
+            "vendor id reads 0xffff: the function is absent or its config space was not "
+            "readable when the snapshot was taken"
+        )
+        return caps, warnings, False
     status = cfg.u16(PCI_STATUS)
     if PCI_STATUS_REG["capabilities_list"].get(status):
-        if size <= PCI_CAPABILITY_LIST:
-            raise DeviceError(cfg.source, "capability pointer outside the dump")
-        if size == 64:
+        if size == PCI_STD_HEADER_SIZEOF:
             warnings.append(
-                "only the 64-byte header is present (lspci -x); capabilities need -xxx or -xxxx"
+                "only the 64-byte header is present (lspci -x, or sysfs read without root): "
+                "capabilities need lspci -xxx or -xxxx"
             )
         else:
-            caps.extend(_walk_std(cfg))
+            caps.extend(_walk_std(cfg, warnings))
+    can_have_ext = any(c.cap_id in (PCI_CAP_ID_EXP, PCI_CAP_ID_PCIX) for c in caps)
     if size < PCI_CFG_SPACE_EXP_SIZE:
         if size == PCI_CFG_SPACE_SIZE:
             warnings.append(
                 "config space is 256 bytes: extended capabilities (TPH) are not visible; "
                 "dump with lspci -xxxx as root or read the 4096-byte sysfs config"
             )
-        return caps, warnings
-    caps.extend(_walk_ext(cfg))
-    return caps, warnings
+        return caps, warnings, False
+    if not can_have_ext:
+        if any(cfg.data[PCI_CFG_SPACE_SIZE:]):
+            warnings.append(
+                "no PCI Express capability: extended config space is not reachable and was "
+                "not examined"
+            )
+        return caps, warnings, False
+    ext = _walk_ext(cfg, warnings)
+    caps.extend(ext)
+    warnings.extend(_overlaps(caps))
+    return caps, warnings, True
 
 
-def _walk_std(cfg: ConfigSpace) -> Iterator[Capability]:
-    pos = cfg.u8(PCI_CAPABILITY_LIST)
+def _std_cap_length(cfg: ConfigSpace, cap_id: int, pos: int) -> int | None:
+    """vfio_cap_len: the bytes a standard capability owns, or None when unknown."""
+    if cap_id == PCI_CAP_ID_MSI:
+        flags = cfg.u16(pos + 2)
+        length = 10
+        if flags & PCI_MSI_FLAGS_64BIT:
+            length += 4
+        if flags & PCI_MSI_FLAGS_MASKBIT:
+            length += 10
+        return length
+    if cap_id == PCI_CAP_ID_VNDR:
+        return cfg.u8(pos + 2) or None  # length follows the next pointer
+    if cap_id == PCI_CAP_ID_EXP:
+        flags = cfg.u16(pos + 2)
+        rc_end = (flags & PCI_EXP_FLAGS_TYPE) >> 4 == PCI_EXP_TYPE_RC_END
+        if flags & PCI_EXP_FLAGS_VERS == 1:
+            return 0x0C if rc_end else 0x14  # PCI_CAP_EXP_ENDPOINT_SIZEOF_V1
+        return 0x2C if rc_end else 0x34  # PCI_CAP_EXP_ENDPOINT_SIZEOF_V2 (0x34, not 0x32)
+    return STD_CAP_LENGTHS.get(cap_id)
+
+
+def _walk_std(cfg: ConfigSpace, warnings: list[str]) -> list[Capability]:
+    out: list[Capability] = []
     ptr_at = PCI_CAPABILITY_LIST
+    pos = cfg.u8(ptr_at)
     seen: list[int] = []
-    for _ in range(PCI_FIND_CAP_TTL):
-        if pos < 0x40:
+    while True:
+        if pos < PCI_STD_HEADER_SIZEOF:
             if pos != 0:
-                raise DeviceError(
-                    cfg.where(ptr_at),
-                    f"capability pointer {pos:#04x} at {ptr_at:#x} points into the header",
+                warnings.append(
+                    f"capability pointer {pos:#04x} at {ptr_at:#x} points into the header; "
+                    "the list ends there (as in Linux)"
                 )
-            return
+            return out
         pos &= ~3
         if pos in seen:
             chain = " -> ".join(f"{p:#x}" for p in [*seen, pos])
             raise DeviceError(cfg.where(ptr_at), f"capability loop: {chain}")
-        if pos + 2 > cfg.size or pos >= PCI_CFG_SPACE_SIZE:
-            raise DeviceError(
-                cfg.where(ptr_at), f"capability pointer {pos:#x} at {ptr_at:#x} is past the end"
-            )
+        if len(seen) >= PCI_FIND_CAP_TTL:
+            raise DeviceError(cfg.where(ptr_at), f"more than {PCI_FIND_CAP_TTL} capabilities")
         seen.append(pos)
         cap_id = cfg.u8(pos)
         if cap_id == 0xFF:
-            raise DeviceError(cfg.where(pos), f"capability at {pos:#x} reads 0xff (no device?)")
-        length = STD_CAP_LENGTHS.get(cap_id)
-        if length is not None and pos + length > PCI_CFG_SPACE_SIZE:
-            raise DeviceError(
-                cfg.where(pos), f"capability {cap_id:#04x} at {pos:#x} runs past 0x100"
+            warnings.append(
+                f"capability at {pos:#x} reads id 0xff: the list is broken and ends there"
             )
-        yield Capability("std", cap_id, pos, length)
+            return out
+        length = _std_cap_length(cfg, cap_id, pos)
+        end = pos + (length if length is not None else 2)
+        if end > PCI_CFG_SPACE_SIZE:
+            name = STD_CAP_NAMES.get(cap_id, f"capability {cap_id:#04x}")
+            raise DeviceError(
+                cfg.where(ptr_at),
+                f"capability pointer {pos:#x} at {ptr_at:#x} leads to {name}, whose "
+                f"{end - pos} bytes run past the end of the standard config space (0x100)",
+            )
+        out.append(Capability("std", cap_id, pos, length))
         ptr_at = pos + 1
-        pos = cfg.u8(pos + 1)
-    raise DeviceError(cfg.where(ptr_at), f"more than {PCI_FIND_CAP_TTL} capabilities (loop?)")
+        pos = cfg.u8(ptr_at)
 
 
-def _walk_ext(cfg: ConfigSpace) -> Iterator[Capability]:
+def _ext_cap_length(cfg: ConfigSpace, cap_id: int, pos: int) -> int | None:
+    """vfio_ext_cap_len: the bytes an extended capability owns, or None when unknown."""
+    if cap_id == PCI_EXT_CAP_ID_TPH:
+        return _tph_length(cfg.u32(pos + PCI_TPH_CAP))
+    if cap_id in (PCI_EXT_CAP_ID_VNDR, PCI_EXT_CAP_ID_DVSEC):
+        # PCI_VNDR_HEADER_LEN / PCI_DVSEC_HEADER1_LEN: bits 31:20 of the dword at +4.
+        return (cfg.u32(pos + 4) >> 20) or None
+    # Reads near the end of a 4096-byte space may fall off it: slices read short (as 0).
+    if cap_id == PCI_EXT_CAP_ID_ACS:
+        acs_cap = cfg.u16(pos + 4)  # PCI_ACS_CAP, then PCI_ACS_EGRESS_BITS in the high byte
+        if acs_cap & PCI_ACS_EC:
+            bits = acs_cap >> 8
+            bits = ((bits + 31) // 32) * 32 if bits else 256
+            return 8 + bits // 8
+        return 8
+    if cap_id == PCI_EXT_CAP_ID_REBAR:
+        nbar = (cfg.u32(pos + 8) & 0xE0) >> 5  # PCI_REBAR_CTRL_NBAR_MASK / _SHIFT
+        return 4 + nbar * 8
+    return EXT_CAP_LENGTHS.get(cap_id)
+
+
+# Capabilities whose length is read from their own registers: a bad value there is the
+# capability's problem, not a malformed list.
+_SELF_SIZED_EXT_CAPS = frozenset(
+    {PCI_EXT_CAP_ID_VNDR, PCI_EXT_CAP_ID_DVSEC, PCI_EXT_CAP_ID_ACS, PCI_EXT_CAP_ID_REBAR}
+)
+
+
+def _walk_ext(cfg: ConfigSpace, warnings: list[str]) -> list[Capability]:
+    out: list[Capability] = []
     pos = PCI_CFG_SPACE_SIZE
     ptr_at = pos
-    header = cfg.u32(pos)
-    if header in (0, 0xFFFFFFFF):
-        return
     seen: list[int] = []
-    for _ in range(PCI_EXT_CAP_TTL):
+    while True:
+        header = cfg.u32(pos)
+        if header == 0:
+            if pos != PCI_CFG_SPACE_SIZE:
+                warnings.append(
+                    f"extended capability pointer at {ptr_at:#x} leads to an empty dword at "
+                    f"{pos:#x}; the list ends there"
+                )
+            return out
+        if header == 0xFFFFFFFF:
+            warnings.append(f"extended capability at {pos:#x} reads all ones; the list ends there")
+            return out
         if pos in seen:
             chain = " -> ".join(f"{p:#x}" for p in [*seen, pos])
             raise DeviceError(cfg.where(ptr_at), f"extended capability loop: {chain}")
-        if pos + 4 > cfg.size:
-            raise DeviceError(
-                cfg.where(ptr_at), f"extended capability pointer {pos:#x} is past the end"
-            )
+        if len(seen) >= PCI_EXT_CAP_TTL:
+            raise DeviceError(cfg.where(ptr_at), "too many extended capabilities")
         seen.append(pos)
-        header = cfg.u32(pos)
         cap_id = EXT_CAP_HEADER["id"].get(header)
         version = EXT_CAP_HEADER["version"].get(header)
         nxt = EXT_CAP_HEADER["next"].get(header) & ~3
-        length = EXT_CAP_LENGTHS.get(cap_id)
-        if cap_id == PCI_EXT_CAP_ID_TPH:
-            length = _tph_length(cfg.u32(pos + PCI_TPH_CAP)) if pos + 8 <= cfg.size else None
-        if not (cap_id == 0 and version == 0 and pos == PCI_CFG_SPACE_SIZE):
-            yield Capability("ext", cap_id, pos, length, version)
+        length = _ext_cap_length(cfg, cap_id, pos)
+        if length is not None and pos + length > PCI_CFG_SPACE_EXP_SIZE:
+            name = EXT_CAP_NAMES.get(cap_id, f"extended capability {cap_id:#06x}")
+            if cap_id == PCI_EXT_CAP_ID_TPH and pos + PCI_TPH_BASE_SIZEOF <= cfg.size:
+                pass  # only its ST table overflows: _tph_info reports it as a TPH problem
+            elif cap_id in _SELF_SIZED_EXT_CAPS:
+                warnings.append(
+                    f"{name} at {pos:#x} says it is {length:#x} bytes, past the end of config "
+                    "space; its length is treated as unknown"
+                )
+                length = None
+            else:
+                raise DeviceError(
+                    cfg.where(ptr_at),
+                    f"{name} at {pos:#x} needs {length:#x} bytes and runs past the end of "
+                    "config space (0x1000)",
+                )
+        out.append(Capability("ext", cap_id, pos, length, version))
         if nxt == 0:
-            return
+            return out
         if nxt < PCI_CFG_SPACE_SIZE:
             raise DeviceError(
                 cfg.where(pos),
@@ -468,7 +694,21 @@ def _walk_ext(cfg: ConfigSpace) -> Iterator[Capability]:
             )
         ptr_at = pos
         pos = nxt
-    raise DeviceError(cfg.where(ptr_at), "too many extended capabilities (loop?)")
+
+
+def _overlaps(caps: Sequence[Capability]) -> list[str]:
+    """vfio_cap_init's "PCI config conflict" check, as warnings."""
+    out: list[str] = []
+    known = sorted((c for c in caps if c.end is not None), key=lambda c: c.offset)
+    for a, b in itertools.pairwise(known):
+        if a.kind == b.kind == "ext" and PCI_EXT_CAP_ID_TPH in (a.cap_id, b.cap_id):
+            continue  # reported as a TPH problem, with what it means for the ST table
+        a_end = a.end
+        if a_end is not None and a_end > b.offset:
+            out.append(
+                f"{a.name} at {a.offset:#x} ({a.length} bytes) overlaps {b.name} at {b.offset:#x}"
+            )
+    return out
 
 
 def _tph_length(cap_raw: int) -> int:
@@ -484,39 +724,50 @@ def _tph_info(cfg: ConfigSpace, cap: Capability, caps: Sequence[Capability]) -> 
         raise DeviceError(cfg.where(pos), f"TPH capability at {pos:#x} runs past the end")
     cap_raw = cfg.u32(pos + PCI_TPH_CAP)
     ctrl_raw = cfg.u32(pos + PCI_TPH_CTRL)
-    info = TphInfo(pos, cap_raw, ctrl_raw, (), True, ())
+    info = TphInfo(pos, cap_raw, ctrl_raw, (), True, (), cap.version)
     table_ok = info.location in (StLocation.CAP, StLocation.MSIX)
     entries: tuple[int, ...] = ()
+    end = pos + info.length
     if info.location is StLocation.CAP:
         n = info.table_size
-        end = pos + info.length
         if n > PCI_TPH_ST_TABLE_MAX_IN_CAP:
             problems.append(
                 f"ST table in the capability has {n} entries; PCIe allows at most "
                 f"{PCI_TPH_ST_TABLE_MAX_IN_CAP} there"
             )
-        if end > cfg.size:
-            problems.append(f"ST table ({n} entries) runs past the end of config space")
             table_ok = False
-        for other in caps:
-            if other.offset != pos and pos < other.offset < (end + 3) & ~3:
-                problems.append(
-                    f"ST table ({n} entries, up to {end:#x}) overlaps {other.name} at "
-                    f"{other.offset:#x}"
-                )
-                table_ok = False
-        if table_ok:
-            base = info.table_offset
-            entries = tuple(cfg.u16(base + 2 * i) for i in range(n))
+        if end > cfg.size:
+            problems.append(
+                f"ST table ({n} entries, up to {end - 1:#x}) runs past the end of config space"
+            )
+            table_ok = False
+    elif info.location is StLocation.NONE:
+        table_ok = False
     elif info.location is StLocation.RESERVED:
         problems.append("ST table location is the reserved encoding 3")
+    claimed = (end + 3) & ~3
+    for other in caps:
+        if other is cap or other.kind != "ext":
+            continue
+        o_end = other.end if other.end is not None else other.offset + 4
+        if other.offset < claimed and pos < o_end:
+            what = "ST table" if other.offset >= pos + PCI_TPH_BASE_SIZEOF else "TPH capability"
+            problems.append(
+                f"{what} ({pos:#x}-{end - 1:#x}) overlaps {other.name} at {other.offset:#x}"
+            )
+            table_ok = False
+    if table_ok and info.location is StLocation.CAP:
+        base = info.table_offset
+        entries = tuple(cfg.u16(base + 2 * i) for i in range(info.table_size))
     if not info.no_st_mode:
-        problems.append("No ST mode supported bit is clear (PCIe requires it)")
-    return TphInfo(pos, cap_raw, ctrl_raw, entries, table_ok, tuple(problems))
+        problems.append("No ST Mode Supported bit is clear (PCIe requires it set)")
+    return TphInfo(pos, cap_raw, ctrl_raw, entries, table_ok, tuple(problems), cap.version)
 
 
 # --- loaders --------------------------------------------------------------------------------
-_DEV_LINE = re.compile(r"^((?:[0-9a-fA-F]{4,5}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])(?: |$)")
+# pciutils lib/dump.c accepts "BB:DD.F ", "DDDD:BB:DD.F " and "DDDDD:BB:DD.F " device lines,
+# and "OFF: " data lines with 2 to 8 hex offset digits followed by two-digit hex bytes.
+_DEV_LINE = re.compile(r"^((?:[0-9a-fA-F]{4,5}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])(?:\s|$)")
 _DATA_LINE = re.compile(r"^([0-9a-fA-F]{2,8}):(.*)$")
 _HEX_BYTE = re.compile(r"^[0-9a-fA-F]{2}$")
 
@@ -537,6 +788,7 @@ def parse_lspci(text: str, name: str = "<lspci>") -> list[ConfigSpace]:
     """
     dumps: list[_Dump] = []
     cur: _Dump | None = None
+    first_line: dict[str, int] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.rstrip("\r")
         if not line.strip():
@@ -550,12 +802,18 @@ def parse_lspci(text: str, name: str = "<lspci>") -> list[ConfigSpace]:
                 bdf = normalize_bdf(m.group(1))
             except ValueError as exc:
                 raise DeviceError(f"{name}:{lineno}", str(exc)) from None
+            if bdf in first_line:
+                raise DeviceError(
+                    f"{name}:{lineno}",
+                    f"device {bdf} appears twice (first at line {first_line[bdf]})",
+                )
+            first_line[bdf] = lineno
             cur = _Dump(bdf, lineno)
             dumps.append(cur)
             continue
         d = _DATA_LINE.match(line)
         if not d:
-            raise DeviceError(f"{name}:{lineno}", f"not an lspci dump line: {_clip(line)}")
+            raise DeviceError(f"{name}:{lineno}", f"not an lspci dump line: {_clip(line)!r}")
         if cur is None:
             raise DeviceError(f"{name}:{lineno}", "hex data before any device line (BB:DD.F)")
         off = int(d.group(1), 16)
@@ -564,8 +822,6 @@ def parse_lspci(text: str, name: str = "<lspci>") -> list[ConfigSpace]:
                 f"{name}:{lineno}",
                 f"offset {off:#x} where {len(cur.data):#x} was expected (missing or repeated line)",
             )
-        if off % 16:
-            raise DeviceError(f"{name}:{lineno}", f"offset {off:#x} is not a multiple of 16")
         body = d.group(2)
         if body and not body.startswith(" "):
             raise DeviceError(f"{name}:{lineno}", "expected a space after the offset")
@@ -596,21 +852,41 @@ def parse_lspci(text: str, name: str = "<lspci>") -> list[ConfigSpace]:
                 "0x1000 (truncated?)",
             )
         out.append(ConfigSpace.from_bytes(bytes(dump.data), name, dump.bdf, dump.line_map))
+    if not out:
+        raise DeviceError(name, "no device found (expected lspci -xxxx output)")
     return out
 
 
-def parse_hex_config(text: str, name: str = "<hex>", bdf: str | None = None) -> ConfigSpace:
-    """A plain hex string (whitespace and an optional ``0x`` ignored) as a config space."""
-    compact = "".join(text.split())
-    if compact[:2].lower() == "0x":
-        compact = compact[2:]
-    if len(compact) % 2:
-        raise DeviceError(name, f"odd number of hex digits ({len(compact)})")
-    try:
-        data = bytes.fromhex(compact)
-    except ValueError:
-        bad = next((i for i, ch in enumerate(compact) if ch not in "0123456789abcdefABCDEF"), 0)
-        raise DeviceError(name, f"not hex at digit {bad}: {compact[bad:bad + 8]!r}") from None
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def parse_hex_config(
+    text: str, name: str = "<hex>", bdf: str | None = None, *, lines: bool = False
+) -> ConfigSpace:
+    """A plain hex string (whitespace and an optional ``0x`` ignored) as a config space.
+
+    With ``lines`` (a hex file), errors name the line they are on as ``name:line``.
+    """
+    text_lines = text.splitlines() or [""]
+    digits: list[str] = []
+    line_of_digit: list[int] = []
+    for lineno, raw in enumerate(text_lines, 1):
+        for word in raw.split():
+            if not digits and word[:2].lower() == "0x":
+                word = word[2:]
+            for ch in word:
+                if ch not in _HEX_DIGITS:
+                    where = f"{name}:{lineno}" if lines else name
+                    raise DeviceError(where, f"not hex at digit {len(digits)}: {_clip(word, 12)!r}")
+                digits.append(ch)
+                line_of_digit.append(lineno)
+    last_line = line_of_digit[-1] if line_of_digit else 1
+    where = f"{name}:{last_line}" if lines else name
+    if len(digits) % 2:
+        raise DeviceError(where, f"odd number of hex digits ({len(digits)})")
+    data = bytes.fromhex("".join(digits))
+    if len(data) not in VALID_SIZES:
+        raise DeviceError(where, f"{len(data)} bytes of hex; expected 64, 256 or 4096 (truncated?)")
     return ConfigSpace.from_bytes(data, name, bdf)
 
 
@@ -628,38 +904,43 @@ def _looks_binary(blob: bytes) -> bool:
     return any(ch not in "\t\n\r" and not 32 <= ord(ch) < 127 for ch in text)
 
 
+def _bdf_of(path: Path) -> str | None:
+    try:
+        return normalize_bdf(path.resolve().name)
+    except (ValueError, OSError):
+        return None
+
+
 def load_devices(source: str | Path) -> list[ConfigSpace]:
-    """Every device in ``source``: a sysfs device dir, a binary config, lspci text or hex."""
+    """Every device in ``source``: a sysfs device dir, a binary config, lspci text or hex.
+
+    A bare PCI address (``0000:3b:00.0``) that is not an existing path means the sysfs
+    device directory ``/sys/bus/pci/devices/<address>``.
+    """
     path = Path(source)
     name = str(source)
+    if not path.exists() and _BDF_RE.match(name.strip()):
+        with contextlib.suppress(ValueError):
+            path = SYSFS_DEVICES / normalize_bdf(name)
     if path.is_dir():
         cfg_path = path / "config"
-        bdf = None
-        try:
-            bdf = normalize_bdf(path.resolve().name)
-        except ValueError:
-            pass
         try:
             blob = cfg_path.read_bytes()
         except OSError as exc:
             raise DeviceError(str(cfg_path), f"cannot read: {exc.strerror or exc}") from None
-        return [_binary(blob, str(cfg_path), bdf)]
+        return [_binary(blob, str(cfg_path), _bdf_of(path))]
     try:
         blob = path.read_bytes()
     except OSError as exc:
         raise DeviceError(name, f"cannot read: {exc.strerror or exc}") from None
     if _looks_binary(blob):
-        bdf = None
-        try:
-            bdf = normalize_bdf(path.resolve().parent.name) if path.name == "config" else None
-        except ValueError:
-            pass
+        bdf = _bdf_of(path.parent) if path.name == "config" else None
         return [_binary(blob, name, bdf)]
     text = blob.decode("ascii")
     if not text.strip():
         raise DeviceError(name, "empty file")
-    if re.fullmatch(r"\s*(0x)?[0-9a-fA-F\s]+", text) and not _DEV_LINE.search(text):
-        return [parse_hex_config(text, name)]
+    if ":" not in text:
+        return [parse_hex_config(text, name, lines=True)]
     return parse_lspci(text, name)
 
 
@@ -675,13 +956,18 @@ def load_device(source: str | Path, bdf: str | None = None) -> ConfigSpace:
     """One device from ``source``; with several devices in a dump, ``bdf`` picks one."""
     devices = load_devices(source)
     if bdf is not None:
-        want = normalize_bdf(bdf)
+        try:
+            want = normalize_bdf(bdf)
+        except ValueError as exc:
+            raise DeviceError(str(source), str(exc)) from None
         for dev in devices:
             if dev.bdf == want:
                 return dev
-        have = ", ".join(d.bdf or "?" for d in devices) or "none"
+        have = ", ".join(d.bdf or "unknown address" for d in devices)
         raise DeviceError(str(source), f"no device {want} in the dump (have: {have})")
     if len(devices) > 1:
         have = ", ".join(d.bdf or "?" for d in devices)
-        raise DeviceError(str(source), f"{len(devices)} devices in the dump; pick one with --bdf ({have})")
+        raise DeviceError(
+            str(source), f"{len(devices)} devices in the dump; pick one with --bdf ({have})"
+        )
     return devices[0]

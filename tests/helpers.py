@@ -1,0 +1,143 @@
+"""Shared test helpers: fixture paths, the ``lspci`` oracle, the ``tphtrap`` executable."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tphtrap.device import normalize_bdf
+
+__all__ = [
+    "DEVICES",
+    "REPO",
+    "TPHTRAP",
+    "BadCase",
+    "LspciDevice",
+    "bad_cases",
+    "good_lspci_fixtures",
+    "lspci_vvv",
+    "parse_lspci_vvv",
+    "require_lspci",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+DEVICES = REPO / "fixtures" / "devices"
+TPHTRAP = REPO / ".venv" / "bin" / "tphtrap"
+
+
+def good_lspci_fixtures() -> list[Path]:
+    return sorted(DEVICES.glob("*.lspci"))
+
+
+@dataclass(frozen=True)
+class BadCase:
+    path: Path
+    line: int  # 0: a whole-file error, no line
+    fragment: str
+
+
+def bad_cases() -> list[BadCase]:
+    """The malformed fixtures and the error each must give (``bad/EXPECTED.tsv``)."""
+    out = []
+    for raw in (DEVICES / "bad" / "EXPECTED.tsv").read_text().splitlines():
+        if not raw or raw.startswith("#"):
+            continue
+        name, line, fragment = raw.split("\t")
+        out.append(BadCase(DEVICES / "bad" / name, int(line), fragment))
+    return out
+
+
+def require_lspci() -> str:
+    """Path of ``lspci``; a missing one fails the test unless TPHTRAP_SKIP_LSPCI=1."""
+    found = shutil.which("lspci") or next(
+        (p for p in ("/usr/bin/lspci", "/sbin/lspci", "/usr/sbin/lspci") if os.access(p, os.X_OK)),
+        None,
+    )
+    if found:
+        return found
+    if os.environ.get("TPHTRAP_SKIP_LSPCI") == "1":
+        pytest.skip("lspci not installed and TPHTRAP_SKIP_LSPCI=1")
+    pytest.fail(
+        "lspci (pciutils) is required for this test; install it or set TPHTRAP_SKIP_LSPCI=1"
+    )
+
+
+def lspci_vvv(path: Path, *extra: str) -> str:
+    """``lspci -F PATH -vvv`` (reads a dump file, never the host)."""
+    exe = require_lspci()
+    res = subprocess.run(
+        [exe, "-F", str(path), "-vvv", *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return res.stdout
+
+
+@dataclass
+class LspciDevice:
+    """What ``lspci -vvv`` printed about one device (pciutils ls-caps.c / ls-ecaps.c)."""
+
+    cap_offsets: list[int] = field(default_factory=list)
+    tph_offset: int | None = None
+    tph_version: int | None = None
+    tph_lines: list[str] = field(default_factory=list)
+    msix: dict[str, int | bool] | None = None
+
+
+_DEV = re.compile(r"^((?:[0-9a-f]{4,5}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]) ")
+_CAP = re.compile(r"^\tCapabilities: \[([0-9a-f]+)(?: v(\d+))?\] (.*)$")
+_MSIX = re.compile(r"^MSI-X: Enable([+-]) Count=(\d+) Masked([+-])$")
+_VEC = re.compile(r"^Vector table: BAR=(\d+) offset=([0-9a-f]{8})$")
+_PBA = re.compile(r"^PBA: BAR=(\d+) offset=([0-9a-f]{8})$")
+
+
+def parse_lspci_vvv(text: str) -> dict[str, LspciDevice]:
+    devices: dict[str, LspciDevice] = {}
+    cur: LspciDevice | None = None
+    section = ""
+    for line in text.splitlines():
+        m = _DEV.match(line)
+        if m:
+            cur = devices.setdefault(normalize_bdf(m.group(1)), LspciDevice())
+            section = ""
+            continue
+        if cur is None:
+            continue
+        m = _CAP.match(line)
+        if m:
+            off, ver, what = int(m.group(1), 16), m.group(2), m.group(3)
+            cur.cap_offsets.append(off)
+            section = ""
+            if what.startswith("Transaction Processing Hints"):
+                section = "tph"
+                cur.tph_offset, cur.tph_version = off, int(ver or 0)
+            mx = _MSIX.match(what)
+            if mx:
+                section = "msix"
+                cur.msix = {
+                    "enabled": mx.group(1) == "+",
+                    "count": int(mx.group(2)),
+                    "masked": mx.group(3) == "+",
+                }
+            continue
+        if line.startswith("\t\t") and section:
+            body = line.strip()
+            if section == "tph":
+                cur.tph_lines.append(body)
+            elif section == "msix" and cur.msix is not None:
+                for rx, key in ((_VEC, "table"), (_PBA, "pba")):
+                    mv = rx.match(body)
+                    if mv:
+                        cur.msix[f"{key}_bar"] = int(mv.group(1))
+                        cur.msix[f"{key}_offset"] = int(mv.group(2), 16)
+        elif not line.startswith("\t\t"):
+            section = ""
+    return devices
