@@ -5,7 +5,7 @@ wires them together and maps errors to exit codes:
 
 ====  =============================================================
 0     success
-1     user error: bad input, bad policy, malformed dump (one-line message, no traceback)
+1     user error: bad usage, bad input, bad policy, malformed dump (one-line message)
 2     replay found decisions that differ from the expected ones (``--expect``)
 3     internal error (a bug: please report it with the message)
 130   interrupted
@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .errors import TphtrapError
@@ -31,10 +32,18 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a user error (exit 1): 2 means a replay mismatch."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import policy_cmd, replay, report, serve
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tphtrap",
         description=(
             "Trap-and-filter proxy for PCIe TPH steering tags: decides, for every guest write "
@@ -43,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'tphtrap COMMAND --help' for the options of one command.",
     )
     parser.add_argument("--version", action="version", version=f"tphtrap {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     report.add_parser(sub)
     policy_cmd.add_parser(sub)
