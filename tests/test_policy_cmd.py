@@ -158,7 +158,7 @@ def test_check_json_ok(capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_needs_a_file(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["policy", "check"])
-    assert exc.value.code == 2
+    assert exc.value.code == 1  # a usage error is a user error; 2 means a replay mismatch
     assert "FILE" in capsys.readouterr().err
 
 

@@ -81,7 +81,7 @@ class _LineWriter:
         self._stream.write(message + "\n")
         self._stream.flush()
 
-    info = warning = error = msg
+    debug = info = warning = error = msg
 
 
 class Auditor:

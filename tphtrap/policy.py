@@ -16,20 +16,23 @@ Semantics (also stated in docs/policy.md, and enforced here only):
   (of the width in force) of the CPU vCPU ``i`` is pinned to. Values ``>= len(vcpus)`` are
   violations. Translation makes host tags unnecessary (and unusable) inside the guest.
 * On a violation: ``drop`` keeps the device as it was (the write never reaches it), ``rewrite``
-  puts the VM's fallback tag instead (default: the tag of its first CPU whose tag is allowed),
+  puts the VM's fallback tag instead (default: the tag of its first CPU whose tag is allowed,
+  else the lowest neutral tag),
   ``disable`` forces TPH Requester Enable off for the device until the next reset.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from enum import StrEnum
+from functools import cached_property
 
 from .spec import TagWidth
 
 __all__ = [
+    "MAX_CPUS",
     "CpuTags",
     "DeviceSettings",
     "HostPolicy",
@@ -48,40 +51,47 @@ class OnViolation(StrEnum):
     DISABLE = "disable"
 
 
-def parse_cpulist(text: str | int, limit: int = 8192) -> list[int]:
-    """Linux cpulist syntax (``0-3,8,10-11``; ``0-7:2`` strides) -> sorted unique CPUs.
+MAX_CPUS = 8192  # Linux NR_CPUS upper bound (CONFIG_MAXSMP)
+_CPULIST_REGION = re.compile(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+)/([0-9]+))?)?\Z")
 
-    Raises ValueError with a short reason. ``limit`` bounds the CPU numbers accepted.
+
+def parse_cpulist(text: str, limit: int = MAX_CPUS) -> frozenset[int]:
+    """A Linux cpulist -> its CPUs; raises ValueError with a short reason.
+
+    The syntax of ``bitmap_parselist`` (Linux ``lib/bitmap-str.c``): comma-separated ``N``,
+    ``N-M`` and ``N-M:used/group`` (of each group of ``group`` CPUs from N, the first ``used``:
+    ``0-7:1/2`` is 0,2,4,6). Numbers are decimal. ``all`` and ``N`` (relative to the CPU count)
+    and empty elements are refused; anything accepted means what Linux would read.
     """
-    if isinstance(text, bool):
-        raise ValueError("a cpulist is text like 0-3,8, not a boolean")
-    if isinstance(text, int):
-        text = str(text)
     s = text.strip()
     if not s:
         raise ValueError("empty cpulist")
     cpus: set[int] = set()
     for part in s.split(","):
-        part = part.strip()
-        if not part:
-            raise ValueError(f"empty element in cpulist {text!r}")
-        stride = 1
-        if ":" in part:
-            part, _, stride_s = part.partition(":")
-            if not stride_s.isdigit() or int(stride_s) == 0:
-                raise ValueError(f"bad stride {stride_s!r} in cpulist {text!r}")
-            stride = int(stride_s)
-        lo_s, dash, hi_s = part.partition("-")
-        if not lo_s.isdigit() or (dash and not hi_s.isdigit()):
-            raise ValueError(f"bad cpulist element {part!r} (use N or N-M)")
-        lo = int(lo_s)
-        hi = int(hi_s) if dash else lo
+        item = part.strip()
+        if not item:
+            raise ValueError(f"empty element in {s!r} (a doubled or trailing comma)")
+        m = _CPULIST_REGION.match(item)
+        if m is None:
+            if item.lower().startswith("all") or "N" in item:
+                raise ValueError(f"{item!r} depends on the CPU count: list the CPUs instead")
+            if re.fullmatch(r"[0-9]+-[0-9]+:[0-9]+", item):
+                raise ValueError(
+                    f"{item!r}: a cpulist pattern is range:used/group (0-7:1/2 is 0,2,4,6)"
+                )
+            raise ValueError(f"{item!r} is not N, N-M or N-M:used/group")
+        lo = int(m[1])
+        hi = int(m[2]) if m[2] is not None else lo
         if hi < lo:
-            raise ValueError(f"range {part!r} runs backwards")
+            raise ValueError(f"range {item!r} runs backwards")
         if hi >= limit:
-            raise ValueError(f"CPU {hi} is beyond the supported {limit} CPUs")
-        cpus.update(range(lo, hi + 1, stride))
-    return sorted(cpus)
+            raise ValueError(f"CPU {hi} is beyond the {limit} CPUs Linux supports")
+        used, group = (int(m[3]), int(m[4])) if m[3] is not None else (hi - lo + 1, hi - lo + 1)
+        if used == 0 or group == 0 or used > group:
+            raise ValueError(f"{item!r}: need 0 < used <= group in range:used/group")
+        for first in range(lo, hi + 1, group):
+            cpus.update(range(first, min(first + used, hi + 1)))
+    return frozenset(cpus)
 
 
 def format_cpulist(cpus: Iterable[int]) -> str:
@@ -262,4 +272,9 @@ def _fallback(
         t = tags.tag(width) if tags is not None else None
         if t is not None and t in allowed:
             return t
+    if fb_cpu is None:
+        # No CPU of the VM has an allowed tag at this width: a neutral tag is still safe.
+        neutral = sorted(host.neutral(width))
+        if neutral:
+            return neutral[0]
     return None

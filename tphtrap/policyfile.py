@@ -29,6 +29,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from .device import normalize_bdf
 from .errors import PolicyError, Problem
 from .policy import (
+    MAX_CPUS,
     CpuTags,
     DeviceSettings,
     HostPolicy,
@@ -38,6 +39,7 @@ from .policy import (
     VmPolicy,
     format_cpulist,
 )
+from .policy import parse_cpulist as parse_policy_cpulist
 from .spec import TagWidth
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
 ]
 
 POLICY_VERSION: Final = 1
-MAX_CPUS: Final = 8192  # Linux NR_CPUS upper bound (CONFIG_MAXSMP)
 MAX_VCPUS: Final = 256  # virtual tag i must fit in an 8-bit steering tag
 MAX_NAME: Final = 64
 
@@ -138,7 +139,6 @@ _LEADING_ZERO = re.compile(r"[-+]?0(?:[0-9_]+|[oO][0-7_]+)\Z")
 _SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?\Z")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 # Linux cpulist region: N, N-M, or N-M:used/group (lib/bitmap-str.c, bitmap_parse_region).
-_CPULIST_REGION = re.compile(r"([0-9]+)(?:-([0-9]+)(?::([0-9]+)/([0-9]+))?)?\Z")
 _MERGE_TAG: Final = "tag:yaml.org,2002:merge"
 
 _WIDTH_WORDS: Final = {TagWidth.ST8: "8-bit", TagWidth.ST16: "16-bit"}
@@ -155,45 +155,6 @@ class _Mark(Protocol):
 
 
 # --- cpulists ------------------------------------------------------------------------------
-def parse_policy_cpulist(text: str, limit: int = MAX_CPUS) -> frozenset[int]:
-    """A Linux cpulist -> its CPUs; raises ValueError with a short reason.
-
-    The syntax of ``bitmap_parselist`` (Linux ``lib/bitmap-str.c``): comma-separated ``N``,
-    ``N-M`` and ``N-M:used/group`` (of each group of ``group`` CPUs from N, the first ``used``:
-    ``0-7:1/2`` is 0,2,4,6). Numbers are decimal. ``all`` and ``N`` (relative to the CPU count)
-    and empty elements are refused; anything accepted means what Linux would read.
-    """
-    s = text.strip()
-    if not s:
-        raise ValueError("empty cpulist")
-    cpus: set[int] = set()
-    for part in s.split(","):
-        item = part.strip()
-        if not item:
-            raise ValueError(f"empty element in {s!r} (a doubled or trailing comma)")
-        m = _CPULIST_REGION.match(item)
-        if m is None:
-            if item.lower().startswith("all") or "N" in item:
-                raise ValueError(f"{item!r} depends on the CPU count: list the CPUs instead")
-            if re.fullmatch(r"[0-9]+-[0-9]+:[0-9]+", item):
-                raise ValueError(
-                    f"{item!r}: a cpulist pattern is range:used/group (0-7:1/2 is 0,2,4,6)"
-                )
-            raise ValueError(f"{item!r} is not N, N-M or N-M:used/group")
-        lo = int(m[1])
-        hi = int(m[2]) if m[2] is not None else lo
-        if hi < lo:
-            raise ValueError(f"range {item!r} runs backwards")
-        if hi >= limit:
-            raise ValueError(f"CPU {hi} is beyond the {limit} CPUs Linux supports")
-        used, group = (int(m[3]), int(m[4])) if m[3] is not None else (hi - lo + 1, hi - lo + 1)
-        if used == 0 or group == 0 or used > group:
-            raise ValueError(f"{item!r}: need 0 < used <= group in range:used/group")
-        for start in range(lo, hi + 1, group):
-            cpus.update(range(start, min(start + used, hi + 1)))
-    return frozenset(cpus)
-
-
 # --- composing --------------------------------------------------------------------------------
 class _Composer(yaml.SafeLoader):
     """Composes nodes only, noting aliases and explicit tags with their positions."""
@@ -1085,27 +1046,8 @@ class _Reader:
                     f"{'; '.join(bad)}",
                     where,
                 )
-        if vm.fallback_cpu is not None:
-            return
-        if vm.devices:
-            need = any(
-                (d.on_violation or vm.on_violation) is OnViolation.REWRITE
-                and d.fallback_cpu is None
-                for d in vm.devices
-            )
-        else:
-            need = vm.on_violation is OnViolation.REWRITE
-        if not need:
-            return
-        for width in widths:
-            if rules.fallback[width] is None:
-                self.warn(
-                    vm.nodes.get("on_violation", vm.key),
-                    "fallback-not-allowed",
-                    f"rewrite has no {_WIDTH_WORDS[width]} fallback tag for VM {vm.name!r} (no "
-                    "CPU of it has an allowed tag of its own): violations will be dropped",
-                    vm.path,
-                )
+        # Without fallback_cpu the fallback is the first CPU's allowed tag, else a neutral
+        # tag: it exists whenever the allowed set is not empty (checked elsewhere).
 
     def check_no_effect(self, vm: _Vm) -> None:
         if vm.fallback_cpu is not None:

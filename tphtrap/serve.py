@@ -11,6 +11,7 @@ signal is never handled in the middle of a decision.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import select
@@ -49,13 +50,13 @@ def _load_policy(path: str) -> Policy:
     return load_policy(path)
 
 
-def _drop(code: str) -> dict[str, Any]:
+def _drop(code: str, detail: str | None = None) -> dict[str, Any]:
     """The decision carried by an error reply: fail closed, nothing reaches the device."""
     return {
         "verdict": "drop",
         "reason": code,
         "reasons": [code],
-        "detail": describe_reason(code),
+        "detail": detail or describe_reason(code),
         "writes": [],
     }
 
@@ -89,30 +90,34 @@ class Server:
 
     # --- one line ------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> bytes:
+        """One request line in, exactly one reply line out. Never raises."""
         self.requests += 1
+        req: Request | None = None
         try:
-            req = parse_request(line)
-        except WireError as exc:
-            return self._wire_error(exc, line)
-        if self.debug:
-            self.audit.emit("wire.received", "debug", id=req.id, op=req.op)
-        try:
-            return self._dispatch(req)
-        except WireError as exc:
-            return self._wire_error(exc, line)
+            try:
+                req = parse_request(line)
+                if self.debug:
+                    self.audit.emit("wire.received", "debug", id=req.id, op=req.op)
+                return self._dispatch(req)
+            except WireError as exc:
+                return self._wire_error(exc, line)
         except Exception as exc:
+            # Fail closed: an unexpected fault (in the engine, the audit stream, anywhere)
+            # answers drop for this request, and the server keeps serving.
             self.errors["internal-error"] += 1
-            self.audit.emit(
-                "engine.failed",
-                "error",
-                id=req.id,
-                op=req.op,
-                error=f"{type(exc).__name__}: {exc}",
-                vm=req.args.get("vm"),
-                bdf=req.args.get("bdf"),
-            )
+            rid = req.id if req is not None else None
+            with contextlib.suppress(Exception):
+                self.audit.emit(
+                    "engine.failed",
+                    "error",
+                    id=rid,
+                    op=req.op if req is not None else None,
+                    error=f"{type(exc).__name__}: {exc}",
+                    vm=req.args.get("vm") if req is not None else None,
+                    bdf=req.args.get("bdf") if req is not None else None,
+                )
             return error_reply(
-                req.id,
+                rid,
                 "internal-error",
                 f"internal error: {type(exc).__name__}: {exc}",
                 decision=_drop("internal-error"),
@@ -130,7 +135,11 @@ class Server:
             line=line[:200].decode("utf-8", "replace"),
         )
         return error_reply(
-            exc.request_id, exc.code, exc.message, exc.field, decision=_drop(exc.code)
+            exc.request_id,
+            exc.code,
+            exc.message,
+            exc.field,
+            decision=_drop(exc.code, exc.message),
         )
 
     def _dispatch(self, req: Request) -> bytes:
@@ -454,7 +463,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
         os.close(wpipe)
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "serve",
         help="run as a hypervisor plugin: JSON lines on stdin, decisions on stdout",

@@ -313,8 +313,8 @@ def reply(rid: int | str | None, **fields: Any) -> bytes:
 def error_reply(
     rid: int | str | None, code: str, message: str, field: str | None = None, **extra: Any
 ) -> bytes:
+    """``{"id", "ok": false, "error": {code, message[, field]}, **extra}`` (e.g. a decision)."""
     err: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         err["field"] = field
-    err.update(extra)
-    return encode({"id": rid, "ok": False, "error": err})
+    return encode({"id": rid, "ok": False, "error": err, **extra})
