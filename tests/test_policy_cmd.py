@@ -384,3 +384,17 @@ def test_command_line_end_to_end() -> None:
     )
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout.splitlines() == [f"{name}: ok" for name in EXAMPLES]
+
+
+def test_committed_schema_is_current(capsys: pytest.CaptureFixture[str]) -> None:
+    """policies/tphtrap-policy.schema.json (which the example policies point editors at) is
+    what `tphtrap policy schema` prints; regenerate it with
+    `tphtrap policy schema -o policies/tphtrap-policy.schema.json`."""
+    assert main(["policy", "schema"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    root = Path(__file__).resolve().parent.parent
+    committed = json.loads((root / "policies" / "tphtrap-policy.schema.json").read_text())
+    assert committed == generated
+    for policy in sorted((root / "policies").glob("*.yaml")):
+        first = policy.read_text().splitlines()[0]
+        assert first == "# yaml-language-server: $schema=./tphtrap-policy.schema.json", policy

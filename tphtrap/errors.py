@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "DeviceError",
-    "EngineFailed",
     "LayoutError",
     "PolicyError",
     "Problem",
@@ -109,7 +108,3 @@ class TraceError(TphtrapError):
         super().__init__(f"{where}: {message}")
         self.where = where
         self.reason = message
-
-
-class EngineFailed(TphtrapError):
-    """The engine hit an internal fault and is poisoned: every later access is dropped."""
