@@ -40,6 +40,14 @@ def test_demo_session_replays_identically(capsys: pytest.CaptureFixture[str]) ->
     assert s["reasons"]["foreign-tag"] == 4
     assert s["reasons"]["device-specific-mode"] == 1
     assert s["reasons"]["unknown-device"] == 1
+    # what a reviewer looks at first: the accesses that were refused or changed
+    trace = str(TRACES / "demo-session.jsonl")
+    assert s["notable"][0] == (
+        f"{trace}:17: tenant-a 0000:3b:00.0 write @0x15c/2=0x2 -> "
+        "rewrite foreign-tag [config@0x15c/2=0x1]"
+    )
+    assert s["notable"][-1].endswith("-> drop unknown-device []")
+    assert len(s["notable"]) == 8
 
 
 def test_qemu_msix_writes_are_attributed_through_bar_mappings(tmp_path: Path) -> None:

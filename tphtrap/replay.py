@@ -28,7 +28,7 @@ from typing import IO, Any
 from .device import ConfigSpace, load_device, normalize_bdf, parse_hex_config
 from .engine import AttachRefused, Engine
 from .errors import DeviceError, TphtrapError, TraceError, WireError
-from .events import Access, Decision
+from .events import Access, ConfigRead, ConfigWrite, Decision, MsixRead, MsixWrite
 from .policy import DeviceSettings, Policy
 from .qemu_trace import QemuTraceReader, open_trace
 from .wire import ACCESS_OPS, Request, decision_json, parse_request, to_access
@@ -36,6 +36,11 @@ from .wire import ACCESS_OPS, Request, decision_json, parse_request, to_access
 __all__ = ["Record", "ReplaySummary", "Replayer", "add_parser", "detect_format"]
 
 MAX_LISTED = 50  # malformed lines and mismatches listed in the summary (all are counted)
+MAX_NOTABLE = 20  # refused or changed accesses listed in the summary
+# Decisions that need no reviewer's attention: the guest got what it asked for.
+_ROUTINE = frozenset(
+    {"not-tph", "control-granted", "tag-allowed", "tph-disabled", "tph-virtualized", "reset"}
+)
 
 
 @dataclass(slots=True)
@@ -62,6 +67,7 @@ class ReplaySummary:
     mismatch_lines: list[str] = field(default_factory=list)
     unbound: int = 0  # accesses of devices with no VM
     implicit_devices: list[str] = field(default_factory=list)
+    notable: list[str] = field(default_factory=list)  # first refused or changed accesses
     attach_errors: list[str] = field(default_factory=list)
     traces: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -81,6 +87,7 @@ class ReplaySummary:
             "mismatches": self.mismatches,
             "mismatch_lines": self.mismatch_lines,
             "implicit_devices": self.implicit_devices,
+            "notable": self.notable,
             "attach_errors": self.attach_errors,
             "seconds": round(self.seconds, 3),
             "records_per_second": round(self.records / self.seconds) if self.seconds else None,
@@ -96,14 +103,28 @@ def detect_format(path: str) -> str:
     return "native"
 
 
-def _describe(d: dict[str, Any]) -> str:
-    writes = ",".join(
+def _describe(d: dict[str, Any], limit: int | None = None) -> str:
+    writes = [
         f"{w.get('space')}{'[' + str(w['bar']) + ']' if 'bar' in w else ''}"
         f"@{w.get('offset', 0):#x}/{w.get('width')}={w.get('value', 0):#x}"
         for w in d.get("writes", [])
         if isinstance(w, dict)
-    )
-    return f"{d.get('verdict')} {d.get('reason')} [{writes}]"
+    ]
+    if limit is not None and len(writes) > limit:
+        writes = [*writes[: limit - 1], f"... {len(writes) - limit} more ...", writes[-1]]
+    return f"{d.get('verdict')} {d.get('reason')} [{','.join(writes)}]"
+
+
+def _notable(rec: Record) -> str:
+    a = rec.access
+    what = type(a).__name__
+    if isinstance(a, (ConfigWrite, MsixWrite)):
+        where = f"BAR{a.bar} " if isinstance(a, MsixWrite) else ""
+        what = f"write {where}@{a.offset:#x}/{a.width}={a.value:#x}"
+    elif isinstance(a, (ConfigRead, MsixRead)):
+        what = f"read @{a.offset:#x}/{a.width}"
+    got = _describe(decision_json(rec.decision), limit=4)
+    return f"{rec.trace}:{rec.line}: {a.vm} {a.bdf} {what} -> {got}"
 
 
 def compare(expected: Any, actual: dict[str, Any]) -> str | None:
@@ -195,6 +216,8 @@ class Replayer:
         s.vms[access.vm] += 1
         s.devices[access.bdf] += 1
         rec = Record(trace, line, access, decision)
+        if decision.reason not in _ROUTINE and len(s.notable) < MAX_NOTABLE:
+            s.notable.append(_notable(rec))
         if expect is not None:
             rec.expected = expect
             if self.check_expect:
@@ -555,6 +578,9 @@ def _print_summary(s: ReplaySummary) -> None:
     )
     for line in s.malformed_lines:
         out.append(f"  malformed: {line}")
+    if s.notable:
+        out.append(f"refused or changed (first {MAX_NOTABLE}):")
+        out += [f"  {line}" for line in s.notable]
     for line in s.implicit_devices:
         out.append(f"  not in the policy, replayed as assigned: {line}")
     for line in s.attach_errors:
