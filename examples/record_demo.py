@@ -29,9 +29,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     out = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "fixtures/traces/demo-session.jsonl")
-    tphtrap = str(ROOT / ".venv" / "bin" / "tphtrap")
     proc = subprocess.Popen(
-        [tphtrap, "serve", "--policy", "policies/two-tenants.yaml", "--record", out],
+        [
+            sys.executable,
+            "-m",
+            "tphtrap",
+            "serve",
+            "--policy",
+            "policies/two-tenants.yaml",
+            "--record",
+            out,
+        ],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -243,11 +243,24 @@ def test_overlay_asks_what_if_a_learned_device_had_tph(tmp_path: Path) -> None:
 
 
 def test_progress_only_on_request_or_terminal(tmp_path: Path) -> None:
-    trace = str(TRACES / "demo-session.jsonl")
-    base = [sys.executable, "-m", "tphtrap", "replay", trace, "--policy", POLICY]
-    quiet = subprocess.run(base, cwd=ROOT, capture_output=True, timeout=60)
-    assert quiet.returncode == 0 and quiet.stderr == b""
-    assert quiet.stdout.decode().startswith("replayed 54 records from 1 trace(s)")
+    first = json.loads((TRACES / "demo-session.jsonl").read_text().splitlines()[0])
+    first["path"] = str(ROOT / first["path"])
+    read = {"op": "cfg_read", "vm": "tenant-a", "bdf": "0000:3b:00.0", "offset": 0x150, "width": 4}
+    trace = tmp_path / "long.jsonl"
+    rows = [json.dumps(first)] + [json.dumps({"id": i, **read}) for i in range(60_000)]
+    trace.write_text("\n".join(rows) + "\n")
+    base = [sys.executable, "-m", "tphtrap", "replay", str(trace), "--policy", POLICY]
+    quiet = subprocess.run(base, cwd=ROOT, capture_output=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == b""  # not a terminal: no progress
+    assert quiet.stdout.decode().startswith("replayed 60,000 records from 1 trace(s)")
+    shown = subprocess.run(
+        [*base, "--progress", "always"], cwd=ROOT, capture_output=True, timeout=120
+    )
+    assert shown.returncode == 0
+    err = shown.stderr.decode()
+    assert "long.jsonl: " in err and " records, " in err and err.endswith("\r\x1b[K")
+    # the same summary apart from the timing on its first line
+    assert shown.stdout.split(b"\n")[1:] == quiet.stdout.split(b"\n")[1:]
 
 
 def test_replayer_api_is_streaming() -> None:

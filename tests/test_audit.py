@@ -1,0 +1,118 @@
+"""Audit events: one JSON line per decision, with every field a reviewer needs, never on stdout."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tphtrap.audit import Auditor
+from tphtrap.device import load_device
+from tphtrap.engine import Engine
+from tphtrap.events import ConfigRead, ConfigWrite, MsixWrite, Reset
+from tphtrap.policyfile import load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+A = ("tenant-a", "0000:3b:00.0")
+B = ("tenant-b", "0000:3b:00.1")
+
+
+def engine() -> Engine:
+    eng = Engine(load_policy(ROOT / "policies" / "two-tenants.yaml"))
+    eng.attach(*A, load_device(ROOT / "fixtures/devices/nic-st-in-cap.lspci"))
+    eng.attach(*B, load_device(ROOT / "fixtures/devices/nic-st-in-msix.lspci"))
+    return eng
+
+
+def events(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_decision_becomes_one_complete_event() -> None:
+    out = io.StringIO()
+    auditor = Auditor(out)
+    eng = engine()
+    access = ConfigWrite(*A, 0x156, 2, 0x02)  # tenant-b's tag in tenant-a's ST entry 1
+    auditor.decided(access, eng.handle(access), {"id": 7})
+    (ev,) = events(out)
+    ts = ev.pop("timestamp")
+    assert ts.endswith("Z") and "T" in ts
+    assert ev == {
+        "event": "access.decided",
+        "level": "info",
+        "id": 7,
+        "vm": "tenant-a",
+        "bdf": "0000:3b:00.0",
+        "region": "config",
+        "op": "write",
+        "offset": 0x156,
+        "width": 2,
+        "guest_value": 0x02,
+        "device_value": 0x01,
+        "device_writes": [{"space": "config", "offset": 0x156, "width": 2, "value": 0x01}],
+        "guest_view": 0x02,
+        "read_mask": 0xFFFF,
+        "verdict": "rewrite",
+        "reason": "foreign-tag",
+        "reasons": ["foreign-tag"],
+        "rule": "vms.tenant-a.devices.0000:3b:00.0.on_violation",
+    }
+
+
+def test_msix_events_carry_the_bar_and_drops_carry_no_device_value() -> None:
+    out = io.StringIO()
+    auditor = Auditor(out)
+    eng = engine()
+    for access in (
+        MsixWrite(*B, 2, 0x400C, 4, 0x0101_0000),  # tenant-a's tag: dropped, mask bit kept
+        ConfigWrite(*A, 0x148, 4, 0),  # read-only header: dropped
+        Reset(*A),
+    ):
+        auditor.decided(access, eng.handle(access))
+    msix, header, reset = events(out)
+    assert (msix["region"], msix["bar"], msix["offset"], msix["verdict"]) == (
+        "msix",
+        2,
+        0x400C,
+        "rewrite",
+    )
+    assert msix["device_value"] == 0  # ST kept at 0, mask bit 0 as the guest wrote
+    assert (header["verdict"], header["reason"]) == ("drop", "read-only")
+    assert "device_value" not in header and "device_writes" not in header
+    assert (reset["op"], reset["reason"]) == ("reset", "reset")
+
+
+def test_passes_outside_tph_are_left_out_unless_asked_for() -> None:
+    quiet, loud = io.StringIO(), io.StringIO()
+    eng = engine()
+    access = ConfigWrite(*A, 0x04, 2, 0x0406)  # PCI_COMMAND
+    decision = eng.handle(access)
+    Auditor(quiet).decided(access, decision)
+    Auditor(loud, include_passes=True).decided(access, decision)
+    assert quiet.getvalue() == ""
+    (ev,) = events(loud)
+    assert ev["reason"] == "not-tph"
+    read = ConfigRead(*A, 0x150, 4)
+    Auditor(quiet).decided(read, eng.handle(read))  # a TPH read is about TPH: logged
+    assert events(quiet)[0]["reason"] == "tph-virtualized"
+
+
+def test_audit_never_goes_to_stdout() -> None:
+    with pytest.raises(ValueError, match="stdout"):
+        Auditor(sys.stdout)
+
+
+def test_audit_file_is_line_buffered_and_appends(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"event":"earlier"}\n')
+    auditor = Auditor.to_file(str(path))
+    auditor.emit("policy.loaded", path="p.yaml")
+    # visible before close: every event is one whole, flushed line
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"event": "earlier"}
+    assert json.loads(lines[1])["event"] == "policy.loaded"
+    auditor.close()
