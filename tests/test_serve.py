@@ -517,6 +517,7 @@ MALFORMED: list[tuple[str, bytes | str, str, Any, str | None]] = [
     ("unsupported version", req(40, "hello", versions=[99]), "unsupported-version", 40, "versions"),
     ("versions not a list", req(41, "hello", versions=1), "bad-type", 41, "versions"),
     ("invalid UTF-8", b'{"id": 42, "op": "stats", "x": "\xff\xfe"}', "bad-utf8", None, None),
+    ("duplicate key", '{"id": 45, "op": "stats", "op": "shutdown"}', "bad-json", None, None),
     ("deeply nested JSON", "[" * 30_000 + "]" * 30_000, "bad-json", None, None),
     ("detach of a device never attached", req(43, "detach", **B), "unknown-device", 43, "bdf"),
     (

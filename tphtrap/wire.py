@@ -181,6 +181,27 @@ def _request_id(obj: Mapping[str, Any]) -> int | str | None:
     return None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Refuse duplicate keys: ``{"value": 1, "value": 2}`` means different things to
+    different JSON parsers (first or last wins), so a filter must not guess."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+# One decoder, built once (json.loads with a hook would build one per call).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def parse_request(line: bytes | str) -> Request:
     """Validate one protocol line (without its newline). Raises :class:`WireError`."""
     if isinstance(line, bytes):
@@ -193,9 +214,11 @@ def parse_request(line: bytes | str) -> Request:
     else:
         text = line
     try:
-        obj = json.loads(text)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise WireError("bad-json", f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except _DuplicateKey as exc:
+        raise WireError("bad-json", f"duplicate key {exc.args[0]!r}") from None
     except RecursionError:
         raise WireError("bad-json", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
