@@ -108,59 +108,26 @@ def _versions(v: Any) -> list[int]:
 
 
 _U64 = (1 << 64) - 1
-_VM = ("vm", _name)
-_DEV = ("bdf", _bdf)
+_Fields = dict[str, Callable[[Any], Any]]
+_DEVICE: _Fields = {"vm": _name, "bdf": _bdf}
+_CFG: _Fields = {**_DEVICE, "offset": _int_in(0, 4095), "width": _choice(1, 2, 4)}
+_BAR: _Fields = {
+    **_DEVICE,
+    "bar": _int_in(0, 5),
+    "offset": _int_in(0, _U64),
+    "width": _choice(1, 2, 4, 8),
+}
 
 # op -> (required fields, optional fields)
-OPS: dict[str, tuple[dict[str, Callable[[Any], Any]], dict[str, Callable[[Any], Any]]]] = {
+OPS: dict[str, tuple[_Fields, _Fields]] = {
     "hello": ({"versions": _versions}, {"client": _text(128)}),
-    "attach": (
-        dict([_VM, _DEV]),
-        {"config": _text(MAX_LINE), "path": _text(4096), "source_bdf": _bdf},
-    ),
-    "detach": (dict([_VM, _DEV]), {}),
-    "cfg_write": (
-        dict(
-            [
-                _VM,
-                _DEV,
-                ("offset", _int_in(0, 4095)),
-                ("width", _choice(1, 2, 4)),
-                ("value", _int_in(0, 0xFFFFFFFF)),
-            ]
-        ),
-        {},
-    ),
-    "cfg_read": (
-        dict([_VM, _DEV, ("offset", _int_in(0, 4095)), ("width", _choice(1, 2, 4))]),
-        {},
-    ),
-    "msix_write": (
-        dict(
-            [
-                _VM,
-                _DEV,
-                ("bar", _int_in(0, 5)),
-                ("offset", _int_in(0, _U64)),
-                ("width", _choice(1, 2, 4, 8)),
-                ("value", _int_in(0, _U64)),
-            ]
-        ),
-        {},
-    ),
-    "msix_read": (
-        dict(
-            [
-                _VM,
-                _DEV,
-                ("bar", _int_in(0, 5)),
-                ("offset", _int_in(0, _U64)),
-                ("width", _choice(1, 2, 4, 8)),
-            ]
-        ),
-        {},
-    ),
-    "reset": (dict([_VM, _DEV]), {}),
+    "attach": (_DEVICE, {"config": _text(MAX_LINE), "path": _text(4096), "source_bdf": _bdf}),
+    "detach": (_DEVICE, {}),
+    "cfg_write": ({**_CFG, "value": _int_in(0, 0xFFFFFFFF)}, {}),
+    "cfg_read": (_CFG, {}),
+    "msix_write": ({**_BAR, "value": _int_in(0, _U64)}, {}),
+    "msix_read": (_BAR, {}),
+    "reset": (_DEVICE, {}),
     "reload": ({}, {"policy": _text(4096)}),
     "stats": ({}, {}),
     "shutdown": ({}, {}),
