@@ -924,15 +924,9 @@ def load_devices(source: str | Path) -> list[ConfigSpace]:
             path = SYSFS_DEVICES / normalize_bdf(name)
     if path.is_dir():
         cfg_path = path / "config"
-        try:
-            blob = cfg_path.read_bytes()
-        except OSError as exc:
-            raise DeviceError(str(cfg_path), f"cannot read: {exc.strerror or exc}") from None
+        blob = _read_source(cfg_path, str(cfg_path))
         return [_binary(blob, str(cfg_path), _bdf_of(path))]
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise DeviceError(name, f"cannot read: {exc.strerror or exc}") from None
+    blob = _read_source(path, name)
     if _looks_binary(blob):
         bdf = _bdf_of(path.parent) if path.name == "config" else None
         return [_binary(blob, name, bdf)]
@@ -942,6 +936,29 @@ def load_devices(source: str | Path) -> list[ConfigSpace]:
     if ":" not in text:
         return [parse_hex_config(text, name, lines=True)]
     return parse_lspci(text, name)
+
+
+# An lspci -xxxx dump is about 14 KiB per function; this allows thousands of them.
+MAX_SOURCE_BYTES = 64 << 20
+
+
+def _read_source(path: Path, name: str) -> bytes:
+    """The bytes of a config-space source file, or a DeviceError.
+
+    At most :data:`MAX_SOURCE_BYTES` are read: a source that never ends (``/dev/zero``) is
+    refused instead of filling memory. A path the OS cannot take (a NUL byte, a lone
+    surrogate) is a DeviceError too, not the ValueError ``open`` raises.
+    """
+    try:
+        with path.open("rb") as f:
+            blob = f.read(MAX_SOURCE_BYTES + 1)
+    except OSError as exc:
+        raise DeviceError(name, f"cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # "embedded null byte", "surrogates not allowed"
+        raise DeviceError(name, f"cannot read: not a usable path ({exc})") from None
+    if len(blob) > MAX_SOURCE_BYTES:
+        raise DeviceError(name, f"more than {MAX_SOURCE_BYTES >> 20} MiB: not a config-space dump")
+    return blob
 
 
 def _binary(blob: bytes, name: str, bdf: str | None) -> ConfigSpace:

@@ -58,6 +58,8 @@ __all__ = [
 POLICY_VERSION: Final = 1
 MAX_VCPUS: Final = 256  # virtual tag i must fit in an 8-bit steering tag
 MAX_NAME: Final = 64
+MAX_DIGITS: Final = 32  # no number in a policy needs more characters (tags: 0xffff, CPUs: 8191)
+MAX_POLICY_BYTES: Final = 16 << 20  # policy files are read whole; no policy comes near this
 
 #: Every rule id the loader reports, with a one-line summary (docs/policy.md has the details).
 RULES: Final[Mapping[str, str]] = {
@@ -138,6 +140,9 @@ _LEADING_ZERO = re.compile(r"[-+]?0(?:[0-9_]+|[oO][0-7_]+)\Z")
 # PyYAML's resolver: int ``[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+``, float adds ``\.[0-9_]*``.
 _SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?\Z")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+# Line breaks to YAML 1.1 (PyYAML) only: YAML 1.2 readers and editors keep them inside the line,
+# so the same file would have a different structure for them (and different line numbers).
+_YAML11_BREAKS = re.compile("[\x85\u2028\u2029]")
 # Linux cpulist region: N, N-M, or N-M:used/group (lib/bitmap-str.c, bitmap_parse_region).
 _MERGE_TAG: Final = "tag:yaml.org,2002:merge"
 
@@ -156,6 +161,12 @@ class _Mark(Protocol):
 
 # --- cpulists ------------------------------------------------------------------------------
 # --- composing --------------------------------------------------------------------------------
+# A policy nests five levels deep (vms > VM > devices > device > setting). PyYAML composes
+# recursively, a few Python frames per level: without a limit, "[[[[..." a few hundred levels
+# deep raised RecursionError out of the loader instead of a problem.
+MAX_DEPTH: Final = 64
+
+
 class _Composer(yaml.SafeLoader):
     """Composes nodes only, noting aliases and explicit tags with their positions."""
 
@@ -163,6 +174,7 @@ class _Composer(yaml.SafeLoader):
         super().__init__(stream)
         self.aliases: list[_Mark | None] = []
         self.explicit_tags: list[tuple[str, _Mark | None]] = []
+        self.depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         event: Event = self.peek_event()  # type: ignore[no-untyped-call]
@@ -172,7 +184,20 @@ class _Composer(yaml.SafeLoader):
             tag = event.tag
             if tag is not None and tag != "!":
                 self.explicit_tags.append((str(tag), event.start_mark))
-        return super().compose_node(parent, index)
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"nested more than {MAX_DEPTH} levels deep (a policy needs five)",
+                event.start_mark,  # type: ignore[arg-type]  # libyaml's Mark is one too
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _pos(mark: _Mark | None) -> tuple[int, int]:
@@ -248,6 +273,31 @@ class _Vm:
         )
 
 
+class _HostView(HostPolicy):
+    """A host model whose ``owners`` and ``neutral`` are computed once per width.
+
+    The checks ask for them once per neutral tag, per VM and per tag of a VM (directly and
+    through ``TagRules.build``); recomputing them over every CPU or neutral tag each time made
+    checking a policy quadratic: a few kilobytes of ``neutral_tags`` on an 8192-CPU host took
+    minutes.
+    """
+
+    def owners(self, width: TagWidth) -> dict[int, frozenset[int]]:
+        memo: dict[TagWidth, dict[int, frozenset[int]]]
+        memo = self.__dict__.setdefault("_owners_memo", {})  # frozen: no attribute assignment
+        found = memo.get(width)
+        if found is None:
+            found = memo[width] = super().owners(width)
+        return found
+
+    def neutral(self, width: TagWidth) -> frozenset[int]:
+        memo: dict[TagWidth, frozenset[int]] = self.__dict__.setdefault("_neutral_memo", {})
+        found = memo.get(width)
+        if found is None:
+            found = memo[width] = super().neutral(width)
+        return found
+
+
 # --- the reader -------------------------------------------------------------------------------
 class _Reader:
     def __init__(self, name: str) -> None:
@@ -262,6 +312,8 @@ class _Reader:
         self.vms: list[_Vm] = []
         self.vms_node: Node | None = None
         self.vms_empty = False
+        self._host_view: _HostView | None = None
+        self._vms_of_cpu: dict[int, list[str]] | None = None
 
     # problems
     def report(
@@ -417,6 +469,16 @@ class _Reader:
             self.report(s, "wrong-type", f"{what} is empty: a number is needed here", path)
             return None
         if self.surprise(s, path, what, numbers=True):
+            return None
+        if len(text) > MAX_DIGITS and (_DECIMAL.match(text) or _HEX.match(text)):
+            # Far past every range below; and int() refuses more than 4300 decimal digits
+            # with a ValueError, which used to escape the loader.
+            self.report(
+                s,
+                "bad-value",
+                f"{what} is a number of {len(text)} characters: far outside any value here",
+                path,
+            )
             return None
         if _DECIMAL.match(text):
             return int(text)
@@ -752,11 +814,22 @@ class _Reader:
     def host_model(self) -> HostPolicy:
         return HostPolicy(dict(self.steering), frozenset(t for t, _ in self.neutral))
 
+    def host_view(self) -> HostPolicy:
+        """The host model for the checks, built once (they run after reading)."""
+        if self._host_view is None:
+            self._host_view = _HostView(dict(self.steering), frozenset(t for t, _ in self.neutral))
+        return self._host_view
+
     def owner_words(self, cpus: Iterable[int]) -> str:
         """'CPUs 4-5 (tenant-b), 6 (no VM)': who the CPUs belong to."""
+        if self._vms_of_cpu is None:  # built once: the checks call this per tag and per VM
+            self._vms_of_cpu = {}
+            for vm in self.vms:
+                for c in vm.cpus or ():
+                    self._vms_of_cpu.setdefault(c, []).append(vm.name)
         groups: dict[str, list[int]] = {}
         for cpu in cpus:
-            owners = [vm.name for vm in self.vms if vm.cpus and cpu in vm.cpus]
+            owners = self._vms_of_cpu.get(cpu, [])
             groups.setdefault(", ".join(owners) or "no VM", []).append(cpu)
         parts = [f"{format_cpulist(c)} ({who})" for who, c in groups.items()]
         n = sum(len(c) for c in groups.values())
@@ -765,7 +838,7 @@ class _Reader:
     def check_neutral(self) -> None:
         if not self.host_ok:
             return
-        host = self.host_model()
+        host = self.host_view()
         for tag, node in self.neutral:
             for width in TagWidth:
                 owners = host.owners(width).get(tag)
@@ -913,7 +986,7 @@ class _Reader:
             return
         ext = model.extended_tph and (not devs or any(d.tph and d.extended_tph for d in devs))
         widths = [TagWidth.ST8, TagWidth.ST16] if ext else [TagWidth.ST8]
-        host = self.host_model()
+        host = self.host_view()
         rules = TagRules.build(host, model, DeviceSettings(bdf="-"))
         live = [w for w in widths if rules.allowed[w]]
         cpus_node = vm.nodes["cpus"]
@@ -1101,6 +1174,8 @@ def _cpus_word(cpus: Iterable[int]) -> str:
 
 
 def _base60(text: str) -> str:
+    if len(text) > MAX_DIGITS:  # int() and str() refuse more than 4300 decimal digits
+        return f"a number of {len(text)} characters"
     sign = -1 if text.startswith("-") else 1
     whole, _, frac = text.lstrip("+-").replace("_", "").partition(".")
     value = 0
@@ -1113,6 +1188,8 @@ def _octal_reading(text: str) -> str:
     digits = text.lstrip("+-").replace("_", "")
     digits = digits[2:] if digits[:2].lower() == "0o" else digits[1:]
     if digits and all(c in "01234567" for c in digits):
+        if len(digits) > MAX_DIGITS:  # str() refuses to write more than 4300 digits
+            return "it as a (very large) octal number"
         return f"it as octal {int(digits, 8)}"
     return "it as text, other readers as a number"
 
@@ -1140,6 +1217,16 @@ def read_policy_text(text: str, name: str = "<policy>") -> tuple[Policy | None, 
     """Read a policy: the Policy (None if any error) and every problem, in position order."""
     if text.startswith("\ufeff"):
         text = text[1:]
+    odd = _YAML11_BREAKS.search(text)
+    if odd is not None:
+        at = odd.start()
+        line = text.count("\n", 0, at) + 1
+        column = at - (text.rfind("\n", 0, at) + 1) + 1
+        message = (
+            f"character U+{ord(odd.group()):04X} is a line break to YAML 1.1 readers but not to "
+            "YAML 1.2 readers or editors, which would see another structure: use a newline"
+        )
+        return None, [Problem(line, column, "syntax", message, "", name)]
     try:
         composer = _Composer(text)  # the reader checks for unprintable characters right away
         try:
@@ -1148,6 +1235,8 @@ def read_policy_text(text: str, name: str = "<policy>") -> tuple[Policy | None, 
             composer.dispose()
     except yaml.YAMLError as exc:
         return None, [_syntax_problem(exc, text, name)]
+    except RecursionError:  # MAX_DEPTH keeps clear of it, unless called with a deep stack
+        return None, [Problem(1, 1, "syntax", "the YAML is nested too deeply", "", name)]
     reader = _Reader(name)
     for mark in composer.aliases:
         reader.report(mark, "alias", "aliases (*name) are not used in policies: write it out")
@@ -1173,9 +1262,15 @@ def read_policy(path: str | Path) -> tuple[Policy | None, list[Problem]]:
     """:func:`read_policy_text` for a file; an unreadable file is an ``unreadable`` problem."""
     name = str(path)
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)  # bounded: a path like /dev/zero never ends
     except OSError as exc:
         return None, [Problem(1, 1, "unreadable", f"cannot read: {exc.strerror or exc}", "", name)]
+    except ValueError as exc:  # a NUL byte or a lone surrogate in the path
+        return None, [Problem(1, 1, "unreadable", f"cannot read: {exc}", "", name)]
+    if len(data) > MAX_POLICY_BYTES:
+        message = f"larger than {MAX_POLICY_BYTES >> 20} MiB: not a policy"
+        return None, [Problem(1, 1, "unreadable", message, "", name)]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

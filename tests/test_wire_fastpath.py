@@ -1,0 +1,196 @@
+"""The wire codec's fast paths give exactly what the generic path gives.
+
+``parse_request`` decodes a line without ``JSONDecoder.decode``'s whitespace handling when it
+can, and validates the common access requests without the generic validators; ``encode`` uses
+the C encoder directly. Each must be indistinguishable from the plain implementation: same
+Request (fields in the same order), same error code, message, field and id, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tphtrap import wire
+from tphtrap.errors import WireError
+
+FIELDS = ["id", "op", "vm", "bdf", "offset", "width", "value", "bar", "expect", "config", "x"]
+VALUES: list[Any] = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    -1,
+    0x150,
+    4092,
+    4095,
+    4096,
+    0xFFFF,
+    0x0202_0000,
+    0xFFFF_FFFF,
+    0x1_0000_0000,
+    2**63,
+    2**64 - 1,
+    2**64,
+    -(2**63) - 1,
+    True,
+    False,
+    None,
+    1.0,
+    "",
+    "tenant-a",
+    "tenant\x00",
+    "a" * 65,
+    "a" * 129,
+    "3b:00.0",
+    "0000:3b:00.1",
+    " 3b:00.0 ",
+    "3b:20.0",
+    "zz",
+    "0x150",
+    "0x",
+    [],
+    [1],
+    {},
+    {"verdict": "pass"},
+]
+
+
+def generic(text: str) -> wire.Request | tuple[str, str, str | None, object]:
+    """The reference: the plain decoder and the generic validators."""
+    try:
+        obj = wire._DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        return ("bad-json", f"not JSON: {exc.msg} at column {exc.colno}", None, None)
+    except wire._DuplicateKey as exc:
+        return ("bad-json", f"duplicate key {exc.args[0]!r}", None, None)
+    try:
+        return wire._validate(obj)
+    except WireError as exc:
+        return (exc.code, exc.message, exc.field, exc.request_id)
+
+
+def actual(text: str) -> wire.Request | tuple[str, str, str | None, object]:
+    try:
+        return wire.parse_request(text)
+    except WireError as exc:
+        return (exc.code, exc.message, exc.field, exc.request_id)
+
+
+def same(text: str) -> None:
+    want, got = generic(text), actual(text)
+    assert got == want, text
+    if isinstance(got, wire.Request) and isinstance(want, wire.Request):
+        assert list(got.args.items()) == list(want.args.items()), text
+        assert type(got.id) is type(want.id)
+
+
+BASES: list[dict[str, Any]] = [
+    {"id": 1, "op": "cfg_write", "vm": "v", "bdf": "3b:00.0", "offset": 4, "width": 2, "value": 6},
+    {"id": 1, "op": "cfg_read", "vm": "v", "bdf": "3b:00.0", "offset": 0x150, "width": 4},
+    {"id": 1, "op": "msix_write", "vm": "v", "bdf": "0:3b:00.1", "bar": 2, "offset": 0x400C}
+    | {"width": 4, "value": 0x0202_0000},
+    {
+        "id": 1,
+        "op": "msix_read",
+        "vm": "v",
+        "bdf": "0000:3b:00.1",
+        "bar": 0,
+        "offset": 8,
+        "width": 8,
+    },
+    {"id": "a", "op": "reset", "vm": "v", "bdf": "3b:00.0"},
+]
+
+# A well-formed access request, then up to three edits: a field set to an odd value, removed,
+# or added; the keys in any order.
+mutation = st.tuples(st.sampled_from(FIELDS), st.sampled_from([*VALUES, "<drop>"]))
+requests = st.builds(
+    lambda base, edits, order: (base, edits, order),
+    st.sampled_from(BASES),
+    st.lists(mutation, max_size=3),
+    st.randoms(use_true_random=False),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(requests)
+def test_fast_path_matches_generic(case: tuple[dict[str, Any], list[Any], Any]) -> None:
+    base, edits, rnd = case
+    req = dict(base)
+    for key, value in edits:
+        if value == "<drop>":
+            req.pop(key, None)
+        else:
+            req[key] = value
+    keys = list(req)
+    rnd.shuffle(keys)
+    same(json.dumps({k: req[k] for k in keys}, separators=(",", ":")))
+
+
+def test_fast_path_is_taken() -> None:
+    for base in BASES:
+        assert wire._FAST[base["op"]](base, base["op"]) is not None
+        same(json.dumps(base, separators=(",", ":")))
+
+
+def test_fast_path_on_well_formed_accesses() -> None:
+    a = {"vm": "tenant-a", "bdf": "3b:00.0"}
+    for req in [
+        {"id": 1, "op": "cfg_write", **a, "offset": 0x150, "width": 4, "value": 0x101},
+        {"id": "x", "op": "cfg_read", **a, "offset": 4094, "width": 2},
+        {"id": 2, "op": "cfg_read", **a, "offset": 4095, "width": 2},  # past 4096
+        {"id": 3, "op": "msix_write", **a, "bar": 2, "offset": 2**64 - 1, "width": 8, "value": 1},
+        {"id": 4, "op": "msix_read", **a, "bar": 6, "offset": 0, "width": 4},
+        {"id": 5, "op": "reset", **a, "expect": {"verdict": "pass", "writes": []}},
+        {"id": 6, "op": "cfg_write", **a, "offset": "0x150", "width": 2, "value": "0x1"},
+        {"id": 7, "op": "cfg_write", **a, "offset": 0x154, "width": 2, "value": 0x10000},
+    ]:
+        same(json.dumps(req, separators=(",", ":")))
+        same(json.dumps(req))  # with blanks: the fast decode does not apply
+
+
+def test_fast_decode_matches_decode() -> None:
+    for text in [
+        '{"id":1}',
+        '{"id":1} ',
+        ' {"id":1}',
+        '{"id":1}{"id":2}',
+        '{"id":1,"id":2}',
+        '{"id":1,}',
+        '{"id":[1,2}',
+        "{}",
+        "{",
+        "}",
+        '{"a":{"b":{"c":[{}]}}}',
+        "[1]",
+        '"s"',
+        "",
+        "{" * 100_000 + "}" * 100_000,
+    ]:
+        try:
+            want: object = wire._DECODER.decode(text)
+        except (ValueError, RecursionError, wire._DuplicateKey) as exc:
+            want = (type(exc), str(exc))
+        try:
+            got: object = wire._decode(text)
+        except (ValueError, RecursionError, wire._DuplicateKey) as exc:
+            got = (type(exc), str(exc))
+        assert got == want, text[:40]
+
+
+def test_encode_matches_json_dumps() -> None:
+    for obj in [
+        {"id": 1, "ok": True},
+        {"id": "é\u2028\x00", "ok": False, "n": [1, 2.5, None, 2**70], "e": {}, "l": []},
+        {"id": None, "decision": {"verdict": "pass", "writes": [{"value": 2**64 - 1}]}},
+    ]:
+        want = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+        assert wire.encode(obj) == want
