@@ -561,22 +561,44 @@ def open_trace(path: str | Path) -> Iterator[str]:
     return _lines(text, raw if name != "-" else None, name)
 
 
+_CHUNK: Final = 1 << 16  # characters read at a time
+
+
 def _lines(text: io.TextIOWrapper, closing: IO[bytes] | None, name: str) -> Iterator[str]:
+    # Reads in chunks and splits them (one readline() call per line costs more than the rest
+    # of this loop); memory stays within a chunk plus MAX_LINE.
     lineno = 0
+    pending = ""  # the start of the next line: fewer than MAX_LINE characters
+    skipping = False  # inside the rest of an overlong line
     try:
         while True:
             try:
-                line = text.readline(MAX_LINE)
-                if len(line) == MAX_LINE and not line.endswith("\n"):
-                    rest = line
-                    while rest and not rest.endswith("\n"):  # skip the rest of an overlong line
-                        rest = text.readline(MAX_LINE)
+                chunk = text.read(_CHUNK)
             except (OSError, EOFError, zlib.error) as exc:
                 raise TraceError(f"{name}:{lineno + 1}", f"cannot read: {exc}") from None
-            if not line:
-                return
-            lineno += 1
-            yield line
+            if not chunk:
+                break
+            if skipping:
+                nl = chunk.find("\n")
+                if nl < 0:
+                    continue
+                chunk = chunk[nl + 1 :]
+                skipping = False
+            parts = (pending + chunk).split("\n") if pending else chunk.split("\n")
+            pending = parts.pop()
+            for line in parts:
+                lineno += 1
+                if len(line) < MAX_LINE:
+                    yield line + "\n"
+                else:
+                    yield line[:MAX_LINE]  # cut, without its newline
+            if len(pending) >= MAX_LINE:
+                lineno += 1
+                yield pending[:MAX_LINE]
+                pending = ""
+                skipping = True
+        if pending:
+            yield pending
     finally:
         if closing is None:
             text.detach()  # standard input stays open

@@ -1,0 +1,797 @@
+#!/usr/bin/env python3
+"""tphtrap benchmarks: plugin latency and throughput against an echo floor, replay throughput
+against a bare decode loop, the engine alone. Writes a Markdown report (``bench/results.md``).
+
+    .venv/bin/python bench/run.py --output bench/results.md      # what `make bench` runs
+    .venv/bin/python bench/run.py --quick --output /tmp/r.md      # seconds, for a smoke test
+
+Everything is measured side by side in one run and reported as absolute numbers and as ratios
+to its baseline; nothing here is a pass/fail test of the code (the goals are only compared).
+Progress goes to standard error. Generated traces live in a temporary directory (``--workdir``
+to choose it, ``--keep`` to keep it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import workload  # noqa: E402
+
+GOAL_P50 = 1.25
+GOAL_P99 = 1.5
+GOAL_REPLAY = 0.5
+LATENCY_CHILDREN = ("serve", "echo-json", "echo-bytes")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rounds: int  # latency, pipelined and engine rounds (median reported)
+    blocks: int  # alternating blocks per child per latency round
+    block: int  # ping-pongs per block
+    warmup: int  # ping-pongs per child and request kind before measuring
+    pipelined: int  # requests per pipelined measurement
+    windows: tuple[int, ...]
+    engine: int  # decisions per engine round
+    native_big: int  # records
+    native_small: int
+    qemu_big: int  # lines
+    qemu_small: int
+    replay_rounds: int  # decode/replay pairs on the small traces (one pair on the big ones)
+
+
+FULL = Sizes(
+    rounds=5,
+    blocks=10,
+    block=500,
+    warmup=500,
+    pipelined=20_000,
+    windows=(64, 256),
+    engine=150_000,
+    native_big=1_000_000,
+    native_small=100_000,
+    qemu_big=1_000_000,
+    qemu_small=100_000,
+    replay_rounds=3,
+)
+QUICK = Sizes(
+    rounds=1,
+    blocks=2,
+    block=40,
+    warmup=20,
+    pipelined=400,
+    windows=(64,),
+    engine=3_000,
+    native_big=4_000,
+    native_small=1_000,
+    qemu_big=4_000,
+    qemu_small=1_000,
+    replay_rounds=1,
+)
+
+
+def progress(msg: str) -> None:
+    elapsed = time.monotonic() - _T0
+    print(f"[bench {elapsed:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+_T0 = time.monotonic()
+
+
+# --- statistics -------------------------------------------------------------------------------
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return float("nan")
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# --- children -----------------------------------------------------------------------------------
+class Child:
+    """A plugin-shaped child on two pipes, driven with raw os.read/os.write."""
+
+    def __init__(self, name: str, argv: list[str], stderr_path: Path) -> None:
+        self.name = name
+        self._stderr = open(stderr_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            bufsize=0,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.wfd = self.proc.stdin.fileno()
+        self.rfd = self.proc.stdout.fileno()
+
+    def call(self, line: bytes) -> bytes:
+        os.write(self.wfd, line)
+        data = os.read(self.rfd, 1 << 16)
+        while not data.endswith(b"\n"):
+            more = os.read(self.rfd, 1 << 16)
+            if not more:
+                raise RuntimeError(f"{self.name} exited (see its stderr)")
+            data += more
+        return data
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self._stderr.close()
+
+
+def start_children(workdir: Path) -> dict[str, Child]:
+    py = sys.executable
+    argv = {
+        "serve": [
+            py,
+            "-m",
+            "tphtrap",
+            "serve",
+            "--policy",
+            str(workload.POLICY),
+            "--audit",
+            str(workdir / "audit.jsonl"),
+        ],
+        "echo-json": [py, str(HERE / "echo_child.py"), "json"],
+        "echo-bytes": [py, str(HERE / "echo_child.py"), "bytes"],
+    }
+    children = {name: Child(name, cmd, workdir / f"{name}.stderr") for name, cmd in argv.items()}
+    for child in children.values():
+        for req in workload.setup_requests():
+            reply = child.call(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+            if child.name == "serve" and b'"ok":true' not in reply:
+                raise RuntimeError(f"serve refused the benchmark setup: {reply[:300]!r}")
+    return children
+
+
+# --- plugin latency -----------------------------------------------------------------------------
+def pingpong(child: Child, lines: list[bytes], n: int, offset: int) -> list[int]:
+    """``n`` request/reply round trips, one in flight; nanoseconds each."""
+    wfd, rfd = child.wfd, child.rfd
+    write, read, clock = os.write, os.read, time.perf_counter_ns
+    k = len(lines)
+    out = []
+    for i in range(offset, offset + n):
+        line = lines[i % k]
+        t0 = clock()
+        write(wfd, line)
+        data = read(rfd, 65536)
+        while data[-1:] != b"\n":
+            data += read(rfd, 65536)
+        out.append(clock() - t0)
+    if child.name == "serve" and b'"ok":true' not in data:
+        raise RuntimeError(f"serve refused a benchmark request: {data[:300]!r}")
+    return out
+
+
+@dataclass
+class LatencyRow:
+    kind: str
+    # child -> per-round (p50, p99, mean) in microseconds
+    rounds: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    samples: int = 0
+
+    def stat(self, child: str, i: int) -> float:
+        return median([r[i] for r in self.rounds[child]])
+
+    def ratio(self, child: str, base: str, i: int) -> float:
+        """Median over rounds of the per-round ratio (each round's drift cancels)."""
+        return median(
+            [a[i] / b[i] for a, b in zip(self.rounds[child], self.rounds[base], strict=True)]
+        )
+
+
+def bench_latency(children: dict[str, Child], sizes: Sizes) -> list[LatencyRow]:
+    rows = []
+    names = list(LATENCY_CHILDREN)
+    for kind in workload.LATENCY_KINDS:
+        lines = workload.latency_requests(kind)
+        row = LatencyRow(kind)
+        for name in names:
+            for i in range(0, sizes.warmup, 50):  # warm up, and check every reply once
+                pingpong(children[name], lines, min(50, sizes.warmup - i), i)
+            row.rounds[name] = []
+        for rnd in range(sizes.rounds):
+            samples: dict[str, list[int]] = {name: [] for name in names}
+            for b in range(sizes.blocks):
+                order = names[b % 3 :] + names[: b % 3]  # rotate who goes first
+                for name in order:
+                    samples[name] += pingpong(children[name], lines, sizes.block, b * sizes.block)
+            for name in names:
+                s = sorted(v / 1000 for v in samples[name])
+                row.rounds[name].append(
+                    (percentile(s, 0.5), percentile(s, 0.99), statistics.fmean(s))
+                )
+            row.samples = len(samples["serve"])
+            progress(
+                f"latency {kind} round {rnd + 1}/{sizes.rounds}: p50 "
+                + ", ".join(f"{n} {row.rounds[n][-1][0]:.1f}us" for n in names)
+            )
+        rows.append(row)
+    return rows
+
+
+# --- pipelined throughput ---------------------------------------------------------------------
+def mixed_lines() -> list[bytes]:
+    per_kind = [workload.latency_requests(kind) for kind in workload.LATENCY_KINDS]
+    return [line for group in zip(*per_kind, strict=True) for line in group]
+
+
+def pipelined(child: Child, lines: list[bytes], n: int, window: int) -> float:
+    """Requests per second with up to ``window`` requests in flight."""
+    wfd, rfd = child.wfd, child.rfd
+    k = len(lines)
+    sent = received = refused = 0
+    start = time.perf_counter()
+    while received < n:
+        room = min(window - (sent - received), n - sent)
+        if room > 0:
+            data = b"".join([lines[(sent + j) % k] for j in range(room)])
+            view = memoryview(data)
+            while view:
+                view = view[os.write(wfd, view) :]
+            sent += room
+        chunk = os.read(rfd, 1 << 16)
+        if not chunk:
+            raise RuntimeError(f"{child.name} exited (see its stderr)")
+        received += chunk.count(b"\n")
+        refused += chunk.count(b'"ok":false')
+    seconds = time.perf_counter() - start
+    if refused:
+        raise RuntimeError(f"{child.name} refused {refused} benchmark requests")
+    return n / seconds
+
+
+def bench_pipelined(children: dict[str, Child], sizes: Sizes) -> dict[int, dict[str, list[float]]]:
+    lines = mixed_lines()
+    results: dict[int, dict[str, list[float]]] = {}
+    names = list(LATENCY_CHILDREN)
+    for window in sizes.windows:
+        results[window] = {name: [] for name in names}
+        for name in names:
+            pipelined(children[name], lines, min(2000, sizes.pipelined), window)  # warm-up
+        for rnd in range(sizes.rounds):
+            order = names[rnd % 3 :] + names[: rnd % 3]
+            for name in order:
+                results[window][name].append(
+                    pipelined(children[name], lines, sizes.pipelined, window)
+                )
+            progress(
+                f"pipelined window {window} round {rnd + 1}/{sizes.rounds}: "
+                + ", ".join(f"{n} {results[window][n][-1]:,.0f} req/s" for n in names)
+            )
+    return results
+
+
+# --- in-process costs: the server without pipes, the engine alone ------------------------------
+def bench_inprocess(sizes: Sizes, workdir: Path) -> dict[str, dict[str, float]]:
+    """Microseconds per request of ``Server.handle_line`` (audit to a file, as in the latency
+    runs) and of the echo child's json reply, per latency kind."""
+    import echo_child
+
+    from tphtrap.audit import Auditor
+    from tphtrap.policyfile import load_policy
+    from tphtrap.serve import Server
+
+    audit = open(workdir / "audit-inprocess.jsonl", "w", buffering=1, encoding="utf-8")  # noqa: SIM115
+    server = Server(load_policy(str(workload.POLICY)), str(workload.POLICY), Auditor(audit))
+    for req in workload.setup_requests():
+        server.handle_line(json.dumps(req).encode())
+    n = max(200, sizes.engine // 20)
+    out: dict[str, dict[str, float]] = {}
+    for kind in workload.LATENCY_KINDS:
+        lines = [line.rstrip(b"\n") for line in workload.latency_requests(kind)]
+        k = len(lines)
+        costs: dict[str, list[float]] = {"serve": [], "echo-json": []}
+        for _ in range(sizes.rounds):
+            for name, fn in (("serve", server.handle_line), ("echo-json", echo_child.reply_json)):
+                start = time.perf_counter()
+                for i in range(n):
+                    fn(lines[i % k])
+                costs[name].append((time.perf_counter() - start) / n * 1e6)
+        out[kind] = {name: median(v) for name, v in costs.items()}
+    audit.close()
+    return out
+
+
+def bench_engine(sizes: Sizes) -> list[float]:
+    """Decisions per second of ``Engine.handle`` on the mixed native-trace workload."""
+    from tphtrap.device import ConfigSpace, load_device
+    from tphtrap.engine import Engine
+    from tphtrap.policyfile import load_policy
+    from tphtrap.wire import parse_request, to_access
+
+    engine = Engine(load_policy(str(workload.POLICY)))
+    for bdf, vm, path in (
+        (workload.A["bdf"], workload.A["vm"], workload.DEV_A),
+        (workload.B["bdf"], workload.B["vm"], workload.DEV_B),
+    ):
+        dev = load_device(str(path))
+        engine.attach(vm, bdf, ConfigSpace.from_bytes(dev.data, dev.source, bdf, dev.line_map))
+    accesses = [
+        to_access(parse_request(json.dumps({"id": i, **req})))
+        for i, req in enumerate(workload.native_cycle())
+    ]
+    handle = engine.handle
+    loops = max(1, sizes.engine // len(accesses))
+    rates = []
+    for _ in range(sizes.rounds + 2):
+        start = time.perf_counter()
+        for _ in range(loops):
+            for access in accesses:
+                handle(access)
+        rates.append(loops * len(accesses) / (time.perf_counter() - start))
+    return rates[2:] if len(rates) > 2 else rates  # the first rounds warm up
+
+
+# --- replay ----------------------------------------------------------------------------------
+@dataclass
+class ReplayRow:
+    trace: str
+    kind: str  # native | qemu
+    lines: int
+    records: int = 0
+    baseline_s: list[float] = field(default_factory=list)
+    replay_s: list[float] = field(default_factory=list)
+    baseline_rss_kb: int = 0
+    replay_rss_kb: int = 0
+    size_bytes: int = 0
+
+    def ratio(self) -> float:
+        return median([b / r for b, r in zip(self.baseline_s, self.replay_s, strict=True)])
+
+
+def probe(*args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "replay_probe.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"replay probe {args[:2]} failed:\n{proc.stderr}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def bench_replay(sizes: Sizes, workdir: Path) -> list[ReplayRow]:
+    rows: list[ReplayRow] = []
+    specs: list[tuple[str, str, int, int]] = [
+        ("native", "native", sizes.native_small, sizes.replay_rounds),
+        ("native", "native", sizes.native_big, 1),
+        ("qemu", "qemu", sizes.qemu_small, sizes.replay_rounds),
+        ("qemu", "qemu", sizes.qemu_big, 1),
+    ]
+    device_args = [a for d in workload.QEMU_DEVICES for a in ("--device", d)]
+    for kind, _, size, rounds in specs:
+        if kind == "native":
+            path = workdir / f"native-{size}.jsonl"
+            progress(f"writing a native trace of {size:,} records")
+            lines = workload.write_native_trace(path, size)
+            base_mode, replay_args = "decode-native", [str(path), "--policy", str(workload.POLICY)]
+        else:
+            path = workdir / f"qemu-{size}.log"
+            progress(f"writing a QEMU trace of {size:,} lines")
+            lines = workload.write_qemu_trace(path, size)
+            base_mode = "decode-qemu"
+            replay_args = [str(path), "--policy", str(workload.POLICY), *device_args]
+        row = ReplayRow(path.name, kind, lines, size_bytes=path.stat().st_size)
+        for rnd in range(rounds):
+            base = probe(base_mode, str(path))
+            rep = probe("replay", *replay_args)
+            if rep["rc"] != 0 or rep["malformed"]:
+                raise RuntimeError(f"replay of {path.name} did not run cleanly: {rep}")
+            if kind == "native" and rep["records"] != size:
+                raise RuntimeError(f"replay of {path.name}: {rep['records']} records, not {size}")
+            row.records = rep["records"]
+            row.baseline_s.append(base["seconds"])
+            row.replay_s.append(rep["seconds"])
+            row.baseline_rss_kb = max(row.baseline_rss_kb, base["maxrss_kb"])
+            row.replay_rss_kb = max(row.replay_rss_kb, rep["maxrss_kb"])
+            progress(
+                f"replay {path.name} round {rnd + 1}/{rounds}: decode {base['seconds']:.2f}s, "
+                f"replay {rep['seconds']:.2f}s ({rep['records'] / rep['seconds']:,.0f} records/s,"
+                f" peak RSS {rep['maxrss_kb'] / 1024:.0f} MiB)"
+            )
+        path.unlink()  # the big traces are large; keep the disk footprint to one at a time
+        rows.append(row)
+    return rows
+
+
+# --- the machine ------------------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        load = "n/a"
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "os": f"{platform.system()} {platform.release()}",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load": load,
+    }
+    try:
+        from tphtrap import __version__
+
+        info["tphtrap"] = __version__
+    except ImportError:  # pragma: no cover
+        info["tphtrap"] = "?"
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        info["commit"] = head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = "n/a"
+    return info
+
+
+# --- the report ---------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "**pass**" if ok else "**FAIL**"
+
+
+def report(
+    info: dict[str, str],
+    sizes: Sizes,
+    quick: bool,
+    latency: list[LatencyRow],
+    piped: dict[int, dict[str, list[float]]],
+    inproc: dict[str, dict[str, float]],
+    engine: list[float],
+    replay: list[ReplayRow],
+    total_s: float,
+    load_end: str,
+) -> str:
+    out: list[str] = []
+    w = out.append
+    w("# tphtrap benchmarks")
+    w("")
+    w(
+        "Written by `make bench` (`bench/run.py`); do not edit by hand. Every figure comes from "
+        "one run, each measurement side by side with its baseline, and ratios are medians of "
+        "per-round ratios. These are measurements, not tests: nothing fails when a goal is "
+        "missed."
+    )
+    if quick:
+        w("")
+        w("**Quick mode** (`--quick`): tiny sample sizes, for a smoke test only. Not figures.")
+    w("")
+    w("## Machine")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    w(f"| CPU | {info['cpu']} ({info['cores']} cores) |")
+    w(f"| Python | {info['python']} (the project's `.venv`) |")
+    w(f"| OS | {info['os']} |")
+    w(f"| date | {info['date']} |")
+    w(f"| tphtrap | {info['tphtrap']}, commit {info['commit']} |")
+    w(f"| load average | {info['load']} at the start, {load_end} at the end |")
+    w(f"| total run time | {total_s:.0f} s |")
+    w("")
+
+    # --- goals
+    worst_p50 = max(latency, key=lambda r: r.ratio("serve", "echo-json", 0))
+    worst_p99 = max(latency, key=lambda r: r.ratio("serve", "echo-json", 1))
+    w("## Goals")
+    w("")
+    w("| goal | measured | target | |")
+    w("|---|---|---|---|")
+    for row in latency:
+        r50 = row.ratio("serve", "echo-json", 0)
+        r99 = row.ratio("serve", "echo-json", 1)
+        w(
+            f"| serve latency p50, {row.kind} | {r50:.2f}x echo floor | "
+            f"<= {GOAL_P50}x | {verdict(r50 <= GOAL_P50)} |"
+        )
+        w(
+            f"| serve latency p99, {row.kind} | {r99:.2f}x echo floor | "
+            f"<= {GOAL_P99}x | {verdict(r99 <= GOAL_P99)} |"
+        )
+    for rrow in replay:
+        ratio = rrow.ratio()
+        w(
+            f"| replay throughput, {rrow.kind} {rrow.lines:,} lines | {ratio:.2f}x bare decode | "
+            f">= {GOAL_REPLAY}x | {verdict(ratio >= GOAL_REPLAY)} |"
+        )
+    for kind in ("native", "qemu"):
+        rows = [r for r in replay if r.kind == kind]
+        small, big = min(rows, key=lambda r: r.lines), max(rows, key=lambda r: r.lines)
+        growth = (big.replay_rss_kb - small.replay_rss_kb) / 1024
+        flat = big.replay_rss_kb <= small.replay_rss_kb * 1.1 + 4096
+        w(
+            f"| replay peak memory flat, {kind} | {small.replay_rss_kb / 1024:.0f} MiB at "
+            f"{small.lines:,} lines, {big.replay_rss_kb / 1024:.0f} MiB at {big.lines:,} "
+            f"({growth:+.1f} MiB) | flat | {verdict(flat)} |"
+        )
+    w("")
+    w(
+        f"The latency goals compare `tphtrap serve` with the **echo-json** floor (below). The "
+        f"worst request kinds are `{worst_p50.kind}` (p50) and `{worst_p99.kind}` (p99)."
+    )
+    w("")
+
+    # --- latency
+    w("## Plugin latency (ping-pong)")
+    w("")
+    w(
+        f"One request in flight: the driver writes a request line, reads until the reply's "
+        f"newline, and takes `perf_counter_ns` around both. Per request kind, each child gets "
+        f"{sizes.warmup} warm-up round trips, then each of {sizes.rounds} rounds runs "
+        f"{sizes.blocks} blocks of {sizes.block} round trips per child, the children "
+        f"alternating block by block (who goes first rotates) so that drift hits all alike. "
+        f"{latency[0].samples:,} samples per child per round; figures are medians over rounds. "
+        f"Microseconds."
+    )
+    w("")
+    w(
+        "| request | serve p50 | serve p99 | serve mean | echo-json p50 | echo-json p99 | "
+        "echo-json mean | echo-bytes p50 | echo-bytes p99 | echo-bytes mean |"
+    )
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in latency:
+        cells = [f"{row.stat(c, i):.1f}" for c in LATENCY_CHILDREN for i in range(3)]
+        w(f"| {row.kind} | " + " | ".join(cells) + " |")
+    w("")
+    w(
+        "| request | p50 vs echo-json | p99 vs echo-json | mean vs echo-json | "
+        "p50 vs echo-bytes | p99 vs echo-bytes |"
+    )
+    w("|---|---:|---:|---:|---:|---:|")
+    for row in latency:
+        r50 = row.ratio("serve", "echo-json", 0)
+        r99 = row.ratio("serve", "echo-json", 1)
+        rmean = row.ratio("serve", "echo-json", 2)
+        b50 = row.ratio("serve", "echo-bytes", 0)
+        b99 = row.ratio("serve", "echo-bytes", 1)
+        c50 = f"{r50:.2f}x" + ("" if r50 <= GOAL_P50 else f" (goal {GOAL_P50}x)")
+        c99 = f"{r99:.2f}x" + ("" if r99 <= GOAL_P99 else f" (goal {GOAL_P99}x)")
+        w(f"| {row.kind} | {c50} | {c99} | {rmean:.2f}x | {b50:.2f}x | {b99:.2f}x |")
+    w("")
+    for kind, text in workload.LATENCY_KINDS.items():
+        w(f"- `{kind}`: {text}.")
+    w("")
+    w("### The children")
+    w("")
+    w(
+        "- **serve**: `tphtrap serve --policy policies/two-tenants.yaml --audit FILE` (audit "
+        "events to a file in the work directory, as a deployment would; `not-tph` accesses "
+        "are not audited by default), after `hello` and both attaches."
+    )
+    w(
+        "- **echo-json** (`bench/echo_child.py json`), the floor the goals use: the same I/O "
+        "loop as `serve_forever` (`select` on stdin and a second pipe, one `os.read` of up to "
+        "64 KiB, split at newlines, replies of that read written with `os.write` before "
+        "waiting again), and per line `json.loads` of the request and a reused compact "
+        '`json.JSONEncoder` encoding `{"id": <id>, "ok": true, "decision": {...}}` with a '
+        "fixed decision, the one serve gives a granted control write: a reply of the same "
+        "size and shape. Any JSON-lines plugin of this shape decodes a request and encodes a "
+        "reply, so that is its floor."
+    )
+    w(
+        "- **echo-bytes** (`bench/echo_child.py bytes`): the same loop writing the request "
+        "line straight back: the transport alone (pipes, `select`, two context switches), "
+        "shown for reference."
+    )
+    w("")
+    w("Same interpreter (`sys.executable` of the run), same pipes, nothing pinned.")
+    w("")
+
+    # --- in-process
+    w("### Where serve's time goes (in-process, no pipes)")
+    w("")
+    w(
+        "`Server.handle_line` called directly (parse, validate, engine, audit event to a "
+        "file, reply), and the echo-json child's per-line work, on the same request lines. "
+        "Microseconds per request, median of rounds."
+    )
+    w("")
+    w("| request | Server.handle_line | echo-json reply | difference |")
+    w("|---|---:|---:|---:|")
+    for kind, costs in inproc.items():
+        diff = costs["serve"] - costs["echo-json"]
+        w(f"| {kind} | {costs['serve']:.1f} | {costs['echo-json']:.1f} | {diff:+.1f} |")
+    w("")
+
+    # --- pipelined
+    w("## Pipelined throughput")
+    w("")
+    w(
+        f"Up to *window* requests in flight (the four request kinds above, interleaved), "
+        f"{sizes.pipelined:,} requests per measurement, the children alternating, median of "
+        f"{sizes.rounds} rounds. Requests per second."
+    )
+    w("")
+    w("| window | serve | echo-json | echo-bytes | serve / echo-json | serve / echo-bytes |")
+    w("|---:|---:|---:|---:|---:|---:|")
+    for window, res in piped.items():
+        s, j, b = (median(res[n]) for n in LATENCY_CHILDREN)
+        rj = median([x / y for x, y in zip(res["serve"], res["echo-json"], strict=True)])
+        rb = median([x / y for x, y in zip(res["serve"], res["echo-bytes"], strict=True)])
+        w(f"| {window} | {s:,.0f} | {j:,.0f} | {b:,.0f} | {rj:.2f}x | {rb:.2f}x |")
+    w("")
+
+    # --- engine
+    w("## Engine alone")
+    w("")
+    rate = median(engine)
+    w(
+        f"`Engine.handle` in a loop over the accesses of one cycle of the native trace "
+        f"workload ({len(workload.native_cycle())} accesses: resets, TPH control and ST "
+        f"entry writes with one foreign tag per device, MSI-X 8- and 4-byte writes, reads, "
+        f"non-TPH accesses), median of {len(engine)} rounds of {sizes.engine:,} decisions."
+    )
+    w("")
+    w("| workload | decisions/s | µs per decision |")
+    w("|---|---:|---:|")
+    w(f"| mixed (native trace cycle) | {rate:,.0f} | {1e6 / rate:.2f} |")
+    w("")
+
+    # --- replay
+    w("## Replay")
+    w("")
+    w(
+        "Each measurement runs in a fresh interpreter (`bench/replay_probe.py`); "
+        "`tphtrap replay TRACE --policy policies/two-tenants.yaml --json` runs in-process "
+        "through `tphtrap.cli.main` (policy and devices loaded, summary printed: the whole "
+        "command less interpreter start-up). The baselines read the same file with "
+        "`open()` line iteration and:"
+    )
+    w("")
+    w(
+        "- native: `json.loads(line)` on every line (stdlib decoder, no validation); the "
+        "trace is what `serve --record` writes (every request with its `expect`-ed "
+        "decision), a two-tenant driver session repeated with fresh ids;"
+    )
+    w(
+        "- QEMU: `tphtrap.qemu_trace.parse_line(line)` on every line; the trace is in the "
+        "format of `fixtures/traces/qemu-msix-bar.log` (`pci_cfg_*` with their "
+        "`pcie-mmcfg-mmio` access lines, `msix-table` writes and reads, BAR mappings) with "
+        "about 40% unrelated lines (other MMIO regions, kvm and virtio events); devices "
+        "bound with `--device`."
+    )
+    w("")
+    w(
+        "Ratio = baseline time / replay time on the same file (so >= 0.5x means replay "
+        f"costs at most twice the bare decode); the {sizes.native_small:,}-record and "
+        f"{sizes.qemu_small:,}-line traces are measured {sizes.replay_rounds} times "
+        "alternating, the large ones once. Peak RSS is the measuring process's high-water "
+        "mark (`VmHWM`)."
+    )
+    w("")
+    w(
+        "| trace | size | lines | records | decode lines/s | replay lines/s | "
+        "replay records/s | ratio | goal | decode peak RSS | replay peak RSS |"
+    )
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for rrow in replay:
+        b = median(rrow.baseline_s)
+        r = median(rrow.replay_s)
+        ratio = rrow.ratio()
+        w(
+            f"| {rrow.kind} | {rrow.size_bytes / 2**20:,.0f} MiB | {rrow.lines:,} | "
+            f"{rrow.records:,} | {rrow.lines / b:,.0f} | {rrow.lines / r:,.0f} | "
+            f"{rrow.records / r:,.0f} | {ratio:.2f}x | >= {GOAL_REPLAY}x "
+            f"{verdict(ratio >= GOAL_REPLAY)} | {rrow.baseline_rss_kb / 1024:.0f} MiB | "
+            f"{rrow.replay_rss_kb / 1024:.0f} MiB |"
+        )
+    w("")
+
+    # --- reproduce
+    w("## Reproduce")
+    w("")
+    w("```sh")
+    w("make bench                                   # this file, about 2-3 minutes on 2 cores")
+    w(".venv/bin/python bench/run.py --quick --output /tmp/bench.md   # a smoke run, seconds")
+    w(".venv/bin/pip install pyinstrument && .venv/bin/python bench/profile.py   # profiles")
+    w("```")
+    w("")
+    w(
+        "The machine is not isolated: other processes, frequency scaling and a shared host "
+        "move absolute figures from run to run (the load average above says how busy it "
+        "was); the ratios, measured side by side, move much less."
+    )
+    w("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--output", default=str(HERE / "results.md"), help="Markdown report")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    ap.add_argument("--workdir", help="where traces go (default: a temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    random.seed(1)
+    info = machine()
+    progress(f"{info['cpu']}, {info['cores']} cores, {info['python']}, load {info['load']}")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tphtrap-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        children = start_children(workdir)
+        try:
+            latency = bench_latency(children, sizes)
+            piped = bench_pipelined(children, sizes)
+        finally:
+            for child in children.values():
+                child.close()
+        progress("in-process request costs")
+        inproc = bench_inprocess(sizes, workdir)
+        progress("engine alone")
+        engine = bench_engine(sizes)
+        progress(f"engine: {median(engine):,.0f} decisions/s")
+        replay = bench_replay(sizes, workdir)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        load_end = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        load_end = "n/a"
+    total = time.monotonic() - _T0
+    text = report(info, sizes, args.quick, latency, piped, inproc, engine, replay, total, load_end)
+    Path(args.output).write_text(text, encoding="utf-8")
+    progress(f"done in {total:.0f}s; wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``bench/run.py --quick`` runs and writes a well-formed report (no timing is checked)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[bench" in proc.stderr  # progress goes to standard error
+    text = out.read_text()
+    for heading in (
+        "## Machine",
+        "## Goals",
+        "## Plugin latency (ping-pong)",
+        "## Pipelined throughput",
+        "## Engine alone",
+        "## Replay",
+        "## Reproduce",
+    ):
+        assert heading in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    # every table row has the same number of cells as its header
+    tables: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not tables or not tables[-1]:
+                tables.append([])
+            tables[-1].append(line)
+        elif tables and tables[-1]:
+            tables.append([])
+    for table in filter(None, tables):
+        widths = {line.count("|") for line in table}
+        assert len(widths) == 1, table
+    goals = [r for r in rows if re.search(r"\*\*(pass|FAIL)\*\*", r)]
+    assert len(goals) >= 4 * 2 + 4 + 2  # p50 and p99 per request kind, replay, memory
+    for kind in ("TPH control", "ST entry", "non-TPH", "Vector Control"):
+        latency = [r for r in rows if kind in r and re.search(r"\| [\d.]+ \|", r)]
+        assert latency, kind
+    assert re.search(r"\| mixed \(native trace cycle\) \| [\d,]+ \| [\d.]+ \|", text)
+    replay = [r for r in rows if r.startswith("| native |") or r.startswith("| qemu |")]
+    assert len(replay) == 4
+    for r in replay:
+        assert re.search(r"\| [\d.]+x \|", r)
