@@ -619,6 +619,35 @@ def test_reload_revokes_and_tightens() -> None:
     assert engine.handle(ConfigRead("a", A, 0, 4)).reason == "device-revoked"
 
 
+def test_add_device_only_adds_a_free_device() -> None:
+    """Engine.add_device (replay's implicit devices) takes a policy that only assigns one more
+    free device; any other change must go through reload, which re-checks the sessions."""
+    base = policy()
+    engine = Engine(base)
+    engine.attach("a", A, fixture(CAP))
+    c = "0000:3b:00.2"
+    vm_a = base.vms["a"]
+    added = replace(vm_a, devices={**vm_a.devices, c: DeviceSettings(c)})
+    grown = replace(base, vms={**base.vms, "a": added})
+    engine.add_device(grown, "a", c)
+    assert engine.policy is grown
+    assert engine.attach("a", c, fixture(CAP)).verdict is Verdict.PASS
+    # a tighter CPU set smuggled in with a device is refused, and the policy stays
+    sneaky = replace(
+        added,
+        cpus=frozenset({0}),
+        devices={**added.devices, "0000:3b:00.3": DeviceSettings("0000:3b:00.3")},
+    )
+    with pytest.raises(ValueError, match="reload"):
+        engine.add_device(replace(grown, vms={**grown.vms, "a": sneaky}), "a", "0000:3b:00.3")
+    # another VM's device, or a device already assigned
+    with pytest.raises(ValueError):
+        engine.add_device(grown, "a", B)
+    with pytest.raises(ValueError):
+        engine.add_device(grown, "a", c)
+    assert engine.policy is grown
+
+
 def test_iv_mode_needs_iv_support() -> None:
     data = build_config(
         tph=TphSpec(interrupt_vector=False, location=StLocation.CAP, table_size=4),

@@ -302,14 +302,6 @@ def test_sigkill_during_stream(serve: Callable[..., Serve], tmp_path: Path, dela
     assert sum(e["event"] == "access.decided" for e in events) >= 50
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "serve_forever handles SIGTERM only between reads: its handler is a no-op that wakes "
-        "select(), so while os.write() blocks on a full stdout pipe (a hypervisor that stopped "
-        "reading), the write is retried after the signal (PEP 475) and serve never exits"
-    ),
-)
 def test_sigterm_while_stdout_is_full(serve: Callable[..., Serve], tmp_path: Path) -> None:
     child = serve(POLICY, tmp_path / "audit.jsonl")
     child.start()
@@ -335,14 +327,6 @@ def test_sigterm_while_stdout_is_full(serve: Callable[..., Serve], tmp_path: Pat
     assert rc == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "serve_forever measures an unfinished line with its \\r: a 65536-byte line ending in "
-        "\\r\\n is accepted when \\r and \\n arrive in one read but refused as line-too-long "
-        "(with id null) when a read ends between them"
-    ),
-)
 def test_line_at_the_limit_with_crlf_split_across_reads(serve: Callable[..., Serve]) -> None:
     child = serve()
     child.start()

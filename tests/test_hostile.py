@@ -37,18 +37,8 @@ HOSTILE = REPO / "fixtures" / "hostile"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((HOSTILE / "EXPECTED.json").read_text())
 TARGETS = ("wire", "native", "qemu", "dumps", "policies")
 
-# Corpus files that still show a bug in a module these tests do not fix (see the README).
-XFAIL = {
-    "native/expect-not-a-decision.jsonl": pytest.mark.xfail(
-        strict=True,
-        raises=(TypeError, ValueError),
-        reason=(
-            "replay.compare/_describe assume an expect object shaped like a decision: "
-            '"writes": null or 7, or a write whose offset or value is not an int, raises '
-            "TypeError/ValueError out of Replayer.native (tphtrap replay --expect exits 3)"
-        ),
-    ),
-}
+# Corpus files that still show a bug (see the README): none at the moment.
+XFAIL: dict[str, Any] = {}
 
 
 def corpus(target: str) -> list[Any]:
@@ -214,14 +204,6 @@ def test_qemu_replay(path: Path) -> None:
     assert all(r.decision.reason != "internal-error" for r in records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "quadratic replay: Replayer._assign calls Engine.reload for every device it adds to the "
-        "policy, and Engine.reload rebuilds the TagRules of every attached session; a garbled "
-        "QEMU trace naming a few thousand vfio devices replayed with --vm takes minutes"
-    ),
-)
 def test_qemu_replay_many_devices() -> None:
     """``many-devices.log.gz`` names 5000 vfio devices (4096 are followed): 1000 of them must
     replay within the time limit."""

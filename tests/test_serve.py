@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tphtrap.audit import Auditor
+from tphtrap.errors import PolicyError
 from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
 
@@ -714,6 +715,36 @@ def test_reload_refuses_a_broken_policy_and_keeps_the_old_one(tmp_path: Path) ->
     rejected = [json.loads(x) for x in sink.lines if "policy.rejected" in x]
     assert rejected and rejected[0]["path"] == str(bad)
     assert call(server, req(2, "stats"))["policy_rejects"] == 1
+
+
+def test_reload_that_fails_inside_keeps_the_old_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception while loading or applying a policy (SIGHUP or the reload op)
+    is a refused reload: the old policy and every device's rules stay, and it is audited."""
+    server, sink = make_server()
+    call(server, HELLO)
+    attach = json.loads(ATTACH)
+    attach["path"] = str(ROOT / attach["path"])
+    assert call(server, json.dumps(attach))["ok"]
+    before = server.engine.policy
+    rules = [s.rules for s in server.engine.sessions()]
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("simulated fault")
+
+    monkeypatch.setattr(type(before), "rules", boom)  # fails while building the new rules
+    rep = call(server, req(1, "reload"))
+    assert rep["ok"] is False and rep["error"]["code"] == "policy-invalid"
+    assert "internal error: RuntimeError: simulated fault" in rep["error"]["message"]
+    assert server.engine.policy is before
+    assert [s.rules for s in server.engine.sessions()] == rules
+    monkeypatch.undo()
+    monkeypatch.setattr("tphtrap.serve._load_policy", boom)
+    assert isinstance(server.reload(server.policy_path or ""), PolicyError)
+    assert call(server, req(2, "stats"))["policy_rejects"] == 2
+    rejected = [json.loads(x) for x in sink.lines if "policy.rejected" in x]
+    assert len(rejected) == 2 and "simulated fault" in rejected[-1]["problems"][0]
+    w = call(server, req(3, "cfg_write", **W, value=0x101))
+    assert w["ok"] and w["decision"]["verdict"] in ("pass", "rewrite")
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")

@@ -33,7 +33,7 @@ foreign tag is ever usable. A partial (one byte) update is decided on the whole 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .device import ConfigSpace
@@ -697,6 +697,26 @@ class Engine:
             return self._unknown(vm, bdf)
         return Decision(_PASS, "detached", describe_reason("detached"), reasons=("detached",))
 
+    def add_device(self, policy: Policy, vm: str, bdf: str) -> None:
+        """Swap in ``policy``, which differs from the current one only by assigning the free
+        device ``bdf`` to ``vm`` (replay's implicit devices). Attached sessions keep their
+        rules; anything more than that added device is a ValueError: use :meth:`reload`."""
+        old = self._policy
+        new_vm, old_vm = policy.vms.get(vm), old.vms.get(vm)
+        if (
+            new_vm is None
+            or old_vm is None
+            or policy.host is not old.host
+            or policy.vms.keys() != old.vms.keys()
+            or any(policy.vms[n] is not old.vms[n] for n in old.vms if n != vm)
+            or bdf in old_vm.devices
+            or old.vm_of_device(bdf) is not None
+            or new_vm.devices.keys() != old_vm.devices.keys() | {bdf}
+            or replace(new_vm, devices=old_vm.devices) != old_vm
+        ):
+            raise ValueError(f"not just device {bdf} added to VM {vm!r}: reload the policy")
+        self._policy = policy
+
     def reload(self, policy: Policy) -> list[tuple[Session, Decision]]:
         """Swap in ``policy`` (already validated); re-check every device against it.
 
@@ -704,21 +724,34 @@ class Engine:
         every later access is dropped. Returns one decision per session with the corrective
         writes the hypervisor must perform.
         """
+        # Build every device's new rules first: if that fails, nothing has changed.
+        rules: dict[tuple[str, str], TagRules] = {}
+        for key, sess in self._sessions.items():
+            vm = policy.vms.get(sess.vm)
+            if vm is not None and sess.bdf in vm.devices:
+                rules[key] = policy.rules(sess.vm, sess.bdf)
         self._policy = policy
         out: list[tuple[Session, Decision]] = []
-        for sess in list(self._sessions.values()):
+        for key, sess in list(self._sessions.items()):
             pre: list[DeviceWrite] = []
-            vm = policy.vms.get(sess.vm)
-            if vm is None or sess.bdf not in vm.devices:
-                sess.revoked = True
-                sess.force_off(pre)
-                reasons = ["device-revoked"]
-            else:
-                sess.rules = policy.rules(sess.vm, sess.bdf)
-                sess.clean_width = None  # the allowed tags may have changed: re-check all
-                reasons = ["policy-reloaded"]
-                if sess.has_tph and sess.poisoned is None:
-                    reasons += self._reconcile(sess, pre)
+            try:
+                new = rules.get(key)
+                if new is None:
+                    sess.revoked = True
+                    sess.force_off(pre)
+                    reasons = ["device-revoked"]
+                else:
+                    sess.rules = new
+                    sess.clean_width = None  # the allowed tags may have changed: re-check all
+                    reasons = ["policy-reloaded"]
+                    if sess.has_tph and sess.poisoned is None:
+                        reasons += self._reconcile(sess, pre)
+            except Exception as exc:  # fail closed: freeze the device, as handle() does
+                sess.poisoned = f"internal error: {type(exc).__name__}: {exc}"
+                out.append(
+                    (sess, self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned))
+                )
+                continue
             verdict = _REWRITE if pre else _PASS
             out.append((sess, self._decision(sess, verdict, reasons, tuple(pre))))
         return out

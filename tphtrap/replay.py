@@ -127,10 +127,32 @@ def _notable(rec: Record) -> str:
     return f"{rec.trace}:{rec.line}: {a.vm} {a.bdf} {what} -> {got}"
 
 
-def compare(expected: Any, actual: dict[str, Any]) -> str | None:
-    """None when the decision matches the expectation (verdict, reason and writes)."""
+def _not_a_decision(expected: Any) -> str | None:
+    """Why ``expected`` cannot be a recorded decision, or None if it is shaped like one.
+
+    A trace is input like any other: an ``expect`` with ``"writes": null`` or a write whose
+    offset is a string is a mismatch to report, not something to format blindly.
+    """
     if not isinstance(expected, dict):
         return f"expect is not an object: {json.dumps(expected)[:80]}"
+    writes = expected.get("writes", [])
+    if not isinstance(writes, list):
+        return f"expect.writes is not a list: {json.dumps(writes)[:80]}"
+    for i, w in enumerate(writes):
+        if not isinstance(w, dict):
+            return f"expect.writes[{i}] is not an object: {json.dumps(w)[:80]}"
+        for key in ("offset", "width", "value", "bar"):
+            v = w.get(key, 0)
+            if type(v) is not int:
+                return f"expect.writes[{i}].{key} is not an integer: {json.dumps(v)[:80]}"
+    return None
+
+
+def compare(expected: Any, actual: dict[str, Any]) -> str | None:
+    """None when the decision matches the expectation (verdict, reason and writes)."""
+    problem = _not_a_decision(expected)
+    if problem is not None:
+        return f"{problem}; got {_describe(actual)}"
     for key in ("verdict", "reason", "writes"):
         if key in expected and expected[key] != actual.get(key):
             return f"expected {_describe(expected)}, got {_describe(actual)}"
@@ -182,7 +204,9 @@ class Replayer:
         vms = dict(self.policy.vms)
         vms[vm] = replace(vm_policy, devices=devices)
         self.policy = replace(self.policy, vms=vms)
-        self.engine.reload(self.policy)  # only adds a device: nothing else changes
+        # Only a device is added: the attached sessions keep their rules (a full reload would
+        # rebuild them all, making a trace with thousands of devices quadratic).
+        self.engine.add_device(self.policy, vm, bdf)
         self.summary.implicit_devices.append(f"{bdf} -> {vm}")
         return True
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import select
 import signal
@@ -25,7 +24,7 @@ from . import __version__
 from .audit import Auditor
 from .device import ConfigSpace, load_device, parse_hex_config
 from .engine import AttachRefused, Engine, describe_reason
-from .errors import DeviceError, PolicyError, TphtrapError, WireError
+from .errors import DeviceError, PolicyError, Problem, TphtrapError, WireError
 from .events import Decision
 from .policy import Policy
 from .wire import (
@@ -296,10 +295,16 @@ class Server:
             err = DeviceError(path, exc.strerror or str(exc))
             self.audit.emit("policy.rejected", "error", path=path, problems=[str(err)])
             return err
+        except Exception as exc:  # fail closed: the old policy stays
+            return self._reload_failed(path, exc)
+        try:
+            applied = self.engine.reload(policy)  # builds all rules before changing anything
+        except Exception as exc:
+            return self._reload_failed(path, exc)
         self.policy_path = path
         self.policy_loads += 1
         corrections = []
-        for sess, decision in self.engine.reload(policy):
+        for sess, decision in applied:
             entry = {"vm": sess.vm, "bdf": sess.bdf, "decision": decision_json(decision)}
             corrections.append(entry)
             self.audit.emit("policy.applied", vm=sess.vm, bdf=sess.bdf, **decision_json(decision))
@@ -307,6 +312,13 @@ class Server:
             "policy.loaded", path=path, vms=sorted(policy.vms), devices=len(corrections)
         )
         return corrections
+
+    def _reload_failed(self, path: str, exc: Exception) -> TphtrapError:
+        self.policy_rejects += 1
+        message = f"internal error: {type(exc).__name__}: {exc}; the old policy stays"
+        err = PolicyError([Problem(1, 1, "internal-error", message, "", path)])
+        self.audit.emit("policy.rejected", "error", path=path, problems=[str(err)])
+        return err
 
     def _op_stats(self, req: Request) -> bytes:
         devices = []
@@ -375,28 +387,61 @@ def _device_summary(cfg: ConfigSpace, untrappable: str | None) -> dict[str, Any]
 
 
 # --- the I/O loop -----------------------------------------------------------------------
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+#: Replies waiting for a hypervisor that has stopped reading: beyond this, stdin is not read
+#: until stdout drains (back-pressure instead of unbounded memory).
+MAX_PENDING_OUT = 1 << 20
+
+
+#: On SIGTERM/SIGINT, how long pending replies may take to drain before exiting anyway.
+SIGNAL_DRAIN_S = 0.5
+
+
+def _drain(fd: int, out: bytearray, deadline: float) -> None:
+    """Write ``out`` to the non-blocking ``fd`` until it is empty or ``deadline`` passes."""
+    with contextlib.suppress(OSError):  # BrokenPipeError included: nobody left to read
+        while out:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            _, ready, _ = select.select([], [fd], [], left)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    del out[: os.write(fd, out)]
 
 
 def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
-    """Run until EOF, ``shutdown`` or SIGTERM/SIGINT. Returns the exit code."""
+    """Run until EOF, ``shutdown`` or SIGTERM/SIGINT. Returns the exit code.
+
+    One ``select`` waits on stdin, stdout (only while replies are pending) and the signal
+    wake-up pipe, so a signal is handled even while the hypervisor is not reading replies.
+    Standard output is non-blocking for the duration (restored on exit): replies are written
+    as soon as they are made and whatever the pipe does not take waits in a buffer.
+    """
     rpipe, wpipe = os.pipe()
     os.set_blocking(wpipe, False)
     os.set_blocking(rpipe, False)
     old_fd = signal.set_wakeup_fd(wpipe, warn_on_full_buffer=False)
     handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
     old = {s: signal.signal(s, lambda *_: None) for s in handled}
+    out_was_blocking = os.get_blocking(out_fd)
+    os.set_blocking(out_fd, False)
     buf = bytearray()
     discarding = False  # inside an over-long line: drop bytes up to its newline
-    out = bytearray()
+    out = bytearray()  # replies not yet taken by the pipe
+    eof = False
+    ended = "shutdown"
     try:
-        while not server.stopping:
+        while True:
+            if out:
+                with contextlib.suppress(BlockingIOError):
+                    del out[: os.write(out_fd, out)]
+            if (eof or server.stopping) and not out:
+                break
+            reading = not eof and not server.stopping and len(out) < MAX_PENDING_OUT
             try:
-                ready, _, _ = select.select([in_fd, rpipe], [], [])
+                ready, _, _ = select.select(
+                    [in_fd, rpipe] if reading else [rpipe], [out_fd] if out else [], []
+                )
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
             if rpipe in ready:
@@ -405,19 +450,22 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                         if server.policy_path:
                             server.reload(server.policy_path)
                     elif signum in (signal.SIGTERM, signal.SIGINT):
+                        # Replies already decided still go out if the hypervisor reads them
+                        # soon; one that stopped reading does not hold the exit up for long.
+                        _drain(out_fd, out, time.monotonic() + SIGNAL_DRAIN_S)
                         server.audit.emit("session.ended", reason=signal.Signals(signum).name)
                         return 0
             if in_fd not in ready:
                 continue
             try:
                 chunk = os.read(in_fd, 1 << 16)
-            except OSError as exc:
-                if exc.errno == errno.EAGAIN:
-                    continue
-                raise
+            except BlockingIOError:
+                continue
             eof = not chunk
-            if eof and buf and not discarding:
-                buf += b"\n"  # a last line without its newline is still a request
+            if eof:
+                ended = "eof"
+                if buf and not discarding:
+                    buf += b"\n"  # a last line without its newline is still a request
             buf += chunk
             start = 0
             while True:
@@ -437,25 +485,26 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                 if server.done():
                     break
             del buf[:start]
-            if len(buf) > MAX_LINE and not discarding:
+            # An unfinished line may hold MAX_LINE bytes and the \r of its \r\n ending.
+            limit = MAX_LINE + 1 if buf.endswith(b"\r") else MAX_LINE
+            if len(buf) > limit and not discarding and not server.stopping:
                 err = WireError("line-too-long", f"line longer than {MAX_LINE} bytes")
                 out += server._wire_error(err, bytes(buf[:200]))
                 buf.clear()
                 discarding = True
             elif discarding:
                 buf.clear()
-            if out:
-                _write_all(out_fd, bytes(out))
-                out.clear()
-            if eof:
-                server.audit.emit("session.ended", reason="eof", requests=server.requests)
-                return 0
-        server.audit.emit("session.ended", reason="shutdown", requests=server.requests)
+        if ended == "eof":
+            server.audit.emit("session.ended", reason="eof", requests=server.requests)
+        else:
+            server.audit.emit("session.ended", reason="shutdown", requests=server.requests)
         return 0
     except BrokenPipeError:
         server.audit.emit("session.ended", "warning", reason="stdout-closed")
         return 0
     finally:
+        with contextlib.suppress(OSError):  # the descriptor may be gone
+            os.set_blocking(out_fd, out_was_blocking)
         signal.set_wakeup_fd(old_fd)
         for s, h in old.items():
             signal.signal(s, h)
