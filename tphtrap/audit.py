@@ -12,12 +12,14 @@ Event names are dotted (``access.decided``, ``device.attached``, ``policy.loaded
 
 from __future__ import annotations
 
-import json
+import logging
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 import structlog
+from structlog.typing import EventDict
 
 from .events import (
     Access,
@@ -26,45 +28,56 @@ from .events import (
     Decision,
     MsixRead,
     MsixWrite,
+    Region,
     Reset,
+    Verdict,
 )
+from .wire import compact_encoder
 
 __all__ = ["Auditor", "access_fields", "decision_fields"]
 
 
 def access_fields(access: Access) -> dict[str, Any]:
     """The audit fields describing one access."""
-    d: dict[str, Any] = {"vm": access.vm, "bdf": access.bdf, "region": access.region.value}
-    if isinstance(access, (ConfigWrite, ConfigRead)):
-        d["op"] = "write" if isinstance(access, ConfigWrite) else "read"
+    kind = type(access)
+    d: dict[str, Any] = {"vm": access.vm, "bdf": access.bdf, "region": _REGIONS[access.region]}
+    if kind is ConfigWrite or kind is ConfigRead:
+        assert isinstance(access, (ConfigWrite, ConfigRead))
+        d["op"] = "write" if kind is ConfigWrite else "read"
         d["offset"] = access.offset
         d["width"] = access.width
         if isinstance(access, ConfigWrite):
             d["guest_value"] = access.value
-    elif isinstance(access, (MsixWrite, MsixRead)):
-        d["op"] = "write" if isinstance(access, MsixWrite) else "read"
+    elif kind is MsixWrite or kind is MsixRead:
+        assert isinstance(access, (MsixWrite, MsixRead))
+        d["op"] = "write" if kind is MsixWrite else "read"
         d["bar"] = access.bar
         d["offset"] = access.offset
         d["width"] = access.width
         if isinstance(access, MsixWrite):
             d["guest_value"] = access.value
-    elif isinstance(access, Reset):
+    elif kind is Reset:
         d["op"] = "reset"
     return d
 
 
+_VERDICTS = {v: v.value for v in Verdict}
+_REGIONS = {r: r.value for r in Region}
+
+
 def decision_fields(decision: Decision) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "verdict": decision.verdict.value,
+        "verdict": _VERDICTS[decision.verdict],
         "reason": decision.reason,
         "reasons": list(decision.reasons),
         "rule": decision.rule,
     }
-    if decision.writes:
-        d["device_writes"] = [w.to_json() for w in decision.writes]
+    writes = decision.writes
+    if writes:
+        d["device_writes"] = [w.to_json() for w in writes]
         # The value the device got for the guest's own access, when it is one write.
-        if len(decision.writes) == 1:
-            d["device_value"] = decision.writes[-1].value
+        if len(writes) == 1:
+            d["device_value"] = writes[0].value
     if decision.read_mask:
         d["guest_view"] = decision.guest_value
         d["read_mask"] = decision.read_mask
@@ -84,11 +97,54 @@ class _LineWriter:
     debug = info = warning = error = msg
 
 
+class _UtcClock:
+    """ISO 8601 UTC timestamps with microseconds, as ``structlog.processors.TimeStamper(
+    fmt="iso", utc=True)`` writes them, formatting the date and time once per second (the
+    decision path emits an event per access: ``datetime.isoformat`` was a visible share)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
+
+
+def _stamp(clock: _UtcClock) -> Callable[[Any, str, EventDict], EventDict]:
+    """The processor adding ``level`` (the method name) and ``timestamp``."""
+    now = clock.now
+
+    def processor(_logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+        event_dict["level"] = method_name
+        event_dict["timestamp"] = now()
+        return event_dict
+
+    return processor
+
+
+def _render(encode: Callable[[Any], str]) -> Callable[[Any, str, EventDict], str]:
+    """The final processor: the event as compact JSON (anything else as ``str``)."""
+
+    def processor(_logger: Any, _method_name: str, event_dict: EventDict) -> str:
+        return encode(event_dict)
+
+    return processor
+
+
 class Auditor:
     """Renders audit events as JSON lines on ``stream`` (stderr or a line-buffered file).
 
     ``include_passes`` also logs accesses that never touch TPH state (``reason == not-tph``);
     they are left out by default to keep the audit trail about TPH.
+
+    The structlog bound logger is built once, with no context and three processors (level and
+    timestamp, JSON rendering with a C encoder made once): an audit event costs a few
+    microseconds on the decision path instead of tens.
     """
 
     def __init__(self, stream: IO[str] | None = None, *, include_passes: bool = False) -> None:
@@ -98,15 +154,13 @@ class Auditor:
             raise ValueError("audit events never go to stdout (the protocol channel)")
         self.stream = stream
         self.include_passes = include_passes
-        self._log = structlog.wrap_logger(
-            _LineWriter(stream),
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                structlog.processors.JSONRenderer(serializer=_dumps),
-            ],
-            cache_logger_on_first_use=False,
-        )
+        self._writer = _LineWriter(stream)
+        self._processors = (_stamp(_UtcClock()), _render(compact_encoder(default=str)))
+        bound = structlog.make_filtering_bound_logger(logging.DEBUG)
+        self._log = bound(self._writer, list(self._processors), {})
+        self._methods: dict[str, Callable[..., Any]] = {
+            level: getattr(self._log, level) for level in ("debug", "info", "warning", "error")
+        }
         self.events = 0
 
     @classmethod
@@ -116,7 +170,7 @@ class Auditor:
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
         self.events += 1
-        getattr(self._log, level)(event, **fields)
+        self._methods[level](event, **fields)
 
     def decided(
         self,
@@ -130,13 +184,20 @@ class Auditor:
         fields.update(decision_fields(decision))
         if extra:
             fields.update(extra)
-        level = "warning" if decision.reason == "internal-error" else "info"
-        self.emit("engine.failed" if level == "warning" else "access.decided", level, **fields)
+        if decision.reason == "internal-error":
+            self.emit("engine.failed", "warning", **fields)
+            return
+        # The per-access event: the bound logger's own processor chain and logger, run here
+        # directly. Going through ``emit`` copies the sixteen fields three times as keyword
+        # arguments (``emit``, the level method, ``_proxy_to_logger``) and once more into the
+        # event dict, about a tenth of a decision's cost in ``serve``.
+        self.events += 1
+        fields["event"] = "access.decided"
+        event: Any = fields
+        for proc in self._processors:
+            event = proc(self._writer, "info", event)
+        self._writer.msg(event)
 
     def close(self) -> None:
         if self.stream not in (sys.stderr, sys.__stderr__):
             self.stream.close()
-
-
-def _dumps(obj: Any, **kw: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)

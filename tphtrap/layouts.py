@@ -16,7 +16,7 @@ Field names follow the PCIe spec, snake_cased, next to the Linux ``pci_regs.h`` 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import construct as cs
@@ -48,17 +48,17 @@ class Field:
     name: str
     shift: int
     width: int
+    #: ``2**width - 1`` and that shifted into place: derived once, the engine's hot path reads
+    #: and replaces fields on every control write.
+    max: int = field(init=False, repr=False, compare=False)
+    mask: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def mask(self) -> int:
-        return ((1 << self.width) - 1) << self.shift
-
-    @property
-    def max(self) -> int:
-        return (1 << self.width) - 1
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max", (1 << self.width) - 1)
+        object.__setattr__(self, "mask", ((1 << self.width) - 1) << self.shift)
 
     def get(self, raw: int) -> int:
-        return (raw >> self.shift) & ((1 << self.width) - 1)
+        return (raw >> self.shift) & self.max
 
     def put(self, raw: int, value: int) -> int:
         """Return ``raw`` with this field replaced by ``value`` (other bits untouched)."""

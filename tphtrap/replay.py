@@ -28,7 +28,7 @@ from typing import IO, Any
 from .device import ConfigSpace, load_device, normalize_bdf, parse_hex_config
 from .engine import AttachRefused, Engine
 from .errors import DeviceError, TphtrapError, TraceError, WireError
-from .events import Access, ConfigRead, ConfigWrite, Decision, MsixRead, MsixWrite
+from .events import Access, ConfigRead, ConfigWrite, Decision, MsixRead, MsixWrite, Verdict
 from .policy import DeviceSettings, Policy
 from .qemu_trace import QemuTraceReader, open_trace
 from .wire import ACCESS_OPS, Request, decision_json, parse_request, to_access
@@ -92,6 +92,9 @@ class ReplaySummary:
             "seconds": round(self.seconds, 3),
             "records_per_second": round(self.records / self.seconds) if self.seconds else None,
         }
+
+
+_VERDICT_NAMES = {v: v.value for v in Verdict}
 
 
 def detect_format(path: str) -> str:
@@ -235,7 +238,7 @@ class Replayer:
         decision = self.engine.handle(access)
         s = self.summary
         s.records += 1
-        s.verdicts[decision.verdict.value] += 1
+        s.verdicts[_VERDICT_NAMES[decision.verdict]] += 1
         s.reasons[decision.reason] += 1
         s.vms[access.vm] += 1
         s.devices[access.bdf] += 1
@@ -255,20 +258,23 @@ class Replayer:
     # --- native traces ---------------------------------------------------------------------
     def native(self, path: str, lines: Iterable[str] | None = None) -> Iterator[Record]:
         source = open_trace(path) if lines is None else lines
+        engine = self.engine
         for lineno, text in enumerate(source, 1):
             if not text.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 req = parse_request(text.rstrip("\r\n"))
             except WireError as exc:
-                self._malformed(where, f"{exc.code}: {exc.message}")
+                self._malformed(f"{path}:{lineno}", f"{exc.code}: {exc.message}")
                 continue
             if req.op in ACCESS_OPS:
                 access = to_access(req)
-                self._auto_attach(access.vm, access.bdf, where)
+                if engine.session(access.vm, access.bdf) is None:
+                    self._auto_attach(access.vm, access.bdf, f"{path}:{lineno}")
                 yield self._decide(path, lineno, access, req.args.get("expect"))
-            elif req.op == "attach":
+                continue
+            where = f"{path}:{lineno}"
+            if req.op == "attach":
                 self._native_attach(req, where)
             elif req.op == "detach":
                 self.engine.detach(req.args["vm"], req.args["bdf"])

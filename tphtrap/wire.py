@@ -466,11 +466,12 @@ def decision_json(d: Decision) -> dict[str, Any]:
     return out
 
 
-def _compact_encoder() -> Callable[[Any], str]:
-    """``json.dumps(obj, separators=(",", ":"), ensure_ascii=True)`` without building an
-    encoder per call: the C encoder, made once (no circular-reference bookkeeping: replies are
-    trees built here). Falls back to a reused :class:`json.JSONEncoder`."""
-    slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+def compact_encoder(default: Callable[[Any], Any] | None = None) -> Callable[[Any], str]:
+    """``json.dumps(obj, separators=(",", ":"), ensure_ascii=True, default=default)`` without
+    building an encoder per call: the C encoder, made once (no circular-reference bookkeeping:
+    replies and audit events are trees built here). Falls back to a reused
+    :class:`json.JSONEncoder`."""
+    slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=default)
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is not None:
         try:
@@ -497,7 +498,7 @@ def _compact_encoder() -> Callable[[Any], str]:
     return slow.encode
 
 
-_ENCODE = _compact_encoder()
+_ENCODE = compact_encoder()
 
 
 def encode(obj: Mapping[str, Any]) -> bytes:
