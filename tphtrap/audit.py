@@ -156,8 +156,12 @@ class Auditor:
         self.include_passes = include_passes
         self._writer = _LineWriter(stream)
         self._processors = (_stamp(_UtcClock()), _render(compact_encoder(default=str)))
-        bound = structlog.make_filtering_bound_logger(logging.DEBUG)
-        self._log = bound(self._writer, list(self._processors), {})
+        self._log = structlog.wrap_logger(
+            self._writer,
+            processors=list(self._processors),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+            cache_logger_on_first_use=True,
+        )
         self._methods: dict[str, Callable[..., Any]] = {
             level: getattr(self._log, level) for level in ("debug", "info", "warning", "error")
         }
