@@ -1,10 +1,11 @@
 """The floor for a plugin of tphtrap's shape: a child speaking the same framing, doing nothing.
 
 It runs the I/O loop of ``tphtrap.serve.serve_forever`` without the plugin: ``select`` on
-standard input and on a second pipe (serve's signal wake-up pipe, never written here), then one
-``os.read`` of up to 64 KiB, split into lines at ``\\n`` (a trailing ``\\r`` and blank lines
-dropped), one reply line per request, and every reply of that read written with ``os.write``
-before it waits for more input. EOF ends it.
+standard input, on a second pipe (serve's signal wake-up pipe, never written here) and, while
+replies wait, on standard output; then one ``os.read`` of up to 64 KiB, split into lines at
+``\\n`` (a trailing ``\\r`` and blank lines dropped), one reply line per request, and the
+replies of that read written at once with ``os.write`` on the non-blocking standard output
+(what the pipe does not take waits for the next ``select``). EOF ends it.
 
 Two modes, given as the only argument:
 
@@ -22,6 +23,7 @@ from tphtrap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -52,21 +54,25 @@ def reply_bytes(line: bytes) -> bytes:
     return line + b"\n"
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def serve(reply: Callable[[bytes], bytes], in_fd: int = 0, out_fd: int = 1) -> int:
+    """The shape of ``tphtrap.serve.serve_forever``: one select on stdin, the signal pipe and
+    (while replies wait) stdout; non-blocking stdout, replies written as soon as they exist."""
     rpipe, wpipe = os.pipe()
     os.set_blocking(rpipe, False)
+    os.set_blocking(out_fd, False)
     buf = bytearray()
     out = bytearray()
+    eof = False
     try:
         while True:
-            ready, _, _ = select.select([in_fd, rpipe], [], [])
+            if out:
+                with contextlib.suppress(BlockingIOError):
+                    del out[: os.write(out_fd, out)]
+            if eof and not out:
+                return 0
+            ready, _, _ = select.select(
+                [rpipe] if eof else [in_fd, rpipe], [out_fd] if out else [], []
+            )
             if in_fd not in ready:
                 continue
             chunk = os.read(in_fd, 1 << 16)
@@ -87,14 +93,10 @@ def serve(reply: Callable[[bytes], bytes], in_fd: int = 0, out_fd: int = 1) -> i
                     continue
                 out += reply(line)
             del buf[:start]
-            if out:
-                _write_all(out_fd, bytes(out))
-                out.clear()
-            if eof:
-                return 0
     except BrokenPipeError:
         return 0
     finally:
+        os.set_blocking(out_fd, True)
         os.close(rpipe)
         os.close(wpipe)
 

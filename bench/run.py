@@ -617,9 +617,10 @@ def report(
     )
     w(
         "- **echo-json** (`bench/echo_child.py json`), the floor the goals use: the same I/O "
-        "loop as `serve_forever` (`select` on stdin and a second pipe, one `os.read` of up to "
-        "64 KiB, split at newlines, replies of that read written with `os.write` before "
-        "waiting again), and per line `json.loads` of the request and a reused compact "
+        "loop as `serve_forever` (`select` on stdin, a second pipe and, while replies wait, "
+        "stdout; one `os.read` of up to 64 KiB, split at newlines, replies of that read "
+        "written at once with `os.write` on the non-blocking stdout), and per line "
+        "`json.loads` of the request and a reused compact "
         '`json.JSONEncoder` encoding `{"id": <id>, "ok": true, "decision": {...}}` with a '
         "fixed decision, the one serve gives a granted control write: a reply of the same "
         "size and shape. Any JSON-lines plugin of this shape decodes a request and encodes a "

@@ -28,6 +28,7 @@ __all__ = [
     "DEVICES",
     "ERROR_CODES",
     "LIMIT",
+    "PARSE_ERROR_CODES",
     "POLICY",
     "POLICY_PATH",
     "REPO",
@@ -55,8 +56,8 @@ ATTACHED = (
 #: Seconds one input may take in any target (parsing, loading, deciding).
 LIMIT = 2.0
 
-#: Every error code of docs/protocol.md section 6.
-ERROR_CODES = frozenset(
+#: The error codes ``wire.parse_request`` itself raises (the line, before any state).
+PARSE_ERROR_CODES = frozenset(
     {
         "bad-json",
         "bad-utf8",
@@ -67,6 +68,12 @@ ERROR_CODES = frozenset(
         "out-of-range",
         "unknown-op",
         "unknown-field",
+    }
+)
+
+#: Every error code of docs/protocol.md section 6.
+ERROR_CODES = PARSE_ERROR_CODES | frozenset(
+    {
         "handshake-required",
         "unsupported-version",
         "unknown-vm",

@@ -27,6 +27,7 @@ import yaml
 from fuzzlib import (
     ATTACHED,
     DEVICES,
+    PARSE_ERROR_CODES,
     POLICY,
     POLICY_PATH,
     REPO,
@@ -394,17 +395,7 @@ def parse_checked(line: bytes | str) -> Request | None:
         try:
             req = parse_request(line)
         except WireError as exc:
-            assert exc.code in {
-                "bad-json",
-                "bad-utf8",
-                "line-too-long",
-                "not-an-object",
-                "missing-field",
-                "bad-type",
-                "out-of-range",
-                "unknown-op",
-                "unknown-field",
-            }, exc.code
+            assert exc.code in PARSE_ERROR_CODES, exc.code
             assert exc.request_id is None or exc.code not in ("bad-json", "bad-utf8")
             return None
     check_request(req)

@@ -361,14 +361,7 @@ def _fast_cfg(obj: dict[str, Any], op: str) -> Request | None:
         return None
     rid, vm, bdf = head
     args: dict[str, Any] = {"vm": vm, "bdf": bdf, "offset": offset, "width": width}
-    if op == "cfg_write":
-        value = obj.get("value")
-        if type(value) is not int or value < 0 or value >> (8 * width):
-            return None
-        args["value"] = value
-    if "expect" in obj:
-        args["expect"] = obj["expect"]
-    return Request(rid, op, args)
+    return _fast_finish(obj, op, rid, args, width)
 
 
 def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
@@ -389,7 +382,17 @@ def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
         return None
     rid, vm, bdf = head
     args: dict[str, Any] = {"vm": vm, "bdf": bdf, "bar": bar, "offset": offset, "width": width}
-    if op == "msix_write":
+    return _fast_finish(obj, op, rid, args, width)
+
+
+_WRITE_OPS = frozenset({"cfg_write", "msix_write"})
+
+
+def _fast_finish(
+    obj: dict[str, Any], op: str, rid: int | str, args: dict[str, Any], width: int
+) -> Request | None:
+    """The value of a write (unsigned, within ``width`` bytes) and the optional ``expect``."""
+    if op in _WRITE_OPS:
         value = obj.get("value")
         if type(value) is not int or value < 0 or value >> (8 * width):
             return None
