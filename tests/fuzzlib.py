@@ -39,6 +39,7 @@ __all__ = [
     "check_reply",
     "frame",
     "fresh_server",
+    "serve_lines",
     "time_limit",
     "to_json",
 ]
@@ -226,3 +227,14 @@ def check_audit(stream: io.StringIO) -> list[dict[str, Any]]:
         assert isinstance(ev, dict) and isinstance(ev.get("event"), str), line[:200]
         events.append(ev)
     return events
+
+
+def serve_lines(lines: list[bytes]) -> None:
+    """Every line through a fresh server, in order: each gets one well-formed reply in time
+    (:func:`check_reply`), and the audit stream holds whole events only."""
+    server, audit = fresh_server()
+    for line in lines:
+        with time_limit():
+            reply = server.handle_line(line)
+        check_reply(line, reply)
+    check_audit(audit)

@@ -36,6 +36,7 @@ from fuzzlib import (
     check_audit,
     check_reply,
     fresh_server,
+    serve_lines,
     time_limit,
     to_json,
 )
@@ -558,12 +559,7 @@ lines_for_server: SearchStrategy[bytes] = st.one_of(
 @given(st.lists(lines_for_server, min_size=1, max_size=10))
 def test_server_answers_every_line(lines: list[bytes]) -> None:
     """One line of JSON per line, with ``id`` and ``ok``; every error drops the access."""
-    server, audit = fresh_server()
-    for line in lines:
-        with time_limit():
-            reply = server.handle_line(line)
-        check_reply(line, reply)
-    check_audit(audit)
+    serve_lines(lines)
 
 
 @fuzz(150, 6_000)

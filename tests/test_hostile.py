@@ -23,6 +23,7 @@ from fuzzlib import (
     check_reply,
     frame,
     fresh_server,
+    serve_lines,
     time_limit,
 )
 
@@ -77,12 +78,7 @@ def test_wire(path: Path) -> None:
             except WireError as exc:
                 codes.append(exc.code)
     assert codes == expected(path)["codes"]
-    server, audit = fresh_server()
-    for line in lines:
-        with time_limit():
-            reply = server.handle_line(line)
-        check_reply(line, reply)
-    check_audit(audit)
+    serve_lines(lines)
 
 
 def test_wire_corpus_through_serve() -> None:
