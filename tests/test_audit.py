@@ -9,11 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tphtrap.audit import Auditor
 from tphtrap.device import load_device
 from tphtrap.engine import Engine
-from tphtrap.events import ConfigRead, ConfigWrite, MsixWrite, Reset
+from tphtrap.events import (
+    Access,
+    ConfigRead,
+    ConfigWrite,
+    Decision,
+    DeviceWrite,
+    MsixRead,
+    MsixWrite,
+    Reset,
+    Verdict,
+)
 from tphtrap.policyfile import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +128,58 @@ def test_audit_file_is_line_buffered_and_appends(tmp_path: Path) -> None:
     assert json.loads(lines[0]) == {"event": "earlier"}
     assert json.loads(lines[1])["event"] == "policy.loaded"
     auditor.close()
+
+
+# --- the access.decided line, written directly ----------------------------------------------
+TEXT = st.text(max_size=10)
+INTS = st.integers(min_value=0, max_value=2**64 - 1)
+ACCESSES = st.one_of(
+    st.builds(ConfigWrite, TEXT, TEXT, INTS, st.sampled_from([1, 2, 4]), INTS),
+    st.builds(ConfigRead, TEXT, TEXT, INTS, st.sampled_from([1, 2, 4])),
+    st.builds(MsixWrite, TEXT, TEXT, st.integers(0, 5), INTS, st.sampled_from([4, 8]), INTS),
+    st.builds(MsixRead, TEXT, TEXT, st.integers(0, 5), INTS, st.sampled_from([4, 8])),
+    st.builds(Reset, TEXT, TEXT),
+)
+WRITES = st.builds(
+    DeviceWrite,
+    space=st.sampled_from(["config", "bar"]),
+    offset=INTS,
+    width=st.sampled_from([1, 2, 4, 8]),
+    value=INTS,
+    bar=st.none() | st.integers(0, 5),
+)
+REASONS = st.sampled_from(["tag-allowed", "foreign-tag", "not-tph", "internal-error"]) | TEXT
+DECISIONS = st.builds(
+    Decision,
+    verdict=st.sampled_from(list(Verdict)),
+    reason=REASONS,
+    detail=TEXT,
+    writes=st.lists(WRITES, max_size=3).map(tuple),
+    guest_value=st.none() | INTS,
+    read_mask=st.sampled_from([0, 0xFF, 0xFFFF_FFFF]),
+    reasons=st.lists(REASONS, max_size=3).map(tuple),
+    rule=st.none() | TEXT,
+)
+EXTRAS = st.none() | st.fixed_dictionaries(
+    {"id": st.integers(-(2**63), 2**64 - 1) | st.text(min_size=1, max_size=8)}
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(access=ACCESSES, decision=DECISIONS, extra=EXTRAS, passes=st.booleans())
+def test_fast_line_is_the_processor_chain_line(
+    monkeypatch: pytest.MonkeyPatch,
+    access: Access,
+    decision: Decision,
+    extra: dict[str, Any] | None,
+    passes: bool,
+) -> None:
+    """``decided`` writes the per-access line itself; ``decided_slow`` builds the field
+    dictionaries and runs structlog's processor chain. Same bytes, every time."""
+    monkeypatch.setattr("tphtrap.audit._UtcClock.now", lambda self: "2026-11-29T00:00:00.000001Z")
+    fast, slow = io.StringIO(), io.StringIO()
+    a, b = Auditor(fast, include_passes=passes), Auditor(slow, include_passes=passes)
+    a.decided(access, decision, extra)
+    b.decided_slow(access, decision, extra)
+    assert fast.getvalue() == slow.getvalue()
+    assert a.events == b.events

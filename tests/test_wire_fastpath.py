@@ -2,8 +2,9 @@
 
 ``parse_request`` decodes a line without ``JSONDecoder.decode``'s whitespace handling when it
 can, and validates the common access requests without the generic validators; ``encode`` uses
-the C encoder directly. Each must be indistinguishable from the plain implementation: same
-Request (fields in the same order), same error code, message, field and id, same bytes.
+the C encoder directly; ``access_reply`` writes the per-access reply from pieces. Each must be
+indistinguishable from the plain implementation: same Request (fields in the same order), same
+error code, message, field and id, same bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from tphtrap import wire
 from tphtrap.errors import WireError
+from tphtrap.events import Decision, DeviceWrite, Verdict
 
 FIELDS = ["id", "op", "vm", "bdf", "offset", "width", "value", "bar", "expect", "config", "x"]
 VALUES: list[Any] = [
@@ -194,3 +196,40 @@ def test_encode_matches_json_dumps() -> None:
     ]:
         want = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
         assert wire.encode(obj) == want
+
+
+# --- the access reply, written directly -------------------------------------------------------
+TEXT = st.text(max_size=12)  # any code point: escaping must match json's
+INTS = st.integers(min_value=0, max_value=2**64 - 1)
+WRITES = st.builds(
+    DeviceWrite,
+    space=st.sampled_from(["config", "bar"]),
+    offset=INTS,
+    width=st.sampled_from([1, 2, 4, 8]),
+    value=INTS,
+    bar=st.none() | st.integers(min_value=0, max_value=5),
+)
+REASONS = st.sampled_from(
+    ["not-tph", "tag-allowed", "foreign-tag", 'x\u00e9"\\', "entries-corrected"]
+)
+DECISIONS = st.builds(
+    Decision,
+    verdict=st.sampled_from(list(Verdict)),
+    reason=REASONS | TEXT,
+    detail=TEXT,
+    writes=st.lists(WRITES, max_size=4).map(tuple),
+    guest_value=st.none() | INTS,
+    read_mask=st.sampled_from([0, 0xFF, 0xFFFF, 0xFFFF_0000, 0xFFFF_FFFF]),
+    reasons=st.lists(REASONS | TEXT, max_size=3).map(tuple),
+    rule=st.none() | st.just("") | TEXT,
+)
+IDS = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(min_size=1, max_size=20)
+
+
+@settings(max_examples=400)
+@given(IDS, DECISIONS)
+def test_access_reply_is_the_generic_reply(rid: int | str, d: Decision) -> None:
+    assert wire.access_reply(rid, d) == wire.reply(rid, decision=wire.decision_json(d))
+    assert wire.decision_text(d) == json.dumps(
+        wire.decision_json(d), separators=(",", ":"), ensure_ascii=True
+    )

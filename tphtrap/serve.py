@@ -33,6 +33,7 @@ from .wire import (
     MAX_LINE,
     PROTOCOL_VERSIONS,
     Request,
+    access_reply,
     decision_json,
     encode,
     error_reply,
@@ -187,13 +188,14 @@ class Server:
         decision = self.engine.handle(access)
         self._count(decision)
         self.audit.decided(access, decision, {"id": req.id})
-        as_json = decision_json(decision)
         if self.recorder is not None:
-            self._record(req, as_json)
+            self._record(req, decision_json(decision))
         if decision.reason in ("unknown-vm", "unknown-device"):
             field = "vm" if decision.reason == "unknown-vm" else "bdf"
-            return error_reply(req.id, decision.reason, decision.detail, field, decision=as_json)
-        return reply(req.id, decision=as_json)
+            return error_reply(
+                req.id, decision.reason, decision.detail, field, decision=decision_json(decision)
+            )
+        return access_reply(req.id, decision)
 
     def _count(self, decision: Decision) -> None:
         self.verdicts[_VERDICT_NAMES[decision.verdict]] += 1

@@ -20,6 +20,7 @@ from .events import (
     ConfigRead,
     ConfigWrite,
     Decision,
+    DeviceWrite,
     MsixRead,
     MsixWrite,
     Reset,
@@ -31,7 +32,9 @@ __all__ = [
     "OPS",
     "PROTOCOL_VERSIONS",
     "Request",
+    "access_reply",
     "decision_json",
+    "decision_text",
     "encode",
     "error_reply",
     "parse_request",
@@ -506,6 +509,71 @@ _ENCODE = compact_encoder()
 
 def encode(obj: Mapping[str, Any]) -> bytes:
     return _ENCODE(obj).encode() + b"\n"
+
+
+# --- the access reply, written directly --------------------------------------------------
+# An access reply is the hot path of ``serve``: encoding it from decision_json through the
+# JSON encoder cost as much as the engine's decision. These functions write the same bytes
+# (tests/test_wire_fastpath.py checks them against encode(decision_json(...)) for generated
+# decisions) from pieces: the parts of a decision that repeat (verdict, reasons, detail, rule)
+# are encoded once and kept, numbers are written with str() as json does for ints.
+_ESC: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_CACHE_MAX = 4096
+_HEADS: dict[tuple[Verdict, str, tuple[str, ...], str], str] = {}
+_RULES: dict[str | None, str] = {None: ""}
+_SPACES = {"config": '"config"', "bar": '"bar"'}
+
+
+def _bounded(cache: dict[Any, str], key: Any, value: str) -> str:
+    if len(cache) < _CACHE_MAX:
+        cache[key] = value
+    return value
+
+
+def write_text(w: DeviceWrite) -> str:
+    """``encode(w.to_json())`` without its newline."""
+    space = _SPACES.get(w.space) or _ESC(w.space)
+    bar = "" if w.bar is None else f',"bar":{int(w.bar)}'
+    return (
+        f'{{"space":{space}{bar},"offset":{int(w.offset)},"width":{int(w.width)},'
+        f'"value":{int(w.value)}}}'
+    )
+
+
+def decision_text(d: Decision) -> str:
+    """``encode(decision_json(d))`` without its newline."""
+    key = (d.verdict, d.reason, d.reasons, d.detail)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _bounded(
+            _HEADS,
+            key,
+            f'{{"verdict":{_ESC(_VERDICTS[d.verdict])},"reason":{_ESC(d.reason)},'
+            f'"reasons":[{",".join(_ESC(r) for r in d.reasons)}],"detail":{_ESC(d.detail)}',
+        )
+    writes = ",".join([write_text(w) for w in d.writes])
+    view = ""
+    if d.read_mask:
+        gv = "null" if d.guest_value is None else str(int(d.guest_value))
+        view = f',"guest_value":{gv},"read_mask":{int(d.read_mask)}'
+    rule = _RULES.get(d.rule)
+    if rule is None:
+        rule = _bounded(_RULES, d.rule, f',"rule":{_ESC(d.rule)}' if d.rule else "")
+    return f'{head},"writes":[{writes}]{view}{rule}}}'
+
+
+def id_text(rid: int | str | None) -> str:
+    """A request id as JSON."""
+    if rid is None:
+        return "null"
+    if isinstance(rid, str):
+        return _ESC(rid)
+    return str(int(rid))
+
+
+def access_reply(rid: int | str | None, d: Decision) -> bytes:
+    """``reply(rid, decision=decision_json(d))``, written directly (the per-access reply)."""
+    return f'{{"id":{id_text(rid)},"ok":true,"decision":{decision_text(d)}}}\n'.encode()
 
 
 def reply(rid: int | str | None, **fields: Any) -> bytes:
