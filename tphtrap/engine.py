@@ -82,6 +82,11 @@ _VC_ST_MASK = _VC_ST.mask
 _VC_ST_SHIFT = _VC_ST.shift
 _ST_BYTE = PCI_MSIX_ENTRY_VECTOR_CTRL + _VC_ST_SHIFT // 8  # first ST byte of an entry
 _CONFIG_WIDTHS = (1, 2, 4)
+# Requester Enable -> the width of the tags the device emits (none when disabled or reserved)
+_WIDTH_OF_ENABLE: dict[int, TagWidth] = {
+    ReqEnable.TPH: TagWidth.ST8,
+    ReqEnable.EXT_TPH: TagWidth.ST16,
+}
 _BAR_WIDTHS = (1, 2, 4, 8)
 
 # Reason codes that describe an access that went through as the guest asked.
@@ -244,6 +249,9 @@ class Session:
         self._cfg_map: list[_Reg] = []
         for reg in regs:
             self._cfg_map.extend([reg] * reg.size)
+        # start offset -> the control register or ST entry there: an access that is exactly one
+        # of them (what drivers issue) skips the general byte-wise assembly in ``write``.
+        self._exact_cfg: dict[int, _Reg] = {r.start: r for r in regs if r.kind >= _CTRL}
         self._vc_regs = [
             _Reg(
                 _VC,
@@ -253,6 +261,7 @@ class Session:
             )
             for i in range(self.n_entries if self.msix_st else 0)
         ]
+        self._exact_vc: dict[int, _Reg] = {r.start: r for r in self._vc_regs}
         # --- state ---
         snap_ctrl = tph.ctrl_raw if tph else 0
         self.snap_ctrl = snap_ctrl
@@ -356,7 +365,7 @@ class Session:
         """Entry ``i`` now holds ``guest_tag`` in the guest's view: what the device gets."""
         self.guest_st[i] = guest_tag
         old = self.dev_st[i]
-        width = self._width_for_tags()
+        width = _WIDTH_OF_ENABLE.get((self.dev_ctrl >> _REQ.shift) & _REQ.max) or self.prospective
         host, code = self.resolve_tag(guest_tag, width)
         if host is None and self.rules.on_violation is OnViolation.REWRITE:
             host = self.rules.fallback[width]  # None: no allowed fallback, drop (fail closed)
@@ -786,6 +795,11 @@ class Engine:
             return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
 
     def _dispatch(self, sess: Session, access: Access) -> Decision:
+        kind = type(access)  # the common cases first, without isinstance
+        if kind is ConfigWrite:
+            return self._config_write(sess, access)  # type: ignore[arg-type]
+        if kind is MsixWrite:
+            return self._msix_write(sess, access)  # type: ignore[arg-type]
         if isinstance(access, ConfigWrite):
             return self._config_write(sess, access)
         if isinstance(access, MsixWrite):
@@ -814,6 +828,16 @@ class Engine:
             return self._decision(sess, _DROP, ["bad-access"])
         if not sess.has_tph or off + width <= sess.tph_start or off >= sess.tph_end:
             return self._pass(sess, DeviceWrite("config", off, width, a.value))
+        reg = sess._exact_cfg.get(off)
+        if reg is not None and reg.size == width:
+            # Exactly the control register or one ST entry: what ``write`` and ``_written``
+            # would do for it, without their general assembly.
+            verdict, writes, reasons = sess._write_register("config", reg, a.value, None)
+            if reg.kind == _CTRL:
+                mask, patch = 0xFFFFFFFF, sess.guest_ctrl
+            else:
+                mask, patch = 0xFFFF, sess.guest_st[reg.index]
+            return self._decision(sess, verdict, reasons, writes, guest_value=patch, read_mask=mask)
         regs = sess.cfg_regs(off, off + width)
         verdict, writes, reasons = sess.write("config", off, width, a.value, regs, None)
         return self._written(sess, verdict, writes, reasons, off, width, regs, config=True)
@@ -829,6 +853,14 @@ class Engine:
             or off >= sess.msix_end
         ):
             return self._pass(sess, DeviceWrite("bar", off, width, a.value, a.bar))
+        reg = sess._exact_vc.get(off)
+        if reg is not None and width == reg.size:
+            # Exactly one Vector Control register (see _config_write).
+            verdict, writes, reasons = sess._write_register("bar", reg, a.value, a.bar)
+            patch = sess.guest_st[reg.index] << _VC_ST_SHIFT
+            return self._decision(
+                sess, verdict, reasons, writes, guest_value=patch, read_mask=_VC_ST_MASK
+            )
         regs = sess.msix_regs(off, off + width)
         if not regs:
             return self._pass(sess, DeviceWrite("bar", off, width, a.value, a.bar))
