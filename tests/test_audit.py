@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import ACCESSES, DECISIONS
 
 from tphtrap.audit import Auditor
 from tphtrap.device import load_device
@@ -20,11 +21,8 @@ from tphtrap.events import (
     ConfigRead,
     ConfigWrite,
     Decision,
-    DeviceWrite,
-    MsixRead,
     MsixWrite,
     Reset,
-    Verdict,
 )
 from tphtrap.policyfile import load_policy
 
@@ -131,35 +129,6 @@ def test_audit_file_is_line_buffered_and_appends(tmp_path: Path) -> None:
 
 
 # --- the access.decided line, written directly ----------------------------------------------
-TEXT = st.text(max_size=10)
-INTS = st.integers(min_value=0, max_value=2**64 - 1)
-ACCESSES = st.one_of(
-    st.builds(ConfigWrite, TEXT, TEXT, INTS, st.sampled_from([1, 2, 4]), INTS),
-    st.builds(ConfigRead, TEXT, TEXT, INTS, st.sampled_from([1, 2, 4])),
-    st.builds(MsixWrite, TEXT, TEXT, st.integers(0, 5), INTS, st.sampled_from([4, 8]), INTS),
-    st.builds(MsixRead, TEXT, TEXT, st.integers(0, 5), INTS, st.sampled_from([4, 8])),
-    st.builds(Reset, TEXT, TEXT),
-)
-WRITES = st.builds(
-    DeviceWrite,
-    space=st.sampled_from(["config", "bar"]),
-    offset=INTS,
-    width=st.sampled_from([1, 2, 4, 8]),
-    value=INTS,
-    bar=st.none() | st.integers(0, 5),
-)
-REASONS = st.sampled_from(["tag-allowed", "foreign-tag", "not-tph", "internal-error"]) | TEXT
-DECISIONS = st.builds(
-    Decision,
-    verdict=st.sampled_from(list(Verdict)),
-    reason=REASONS,
-    detail=TEXT,
-    writes=st.lists(WRITES, max_size=3).map(tuple),
-    guest_value=st.none() | INTS,
-    read_mask=st.sampled_from([0, 0xFF, 0xFFFF_FFFF]),
-    reasons=st.lists(REASONS, max_size=3).map(tuple),
-    rule=st.none() | TEXT,
-)
 EXTRAS = st.none() | st.fixed_dictionaries(
     {"id": st.integers(-(2**63), 2**64 - 1) | st.text(min_size=1, max_size=8)}
 )

@@ -14,10 +14,11 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import DECISIONS, IDS
 
 from tphtrap import wire
 from tphtrap.errors import WireError
-from tphtrap.events import Decision, DeviceWrite, Verdict
+from tphtrap.events import Decision
 
 FIELDS = ["id", "op", "vm", "bdf", "offset", "width", "value", "bar", "expect", "config", "x"]
 VALUES: list[Any] = [
@@ -199,31 +200,7 @@ def test_encode_matches_json_dumps() -> None:
 
 
 # --- the access reply, written directly -------------------------------------------------------
-TEXT = st.text(max_size=12)  # any code point: escaping must match json's
-INTS = st.integers(min_value=0, max_value=2**64 - 1)
-WRITES = st.builds(
-    DeviceWrite,
-    space=st.sampled_from(["config", "bar"]),
-    offset=INTS,
-    width=st.sampled_from([1, 2, 4, 8]),
-    value=INTS,
-    bar=st.none() | st.integers(min_value=0, max_value=5),
-)
-REASONS = st.sampled_from(
-    ["not-tph", "tag-allowed", "foreign-tag", 'x\u00e9"\\', "entries-corrected"]
-)
-DECISIONS = st.builds(
-    Decision,
-    verdict=st.sampled_from(list(Verdict)),
-    reason=REASONS | TEXT,
-    detail=TEXT,
-    writes=st.lists(WRITES, max_size=4).map(tuple),
-    guest_value=st.none() | INTS,
-    read_mask=st.sampled_from([0, 0xFF, 0xFFFF, 0xFFFF_0000, 0xFFFF_FFFF]),
-    reasons=st.lists(REASONS | TEXT, max_size=3).map(tuple),
-    rule=st.none() | st.just("") | TEXT,
-)
-IDS = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(min_size=1, max_size=20)
+# (strategies: tests/strategies.py)
 
 
 @settings(max_examples=400)
