@@ -24,13 +24,14 @@ import structlog
 from structlog.typing import EventDict
 
 from .events import (
+    REGION_NAMES,
+    VERDICT_NAMES,
     Access,
     ConfigRead,
     ConfigWrite,
     Decision,
     MsixRead,
     MsixWrite,
-    Region,
     Reset,
     Verdict,
 )
@@ -42,7 +43,7 @@ __all__ = ["Auditor", "access_fields", "decision_fields"]
 def access_fields(access: Access) -> dict[str, Any]:
     """The audit fields describing one access."""
     kind = type(access)
-    d: dict[str, Any] = {"vm": access.vm, "bdf": access.bdf, "region": _REGIONS[access.region]}
+    d: dict[str, Any] = {"vm": access.vm, "bdf": access.bdf, "region": REGION_NAMES[access.region]}
     if kind is ConfigWrite or kind is ConfigRead:
         assert isinstance(access, (ConfigWrite, ConfigRead))
         d["op"] = "write" if kind is ConfigWrite else "read"
@@ -63,14 +64,12 @@ def access_fields(access: Access) -> dict[str, Any]:
     return d
 
 
-_VERDICTS = {v: v.value for v in Verdict}
-_REGIONS = {r: r.value for r in Region}
 _ESC: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def decision_fields(decision: Decision) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "verdict": _VERDICTS[decision.verdict],
+        "verdict": VERDICT_NAMES[decision.verdict],
         "reason": decision.reason,
         "reasons": list(decision.reasons),
         "rule": decision.rule,
@@ -201,7 +200,9 @@ class _DecidedLine:
                 f'"width":{int(access.width)}'
             )
         else:
-            what = f"{_ESC(_REGIONS[access.region])}" + (',"op":"reset"' if kind is Reset else "")
+            what = f"{_ESC(REGION_NAMES[access.region])}" + (
+                ',"op":"reset"' if kind is Reset else ""
+            )
         dkey = (decision.verdict, decision.reason, decision.reasons, decision.rule)
         why = self._why.get(dkey)
         if why is None:
@@ -209,7 +210,7 @@ class _DecidedLine:
             why = _keep(
                 self._why,
                 dkey,
-                f',"verdict":{_ESC(_VERDICTS[decision.verdict])},"reason":'
+                f',"verdict":{_ESC(VERDICT_NAMES[decision.verdict])},"reason":'
                 f'{_ESC(decision.reason)},"reasons":['
                 f'{",".join(_ESC(r) for r in decision.reasons)}],"rule":{rule}',
             )

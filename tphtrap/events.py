@@ -16,6 +16,8 @@ from enum import StrEnum
 from typing import Literal
 
 __all__ = [
+    "REGION_NAMES",
+    "VERDICT_NAMES",
     "Access",
     "ConfigRead",
     "ConfigWrite",
@@ -39,6 +41,12 @@ class Region(StrEnum):
     CONFIG = "config"
     MSIX = "msix"  # a BAR access (the MSI-X table lives in a memory BAR)
     DEVICE = "device"  # reset, attach, detach: the whole function
+
+
+# Member -> its string, for the per-access paths: an enum's ``.value`` is a descriptor call,
+# a dict lookup is not.
+VERDICT_NAMES: dict[Verdict, str] = {v: v.value for v in Verdict}
+REGION_NAMES: dict[Region, str] = {r: r.value for r in Region}
 
 
 @dataclass(slots=True)

@@ -28,7 +28,15 @@ from typing import IO, Any
 from .device import ConfigSpace, load_device, normalize_bdf, parse_hex_config
 from .engine import AttachRefused, Engine
 from .errors import DeviceError, TphtrapError, TraceError, WireError
-from .events import Access, ConfigRead, ConfigWrite, Decision, MsixRead, MsixWrite, Verdict
+from .events import (
+    VERDICT_NAMES,
+    Access,
+    ConfigRead,
+    ConfigWrite,
+    Decision,
+    MsixRead,
+    MsixWrite,
+)
 from .policy import DeviceSettings, Policy
 from .qemu_trace import QemuTraceReader, open_trace
 from .wire import ACCESS_OPS, Request, decision_json, parse_request, to_access
@@ -92,9 +100,6 @@ class ReplaySummary:
             "seconds": round(self.seconds, 3),
             "records_per_second": round(self.records / self.seconds) if self.seconds else None,
         }
-
-
-_VERDICT_NAMES = {v: v.value for v in Verdict}
 
 
 def detect_format(path: str) -> str:
@@ -238,7 +243,7 @@ class Replayer:
         decision = self.engine.handle(access)
         s = self.summary
         s.records += 1
-        s.verdicts[_VERDICT_NAMES[decision.verdict]] += 1
+        s.verdicts[VERDICT_NAMES[decision.verdict]] += 1
         s.reasons[decision.reason] += 1
         s.vms[access.vm] += 1
         s.devices[access.bdf] += 1

@@ -26,7 +26,7 @@ from .audit import Auditor
 from .device import ConfigSpace, load_device, parse_hex_config
 from .engine import AttachRefused, Engine, describe_reason
 from .errors import DeviceError, PolicyError, Problem, TphtrapError, WireError
-from .events import Decision, Verdict
+from .events import VERDICT_NAMES, Decision
 from .policy import Policy
 from .wire import (
     ACCESS_OPS,
@@ -198,7 +198,7 @@ class Server:
         return access_reply(req.id, decision)
 
     def _count(self, decision: Decision) -> None:
-        self.verdicts[_VERDICT_NAMES[decision.verdict]] += 1
+        self.verdicts[VERDICT_NAMES[decision.verdict]] += 1
         self.reasons[decision.reason] += 1
 
     def _record(self, req: Request, expect: dict[str, Any]) -> None:
@@ -387,9 +387,6 @@ def _device_summary(cfg: ConfigSpace, untrappable: str | None) -> dict[str, Any]
             "offset": msix.table_offset,
         }
     return out
-
-
-_VERDICT_NAMES = {v: v.value for v in Verdict}
 
 
 # --- the I/O loop -----------------------------------------------------------------------

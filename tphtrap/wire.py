@@ -16,6 +16,7 @@ from typing import Any
 from .device import normalize_bdf
 from .errors import WireError
 from .events import (
+    VERDICT_NAMES,
     Access,
     ConfigRead,
     ConfigWrite,
@@ -453,12 +454,9 @@ def to_access(req: Request) -> Access:
 ACCESS_OPS = frozenset({"cfg_write", "cfg_read", "msix_write", "msix_read", "reset"})
 
 
-_VERDICTS = {v: v.value for v in Verdict}
-
-
 def decision_json(d: Decision) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "verdict": _VERDICTS[d.verdict],
+        "verdict": VERDICT_NAMES[d.verdict],
         "reason": d.reason,
         "reasons": list(d.reasons),
         "detail": d.detail,
@@ -548,7 +546,7 @@ def decision_text(d: Decision) -> str:
         head = _bounded(
             _HEADS,
             key,
-            f'{{"verdict":{_ESC(_VERDICTS[d.verdict])},"reason":{_ESC(d.reason)},'
+            f'{{"verdict":{_ESC(VERDICT_NAMES[d.verdict])},"reason":{_ESC(d.reason)},'
             f'"reasons":[{",".join(_ESC(r) for r in d.reasons)}],"detail":{_ESC(d.detail)}',
         )
     writes = ",".join([write_text(w) for w in d.writes])
