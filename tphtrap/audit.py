@@ -12,7 +12,6 @@ Event names are dotted (``access.decided``, ``device.attached``, ``policy.loaded
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -35,7 +34,7 @@ from .events import (
     Reset,
     Verdict,
 )
-from .wire import compact_encoder, id_text, write_text
+from .wire import cache_put, compact_encoder, id_text, json_string, write_text
 
 __all__ = ["Auditor", "access_fields", "decision_fields"]
 
@@ -64,7 +63,7 @@ def access_fields(access: Access) -> dict[str, Any]:
     return d
 
 
-_ESC: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_ESC = json_string
 
 
 def decision_fields(decision: Decision) -> dict[str, Any]:
@@ -174,7 +173,7 @@ class _DecidedLine:
         key = (access.vm, access.bdf)
         who = self._who.get(key)
         if who is None:
-            who = _keep(
+            who = cache_put(
                 self._who, key, f'{{"vm":{_ESC(access.vm)},"bdf":{_ESC(access.bdf)},"region":'
             )
         kind = type(access)
@@ -207,7 +206,7 @@ class _DecidedLine:
         why = self._why.get(dkey)
         if why is None:
             rule = "null" if decision.rule is None else _ESC(decision.rule)
-            why = _keep(
+            why = cache_put(
                 self._why,
                 dkey,
                 f',"verdict":{_ESC(VERDICT_NAMES[decision.verdict])},"reason":'
@@ -229,12 +228,6 @@ class _DecidedLine:
             f'{who}{what}{why}{done}{view}{ident},"event":"access.decided","level":"info",'
             f'"timestamp":"{timestamp}"}}'
         )
-
-
-def _keep(cache: dict[Any, str], key: Any, value: str) -> str:
-    if len(cache) < 4096:
-        cache[key] = value
-    return value
 
 
 class Auditor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .device import normalize_bdf
 from .errors import WireError
@@ -27,6 +27,8 @@ from .events import (
     Reset,
     Verdict,
 )
+
+_V = TypeVar("_V")
 
 __all__ = [
     "MAX_LINE",
@@ -126,14 +128,17 @@ def _versions(v: Any) -> list[int]:
 
 
 _U64 = (1 << 64) - 1
+_CFG_WIDTHS = (1, 2, 4)
+_BAR_WIDTHS = (1, 2, 4, 8)
+_BAR_MAX = 5
 _Fields = dict[str, Callable[[Any], Any]]
 _DEVICE: _Fields = {"vm": _name, "bdf": _bdf}
-_CFG: _Fields = {**_DEVICE, "offset": _int_in(0, 4095), "width": _choice(1, 2, 4)}
+_CFG: _Fields = {**_DEVICE, "offset": _int_in(0, 4095), "width": _choice(*_CFG_WIDTHS)}
 _BAR: _Fields = {
     **_DEVICE,
-    "bar": _int_in(0, 5),
+    "bar": _int_in(0, _BAR_MAX),
     "offset": _int_in(0, _U64),
-    "width": _choice(1, 2, 4, 8),
+    "width": _choice(*_BAR_WIDTHS),
 }
 
 # op -> (required fields, optional fields)
@@ -155,11 +160,15 @@ OPS: dict[str, tuple[_Fields, _Fields]] = {
 _COMMON = frozenset({"id", "op", "expect"})
 
 
+_ID_MIN = -(2**63)  # ids are 64-bit integers, signed or unsigned, or short strings
+_ID_MAX = 2**64
+
+
 def _request_id(obj: Mapping[str, Any]) -> int | str | None:
     rid = obj.get("id")
     if isinstance(rid, bool):
         return None
-    if isinstance(rid, int) and -(2**63) <= rid < 2**64:
+    if isinstance(rid, int) and _ID_MIN <= rid < _ID_MAX:
         return rid
     if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN:
         return rid
@@ -304,12 +313,7 @@ def _validate(obj: Any) -> Request:
 # case of the access operations (every field present, with its plain JSON type and in range, no
 # other field) and build the same Request as _validate, fields in the same order. They return
 # None for anything else, which _validate then decides, with its error messages.
-_ID_MIN = -(2**63)
-_ID_MAX = 2**64
 _BDF_CACHE: dict[str, str] = {}
-_BDF_CACHE_MAX = 4096
-_CFG_WIDTHS = (1, 2, 4)
-_BAR_WIDTHS = (1, 2, 4, 8)
 
 
 def _allowed(op: str) -> frozenset[str]:
@@ -345,8 +349,7 @@ def _fast_device(obj: dict[str, Any], op: str) -> tuple[int | str, str, str] | N
             bdf = normalize_bdf(raw)
         except ValueError:
             return None
-        if len(_BDF_CACHE) < _BDF_CACHE_MAX:
-            _BDF_CACHE[raw] = bdf
+        cache_put(_BDF_CACHE, raw, bdf)
     return rid, vm, bdf
 
 
@@ -377,7 +380,7 @@ def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
     width = obj.get("width")
     if (
         type(bar) is not int
-        or not 0 <= bar <= 5
+        or not 0 <= bar <= _BAR_MAX
         or type(offset) is not int
         or not 0 <= offset <= _U64
         or type(width) is not int
@@ -395,7 +398,8 @@ _WRITE_OPS = frozenset({"cfg_write", "msix_write"})
 def _fast_finish(
     obj: dict[str, Any], op: str, rid: int | str, args: dict[str, Any], width: int
 ) -> Request | None:
-    """The value of a write (unsigned, within ``width`` bytes) and the optional ``expect``."""
+    """The value of a write (unsigned, within ``width`` bytes) and the optional ``expect``;
+    ``width`` is not used for the other operations."""
     if op in _WRITE_OPS:
         value = obj.get("value")
         if type(value) is not int or value < 0 or value >> (8 * width):
@@ -411,10 +415,7 @@ def _fast_reset(obj: dict[str, Any], op: str) -> Request | None:
     if head is None:
         return None
     rid, vm, bdf = head
-    args: dict[str, Any] = {"vm": vm, "bdf": bdf}
-    if "expect" in obj:
-        args["expect"] = obj["expect"]
-    return Request(rid, op, args)
+    return _fast_finish(obj, op, rid, {"vm": vm, "bdf": bdf}, 0)
 
 
 _FAST: dict[str, Callable[[dict[str, Any], str], Request | None]] = {
@@ -515,15 +516,21 @@ def encode(obj: Mapping[str, Any]) -> bytes:
 # (tests/test_wire_fastpath.py checks them against encode(decision_json(...)) for generated
 # decisions) from pieces: the parts of a decision that repeat (verdict, reasons, detail, rule)
 # are encoded once and kept, numbers are written with str() as json does for ints.
-_ESC: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_CACHE_MAX = 4096
+#: A string as a JSON string literal (json's own C escaping, ASCII only, with the quotes).
+json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_ESC = json_string
 _HEADS: dict[tuple[Verdict, str, tuple[str, ...], str], str] = {}
 _RULES: dict[str | None, str] = {None: ""}
 _SPACES = {"config": '"config"', "bar": '"bar"'}
 
 
-def _bounded(cache: dict[Any, str], key: Any, value: str) -> str:
-    if len(cache) < _CACHE_MAX:
+CACHE_MAX = 4096
+
+
+def cache_put(cache: dict[Any, Any], key: Any, value: _V) -> _V:
+    """``cache[key] = value`` unless the cache holds :data:`CACHE_MAX` entries already (keys
+    come from requests, so the caches must not grow without bound); returns ``value``."""
+    if len(cache) < CACHE_MAX:
         cache[key] = value
     return value
 
@@ -543,7 +550,7 @@ def decision_text(d: Decision) -> str:
     key = (d.verdict, d.reason, d.reasons, d.detail)
     head = _HEADS.get(key)
     if head is None:
-        head = _bounded(
+        head = cache_put(
             _HEADS,
             key,
             f'{{"verdict":{_ESC(VERDICT_NAMES[d.verdict])},"reason":{_ESC(d.reason)},'
@@ -556,7 +563,7 @@ def decision_text(d: Decision) -> str:
         view = f',"guest_value":{gv},"read_mask":{int(d.read_mask)}'
     rule = _RULES.get(d.rule)
     if rule is None:
-        rule = _bounded(_RULES, d.rule, f',"rule":{_ESC(d.rule)}' if d.rule else "")
+        rule = cache_put(_RULES, d.rule, f',"rule":{_ESC(d.rule)}' if d.rule else "")
     return f'{head},"writes":[{writes}]{view}{rule}}}'
 
 
