@@ -311,15 +311,18 @@ class Session:
         return _REQ.get(self.dev_ctrl) != ReqEnable.DISABLED
 
     def dev_width(self) -> TagWidth | None:
-        en = _REQ.get(self.dev_ctrl)
-        if en == ReqEnable.TPH:
-            return TagWidth.ST8
-        if en == ReqEnable.EXT_TPH:
-            return TagWidth.ST16
-        return None
+        return _WIDTH_OF_ENABLE.get(_REQ.get(self.dev_ctrl))
 
     def _width_for_tags(self) -> TagWidth:
         return self.dev_width() or self.prospective
+
+    def register_view(self, reg: _Reg) -> tuple[int, int]:
+        """(read mask, guest value) of one filtered register: what the guest reads back."""
+        if reg.kind == _CTRL:
+            return 0xFFFFFFFF, self.guest_ctrl
+        if reg.kind == _ST:
+            return 0xFFFF, self.guest_st[reg.index]
+        return _VC_ST_MASK, self.guest_st[reg.index] << _VC_ST_SHIFT
 
     def _uses_entries(self) -> bool:
         return self.dev_enabled() and _MODE.get(self.dev_ctrl) == StMode.INT_VEC
@@ -365,7 +368,7 @@ class Session:
         """Entry ``i`` now holds ``guest_tag`` in the guest's view: what the device gets."""
         self.guest_st[i] = guest_tag
         old = self.dev_st[i]
-        width = _WIDTH_OF_ENABLE.get((self.dev_ctrl >> _REQ.shift) & _REQ.max) or self.prospective
+        width = self._width_for_tags()
         host, code = self.resolve_tag(guest_tag, width)
         if host is None and self.rules.on_violation is OnViolation.REWRITE:
             host = self.rules.fallback[width]  # None: no allowed fallback, drop (fail closed)
@@ -718,7 +721,6 @@ class Engine:
             or policy.host is not old.host
             or policy.vms.keys() != old.vms.keys()
             or any(policy.vms[n] is not old.vms[n] for n in old.vms if n != vm)
-            or bdf in old_vm.devices
             or old.vm_of_device(bdf) is not None
             or new_vm.devices.keys() != old_vm.devices.keys() | {bdf}
             or replace(new_vm, devices=old_vm.devices) != old_vm
@@ -756,10 +758,7 @@ class Engine:
                     if sess.has_tph and sess.poisoned is None:
                         reasons += self._reconcile(sess, pre)
             except Exception as exc:  # fail closed: freeze the device, as handle() does
-                sess.poisoned = f"internal error: {type(exc).__name__}: {exc}"
-                out.append(
-                    (sess, self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned))
-                )
+                out.append((sess, self._poison(sess, exc)))
                 continue
             verdict = _REWRITE if pre else _PASS
             out.append((sess, self._decision(sess, verdict, reasons, tuple(pre))))
@@ -791,15 +790,14 @@ class Engine:
         try:
             return self._dispatch(sess, access)
         except Exception as exc:
-            sess.poisoned = f"internal error: {type(exc).__name__}: {exc}"
-            return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
+            return self._poison(sess, exc)
+
+    def _poison(self, sess: Session, exc: Exception) -> Decision:
+        """Freeze ``sess`` after an unexpected exception: this and every later access drops."""
+        sess.poisoned = f"internal error: {type(exc).__name__}: {exc}"
+        return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
 
     def _dispatch(self, sess: Session, access: Access) -> Decision:
-        kind = type(access)  # the common cases first, without isinstance
-        if kind is ConfigWrite:
-            return self._config_write(sess, access)  # type: ignore[arg-type]
-        if kind is MsixWrite:
-            return self._msix_write(sess, access)  # type: ignore[arg-type]
         if isinstance(access, ConfigWrite):
             return self._config_write(sess, access)
         if isinstance(access, MsixWrite):
@@ -833,10 +831,7 @@ class Engine:
             # Exactly the control register or one ST entry: what ``write`` and ``_written``
             # would do for it, without their general assembly.
             verdict, writes, reasons = sess._write_register("config", reg, a.value, None)
-            if reg.kind == _CTRL:
-                mask, patch = 0xFFFFFFFF, sess.guest_ctrl
-            else:
-                mask, patch = 0xFFFF, sess.guest_st[reg.index]
+            mask, patch = sess.register_view(reg)
             return self._decision(sess, verdict, reasons, writes, guest_value=patch, read_mask=mask)
         regs = sess.cfg_regs(off, off + width)
         verdict, writes, reasons = sess.write("config", off, width, a.value, regs, None)
@@ -857,10 +852,8 @@ class Engine:
         if reg is not None and width == reg.size:
             # Exactly one Vector Control register (see _config_write).
             verdict, writes, reasons = sess._write_register("bar", reg, a.value, a.bar)
-            patch = sess.guest_st[reg.index] << _VC_ST_SHIFT
-            return self._decision(
-                sess, verdict, reasons, writes, guest_value=patch, read_mask=_VC_ST_MASK
-            )
+            mask, patch = sess.register_view(reg)
+            return self._decision(sess, verdict, reasons, writes, guest_value=patch, read_mask=mask)
         regs = sess.msix_regs(off, off + width)
         if not regs:
             return self._pass(sess, DeviceWrite("bar", off, width, a.value, a.bar))
@@ -881,13 +874,7 @@ class Engine:
     ) -> Decision:
         reg = regs[0]
         if len(regs) == 1 and reg.start == off and reg.size == width and reg.kind >= _CTRL:
-            # The guest's view of exactly one register (the common case).
-            if reg.kind == _CTRL:
-                mask, patch = 0xFFFFFFFF, sess.guest_ctrl
-            elif reg.kind == _ST:
-                mask, patch = 0xFFFF, sess.guest_st[reg.index]
-            else:
-                mask, patch = _VC_ST_MASK, sess.guest_st[reg.index] << _VC_ST_SHIFT
+            mask, patch = sess.register_view(reg)  # exactly one register (the common case)
         elif config:
             mask, patch = self._cfg_view(sess, off, width)
         else:
