@@ -307,8 +307,9 @@ class Replayer:
         self._attached[bdf] = (a["vm"], (), 0)
 
     def _auto_attach(self, vm: str, bdf: str, where: str) -> None:
-        """Attach a ``--device``-bound device on its first access when the trace did not."""
-        if self.engine.session(vm, bdf) is not None or bdf in self._refused:
+        """Attach a ``--device``-bound device on its first access when the trace did not
+        (the caller has found no session for it)."""
+        if bdf in self._refused:
             return
         cfg = self.devices.get(bdf)
         if cfg is not None:

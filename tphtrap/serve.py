@@ -497,10 +497,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                 discarding = True
             elif discarding:
                 buf.clear()
-        if ended == "eof":
-            server.audit.emit("session.ended", reason="eof", requests=server.requests)
-        else:
-            server.audit.emit("session.ended", reason="shutdown", requests=server.requests)
+        server.audit.emit("session.ended", reason=ended, requests=server.requests)
         return 0
     except BrokenPipeError:
         server.audit.emit("session.ended", "warning", reason="stdout-closed")
