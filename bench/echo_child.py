@@ -1,11 +1,11 @@
 """The floor for a plugin of tphtrap's shape: a child speaking the same framing, doing nothing.
 
-It runs the I/O loop of ``tphtrap.serve.serve_forever`` without the plugin: ``select`` on
-standard input, on a second pipe (serve's signal wake-up pipe, never written here) and, while
-replies wait, on standard output; then one ``os.read`` of up to 64 KiB, split into lines at
+It runs the I/O loop of ``tphtrap serve`` itself, ``tphtrap.serve.serve_forever``, with a
+stand-in for the plugin: ``select`` on standard input, on the signal wake-up pipe and, while
+replies wait, on standard output; one ``os.read`` of up to 64 KiB, split into lines at
 ``\\n`` (a trailing ``\\r`` and blank lines dropped), one reply line per request, and the
-replies of that read written at once with ``os.write`` on the non-blocking standard output
-(what the pipe does not take waits for the next ``select``). EOF ends it.
+replies of that read written at once on the non-blocking standard output. EOF ends it. Any
+change to serve's loop is a change to this floor too.
 
 Two modes, given as the only argument:
 
@@ -17,18 +17,17 @@ Two modes, given as the only argument:
 ``bytes``
     the transport floor: the request line itself is written back (no JSON at all).
 
-Same interpreter as the plugin (the one running the benchmark), same pipes, nothing imported
-from tphtrap.
+Same interpreter as the plugin (the one running the benchmark), same pipes; nothing of
+tphtrap runs per line but the loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import select
 import sys
 from collections.abc import Callable
+
+from tphtrap.serve import serve_forever
 
 # What serve answers for a granted TPH control write of tenant-a (docs/protocol.md).
 DECISION = {
@@ -54,51 +53,34 @@ def reply_bytes(line: bytes) -> bytes:
     return line + b"\n"
 
 
+class _Echo:
+    """What ``serve_forever`` needs of a ``Server``, answering every line with ``reply``."""
+
+    policy_path = None
+    stopping = False
+
+    def __init__(self, reply: Callable[[bytes], bytes]) -> None:
+        self.reply = reply
+        self.requests = 0
+        self.audit = self  # emit() below: no audit stream
+
+    def handle_line(self, line: bytes) -> bytes:
+        self.requests += 1
+        return self.reply(line)
+
+    def done(self) -> bool:
+        return False
+
+    def emit(self, *_: object, **__: object) -> None:
+        pass
+
+    def _wire_error(self, err: Exception, line: bytes) -> bytes:
+        return b'{"id":null,"ok":false}\n'
+
+
 def serve(reply: Callable[[bytes], bytes], in_fd: int = 0, out_fd: int = 1) -> int:
-    """The shape of ``tphtrap.serve.serve_forever``: one select on stdin, the signal pipe and
-    (while replies wait) stdout; non-blocking stdout, replies written as soon as they exist."""
-    rpipe, wpipe = os.pipe()
-    os.set_blocking(rpipe, False)
-    os.set_blocking(out_fd, False)
-    buf = bytearray()
-    out = bytearray()
-    eof = False
-    try:
-        while True:
-            if out:
-                with contextlib.suppress(BlockingIOError):
-                    del out[: os.write(out_fd, out)]
-            if eof and not out:
-                return 0
-            ready, _, _ = select.select(
-                [rpipe] if eof else [in_fd, rpipe], [out_fd] if out else [], []
-            )
-            if in_fd not in ready:
-                continue
-            chunk = os.read(in_fd, 1 << 16)
-            eof = not chunk
-            if eof and buf:
-                buf += b"\n"
-            buf += chunk
-            start = 0
-            while True:
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                line = bytes(buf[start:nl])
-                start = nl + 1
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if not line.strip():
-                    continue
-                out += reply(line)
-            del buf[:start]
-    except BrokenPipeError:
-        return 0
-    finally:
-        os.set_blocking(out_fd, True)
-        os.close(rpipe)
-        os.close(wpipe)
+    """``tphtrap.serve.serve_forever`` itself, with ``reply`` in place of the plugin."""
+    return serve_forever(_Echo(reply), in_fd, out_fd)  # type: ignore[arg-type]
 
 
 def main(argv: list[str]) -> int:

@@ -609,10 +609,10 @@ def report(
         "are not audited by default), after `hello` and both attaches."
     )
     w(
-        "- **echo-json** (`bench/echo_child.py json`), the floor the goals use: the same I/O "
-        "loop as `serve_forever` (`select` on stdin, a second pipe and, while replies wait, "
+        "- **echo-json** (`bench/echo_child.py json`), the floor the goals use: serve's own I/O "
+        "loop, `serve_forever` (`select` on stdin, the signal pipe and, while replies wait, "
         "stdout; one `os.read` of up to 64 KiB, split at newlines, replies of that read "
-        "written at once with `os.write` on the non-blocking stdout), and per line "
+        "written at once on the non-blocking stdout), with a stand-in plugin doing per line "
         "`json.loads` of the request and a reused compact "
         '`json.JSONEncoder` encoding `{"id": <id>, "ok": true, "decision": {...}}` with a '
         "fixed decision, the one serve gives a granted control write: a reply of the same "
