@@ -245,7 +245,7 @@ class TagRules:
         entry is passed through (it only matters once Extended TPH is enabled, and every entry
         is re-resolved at 16 bits before that happens).
         """
-        tag = guest_tag & ((1 << width) - 1)  # width.mask, without the enum property
+        tag = guest_tag & width.mask
         if self.translate is not None:
             row = self.translate[width]
             host = row[tag] if tag < len(row) else None
@@ -256,7 +256,7 @@ class TagRules:
 
     def host_ok(self, host_tag: int, width: TagWidth) -> bool:
         """Is a value already on the device safe at ``width``?"""
-        return (host_tag & ((1 << width) - 1)) in self.allowed[width]
+        return (host_tag & width.mask) in self.allowed[width]
 
 
 def _fallback(

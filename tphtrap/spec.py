@@ -106,6 +106,9 @@ class TagWidth(IntEnum):
     ST8 = 8
     ST16 = 16
 
-    @property
-    def mask(self) -> int:
-        return (1 << int(self)) - 1
+    mask: (
+        int  # all-ones in the low ``width`` bits: a plain attribute (tag checks read it per access)
+    )
+
+    def __init__(self, bits: int) -> None:
+        self.mask = (1 << bits) - 1
