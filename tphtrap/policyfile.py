@@ -312,7 +312,7 @@ class _Reader:
         self.vms: list[_Vm] = []
         self.vms_node: Node | None = None
         self.vms_empty = False
-        self._host_view: _HostView | None = None
+        self._host_view: HostPolicy | None = None
         self._vms_of_cpu: dict[int, list[str]] | None = None
 
     # problems
@@ -811,13 +811,13 @@ class _Reader:
             self.check_tags(vm)
             self.check_no_effect(vm)
 
-    def host_model(self) -> HostPolicy:
-        return HostPolicy(dict(self.steering), frozenset(t for t, _ in self.neutral))
+    def host_model(self, kind: type[HostPolicy] = HostPolicy) -> HostPolicy:
+        return kind(dict(self.steering), frozenset(t for t, _ in self.neutral))
 
     def host_view(self) -> HostPolicy:
         """The host model for the checks, built once (they run after reading)."""
         if self._host_view is None:
-            self._host_view = _HostView(dict(self.steering), frozenset(t for t, _ in self.neutral))
+            self._host_view = self.host_model(_HostView)
         return self._host_view
 
     def owner_words(self, cpus: Iterable[int]) -> str:
