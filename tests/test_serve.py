@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tphtrap.audit import Auditor
+from tphtrap.cli import EXIT_MISMATCH
 from tphtrap.errors import PolicyError
 from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
@@ -640,7 +641,7 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
     summary = json.loads(proc.stdout)
     assert summary["records"] == 6 and summary["mismatches"] == 0
-    # Change one expectation: replay --expect must notice, name the line, and exit 2.
+    # Change one expectation: replay --expect must notice, name the line, and exit 4.
     tampered = tmp_path / "tampered.jsonl"
     rows = record.read_text().splitlines()
     row = json.loads(rows[2])
@@ -653,7 +654,7 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
         capture_output=True,
         timeout=30,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_MISMATCH == 4
     assert f"{tampered}:3: expected pass foreign-tag" in proc.stdout.decode()
 
 
