@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import TphtrapError
+from .errors import TphtrapError, UsageError
 
 __all__ = [
     "EXIT_INTERNAL",
@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         rc: int = args.func(args)
+    except UsageError as exc:
+        print(f"tphtrap: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except TphtrapError as exc:
         print(f"tphtrap: error: {exc}", file=sys.stderr)
         return EXIT_USER
