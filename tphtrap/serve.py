@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import IO, Any
 
 from . import __version__
@@ -83,6 +84,7 @@ class Server:
         self.stopping = False
         self.started = time.monotonic()
         self.requests = 0
+        self.ops: Counter[str] = Counter()  # valid requests by op
         self.errors: Counter[str] = Counter()
         self.verdicts: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
@@ -144,6 +146,7 @@ class Server:
         )
 
     def _dispatch(self, req: Request) -> bytes:
+        self.ops[req.op] += 1
         if req.op == "hello":
             return self._hello(req)
         if self.version is None:
@@ -353,6 +356,18 @@ class Server:
     def done(self) -> bool:
         return self.stopping
 
+    def session_ended(self, reason: str, level: str = "info") -> None:
+        """The ``session.ended`` event: why, and what the session asked and got."""
+        self.audit.emit(
+            "session.ended",
+            level,
+            reason=reason,
+            requests=self.requests,
+            ops=dict(self.ops),
+            errors=sum(self.errors.values()),
+            verdicts=dict(self.verdicts),
+        )
+
     def _op_shutdown(self, req: Request) -> bytes:
         self.stopping = True
         return reply(req.id, op="shutdown")
@@ -424,7 +439,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
     os.set_blocking(wpipe, False)
     os.set_blocking(rpipe, False)
     old_fd = signal.set_wakeup_fd(wpipe, warn_on_full_buffer=False)
-    handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     old = {s: signal.signal(s, lambda *_: None) for s in handled}
     out_was_blocking = os.get_blocking(out_fd)
     os.set_blocking(out_fd, False)
@@ -448,7 +463,8 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
             if rpipe in ready:
-                for signum in os.read(rpipe, 64):
+                signums = os.read(rpipe, 64)
+                for signum in signums:
                     if signum == signal.SIGHUP:
                         if server.policy_path:
                             server.reload(server.policy_path)
@@ -456,8 +472,14 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                         # Replies already decided still go out if the hypervisor reads them
                         # soon; one that stopped reading does not hold the exit up for long.
                         _drain(out_fd, out, time.monotonic() + SIGNAL_DRAIN_S)
-                        server.audit.emit("session.ended", reason=signal.Signals(signum).name)
+                        server.session_ended(signal.Signals(signum).name)
                         return 0
+                # Log rotation: after SIGHUP's reload (so its events close the old file), and
+                # on SIGUSR1 alone, the --audit file is opened again by its name.
+                for rotate in (signal.SIGHUP, signal.SIGUSR1):
+                    if rotate in signums:
+                        server.audit.reopen(signal.Signals(rotate).name)
+                        break
             if in_fd not in ready:
                 continue
             try:
@@ -497,10 +519,10 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                 discarding = True
             elif discarding:
                 buf.clear()
-        server.audit.emit("session.ended", reason=ended, requests=server.requests)
+        server.session_ended(ended)
         return 0
     except BrokenPipeError:
-        server.audit.emit("session.ended", "warning", reason="stdout-closed")
+        server.session_ended("stdout-closed", "warning")
         return 0
     finally:
         with contextlib.suppress(OSError):  # the descriptor may be gone
@@ -531,6 +553,12 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--audit",
         metavar="FILE",
         help="append audit events (JSON lines) to FILE instead of standard error",
+    )
+    p.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help="write the process id to FILE while serving (for logrotate's postrotate: "
+        "SIGUSR1 reopens the --audit file)",
     )
     p.add_argument(
         "--audit-passes",
@@ -581,8 +609,32 @@ def run(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     try:
-        return serve_forever(server, sys.stdin.fileno(), sys.stdout.fileno())
+        with _pid_file(args.pid_file):
+            return serve_forever(server, sys.stdin.fileno(), sys.stdout.fileno())
     finally:
         if recorder is not None:
             recorder.close()
         auditor.close()
+
+
+@contextlib.contextmanager
+def _pid_file(path: str | None) -> Iterator[None]:
+    """``path`` holds this process's id while the block runs (nothing when None)."""
+    if path is None:
+        yield
+        return
+    mine = f"{os.getpid()}\n"
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(mine)
+    except OSError as exc:
+        raise DeviceError(path, f"cannot write the pid file: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        ours = False  # another process may have taken the file over since
+        with contextlib.suppress(OSError), open(path, encoding="ascii") as f:
+            ours = f.read() == mine
+        if ours:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
