@@ -38,12 +38,13 @@ from .wire import (
     decision_json,
     encode,
     error_reply,
+    hex_reply,
     parse_request,
     reply,
     to_access,
 )
 
-__all__ = ["Server", "add_parser", "serve_forever"]
+__all__ = ["HexServer", "Server", "add_parser", "serve_forever"]
 
 
 def _load_policy(path: str) -> Policy:
@@ -228,6 +229,23 @@ class Server:
                 request_id=req.id,
                 field="config" if "config" in a else "path",
             ) from None
+        replacing = self.engine.session(a["vm"], a["bdf"]) is not None
+        if replacing and not a.get("replace"):
+            # A second attach would silently reset the device's state (the guest's enable,
+            # its tags): the hypervisor must say it means it.
+            message = (
+                f"device {a['bdf']} is already attached to VM {a['vm']!r}: detach it first, "
+                'or send "replace": true to start it over from the new config space'
+            )
+            self.audit.emit(
+                "device.refused",
+                "warning",
+                vm=a["vm"],
+                bdf=a["bdf"],
+                code="already-attached",
+                message=message,
+            )
+            raise WireError("already-attached", message, request_id=req.id, field="bdf")
         try:
             decision = self.engine.attach(a["vm"], a["bdf"], cfg)
         except AttachRefused as exc:
@@ -250,6 +268,7 @@ class Server:
             bdf=a["bdf"],
             source=cfg.source,
             **decision_json(decision) | {"device": device},
+            **({"replaced": True} if replacing else {}),
         )
         self._record(req, decision_json(decision))
         return reply(req.id, decision=decision_json(decision), device=device)
@@ -371,6 +390,14 @@ class Server:
     def _op_shutdown(self, req: Request) -> bytes:
         self.stopping = True
         return reply(req.id, op="shutdown")
+
+
+class HexServer(Server):
+    """A :class:`Server` whose replies carry offsets and values as ``"0x..."`` strings
+    (``serve --hex``): for people typing a session by hand, never for programs."""
+
+    def handle_line(self, line: bytes) -> bytes:
+        return hex_reply(super().handle_line(line))
 
 
 def _device_summary(cfg: ConfigSpace, untrappable: str | None) -> dict[str, Any]:
@@ -571,6 +598,12 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="write every request with its decision as a native trace for replay",
     )
     p.add_argument(
+        "--hex",
+        action="store_true",
+        help="write offsets and values in replies as \"0x...\" strings, for typing a session "
+        "by hand (programs read numbers: never use this for a hypervisor)",
+    )
+    p.add_argument(
         "--log-level",
         choices=("info", "debug"),
         default="info",
@@ -600,7 +633,7 @@ def run(args: argparse.Namespace) -> int:
     recorder = None
     if args.record:
         recorder = open(args.record, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
-    server = Server(
+    server = (HexServer if args.hex else Server)(
         policy, args.policy, auditor, recorder=recorder, debug=args.log_level == "debug"
     )
     auditor.emit("policy.loaded", path=args.policy, vms=sorted(policy.vms))
