@@ -81,14 +81,16 @@ def test_installed_files_land_under_the_prefix_and_the_header_compiles(
     wheel: Path, tmp_path: Path
 ) -> None:
     prefix = tmp_path / "prefix"
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q"]
+    # --ignore-installed: never touch the tphtrap installed in the running environment.
+    pip = [sys.executable, "-m", "pip", "install", "--ignore-installed", "--no-deps", "--no-index"]
     res = subprocess.run(
-        [*pip, "--prefix", str(prefix), str(wheel)],
+        [*pip, "-q", "--prefix", str(prefix), str(wheel)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert (Path(sys.executable).parent / "tphtrap").exists(), "the running install was removed"
     assert (prefix / "share" / "tphtrap" / "policies" / "two-tenants.yaml").is_file()
     assert (prefix / "bin" / "tphtrap").is_file()
     # A C integration includes the installed header the way its README says.

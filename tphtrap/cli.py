@@ -55,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import policy_cmd, replay, report, serve
+    from . import completion, policy_cmd, replay, report, serve
 
     parser = _Parser(
         prog="tphtrap",
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmd.add_parser(sub)
     serve.add_parser(sub)
     replay.add_parser(sub)
+    completion.add_parser(sub)
     return parser
 
 

@@ -600,7 +600,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--hex",
         action="store_true",
-        help="write offsets and values in replies as \"0x...\" strings, for typing a session "
+        help='write offsets and values in replies as "0x..." strings, for typing a session '
         "by hand (programs read numbers: never use this for a hypervisor)",
     )
     p.add_argument(
