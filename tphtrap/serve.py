@@ -262,13 +262,13 @@ class Server:
         sess = self.engine.session(a["vm"], a["bdf"])
         assert sess is not None
         device = _device_summary(cfg, sess.untrappable)
+        extra: dict[str, Any] = {"device": device, **({"replaced": True} if replacing else {})}
         self.audit.emit(
             "device.attached",
             vm=a["vm"],
             bdf=a["bdf"],
             source=cfg.source,
-            **decision_json(decision) | {"device": device},
-            **({"replaced": True} if replacing else {}),
+            **decision_json(decision) | extra,
         )
         self._record(req, decision_json(decision))
         return reply(req.id, decision=decision_json(decision), device=device)
