@@ -260,7 +260,7 @@ class Session:
                 reasons.append("tph-forced-off")
                 if in_use:
                     return True
-                continue
+                value = KEEP  # the tag is dropped; the guest's other bits still go through
             if value == REFUSE:
                 reasons.append("enable-refused")
                 return True
