@@ -80,6 +80,7 @@ ERROR_CODES = PARSE_ERROR_CODES | frozenset(
         "unknown-vm",
         "unknown-device",
         "bad-config",
+        "already-attached",
         "policy-invalid",
         "internal-error",
     }

@@ -244,6 +244,8 @@ def _field(op: str, name: str) -> SearchStrategy[Any]:
         return st.sampled_from(DUMP_PATHS)
     if name == "policy":
         return st.sampled_from(POLICY_PATHS)
+    if name == "replace":
+        return st.one_of(st.booleans(), json_values)
     return json_values
 
 
@@ -267,6 +269,8 @@ def requests(draw: DrawFn, ops: list[str] | None = None) -> Obj:
         pairs.append((one, draw(_field(op, one))))
         if draw(st.booleans()):
             pairs.append(("source_bdf", draw(_field(op, "source_bdf"))))
+        if draw(st.booleans()):
+            pairs.append(("replace", draw(_field(op, "replace"))))
     else:
         for name in optional:
             if draw(st.booleans()):

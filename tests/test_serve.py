@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -903,3 +904,12 @@ def test_hex_renders_values_for_people_and_only_when_asked() -> None:
     )
     # Everything else is the same reply, and the ids stay as sent.
     assert hex_values(plain) == shown and shown[2]["id"] == 2
+
+
+def test_every_error_code_is_in_the_protocol_document() -> None:
+    from fuzzlib import ERROR_CODES
+
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    section = text[text.index("## 6. Errors") : text.index("## 7.")]
+    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", section, re.M))
+    assert documented == ERROR_CODES
