@@ -475,6 +475,8 @@ def _all_valid(obj: dict[str, Any], fields: dict[str, Any]) -> bool:
         return False
     if fields.get("source_bdf") not in (None, *BDFS):
         return False
+    if "replace" in fields and not isinstance(fields["replace"], bool):
+        return False
     cfg = op.startswith("cfg_")
     width = fields.get("width")
     if width is not None and width not in ((1, 2, 4) if cfg else (1, 2, 4, 8)):
