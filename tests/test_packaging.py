@@ -125,4 +125,4 @@ def test_installed_files_land_under_the_prefix_and_the_header_compiles(
     )
     assert cc.returncode == 0, cc.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
-    assert (run.returncode, run.stdout) == (0, "1 hello 65536 7\n")
+    assert (run.returncode, run.stdout) == (0, "2 hello 65536 7\n")
