@@ -81,7 +81,6 @@ ERROR_CODES = PARSE_ERROR_CODES | frozenset(
         "unknown-vm",
         "unknown-device",
         "bad-config",
-        "already-attached",
         "policy-invalid",
         "internal-error",
     }
