@@ -415,6 +415,20 @@ def test_sighup_broken_policy_keeps_the_old_one(
 
 
 # --- audit log rotation -------------------------------------------------------------------------
+def wait_for_live_event(path: Path, name: str) -> list[dict[str, Any]]:
+    """:func:`wait_for_event` for a file serve is writing to under load: a read may see the
+    line being written half done, so only the whole lines are looked at."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        text = path.read_text("utf-8") if path.exists() else ""
+        whole = text[: text.rfind("\n") + 1]
+        found = [e for e in map(json.loads, whole.splitlines()) if e["event"] == name]
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"no {name!r} event in {path}"
+        time.sleep(0.02)
+
+
 def decided_ids(*paths: Path) -> list[Any]:
     return [e["id"] for p in paths for e in audit_events(p) if e["event"] == "access.decided"]
 
@@ -437,7 +451,7 @@ def test_audit_rotation_under_load_loses_nothing(
         rotated.append(moved)
         sig = signal.SIGHUP if n % 2 else signal.SIGUSR1
         child.proc.send_signal(sig)
-        reopened = wait_for_event(audit, "audit.reopened")
+        reopened = wait_for_live_event(audit, "audit.reopened")
         assert reopened == [
             {**reopened[0], "path": str(audit), "reason": sig.name, "event": "audit.reopened"}
         ]

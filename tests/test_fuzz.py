@@ -244,6 +244,8 @@ def _field(op: str, name: str) -> SearchStrategy[Any]:
         return st.sampled_from(DUMP_PATHS)
     if name == "policy":
         return st.sampled_from(POLICY_PATHS)
+    if name == "replace":
+        return st.one_of(st.booleans(), json_values)
     return json_values
 
 
@@ -267,6 +269,8 @@ def requests(draw: DrawFn, ops: list[str] | None = None) -> Obj:
         pairs.append((one, draw(_field(op, one))))
         if draw(st.booleans()):
             pairs.append(("source_bdf", draw(_field(op, "source_bdf"))))
+        if draw(st.booleans()):
+            pairs.append(("replace", draw(_field(op, "replace"))))
     else:
         for name in optional:
             if draw(st.booleans()):
@@ -470,6 +474,8 @@ def _all_valid(obj: dict[str, Any], fields: dict[str, Any]) -> bool:
     if fields.get("vm") not in (None, *VMS[:3]) or fields.get("bdf") not in (None, *BDFS):
         return False
     if fields.get("source_bdf") not in (None, *BDFS):
+        return False
+    if "replace" in fields and not isinstance(fields["replace"], bool):
         return False
     cfg = op.startswith("cfg_")
     width = fields.get("width")

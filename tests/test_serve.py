@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -914,3 +915,32 @@ def test_hex_renders_values_for_people_and_only_when_asked() -> None:
     )
     # Everything else is the same reply, and the ids stay as sent.
     assert hex_values(plain) == shown and shown[2]["id"] == 2
+
+
+def test_every_error_code_is_in_the_protocol_document() -> None:
+    from fuzzlib import ERROR_CODES
+
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    section = text[text.index("## 6. Errors") : text.index("## 7.")]
+    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", section, re.M))
+    assert documented == ERROR_CODES
+
+
+def test_hex_also_renders_the_corrections_event_of_a_sighup(tmp_path: Path) -> None:
+    from tphtrap.serve import HexServer
+
+    server = HexServer(load_policy(ROOT / POLICY), str(ROOT / POLICY), Auditor(_Sink()))  # type: ignore[arg-type]
+    call(server, HELLO)
+    attach = json.loads(ATTACH)
+    attach["path"] = str(ROOT / attach["path"])
+    assert call(server, json.dumps(attach))["ok"]
+    assert call(server, req(2, "cfg_write", **W, value=0x101))["ok"]  # entries get tag 0x01
+    # Socket 0's tag becomes 0x03: the entries holding 0x01 must be corrected.
+    moved = tmp_path / "moved.yaml"
+    text = (ROOT / POLICY).read_text()
+    moved.write_text(text.replace("{st8: 0x01, st16: 0x0101}", "{st8: 0x03, st16: 0x0303}"))
+    event = json.loads(server.reload_event(str(moved)))
+    assert event["event"] == "corrections" and event["id"] is None
+    writes = [w for c in event["corrections"] for w in c["decision"]["writes"]]
+    assert writes and all(w["offset"].startswith("0x") for w in writes)
+    assert {w["value"] for w in writes if w["width"] == 2} == {"0x3"}

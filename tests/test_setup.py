@@ -130,7 +130,11 @@ def test_the_list_holds_what_the_project_needs() -> None:
 @pytest.mark.parametrize("target", ["test", "demo", "setup"])
 def test_make_targets_run_the_set_up_first(target: str) -> None:
     res = subprocess.run(
-        ["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60
+        ["make", "--no-print-directory", "-n", target],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr
     commands = [line for line in res.stdout.splitlines() if line.strip()]

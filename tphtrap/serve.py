@@ -409,6 +409,10 @@ class HexServer(Server):
     def handle_line(self, line: bytes) -> bytes:
         return hex_reply(super().handle_line(line))
 
+    def reload_event(self, path: str) -> bytes:
+        line = super().reload_event(path)
+        return hex_reply(line) if line else line
+
 
 def _device_summary(cfg: ConfigSpace, untrappable: str | None) -> dict[str, Any]:
     tph = cfg.tph
