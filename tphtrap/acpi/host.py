@@ -7,6 +7,7 @@ prints them.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,7 @@ def probe_host(
     answers = _bridge_answers(aml, bridges, timeout) if bridges else []
     per_cpu = _cpu_answers(aml, answers, cpus, timeout)
     return HostReport(
-        tables=tuple(p.name for p in aml),
+        tables=tuple(p.name for p in aml),  # copies keep their file names
         source=source,
         cpus=tuple(cpus),
         cpu_source=cpu_source,
@@ -253,12 +254,13 @@ def probe_tables(
         f"{t.name} has a bad checksum (Linux warns and uses it all the same)"
         for t in tables.bad_checksums
     ]
-    return probe_host(
-        [t.path for t in tables.aml],
-        cpus,
-        source=str(tables.source),
-        cpu_source=cpu_source,
-        only_bridges=only_bridges,
-        notes=notes,
-        timeout=timeout,
-    )
+    with tempfile.TemporaryDirectory(prefix="tphtrap-acpi-") as scratch:
+        return probe_host(
+            tables.aml_files(Path(scratch)),
+            cpus,
+            source=str(tables.source),
+            cpu_source=cpu_source,
+            only_bridges=only_bridges,
+            notes=notes,
+            timeout=timeout,
+        )

@@ -7,6 +7,7 @@ PNP0A03 (PCI), written as an EISA id (``EisaId ("PNP0A08")``) or a string, and w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ class HostBridge:
 
     def describe(self) -> str:
         parts = []
-        if self.uid is not None:
+        if isinstance(self.uid, str):  # firmware text: quoted and escaped, never raw
+            parts.append(f"UID {json.dumps(self.uid)}")
+        elif self.uid is not None:
             parts.append(f"UID {self.uid}")
         if self.segment is not None:
             parts.append(f"segment {self.segment}")

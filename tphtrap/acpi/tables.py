@@ -24,6 +24,14 @@ MAX_TABLE = 64 << 20  # the largest real DSDTs are a few MiB
 _AML_SIGNATURES = ("DSDT", "SSDT")
 
 
+def _offset_of(name: str) -> int:
+    names = [sc.name for sc in ACPI_TABLE_HEADER.subcons]
+    return sum(sc.sizeof() for sc in ACPI_TABLE_HEADER.subcons[: names.index(name)])
+
+
+_CHECKSUM_OFFSET = _offset_of("checksum")
+
+
 @dataclass(frozen=True)
 class AcpiTable:
     path: Path
@@ -61,6 +69,22 @@ class TableSet:
     @property
     def bad_checksums(self) -> tuple[AcpiTable, ...]:
         return tuple(t for t in self.tables if not t.checksum_ok)
+
+    def aml_files(self, scratch: Path) -> list[Path]:
+        """The AML tables as files acpiexec loads: a table with a bad checksum is copied
+        into ``scratch`` with its checksum corrected, since acpiexec refuses it where Linux
+        only warns and uses it."""
+        out = []
+        for t in self.aml:
+            if t.checksum_ok:
+                out.append(t.path)
+                continue
+            data = bytearray(t.data)
+            data[_CHECKSUM_OFFSET] = (data[_CHECKSUM_OFFSET] - sum(data)) % 256
+            copy = scratch / t.name
+            copy.write_bytes(bytes(data))
+            out.append(copy)
+        return out
 
 
 def _name_order(table: AcpiTable) -> tuple[int, str]:
