@@ -39,9 +39,9 @@ def _guid_arg() -> str:
 
 def dsm_command(bridge: str, function: int, uid: int | None = None) -> str:
     """The acpiexec command evaluating ``bridge._DSM`` as Linux does."""
-    # acpiexec reads bare numbers as hex; "[]" (Linux's empty package) reaches the method as a
-    # missing Arg3, which acpiexec warns about and function 0 does not read.
-    pkg = f"[{TPH_FEATURE_PROCESSOR_CACHE} {uid:#x} 0]" if uid is not None else "[]"
+    # acpiexec reads bare numbers as hex (prefixed here to be plain); "[ ]" is the empty
+    # package Linux passes with function 0 ("[]" would pass no Arg3 at all).
+    pkg = f"[{TPH_FEATURE_PROCESSOR_CACHE} {uid:#x} 0]" if uid is not None else "[ ]"
     return f"evaluate {bridge}._DSM {_guid_arg()} {TPH_DSM_REVISION} {function:#x} {pkg}"
 
 
