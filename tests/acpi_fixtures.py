@@ -34,7 +34,9 @@ GUID = "e5c937d0-3553-4d7a-9117-ea4d19c3434d"
 def require_acpica() -> None:
     for tool in ("iasl", "acpiexec"):
         if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing: apt-get install acpica-tools (deps/debian-packages.txt)")
+            pytest.fail(
+                f"{tool} is missing: apt-get install acpica-tools (deps/debian-packages.txt)"
+            )
 
 
 def st_info(st8: int | None, st16: int | None, *, ph_ignore: bool = False) -> int:
@@ -184,9 +186,7 @@ class Firmware:
         compile_asl(self.dsdt_asl(), directory / "dsdt.dat")
         compile_asl(self.madt_source(), directory / "apic.dat")
         for i, body in enumerate(self.ssdts, 1):
-            src = (
-                f'DefinitionBlock ("", "SSDT", 2, "TPHTST", "FWSSDT{i}", 1)\n{{\n{body}\n}}\n'
-            )
+            src = f'DefinitionBlock ("", "SSDT", 2, "TPHTST", "FWSSDT{i}", 1)\n{{\n{body}\n}}\n'
             compile_asl(src, directory / f"ssdt{i}.dat")
         return directory
 

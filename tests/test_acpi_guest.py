@@ -28,9 +28,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def translating_vms() -> list[tuple[Path, str]]:
-    out = [
-        (p, name) for p in POLICIES for name, vm in load_policy(p).vms.items() if vm.vcpus
-    ]
+    out = [(p, name) for p in POLICIES for name, vm in load_policy(p).vms.items() if vm.vcpus]
     assert out, "the example policies have VMs with vcpus"
     return out
 
@@ -85,7 +83,16 @@ def test_every_vcpu_gets_policy_explains_virtual_tags(
 
 def test_function_0_only_for_this_guid_and_revision(q35_dsdt: Path, tmp_path: Path) -> None:
     ssdt = tmp_path / "s.aml"
-    run("acpi", "guest", "--policy", str(REPO / "policies/translation.yaml"), "--vm", "web", "-o", str(ssdt))
+    run(
+        "acpi",
+        "guest",
+        "--policy",
+        str(REPO / "policies/translation.yaml"),
+        "--vm",
+        "web",
+        "-o",
+        str(ssdt),
+    )
     tables = [q35_dsdt, ssdt]
     assert acpiexec_buffer(tables, f"evaluate \\_SB.PCI0._DSM {GUID_ARG} 6 0 [0]") == b"\0"
     other = "(33db4d5bf71f1c409657 7441c03dd766)"  # the _OSC GUID
@@ -98,8 +105,16 @@ def test_function_0_only_for_this_guid_and_revision(q35_dsdt: Path, tmp_path: Pa
 def test_i440fx_host_bridge_and_expander_bridges(tmp_path: Path) -> None:
     dsdt = guest_like_dsdt(tmp_path / "pc.aml", hid="PNP0A03")
     r = run(
-        "acpi", "guest", "--policy", str(REPO / "policies/translation.yaml"), "--vm", "web",
-        "-o", str(tmp_path / "s.aml"), "--guest-dsdt", str(dsdt),
+        "acpi",
+        "guest",
+        "--policy",
+        str(REPO / "policies/translation.yaml"),
+        "--vm",
+        "web",
+        "-o",
+        str(tmp_path / "s.aml"),
+        "--guest-dsdt",
+        str(dsdt),
     )
     assert r.returncode == 0, r.stderr
     assert "loads cleanly; \\_SB.PCI0 answer the expected tags for 7 UIDs" in r.stderr
@@ -109,8 +124,16 @@ def test_guest_dsdt_that_already_has_a_dsm_is_refused(tmp_path: Path) -> None:
     gpex = guest_like_dsdt(tmp_path / "gpex.aml", with_dsm=True)
     out = tmp_path / "s.aml"
     r = run(
-        "acpi", "guest", "--policy", str(REPO / "policies/translation.yaml"), "--vm", "web",
-        "-o", str(out), "--guest-dsdt", str(gpex),
+        "acpi",
+        "guest",
+        "--policy",
+        str(REPO / "policies/translation.yaml"),
+        "--vm",
+        "web",
+        "-o",
+        str(out),
+        "--guest-dsdt",
+        str(gpex),
     )
     assert r.returncode == 1
     assert "does not load over gpex.aml" in r.stderr and "AE_ALREADY_EXISTS" in r.stderr
@@ -125,7 +148,15 @@ def test_asl_source_and_errors(tmp_path: Path) -> None:
     assert 'DefinitionBlock ("", "SSDT", 2, "TPHTRP", "TPHTAGS", 0x00000001)' in r.stdout
     assert "External (\\_SB.PCI0, DeviceObj)" in r.stdout
     assert "/* UID 3: vCPU 3 (CPU 30), tag 3 at 8-bit and 16-bit */" in r.stdout
-    r = run("acpi", "guest", "--policy", str(REPO / "policies/two-tenants.yaml"), "--vm", "tenant-a", "--asl")
+    r = run(
+        "acpi",
+        "guest",
+        "--policy",
+        str(REPO / "policies/two-tenants.yaml"),
+        "--vm",
+        "tenant-a",
+        "--asl",
+    )
     assert r.returncode == 1 and "has no vcpus" in r.stderr
     r = run("acpi", "guest", "--policy", policy, "--vm", "nope", "--asl")
     assert r.returncode == 1 and "VM 'nope' is not in" in r.stderr and "db, web" in r.stderr
@@ -143,9 +174,20 @@ def test_several_bridges(tmp_path: Path) -> None:
 
     dsdt = compile_asl(src, tmp_path / "pxb.aml")
     r = run(
-        "acpi", "guest", "--policy", str(REPO / "policies/translation.yaml"), "--vm", "db",
-        "--bridge", "\\_SB.PCI0", "--bridge", "\\_SB.PC10", "-o", str(tmp_path / "s.aml"),
-        "--guest-dsdt", str(dsdt),
+        "acpi",
+        "guest",
+        "--policy",
+        str(REPO / "policies/translation.yaml"),
+        "--vm",
+        "db",
+        "--bridge",
+        "\\_SB.PCI0",
+        "--bridge",
+        "\\_SB.PC10",
+        "-o",
+        str(tmp_path / "s.aml"),
+        "--guest-dsdt",
+        str(dsdt),
     )
     assert r.returncode == 0, r.stderr
     assert "\\_SB.PCI0, \\_SB.PC10 answer the expected tags for 19 UIDs" in r.stderr

@@ -109,7 +109,9 @@ def test_json_has_every_cpu_with_its_uid(tmp_path: Path) -> None:
 
 def test_x2apic_entries_give_32_bit_uids(tmp_path: Path) -> None:
     cpus = [MadtCpu(0x1000 + n, 0x100 + n, x2apic=True) for n in range(3)]
-    tables = firmware(tmp_path, Bridge.with_tags("PC00", {0x1001: st_info(0x07, 0x0707)}), cpus=cpus)
+    tables = firmware(
+        tmp_path, Bridge.with_tags("PC00", {0x1001: st_info(0x07, 0x0707)}), cpus=cpus
+    )
     r = run("acpi", "host", "--tables", str(tables), "--json")
     data = json.loads(r.stdout)
     assert [c["uid"] for c in data["cpus"]] == [0x1000, 0x1001, 0x1002]
@@ -148,7 +150,9 @@ def test_host_bridge_found_by_string_hid_cid_package_and_not_when_absent(tmp_pat
     one = {0x10: st_info(0x05, 0x0505)}
     bridges = [
         Bridge.with_tags("PC00", one, hid='"PNP0A08"', cid=None),
-        Bridge.with_tags("PC01", one, hid='"ACPI0016"', cid='Package () { "FOO0001", EisaId ("PNP0A08") }', uid=1),
+        Bridge.with_tags(
+            "PC01", one, hid='"ACPI0016"', cid='Package () { "FOO0001", EisaId ("PNP0A08") }', uid=1
+        ),
         Bridge.with_tags("PC02", one, uid=2, extra="        Name (_STA, Zero)"),  # not present
         Bridge.with_tags("PC03", one, hid='EisaId ("PNP0A05")', cid=None, uid=3),  # not PCI
     ]
@@ -167,7 +171,10 @@ def test_bridges_that_disagree_are_refused_and_bridge_selects(tmp_path: Path) ->
     )
     r = run("acpi", "host", "--tables", str(tables))
     assert r.returncode == 1
-    assert "the host bridges disagree on the tags of CPUs 2 (CPU 2: \\_SB.PC00 st8 0x01 st16 0x0101, \\_SB.PC01 st8 0x09 st16 0x0909)" in r.stderr
+    assert (
+        "the host bridges disagree on the tags of CPUs 2 (CPU 2: \\_SB.PC00 st8 0x01 st16 "
+        "0x0101, \\_SB.PC01 st8 0x09 st16 0x0909)" in r.stderr
+    )
     assert "--bridge" in r.stderr
     assert "    2:" not in r.stdout and "    0-1,3:" in r.stdout  # CPU 2 left out
     r = run("acpi", "host", "--tables", str(tables), "--bridge", "\\_SB.PC00")
@@ -178,7 +185,9 @@ def test_bridges_that_disagree_are_refused_and_bridge_selects(tmp_path: Path) ->
 
 
 def test_bridges_that_agree_are_all_named(tmp_path: Path) -> None:
-    tables = firmware(tmp_path, Bridge.with_tags("PC00", TAGS), Bridge.with_tags("PC01", TAGS, uid=1, bus=0x80))
+    tables = firmware(
+        tmp_path, Bridge.with_tags("PC00", TAGS), Bridge.with_tags("PC01", TAGS, uid=1, bus=0x80)
+    )
     r = run("acpi", "host", "--tables", str(tables))
     assert r.returncode == 0, r.stderr
     assert "# host bridge \\_SB.PC01 (UID 1, segment 0, bus 0x80): answers function 0xf" in r.stdout
@@ -190,7 +199,7 @@ def test_answers_read_from_hardware_are_flagged_not_trusted(tmp_path: Path) -> N
         "        OperationRegion (STRG, SystemMemory, 0xFED40000, 0x10)\n"
         "        Field (STRG, DWordAcc, NoLock, Preserve) { STV0, 32 }"
     )
-    answers = {0x10 + n: f"Buffer (0x08) {{ 0x03, 0x01, 0x01, 0x01, 0, 0, 0, 0 }}" for n in range(8)}
+    answers = {0x10 + n: "Buffer (0x08) { 0x03, 0x01, 0x01, 0x01, 0, 0, 0, 0 }" for n in range(8)}
     answers[0x13] = "ToBuffer (STV0)"  # CPU 3's tags come from a hardware register
     bridge = Bridge("PC00", answers, extra=region)
     r = run("acpi", "host", "--tables", str(firmware(tmp_path, bridge)))

@@ -40,10 +40,7 @@ def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
 
 def tables_with(tmp_path: Path, method_body: str) -> Path:
     """CPU 0's answer comes from a method with ``method_body``; CPU 1's is a plain buffer."""
-    extra = (
-        "        Event (EVNT)\n"
-        f"        Method (ANS0, 0, Serialized) {{ {method_body} }}"
-    )
+    extra = f"        Event (EVNT)\n        Method (ANS0, 0, Serialized) {{ {method_body} }}"
     answers = {0: "ANS0 ()", 1: "Buffer (0x08) { 0x03, 0x01, 0x01, 0x01, 0, 0, 0, 0 }"}
     return Firmware([Bridge("PC00", answers, extra=extra)], CPUS).write(tmp_path / "t")
 
@@ -136,13 +133,19 @@ def test_madt_entries_that_do_not_fit(tmp_path: Path) -> None:
 
 def test_ssdt_redefining_an_object_is_reported_not_fatal(tmp_path: Path) -> None:
     bridge = Bridge.with_tags("PC00", {0: st_info(1, 0x101)})
-    fw = Firmware([bridge], CPUS, ssdts=["    External (\\_SB.PC00, DeviceObj)\n    Name (\\_SB.PC00._UID, 5)"])
+    fw = Firmware(
+        [bridge],
+        CPUS,
+        ssdts=["    External (\\_SB.PC00, DeviceObj)\n    Name (\\_SB.PC00._UID, 5)"],
+    )
     r, _ = host(fw.write(tmp_path / "t"))
     assert r.returncode == 0, r.stderr  # Linux loads the rest of such a table too
     assert r.stdout.endswith("    0: {st8: 0x01, st16: 0x0101}\n")
 
 
 def test_output_not_following_the_commands_is_refused(tmp_path: Path) -> None:
-    dsdt = compile_asl('DefinitionBlock ("", "DSDT", 2, "T", "T", 1) { Name (X, 1) }', tmp_path / "d.aml")
+    dsdt = compile_asl(
+        'DefinitionBlock ("", "DSDT", 2, "T", "T", 1) { Name (X, 1) }', tmp_path / "d.aml"
+    )
     with pytest.raises(AcpiError, match="acpiexec answered 0 of the 1 commands"):
         run_acpiexec([dsdt], ["quit"], what="test", timeout=30)  # quits before answering

@@ -26,7 +26,9 @@ def check(tmp_path: Path, policy: str, bridge: Bridge | None = None, *extra: str
     path.write_text(policy)
     r = subprocess.run(
         [str(TPHTRAP), "policy", "check", str(path), "--tables", str(tables), *extra],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     return r, path
 
@@ -71,7 +73,11 @@ def test_firmware_without_tags_makes_every_tag_made_up(tmp_path: Path) -> None:
     assert r.returncode == 0
     first = r.stdout.splitlines()[0]
     assert first.startswith(f"{path}:3:3: warning: this firmware reports no steering tags")
-    assert first.endswith("every tag in this policy is made up (" + str(tmp_path / "t") + ") (firmware-reports-no-tags)")
+    assert first.endswith(
+        "every tag in this policy is made up ("
+        + str(tmp_path / "t")
+        + ") (firmware-reports-no-tags)"
+    )
 
 
 def test_broken_tables_are_an_error_not_a_clean_report(tmp_path: Path) -> None:
@@ -79,7 +85,9 @@ def test_broken_tables_are_an_error_not_a_clean_report(tmp_path: Path) -> None:
     path.write_text(GOOD)
     r = subprocess.run(
         [str(TPHTRAP), "policy", "check", str(path), "--tables", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 1 and "ok" not in r.stdout
     assert "not a directory of ACPI tables" in r.stderr
