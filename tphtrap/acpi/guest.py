@@ -102,7 +102,10 @@ def guest_asl(policy: Policy, vm_name: str, bridges: Sequence[str] = (QEMU_HOST_
     """The ASL source of the VM's SSDT."""
     tags = guest_tags(policy, vm_name)
     paths = [_aml_path(b) for b in dict.fromkeys(bridges)]
-    entries = ",\n".join(f"        {_buffer(t.raw)}  /* {_tag_comment(t)} */" for t in tags)
+    entries = "\n".join(
+        f"        {_buffer(t.raw)}{',' if i < len(tags) - 1 else ' '}  /* {_tag_comment(t)} */"
+        for i, t in enumerate(tags)
+    )
     mask = (1 | 1 << TPH_ST_FUNCTION).to_bytes(2, "little")
     externals = "\n".join(f"    External ({p}, DeviceObj)" for p in paths)
     scopes = "\n\n".join(
