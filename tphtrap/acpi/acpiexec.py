@@ -169,7 +169,7 @@ _EVAL_OK = re.compile(r"^Evaluation of (\S+) returned object 0x[0-9a-fA-F]+")
 _EVAL_FAILED = re.compile(r"^Evaluation of (\S+) failed with status (\w+)")
 _NO_OBJECT = re.compile(r"^No object was returned from evaluation of (\S+)")
 _VALUE = re.compile(r"^(\s*)\[([A-Za-z ]+)\](.*)$")
-_HEXROW = re.compile(r"^\s*[0-9A-Fa-f]{4}: ((?:[0-9A-Fa-f]{2} )+)")
+_HEXROW = re.compile(r"^\s*[0-9A-Fa-f]{4}: ((?:[0-9A-Fa-f]{2}(?: |$))+)")
 _LENGTH = re.compile(r"\s*Length ([0-9A-Fa-f]+) =(.*)$")
 _ELEMENTS = re.compile(r"\s*Contains (\d+) Elements:")
 _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -250,7 +250,7 @@ class _Values:
             data.extend(bytes.fromhex(row[1]))
             self.pos += 1
         if len(data) != length:
-            raise self.fail(f"a {length}-byte buffer printed as {len(data)} bytes")
+            raise self.fail(f"{length}-byte buffer printed as {len(data)} bytes")
         return bytes(data)
 
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..policy import parse_cpulist
+from ..policy import format_cpulist, parse_cpulist
 from .errors import AcpiError
 from .madt import MadtProcessor, ProcessorKind, usable_processors
 from .tables import AcpiTable
@@ -89,8 +89,6 @@ def cpus_from_sysfs(
         else:
             out.append(CpuUid(cpu, uid))
     if missing:
-        from ..policy import format_cpulist
-
         raise AcpiError(
             f"cannot find the ACPI processor UID of CPUs {format_cpulist(missing)}: no MADT "
             "entry matches their APIC ID (offline CPUs have none in /proc/cpuinfo) and "

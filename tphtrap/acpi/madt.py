@@ -22,7 +22,7 @@ from ..layouts import (
 from .errors import AcpiError
 from .tables import HEADER_SIZE, AcpiTable
 
-__all__ = ["MadtProcessor", "ProcessorKind", "madt_processors"]
+__all__ = ["MadtProcessor", "ProcessorKind", "madt_processors", "usable_processors"]
 
 _ENABLED = 0x1
 _APIC_ONLINE_CAPABLE = 0x2  # Local APIC / x2APIC flags bit 1 (ACPI 6.3)
