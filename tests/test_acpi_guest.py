@@ -27,6 +27,15 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(TPHTRAP), *args], capture_output=True, text=True, timeout=120)
 
 
+TRANSLATION = REPO / "policies" / "translation.yaml"
+
+
+def guest(
+    vm: str, *args: str | Path, policy: Path = TRANSLATION
+) -> subprocess.CompletedProcess[str]:
+    return run("acpi", "guest", "--policy", str(policy), "--vm", vm, *map(str, args))
+
+
 def translating_vms() -> list[tuple[Path, str]]:
     out = [(p, name) for p in POLICIES for name, vm in load_policy(p).vms.items() if vm.vcpus]
     assert out, "the example policies have VMs with vcpus"
@@ -64,7 +73,7 @@ def test_every_vcpu_gets_policy_explains_virtual_tags(
     policy: Path, vm: str, q35_dsdt: Path, tmp_path: Path
 ) -> None:
     ssdt = tmp_path / "ssdt.aml"
-    r = run("acpi", "guest", "--policy", str(policy), "--vm", vm, "-o", str(ssdt))
+    r = guest(vm, "-o", ssdt, policy=policy)
     assert r.returncode == 0, r.stderr
     assert f"QEMU: -acpitable file={ssdt}" in r.stderr
     tables = [q35_dsdt, ssdt]
@@ -83,16 +92,7 @@ def test_every_vcpu_gets_policy_explains_virtual_tags(
 
 def test_function_0_only_for_this_guid_and_revision(q35_dsdt: Path, tmp_path: Path) -> None:
     ssdt = tmp_path / "s.aml"
-    run(
-        "acpi",
-        "guest",
-        "--policy",
-        str(REPO / "policies/translation.yaml"),
-        "--vm",
-        "web",
-        "-o",
-        str(ssdt),
-    )
+    assert guest("web", "-o", ssdt).returncode == 0
     tables = [q35_dsdt, ssdt]
     assert acpiexec_buffer(tables, f"evaluate \\_SB.PCI0._DSM {GUID_ARG} 6 0 [0]") == b"\0"
     other = "(33db4d5bf71f1c409657 7441c03dd766)"  # the _OSC GUID
@@ -104,18 +104,7 @@ def test_function_0_only_for_this_guid_and_revision(q35_dsdt: Path, tmp_path: Pa
 
 def test_i440fx_host_bridge_and_expander_bridges(tmp_path: Path) -> None:
     dsdt = guest_like_dsdt(tmp_path / "pc.aml", hid="PNP0A03")
-    r = run(
-        "acpi",
-        "guest",
-        "--policy",
-        str(REPO / "policies/translation.yaml"),
-        "--vm",
-        "web",
-        "-o",
-        str(tmp_path / "s.aml"),
-        "--guest-dsdt",
-        str(dsdt),
-    )
+    r = guest("web", "-o", tmp_path / "s.aml", "--guest-dsdt", dsdt)
     assert r.returncode == 0, r.stderr
     assert "loads cleanly; \\_SB.PCI0 answer the expected tags for 7 UIDs" in r.stderr
 
@@ -123,18 +112,7 @@ def test_i440fx_host_bridge_and_expander_bridges(tmp_path: Path) -> None:
 def test_guest_dsdt_that_already_has_a_dsm_is_refused(tmp_path: Path) -> None:
     gpex = guest_like_dsdt(tmp_path / "gpex.aml", with_dsm=True)
     out = tmp_path / "s.aml"
-    r = run(
-        "acpi",
-        "guest",
-        "--policy",
-        str(REPO / "policies/translation.yaml"),
-        "--vm",
-        "web",
-        "-o",
-        str(out),
-        "--guest-dsdt",
-        str(gpex),
-    )
+    r = guest("web", "-o", out, "--guest-dsdt", gpex)
     assert r.returncode == 1
     assert "does not load over gpex.aml" in r.stderr and "AE_ALREADY_EXISTS" in r.stderr
     assert "already has a _DSM" in r.stderr
@@ -142,25 +120,16 @@ def test_guest_dsdt_that_already_has_a_dsm_is_refused(tmp_path: Path) -> None:
 
 
 def test_asl_source_and_errors(tmp_path: Path) -> None:
-    policy = str(REPO / "policies/translation.yaml")
-    r = run("acpi", "guest", "--policy", policy, "--vm", "web", "--asl")
+    r = guest("web", "--asl")
     assert r.returncode == 0, r.stderr
     assert 'DefinitionBlock ("", "SSDT", 2, "TPHTRP", "TPHTAGS", 0x00000001)' in r.stdout
     assert "External (\\_SB.PCI0, DeviceObj)" in r.stdout
     assert "/* UID 3: vCPU 3 (CPU 30), tag 3 at 8-bit and 16-bit */" in r.stdout
-    r = run(
-        "acpi",
-        "guest",
-        "--policy",
-        str(REPO / "policies/two-tenants.yaml"),
-        "--vm",
-        "tenant-a",
-        "--asl",
-    )
+    r = guest("tenant-a", "--asl", policy=REPO / "policies" / "two-tenants.yaml")
     assert r.returncode == 1 and "has no vcpus" in r.stderr
-    r = run("acpi", "guest", "--policy", policy, "--vm", "nope", "--asl")
+    r = guest("nope", "--asl")
     assert r.returncode == 1 and "VM 'nope' is not in" in r.stderr and "db, web" in r.stderr
-    r = run("acpi", "guest", "--policy", policy, "--vm", "web", "--asl", "--bridge", "_SB.PCI0")
+    r = guest("web", "--asl", "--bridge", "_SB.PCI0")
     assert r.returncode == 1 and "not an absolute ACPI path" in r.stderr
 
 
@@ -173,21 +142,16 @@ def test_several_bridges(tmp_path: Path) -> None:
     from acpi_fixtures import compile_asl
 
     dsdt = compile_asl(src, tmp_path / "pxb.aml")
-    r = run(
-        "acpi",
-        "guest",
-        "--policy",
-        str(REPO / "policies/translation.yaml"),
-        "--vm",
+    r = guest(
         "db",
         "--bridge",
         "\\_SB.PCI0",
         "--bridge",
         "\\_SB.PC10",
         "-o",
-        str(tmp_path / "s.aml"),
+        tmp_path / "s.aml",
         "--guest-dsdt",
-        str(dsdt),
+        dsdt,
     )
     assert r.returncode == 0, r.stderr
     assert "\\_SB.PCI0, \\_SB.PC10 answer the expected tags for 19 UIDs" in r.stderr

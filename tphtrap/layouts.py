@@ -308,16 +308,14 @@ MADT_HEADER = cs.Struct("local_apic_address" / cs.Int32ul, "flags" / cs.Int32ul)
 MADT_SUBTABLE_HEADER = cs.Struct("type" / cs.Int8ul, "length" / cs.Int8ul)
 # Type 0, Processor Local APIC (8 bytes). flags bit 0 Enabled, bit 1 Online Capable.
 MADT_LOCAL_APIC = cs.Struct(
-    "type" / cs.Int8ul,
-    "length" / cs.Int8ul,
+    *MADT_SUBTABLE_HEADER.subcons,
     "processor_uid" / cs.Int8ul,  # "ACPI Processor UID"
     "apic_id" / cs.Int8ul,
     "flags" / cs.Int32ul,
 )
 # Type 9, Processor Local x2APIC (16 bytes).
 MADT_LOCAL_X2APIC = cs.Struct(
-    "type" / cs.Int8ul,
-    "length" / cs.Int8ul,
+    *MADT_SUBTABLE_HEADER.subcons,
     "_rsvd" / cs.Bytes(2),
     "x2apic_id" / cs.Int32ul,
     "flags" / cs.Int32ul,
@@ -325,8 +323,7 @@ MADT_LOCAL_X2APIC = cs.Struct(
 )
 # Type 0xB, GIC CPU Interface (GICC, 80 bytes or more): the fields up to MPIDR.
 MADT_GICC = cs.Struct(
-    "type" / cs.Int8ul,
-    "length" / cs.Int8ul,
+    *MADT_SUBTABLE_HEADER.subcons,
     "_rsvd" / cs.Bytes(2),
     "cpu_interface_number" / cs.Int32ul,
     "processor_uid" / cs.Int32ul,

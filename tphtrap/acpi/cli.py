@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policyfile import load_policy
+from .errors import AcpiError
 from .guest import QEMU_HOST_BRIDGE, compile_asl, guest_asl, guest_tags
 from .guestcheck import check_guest_tables
 from .host import probe_tables
@@ -35,6 +36,17 @@ def _timeout(text: str) -> float:
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError("give 0 < SECONDS <= 3600")
     return value
+
+
+def _bridge_and_timeout(parser: argparse.ArgumentParser, bridge_help: str, tools: str) -> None:
+    parser.add_argument("--bridge", action="append", default=[], metavar="PATH", help=bridge_help)
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"limit for each run of {tools} (default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
@@ -76,21 +88,10 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         help=f"a directory of tables from 'acpidump -b' (default: {LIVE_TABLES} and sysfs)",
     )
-    host.add_argument(
-        "--bridge",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="ask only this host bridge (e.g. '\\_SB.PC00'); repeat for several",
+    _bridge_and_timeout(
+        host, "ask only this host bridge (e.g. '\\_SB.PC00'); repeat for several", "acpiexec"
     )
     host.add_argument("--json", action="store_true", help="print the full report as JSON")
-    host.add_argument(
-        "--timeout",
-        type=_timeout,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"limit for each acpiexec run (default {DEFAULT_TIMEOUT:g})",
-    )
     host.set_defaults(func=run_host)
 
     guest = cmds.add_parser(
@@ -116,13 +117,11 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "-o", "--output", metavar="FILE", type=Path, help="write the table (or ASL) to FILE"
     )
     guest.add_argument("--asl", action="store_true", help="write the ASL source, not AML")
-    guest.add_argument(
-        "--bridge",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help=f"the guest's host bridge (default {QEMU_HOST_BRIDGE}); repeat for expander "
-        "bridges (QEMU pxb-pcie: \\_SB.PCxx, xx the bus number in hex)",
+    _bridge_and_timeout(
+        guest,
+        f"the guest's host bridge (default {QEMU_HOST_BRIDGE}); repeat for expander bridges "
+        "(QEMU pxb-pcie: \\_SB.PCxx, xx the bus number in hex)",
+        "iasl and acpiexec",
     )
     guest.add_argument(
         "--guest-dsdt",
@@ -130,13 +129,6 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         help="check the table against this guest DSDT (e.g. the guest's "
         "/sys/firmware/acpi/tables/DSDT) with acpiexec before writing it",
-    )
-    guest.add_argument(
-        "--timeout",
-        type=_timeout,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"limit for iasl and acpiexec (default {DEFAULT_TIMEOUT:g})",
     )
     guest.set_defaults(func=run_guest)
 
@@ -164,14 +156,10 @@ def _write(path: Path | None, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:
-        from .errors import AcpiError
-
         raise AcpiError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def run_guest(args: argparse.Namespace) -> int:
-    from .errors import AcpiError
-
     policy = load_policy(args.policy)
     bridges = args.bridge or [QEMU_HOST_BRIDGE]
     asl = guest_asl(policy, args.vm, bridges)
