@@ -242,23 +242,13 @@ def guest_like_dsdt(out: Path, *, hid: str = "PNP0A08", with_dsm: bool = False) 
     return compile_asl(src, out)
 
 
-def acpiexec_buffer(tables: Sequence[Path], command: str, timeout: float = 30) -> bytes | None:
-    """Run one acpiexec command in batch mode; the buffer it returns (None: no buffer)."""
-    run = subprocess.run(
-        ["acpiexec", "-b", command, *map(str, tables)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    lines = run.stdout.splitlines()
+def _buffer_in(lines: Sequence[str]) -> bytes | None:
     for i, line in enumerate(lines):
         m = re.search(r"\[Buffer\] Length ([0-9A-F]+) =(.*)$", line)
         if m is None:
             continue
-        rows = [m[2], *lines[i + 1 :]]
         data = b""
-        for row in rows:
+        for row in [m[2], *lines[i + 1 :]]:
             hexrow = re.match(r"\s*[0-9A-F]{4}: ((?:[0-9A-F]{2} )+)", row)
             if hexrow is None:
                 if data or row.strip():
@@ -267,3 +257,31 @@ def acpiexec_buffer(tables: Sequence[Path], command: str, timeout: float = 30) -
             data += bytes.fromhex(hexrow[1])
         return data[: int(m[1], 16)]
     return None
+
+
+def acpiexec_buffers(tables: Sequence[Path], commands: Sequence[str]) -> list[bytes | None]:
+    """Run ``evaluate`` commands in acpiexec's batch mode (in order, a few per run: a batch
+    line holds at most 1023 characters); the buffer each returns (None: none)."""
+    out: list[bytes | None] = []
+    for at in range(0, len(commands), 8):
+        chunk = commands[at : at + 8]
+        run = subprocess.run(
+            ["acpiexec", "-b", ";".join(chunk), *map(str, tables)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        blocks: list[list[str]] = []
+        for line in run.stdout.splitlines():
+            if line.startswith("Evaluating "):
+                blocks.append([])
+            elif blocks:
+                blocks[-1].append(line)
+        assert len(blocks) == len(chunk), run.stdout[-2000:]
+        out += [_buffer_in(b) for b in blocks]
+    return out
+
+
+def acpiexec_buffer(tables: Sequence[Path], command: str) -> bytes | None:
+    return acpiexec_buffers(tables, [command])[0]
