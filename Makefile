@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  ?= $(BIN)/python -m pytest
 
-.PHONY: help deps setup test demo lint policy-check bench fuzz clean
+.PHONY: help deps setup test demo lint policy-check bench fuzz integration clean
 # deps must finish before the virtual environment is made (it may install python3-venv).
 .NOTPARALLEL:
 
@@ -17,6 +17,7 @@ help:
 	@echo "make policy-check  check every example policy"
 	@echo "make bench         benchmarks; writes bench/results.md"
 	@echo "make fuzz          a longer fuzzing campaign"
+	@echo "make integration   boot QEMU guests with the SSDT of tphtrap acpi guest (about a minute)"
 	@echo "make clean         remove .venv and caches"
 
 # Installs what is missing as root; otherwise stops with the one command to run.
@@ -54,5 +55,8 @@ bench: $(STAMP)
 fuzz: $(STAMP)
 	TPHTRAP_FUZZ=long $(PYTEST) -q tests/test_fuzz.py tests/test_engine_stateful.py -p no:cacheprovider
 
+integration: $(STAMP)
+	TPHTRAP_INTEGRATION=1 $(PYTEST) -q -s -p no:cacheprovider tests/test_acpi_integration.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info .cache

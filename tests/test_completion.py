@@ -76,7 +76,7 @@ def test_bash_completes_commands_options_and_values(tmp_path: Path) -> None:
         "tphtrap inspect --bdf ",
     )
     assert got == [
-        ["completion", "inspect", "policy", "replay", "serve"],
+        ["acpi", "completion", "inspect", "policy", "replay", "serve"],
         ["policy"],
         ["check", "explain", "schema"],
         ["check"],
@@ -117,6 +117,7 @@ def test_every_command_of_the_parser_is_in_the_tree() -> None:
         "policy",
         "serve",
         "replay",
+        "acpi",
         "completion",
     ]
     policy = next(c for c in tree.subcommands if c.path[-1] == "policy")

@@ -1,4 +1,4 @@
-"""Command line front door: ``tphtrap inspect|policy|serve|replay|completion``.
+"""Command line front door: ``tphtrap inspect|policy|serve|replay|acpi|completion``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``; this module only
 wires them together and maps errors to exit codes, the same for every command:
@@ -56,6 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import completion, policy_cmd, replay, report, serve
+    from .acpi import cli as acpi_cli
 
     parser = _Parser(
         prog="tphtrap",
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmd.add_parser(sub)
     serve.add_parser(sub)
     replay.add_parser(sub)
+    acpi_cli.add_parser(sub)
     completion.add_parser(sub)
     return parser
 

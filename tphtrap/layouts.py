@@ -24,11 +24,17 @@ import construct as cs
 from .errors import LayoutError
 
 __all__ = [
+    "ACPI_TABLE_HEADER",
     "AF_CAP",
     "AF_CTRL",
     "EXP_DEVCAP",
     "EXP_DEVCTL",
     "EXT_CAP_HEADER",
+    "MADT_GICC",
+    "MADT_HEADER",
+    "MADT_LOCAL_APIC",
+    "MADT_LOCAL_X2APIC",
+    "MADT_SUBTABLE_HEADER",
     "MSIX_ENTRY",
     "MSIX_FLAGS",
     "MSIX_TABLE_BIR",
@@ -42,6 +48,7 @@ __all__ = [
     "TPH_CAP",
     "TPH_CTRL",
     "TPH_ST_ENTRY",
+    "TPH_ST_INFO",
     "Field",
     "Register",
     "parse_struct",
@@ -346,6 +353,70 @@ MSIX_ENTRY = cs.Struct(
     "upper_addr" / cs.Int32ul,  # PCI_MSIX_ENTRY_UPPER_ADDR
     "data" / cs.Int32ul,  # PCI_MSIX_ENTRY_DATA
     "vector_ctrl" / MSIX_VECTOR_CTRL.struct,  # PCI_MSIX_ENTRY_VECTOR_CTRL
+)
+
+
+# --- ACPI: the PCI firmware _DSM answer and the tables tphtrap reads -------------------------
+# Function 0xF of the PCI firmware _DSM returns an 8-byte buffer read as a u64 (Linux
+# ``union st_info`` in drivers/pci/tph.c): volatile memory in bits 31:0, persistent in 63:32.
+TPH_ST_INFO = Register(
+    "TPH_ST_INFO",
+    8,
+    _bits("pm_xst", 16),  # persistent memory, 16-bit tag
+    _bits("pm_st", 8),  # persistent memory, 8-bit tag
+    _bits("_rsvd35", 5),
+    _bits("pm_ph_ignore", 1),
+    _bits("pm_xst_valid", 1),
+    _bits("pm_st_valid", 1),
+    _bits("vm_xst", 16),  # volatile memory, 16-bit tag
+    _bits("vm_st", 8),  # volatile memory, 8-bit tag
+    _bits("_rsvd3", 5),
+    _bits("vm_ph_ignore", 1),  # the platform ignores Processing Hints
+    _bits("vm_xst_valid", 1),
+    _bits("vm_st_valid", 1),
+)
+
+# The header every ACPI system description table starts with (ACPI 6.5, 5.2.6), 36 bytes.
+ACPI_TABLE_HEADER = cs.Struct(
+    "signature" / cs.Bytes(4),
+    "length" / cs.Int32ul,
+    "revision" / cs.Int8ul,
+    "checksum" / cs.Int8ul,
+    "oem_id" / cs.Bytes(6),
+    "oem_table_id" / cs.Bytes(8),
+    "oem_revision" / cs.Int32ul,
+    "asl_compiler_id" / cs.Bytes(4),
+    "asl_compiler_revision" / cs.Int32ul,
+)
+
+# MADT ("APIC", ACPI 6.5, 5.2.12): after the table header, then interrupt controller
+# structures, each starting with type and length.
+MADT_HEADER = cs.Struct("local_apic_address" / cs.Int32ul, "flags" / cs.Int32ul)
+MADT_SUBTABLE_HEADER = cs.Struct("type" / cs.Int8ul, "length" / cs.Int8ul)
+# Type 0, Processor Local APIC (8 bytes). flags bit 0 Enabled, bit 1 Online Capable.
+MADT_LOCAL_APIC = cs.Struct(
+    *MADT_SUBTABLE_HEADER.subcons,
+    "processor_uid" / cs.Int8ul,  # "ACPI Processor UID"
+    "apic_id" / cs.Int8ul,
+    "flags" / cs.Int32ul,
+)
+# Type 9, Processor Local x2APIC (16 bytes).
+MADT_LOCAL_X2APIC = cs.Struct(
+    *MADT_SUBTABLE_HEADER.subcons,
+    "_rsvd" / cs.Bytes(2),
+    "x2apic_id" / cs.Int32ul,
+    "flags" / cs.Int32ul,
+    "processor_uid" / cs.Int32ul,
+)
+# Type 0xB, GIC CPU Interface (GICC, 80 bytes or more): the fields up to MPIDR.
+MADT_GICC = cs.Struct(
+    *MADT_SUBTABLE_HEADER.subcons,
+    "_rsvd" / cs.Bytes(2),
+    "cpu_interface_number" / cs.Int32ul,
+    "processor_uid" / cs.Int32ul,
+    "flags" / cs.Int32ul,  # bit 0 Enabled, bit 3 Online Capable
+    "_between" / cs.Bytes(52),
+    "mpidr" / cs.Int64ul,
 )
 
 

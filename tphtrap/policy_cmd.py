@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     check.add_argument(
         "--strict", action="store_true", help="treat warnings as errors (exit 1 on any warning)"
     )
+    check.add_argument(
+        "--tables",
+        metavar="DIR",
+        type=Path,
+        help="also warn where host.steering_tags differ from what the firmware reports: ACPI "
+        "tables from 'acpidump -b', or /sys/firmware/acpi/tables (docs/acpi.md)",
+    )
     check.set_defaults(func=run_check)
 
     schema = cmds.add_parser(
@@ -131,10 +139,24 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _firmware_check(tables: Path | None) -> Callable[[str, Policy], list[Problem]] | None:
+    """``--tables``: a function adding the firmware comparison's warnings (docs/acpi.md)."""
+    if tables is None:
+        return None
+    from .acpi.host import probe_tables
+    from .acpi.policytags import firmware_problems
+
+    report = probe_tables(tables, timeout=30.0)
+    return lambda name, policy: firmware_problems(name, policy, report)
+
+
 def run_check(args: argparse.Namespace) -> int:
+    firmware = _firmware_check(args.tables)
     results: list[tuple[str, list[Problem]]] = []
     for name in args.files:
-        _, problems = read_policy(name)
+        policy, problems = read_policy(name)
+        if firmware is not None and policy is not None:
+            problems = sorted([*problems, *firmware(name, policy)])
         results.append((name, problems))
     failed = False
     report: list[dict[str, Any]] = []
