@@ -24,7 +24,15 @@ from .policy import MAX_CPUS, Policy
 from .policy import parse_cpulist as parse_policy_cpulist
 from .policycheck import MACHINE_RULES, Context, Scope, run_checks
 from .policycheck import RULES as CHECK_RULES
-from .policyread import MAX_VCPUS, POLICY_VERSION, READ_RULES, PolicyDraft, read_draft
+from .policyread import (
+    MAX_VCPUS,
+    POLICY_VERSION,
+    READ_RULES,
+    PolicyDraft,
+    SteeringEntry,
+    read_draft,
+    read_steering_tags,
+)
 
 if TYPE_CHECKING:
     from .hostscan import HostFacts
@@ -43,6 +51,7 @@ __all__ = [
     "parse_policy_cpulist",
     "read_policy",
     "read_policy_text",
+    "read_tags",
 ]
 
 MAX_POLICY_BYTES: Final = 16 << 20  # policy files are read whole; no policy comes near this
@@ -121,9 +130,26 @@ def check_against(
     return _read(text, str(path), machine, domains)[1]
 
 
-def check_policy_text(text: str, name: str = "<policy>") -> list[Problem]:
-    """Every problem in a policy, errors and warnings, in position order."""
-    return read_policy_text(text, name)[1]
+def read_tags(path: str | Path) -> tuple[list[SteeringEntry], list[Problem]]:
+    """The steering tags in a ``tphtrap acpi host`` output file, and its problems."""
+    text, problems = _read_file(path)
+    if text is None:
+        return [], problems
+    entries, out = read_steering_tags(text, str(path))
+    return entries, sorted(out.problems)
+
+
+def check_policy_text(
+    text: str,
+    name: str = "<policy>",
+    machine: HostFacts | None = None,
+    domains: Sequence[Domain] = (),
+) -> list[Problem]:
+    """Every problem in a policy, errors and warnings, in position order; with ``machine``
+    and ``domains``, also the problems of the policy against them."""
+    if machine is None and not domains:
+        return read_policy_text(text, name)[1]
+    return _read(text, name, machine, domains)[1]
 
 
 def load_policy_text(text: str, name: str = "<policy>") -> Policy:

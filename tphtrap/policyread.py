@@ -334,6 +334,7 @@ class PolicyDraft:
     steering: dict[int, CpuTags] = field(default_factory=dict)
     steering_lines: dict[int, int] = field(default_factory=dict)
     entries: list[SteeringEntry] = field(default_factory=list)
+    steering_key: Node | None = None  # the "steering_tags" key, where host-wide problems point
     neutral: list[tuple[int, Node]] = field(default_factory=list)
     vms: list[VmDraft] = field(default_factory=list)
     vms_node: Node | None = None
@@ -640,6 +641,7 @@ class _Reader:
         if host is None:
             return
         if "steering_tags" in host:
+            self.draft.steering_key = host["steering_tags"][0]
             self.read_steering(host["steering_tags"][1], "host.steering_tags")
         if "neutral_tags" in host:
             path = "host.neutral_tags"
