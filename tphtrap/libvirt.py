@@ -172,6 +172,7 @@ class _Tree:
         p = self._parser
         p.StartElementHandler = self._start
         p.EndElementHandler = self._end
+        p.CharacterDataHandler = self._data
         p.StartDoctypeDeclHandler = self._refuse("a document type declaration")
         p.EntityDeclHandler = self._refuse("an entity declaration")
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -198,6 +199,11 @@ class _Tree:
     def _end(self, tag: str) -> None:
         self._stack.pop()
 
+    def _data(self, text: str) -> None:
+        if self._stack:  # only an element's own text is read (<name>, <vcpu>), never tails
+            el = self._stack[-1]
+            el.text = (el.text or "") + text
+
     def parse(self, data: bytes) -> ET.Element:
         try:
             self._parser.Parse(data, True)
@@ -217,7 +223,7 @@ class _Tree:
 
 
 def _text(el: ET.Element) -> str:
-    return "".join(el.itertext()).strip()
+    return (el.text or "").strip()
 
 
 # --- the domain -------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ def device_lines(fn: PciFunction) -> list[str]:
         lines.append(f"  root port {fn.root_port}: config space unreadable ({fn.root_port_error})")
     else:
         lines.append(
-            f"  root port {fn.root_port}: its TPH Completer support is in Device Capabilities 2 "
-            f"(lspci -vv -s {fn.root_port}: TPHComp, ExtTPHComp)"
+            f"  root port {fn.root_port} (its TPH Completer support: DevCap2 TPHComp and "
+            f"ExtTPHComp in lspci -vv -s {fn.root_port})"
         )
     return lines
 
@@ -219,12 +219,23 @@ def _pinning_words(dom: Domain) -> str:
     return f"{dom.vcpus} vCPUs on CPUs {format_cpulist(dom.cpus)} ({how})"
 
 
+def _flow_list(key: str, items: Sequence[int], indent: str) -> list[str]:
+    """``key: [a, b, ...]`` wrapped at 96 characters, continuation lines under the first item."""
+    head = f"{indent}{key}: ["
+    body = textwrap.wrap(", ".join(map(str, items)) + "]", 96 - len(head))
+    return [head + body[0], *(" " * len(head) + line for line in body[1:])]
+
+
 def _vm_lines(dom: Domain, host: HostFacts) -> list[str]:
-    out = [f"  {dom.name}:", f"    # from {dom.source}: {_pinning_words(dom)}"]
+    out = [f"  {dom.name}:"]
+    out.extend(_comment(f"from {dom.source}: {_pinning_words(dom)}", "    "))
     if dom.emulator is not None:
-        out.append(
-            f"    # emulator threads on CPUs {format_cpulist(dom.emulator)} (emulatorpin): the "
-            "host's work, not in cpus"
+        out.extend(
+            _comment(
+                f"emulator threads on CPUs {format_cpulist(dom.emulator)} (emulatorpin): the "
+                "host's work for the VM, not in cpus",
+                "    ",
+            )
         )
     for thread, cpus in sorted(dom.iothreads.items()):
         out.append(
@@ -234,15 +245,17 @@ def _vm_lines(dom: Domain, host: HostFacts) -> list[str]:
     pins = dom.one_to_one
     if pins is not None and len(pins) <= MAX_VCPUS:
         out.append("    # every vCPU has one CPU: the guest writes virtual tags (vCPU numbers)")
-        out.append(f"    vcpus: [{', '.join(map(str, pins))}]")
+        out.extend(_flow_list("vcpus", pins, "    "))
     elif pins is not None:
         out.append(f"    # no vcpus: {len(pins)} vCPUs, more than {MAX_VCPUS} virtual tags")
     else:
-        loose = [str(p.vcpu) for p in dom.pins if len(p.cpus) > 1]
-        out.append(
-            f"    # no vcpus (translation): vCPU {', '.join(loose[:8])}"
-            f"{', ...' if len(loose) > 8 else ''} may run on several CPUs; the guest writes "
-            "host tags"
+        loose = [p.vcpu for p in dom.pins if len(p.cpus) > 1]
+        out.extend(
+            _comment(
+                f"no vcpus (translation): vCPUs {format_cpulist(loose)} may run on several "
+                "CPUs each, so the guest writes host tags",
+                "    ",
+            )
         )
     out.append("    on_violation: drop   # drop | rewrite | disable")
     if not dom.hostdevs:
@@ -256,8 +269,12 @@ def _vm_lines(dom: Domain, host: HostFacts) -> list[str]:
             rows.append((f"{dev.bdf}: {value}", _device_short(fn, dev.bdf)))
         out.extend(_aligned(rows, "      "))
     for dev in dom.unassigned:
-        out.append(
-            f"    # {dev.bdf}: managed by libvirt but <address type='unassigned'/>: not the guest's"
+        out.extend(
+            _comment(
+                f"{dev.bdf}: managed by libvirt but <address type='unassigned'/>: not the "
+                "guest's, not listed",
+                "    ",
+            )
         )
     return out
 

@@ -260,8 +260,6 @@ class Context:
         others = view.unlisted
         if others:
             names = ", ".join(others)
-            words += (
-                f" and list {names} in its share_cpus_with (and {vm.name} in "
-                f"{'theirs' if len(others) > 1 else 'its'})"
-            )
+            theirs = "theirs" if len(others) > 1 else f"{others[0]}'s"
+            words += f" and list {names} in its share_cpus_with (and {vm.name} in {theirs})"
         return words
