@@ -34,8 +34,8 @@ def _views(ctx: Context, *verdicts: str) -> list[VmTags]:
 
 
 def _neutral_words(view: VmTags, widths: tuple[TagWidth, ...]) -> str:
-    tags = sorted({(w, t) for w in widths for t in view.host.neutral(w)})
-    shown = ", ".join(format_tag(t, w) for w, t in tags)
+    tags = sorted({t for w in widths for t in view.host.neutral(w)})
+    shown = ", ".join(format_tag(t, TagWidth.ST8 if t <= 0xFF else TagWidth.ST16) for t in tags)
     return f"the neutral tag{'s' if len(tags) > 1 else ''} {shown}"
 
 
