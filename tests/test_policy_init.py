@@ -219,7 +219,8 @@ def test_cpus_wider_than_the_pinning_and_its_caches_warn(
 ) -> None:
     policy = tmp_path / "p.yaml"
     text = EXAMPLE.read_text().replace(
-        "    cpus: 24-47,72-95           # the whole of socket 1 (it runs on 24-31,72-79)",
+        "    cpus: 24-47,72-95           # the whole of socket 1 (it runs on 24-31,72-79)\n"
+        "    share_cpus_with: [web2]",
         "    cpus: 0-95\n    share_cpus_with: [web2, big]",
     )
     policy.write_text(text.replace("    on_violation: rewrite", "    share_cpus_with: [web1]"))
