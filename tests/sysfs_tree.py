@@ -187,3 +187,11 @@ def two_socket(root: Path, **kw: object) -> Path:
         Function("0000:00:1f.0", conventional(), None),
     ]
     return build_tree(root, sockets=2, cores=24, smt=2, functions=functions, **kw)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":  # .venv/bin/python tests/sysfs_tree.py DIR (docs/policy.md)
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/sysfs_tree.py DIR  (builds the 2-socket example host there)")
+    print(two_socket(Path(sys.argv[1])))

@@ -82,11 +82,12 @@ def test_init_without_tags_is_refused_only_for_its_placeholders(
     rc, err = init(capsys, sysfs, out)
     assert rc == 0
     assert "tphtrap: 5 TPH devices under" in err
-    assert "4 errors (4 TODO tags to fill in)" in err
+    assert "2 errors (2 steering_tags entries to fill in)" in err
     found = check_policy_text(out.read_text(), str(out))
-    assert [p.rule for p in found] == ["tag-placeholder"] * 4
+    assert [p.rule for p in found] == ["tag-placeholder"] * 2
+    assert found[0].message.startswith("st8 and st16 of CPUs 0-23,48-71 are still TODO")
     rc, stdout, _ = run(capsys, "policy", "check", out)
-    assert rc == 1 and problems(stdout) == ["tag-placeholder"] * 4
+    assert rc == 1 and problems(stdout) == ["tag-placeholder"] * 2
 
 
 def test_init_with_tags_passes_check_against_host_and_domains(

@@ -208,8 +208,8 @@ def _problem_json(p: Problem) -> dict[str, Any]:
     }
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _machine_and_domains(args: argparse.Namespace) -> tuple[HostFacts | None, list[Domain]]:
@@ -316,7 +316,11 @@ def run_init(args: argparse.Namespace) -> int:
     errors = sum(1 for p in problems if p.level == "error")
     placeholders = sum(1 for p in problems if p.rule == "tag-placeholder")
     if errors:
-        todo = f" ({placeholders} TODO tags to fill in)" if placeholders else ""
+        todo = (
+            f" ({_count(placeholders, 'steering_tags entry', 'steering_tags entries')} to fill in)"
+            if placeholders
+            else ""
+        )
         print(
             f"tphtrap: {name}: {_count(errors, 'error')}{todo}: 'tphtrap policy check' refuses "
             "it until they are fixed",

@@ -213,6 +213,10 @@ def _is_null(node: Node) -> bool:
     return isinstance(node, ScalarNode) and node.style is None and node.value in _NULLS
 
 
+def _is_placeholder(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.style is None and node.value == TAG_PLACEHOLDER
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -660,22 +664,30 @@ class _Reader:
                 self.draft.neutral.append((tag, item))
 
     def steering_tag(self, tnode: Node, where: str, width: TagWidth) -> tuple[int | None, bool]:
-        """One st8/st16 value: (tag or None for null, whether it is read)."""
+        """One st8/st16 value: (tag or None for null, whether it is read). A placeholder is
+        not read and not reported here (see :meth:`placeholders`)."""
         name = WIDTH_KEYS[width]
         if _is_null(tnode):
             return None, True  # the firmware reports no valid tag at this width
-        if isinstance(tnode, ScalarNode) and tnode.style is None and tnode.value == TAG_PLACEHOLDER:
-            self.report(
-                tnode,
-                "tag-placeholder",
-                f"{name} is still {TAG_PLACEHOLDER}: write the {WIDTH_WORDS[width]} tag the "
-                "firmware reports for these CPUs ('tphtrap acpi host' prints them; 'tphtrap "
-                "policy init --tags FILE' fills them in), or null if it reports none",
-                f"{where}.{name}",
-            )
+        if _is_placeholder(tnode):
             return None, False
         tag = self.tag(tnode, f"{where}.{name}", name, width)
         return tag, tag is not None
+
+    def placeholders(
+        self, nodes: list[tuple[TagWidth, Node]], cpus: ScalarNode, where: str
+    ) -> None:
+        """One problem for the TODO tags of one steering_tags entry."""
+        names = " and ".join(WIDTH_KEYS[w] for w, _ in nodes)
+        verb = "is" if len(nodes) == 1 else "are"
+        self.report(
+            nodes[0][1],
+            "tag-placeholder",
+            f"{names} of CPUs {cpus.value} {verb} still {TAG_PLACEHOLDER}: write the tags the "
+            "firmware reports ('tphtrap acpi host' prints them, 'tphtrap policy init --tags "
+            "FILE' writes them), null where it reports none",
+            f"{where}.{WIDTH_KEYS[nodes[0][0]]}",
+        )
 
     def read_steering(self, node: Node, path: str) -> None:
         draft = self.draft
@@ -690,16 +702,18 @@ class _Reader:
             )
             st: dict[TagWidth, int | None] = {TagWidth.ST8: None, TagWidth.ST16: None}
             tags_ok = tags is not None and len(tags) == len(_TAG_KEYS)
-            placeholder = False
+            todo: list[tuple[TagWidth, Node]] = []
             for width, name in WIDTH_KEYS.items():
                 if tags is None or name not in tags:
                     continue
                 tnode = tags[name][1]
                 st[width], read_ok = self.steering_tag(tnode, where, width)
-                placeholder = placeholder or (
-                    isinstance(tnode, ScalarNode) and tnode.value == TAG_PLACEHOLDER
-                )
+                if _is_placeholder(tnode):
+                    todo.append((width, tnode))
                 tags_ok = tags_ok and read_ok
+            if todo:
+                self.placeholders(todo, cpus_key, where)
+            placeholder = bool(todo)
             if cpus is None:
                 continue
             again = sorted(c for c in cpus if c in draft.steering_lines)
