@@ -21,13 +21,7 @@ from tphtrap.policyfile import check_against, check_policy_text, load_policy
 REPO = Path(__file__).resolve().parent.parent
 LIBVIRT = REPO / "fixtures" / "libvirt"
 EXAMPLE = REPO / "policies" / "two-sockets-three-vms.yaml"
-TAGS = """\
-# what 'tphtrap acpi host' prints: one tag per L3 (socket)
-host:
-  steering_tags:
-    0-23,48-71: {st8: 0x01, st16: 0x0101}
-    24-47,72-95: {st8: 0x02, st16: 0x0202}
-"""
+TAGS_FILE = REPO / "fixtures" / "host" / "two-socket-tags.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +30,8 @@ def sysfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tags(tmp_path: Path) -> Path:
-    path = tmp_path / "tags.yaml"
-    path.write_text(TAGS)
-    return path
+def tags() -> Path:
+    return TAGS_FILE
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:

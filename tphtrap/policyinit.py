@@ -141,6 +141,19 @@ def _l3_label(host: HostFacts, cpus: frozenset[int]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _what_cpus(host: HostFacts, cpus: frozenset[int]) -> str:
+    """What a group of CPUs with one tag is: an L3 cache, a package, a core (or nothing)."""
+    if cpus in host.l3_domains():
+        return f"L3{_l3_label(host, cpus)}"
+    for pkg, group in host.groups("package").items():
+        if cpus == group and pkg is not None:
+            return f"package {pkg}"
+    first = host.cpus.get(min(cpus))
+    if first is not None and cpus == first.siblings:
+        return f"core {first.core} of package {first.package}"
+    return ""
+
+
 def _steering_rows(host: HostFacts, tags: TagsSource | None) -> tuple[list[tuple[str, str]], str]:
     """The steering_tags rows, and a note on where they come from."""
     rows: list[tuple[str, str]] = []
@@ -154,7 +167,7 @@ def _steering_rows(host: HostFacts, tags: TagsSource | None) -> tuple[list[tuple
             value = (
                 f"{{st8: {_tag(entry.st8, TagWidth.ST8)}, st16: {_tag(entry.st16, TagWidth.ST16)}}}"
             )
-            rows.append((f"{format_cpulist(cpus)}: {value}", f"from {tags.path}"))
+            rows.append((f"{format_cpulist(cpus)}: {value}", _what_cpus(host, cpus)))
     for dom in host.l3_domains():
         rest = dom - covered
         if rest:

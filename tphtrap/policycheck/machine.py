@@ -108,8 +108,7 @@ def devices_present(ctx: Context) -> None:
                 ctx.warn(
                     dev.key,
                     "device-without-tph",
-                    f"device {dev.bdf} has no TPH Requester capability ({fn.reason}): tphtrap has "
-                    "nothing to filter on it",
+                    f"device {dev.bdf}: {fn.reason}; tphtrap has nothing to filter on it",
                     dev.path,
                 )
             elif fn.status == "force-off":
