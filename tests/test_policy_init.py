@@ -377,3 +377,23 @@ def test_check_json_says_what_it_checked(capsys: pytest.CaptureFixture[str], sys
     assert doc["files"] == [
         {"file": str(EXAMPLE), "ok": True, "errors": 0, "warnings": 0, "problems": []}
     ]
+
+
+@pytest.mark.parametrize(
+    ("names", "reason"),
+    [
+        (["my vm"], "domain name 'my vm' cannot be a VM name in a policy"),
+        (["web1", "web1"], "domain 'web1' is also"),
+    ],
+)
+def test_init_refuses_domains_no_policy_can_name(
+    capsys: pytest.CaptureFixture[str], sysfs: Path, tmp_path: Path, names: list[str], reason: str
+) -> None:
+    paths = []
+    for i, name in enumerate(names):
+        path = tmp_path / f"d{i}.xml"
+        path.write_text((LIBVIRT / "web1.xml").read_text().replace("<name>web1<", f"<name>{name}<"))
+        paths.append(path)
+    rc, out, err = run(capsys, "policy", "init", "--sysfs", sysfs, "--libvirt", *paths)
+    assert (rc, out) == (1, "")
+    assert reason in err and ":4: " in err  # the <name> line of the domain file

@@ -242,7 +242,7 @@ def _config_size(path: Path) -> int | None:
         return None
 
 
-def _classify(path: Path, bdf: str) -> tuple[str, str, tuple[str, ...], ConfigSpace | None]:
+def _classify(path: Path) -> tuple[str, str, tuple[str, ...], ConfigSpace | None]:
     """(status, reason, notes, config space) of one sysfs function directory."""
     size = _config_size(path)
     try:
@@ -268,7 +268,7 @@ def _classify(path: Path, bdf: str) -> tuple[str, str, tuple[str, ...], ConfigSp
 
 
 def _read_function(entry: Path, bdf: str) -> PciFunction:
-    status, reason, notes, cfg = _classify(entry, bdf)
+    status, reason, notes, cfg = _classify(entry)
     port = _root_port_of(entry, bdf)
     port_cfg: ConfigSpace | None = None
     port_error: str | None = None

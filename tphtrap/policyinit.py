@@ -100,7 +100,7 @@ def device_lines(fn: PciFunction) -> list[str]:
     return lines
 
 
-def _device_short(fn: PciFunction | None, bdf: str) -> str:
+def _device_short(fn: PciFunction | None) -> str:
     if fn is None:
         return "not a PCI function of this host"
     if fn.status == "trappable":
@@ -279,7 +279,7 @@ def _vm_lines(dom: Domain, host: HostFacts) -> list[str]:
         for dev in dom.hostdevs:
             fn = host.function(dev.bdf)
             value = "{tph: false}" if fn is not None and fn.status == "force-off" else "{}"
-            rows.append((f"{dev.bdf}: {value}", _device_short(fn, dev.bdf)))
+            rows.append((f"{dev.bdf}: {value}", _device_short(fn)))
         out.extend(_aligned(rows, "      "))
     for dev in dom.unassigned:
         out.extend(
