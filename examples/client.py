@@ -46,13 +46,23 @@ class Plugin:
         request = {"id": self.next_id, "op": op, **fields}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit("tphtrap serve exited")
-        reply: dict[str, Any] = json.loads(line)
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SystemExit("tphtrap serve exited")
+            reply: dict[str, Any] = json.loads(line)
+            if reply.get("id") is not None or "event" not in reply:
+                break
+            self.on_event(reply)
         if reply.get("id") != self.next_id:
             raise SystemExit(f"reply out of order: {line!r}")
         return reply
+
+    @staticmethod
+    def on_event(event: dict[str, Any]) -> None:
+        """An unsolicited line (protocol 2): a reload's corrections must be performed now."""
+        for c in event.get("corrections", []):
+            show(f"{event['event']} {c['vm']} {c['bdf']}", {"ok": True, **c})
 
     def close(self) -> int:
         self.call("shutdown")
@@ -95,7 +105,7 @@ def main() -> int:
     args = ap.parse_args()
 
     plugin = Plugin(args.policy, [args.tphtrap])
-    hello = plugin.call("hello", versions=[1], client="examples/client.py")
+    hello = plugin.call("hello", versions=[2], client="examples/client.py")
     print(f"connected to {hello['server']}, protocol {hello['version']}")
     attached = plugin.call("attach", vm=args.vm, bdf=args.bdf, path=args.device)
     show("attach", attached)

@@ -58,7 +58,7 @@ def main() -> int:
         reply: dict[str, Any] = json.loads(proc.stdout.readline())
         return reply
 
-    call("hello", versions=[1], client="examples/record_demo.py")
+    call("hello", versions=[2], client="examples/record_demo.py")
 
     # --- tenant-a: Linux driver style, ST table in the capability --------------------------
     a = {"vm": "tenant-a", "bdf": "0000:3b:00.0"}

@@ -6,7 +6,7 @@
  * Parse integers as unsigned 64-bit (strtoull): BAR values may exceed 2^53.
  *
  * Request examples (one line each, '\n' terminated):
- *   {"id":0,"op":"hello","versions":[1]}
+ *   {"id":0,"op":"hello","versions":[2]}
  *   {"id":1,"op":"attach","vm":"tenant-a","bdf":"0000:3b:00.0","path":"/sys/bus/pci/devices/0000:3b:00.0"}
  *   {"id":2,"op":"cfg_write","vm":"tenant-a","bdf":"0000:3b:00.0","offset":336,"width":4,"value":257}
  *   {"id":3,"op":"msix_write","vm":"tenant-a","bdf":"0000:3b:00.0","bar":0,"offset":8204,"width":4,"value":0}
@@ -16,7 +16,7 @@
 
 #include <stdint.h>
 
-#define TPHTRAP_PROTO_VERSION 1
+#define TPHTRAP_PROTO_VERSION 2
 #define TPHTRAP_MAX_LINE      65536 /* bytes, newline excluded */
 #define TPHTRAP_MAX_WRITES    4104  /* upper bound of writes in one decision (2048 MSI-X entries x2 + ctrl) */
 

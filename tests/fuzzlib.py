@@ -161,7 +161,7 @@ def fresh_server() -> tuple[Server, io.StringIO]:
     """A server on the two-tenant policy after ``hello``, with both of its devices attached."""
     audit = io.StringIO()
     server = Server(POLICY, str(POLICY_PATH), Auditor(audit))
-    setup = [{"id": "h", "op": "hello", "versions": [1]}]
+    setup = [{"id": "h", "op": "hello", "versions": [2]}]
     for vm, bdf, path in ATTACHED:
         setup.append({"id": f"a-{vm}", "op": "attach", "vm": vm, "bdf": bdf, "path": str(path)})
     for req in setup:

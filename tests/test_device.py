@@ -167,7 +167,7 @@ def test_capability_byte_ranges() -> None:
         ("std", 0x01, 0x40, 8),  # Power Management
         ("std", 0x11, 0x70, 12),  # MSI-X
         ("std", 0x10, 0xA0, 0x34),  # PCIe v2 endpoint (PCI_CAP_EXP_ENDPOINT_SIZEOF_V2)
-        ("ext", 0x01, 0x100, 0x48),  # AER
+        ("ext", 0x01, 0x100, 0x2C),  # AER of an endpoint (vfio: PCI_ERR_ROOT_COMMAND)
         ("ext", 0x17, 0x148, 0xC + 2 * 8),  # TPH with 8 entries in the capability
         ("ext", 0x0E, 0x170, 8),  # ARI
         ("ext", 0x10, 0x1A0, 0x40),  # SR-IOV

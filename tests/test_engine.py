@@ -225,9 +225,9 @@ CASES = [
         CAP,
         "a",
         [("tph", 0xC, 2, 0x13), ("tph", 0xC, 2, 0x10), ("tph", 0x8, 4, EN_IV_TPH)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "tph-latched-off",
-        [("tph", 0x8, 4, 0x001)],
+        [],
         pol={"a": {"on_violation": OnViolation.DISABLE}},
     ),
     Case(
@@ -236,8 +236,8 @@ CASES = [
         "a",
         [("tph", 0xC, 2, 0x13), ("reset", 0, 0, 0), ("tph", 0x8, 4, EN_IV_TPH)],
         Verdict.REWRITE,
-        "entries-corrected",
-        None,
+        "tag-fallback",
+        [*[("tph", 0xC + 2 * i, 2, 0x10) for i in range(8)], ("tph", 0x8, 4, EN_IV_TPH)],
         pol={"a": {"on_violation": OnViolation.DISABLE}},
     ),
     Case(
@@ -250,22 +250,31 @@ CASES = [
         [("bar", 0x400C, 4, 0x0013_0000)],
     ),
     Case(
-        "unknown virtual tag dropped, mask bit still delivered",
+        "unknown virtual tag dropped; the power-on mask bit is already on the device",
         MSIX,
         "b",
         [("bar", 0x4000 + 12, 4, 0x0009_0001)],
+        Verdict.DROP,
+        "unknown-virtual-tag",
+        [],
+    ),
+    Case(
+        "unknown virtual tag dropped, the guest's mask bit still delivered",
+        MSIX,
+        "b",
+        [("bar", 0x4000 + 12, 4, 0x0009_0000)],
         Verdict.REWRITE,
         "unknown-virtual-tag",
-        [("bar", 0x400C, 4, 0x0000_0001)],
+        [("bar", 0x400C, 4, 0x0013_0000)],
     ),
     Case(
         "enable IV + TPH on a device with a table in the cap",
         CAP,
         "a",
         [("tph", 0xC, 2, 0x10), ("tph", 0x8, 4, EN_IV_TPH)],
-        Verdict.PASS,
-        "control-granted",
-        [("tph", 0x8, 4, EN_IV_TPH)],
+        Verdict.REWRITE,
+        "tag-fallback",
+        [*[("tph", 0xC + 2 * i, 2, 0x10) for i in range(1, 8)], ("tph", 0x8, 4, EN_IV_TPH)],
     ),
     Case(
         "after a reset every entry is written before enabling",
@@ -273,8 +282,8 @@ CASES = [
         "a",
         [("reset", 0, 0, 0), ("tph", 0xC, 2, 0x11), ("tph", 0x8, 4, EN_IV_TPH)],
         Verdict.REWRITE,
-        "entries-corrected",
-        [*[("tph", 0xC + 2 * i, 2, 0) for i in range(1, 8)], ("tph", 0x8, 4, EN_IV_TPH)],
+        "tag-fallback",
+        [*[("tph", 0xC + 2 * i, 2, 0x10) for i in range(1, 8)], ("tph", 0x8, 4, EN_IV_TPH)],
     ),
     Case(
         "enable when every entry is already allowed passes",
@@ -290,54 +299,54 @@ CASES = [
         "ds-only.lspci",
         "a",
         [("tph", 0x8, 4, 0x102)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "no-st-table",
-        [("tph", 0x8, 4, 0x002)],
+        [],
     ),
     Case(
         "No ST mode on a device without a table is refused too",
         "ds-only.lspci",
         "a",
         [("tph", 0x8, 4, EN_NS_TPH)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "no-st-table",
-        [("tph", 0x8, 4, 0)],
+        [],
     ),
     Case(
         "reserved ST table location: forced off",
         "location-reserved.lspci",
         "a",
         [("tph", 0x8, 4, EN_IV_TPH)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "no-st-table",
-        [("tph", 0x8, 4, 0x001)],
+        [],
     ),
     Case(
         "Device Specific mode: forced off",
         "ext-tph.lspci",
         "a",
         [("tph", 0x8, 4, 0x102)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "device-specific-mode",
-        [("tph", 0x8, 4, 0x002)],
+        [],
     ),
     Case(
         "reserved mode never reaches the device",
         CAP,
         "a",
         [("tph", 0x8, 4, 0x103)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "mode-reserved",
-        [("tph", 0x8, 4, 0x000)],
+        [],
     ),
     Case(
         "reserved Requester Enable never reaches the device",
         CAP,
         "a",
         [("tph", 0x8, 4, 0x201)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "req-enable-reserved",
-        [("tph", 0x8, 4, 0x001)],
+        [],
     ),
     Case(
         "Extended TPH downgraded on a device without it",
@@ -372,9 +381,9 @@ CASES = [
         CAP,
         "a",
         [("tph", 0x8, 4, EN_IV_TPH)],
-        Verdict.REWRITE,
+        Verdict.DROP,
         "tph-forbidden",
-        [("tph", 0x8, 4, 0x001)],
+        [],
         pol={"dev_a": {"tph": False}},
     ),
     Case(
@@ -382,9 +391,9 @@ CASES = [
         CAP,
         "a",
         [("tph", 0xC, 2, 0x13), ("tph", 0x8, 4, EN_IV_TPH)],
-        Verdict.PASS,
-        "control-granted",
-        [("tph", 0x8, 4, EN_IV_TPH)],
+        Verdict.REWRITE,
+        "foreign-tag",
+        [*[("tph", 0xC + 2 * i, 2, 0x10) for i in range(1, 8)], ("tph", 0x8, 4, EN_IV_TPH)],
         pol={"a": {"on_violation": OnViolation.DROP}},
     ),
     Case(
@@ -433,7 +442,7 @@ CASES = [
         [("bar", 0x4000 + 12, 4, 0x0001_0000)],
         Verdict.REWRITE,
         "unknown-virtual-tag",
-        [("bar", 0x400C, 4, 0x0000_0000)],
+        [("bar", 0x400C, 4, 0x0013_0000)],
     ),
 ]
 
@@ -521,16 +530,19 @@ def test_control_register_one_byte_at_a_time() -> None:
     d1 = engine.handle(ConfigWrite("a", A, base + 8, 1, 0x01))  # mode IV, still disabled
     assert d1.verdict is Verdict.PASS
     d2 = engine.handle(ConfigWrite("a", A, base + 9, 1, 0x01))  # Requester Enable 1
-    assert d2.reason == "control-granted"
-    # Entry 0 already holds the fallback and the other 7 (snapshot zeros) are neutral: the
-    # guest's one-byte write goes through as it is.
-    assert [(w.offset - base, w.width, w.value) for w in d2.writes] == [(9, 1, 0x01)]
+    # Entry 0 holds a foreign tag in the guest's view (the device has the fallback); the 7
+    # entries the guest never wrote get the fallback before the enable lands.
+    assert d2.reason == "foreign-tag"
+    assert [(w.offset - base, w.width, w.value) for w in d2.writes] == [
+        *[(0xC + 2 * i, 2, 0x10) for i in range(1, 8)],
+        (8, 4, EN_IV_TPH),
+    ]
     read = engine.handle(ConfigRead("a", A, base + 8, 4))
     assert read.guest_value == EN_IV_TPH and read.read_mask == 0xFFFF_FFFF
     st = engine.handle(ConfigRead("a", A, base + 0xC, 2))
     assert st.guest_value == 0x13  # the guest sees what it wrote, the device holds 0x10
     sess = engine.session("a", A)
-    assert sess is not None and sess.dev_st[0] == 0x10
+    assert sess is not None and sess.dev_ent[0] == 0x10
 
 
 def test_msix_qword_data_and_vector_control() -> None:
@@ -588,10 +600,12 @@ def test_internal_error_drops_and_freezes_the_device(monkeypatch: pytest.MonkeyP
     def boom(*_: object) -> None:
         raise RuntimeError("simulated fault")
 
-    monkeypatch.setattr(sess, "on_tag_write", boom)
+    monkeypatch.setattr(sess, "plan", boom)
     base = tph_base(cfg)
     d = engine.handle(ConfigWrite("a", A, base + 0xC, 2, 0x10))
-    assert (d.verdict, d.reason, d.writes) == (Verdict.DROP, "internal-error", ())
+    # Fail closed: the guest's write is dropped and TPH is disabled on the device.
+    assert (d.verdict, d.reason) == (Verdict.REWRITE, "internal-error")
+    assert [(w.offset - base, w.width, w.value & 0x300) for w in d.writes] == [(8, 4, 0)]
     assert "simulated fault" in d.detail
     # frozen: even a harmless access is dropped now
     later = engine.handle(ConfigWrite("a", A, 0x04, 2, 0x406))
@@ -657,7 +671,7 @@ def test_iv_mode_needs_iv_support() -> None:
     engine = Engine(policy())
     engine.attach("a", A, cfg)
     d = engine.handle(ConfigWrite("a", A, tph_base(cfg) + 8, 4, EN_IV_TPH))
-    assert (d.verdict, d.reason) == (Verdict.REWRITE, "mode-unsupported")
+    assert (d.verdict, d.reason, d.writes) == (Verdict.DROP, "mode-unsupported", ())
 
 
 def test_no_st_mode_with_tag_0_not_allowed() -> None:
@@ -667,5 +681,4 @@ def test_no_st_mode_with_tag_0_not_allowed() -> None:
     engine = Engine(pol)
     engine.attach("a", A, cfg)
     d = engine.handle(ConfigWrite("a", A, tph_base(cfg) + 8, 4, EN_NS_TPH))
-    assert (d.verdict, d.reason) == (Verdict.REWRITE, "no-st-tag-foreign")
-    assert d.writes[-1].value & 0x300 == 0
+    assert (d.verdict, d.reason, d.writes) == (Verdict.DROP, "no-st-tag-foreign", ())

@@ -25,7 +25,7 @@ def test_reference_client_plays_a_session() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "connected to tphtrap 0.1.0, protocol 1"
+    assert lines[0] == "connected to tphtrap 0.1.0, protocol 2"
     rows = {line[:44].strip(): line[44:].split() for line in lines[1:] if len(line) > 44}
     assert rows["ST entry 1 <- another tenant's tag"][:2] == ["rewrite", "foreign-tag"]
     assert rows["control <- Device Specific mode"][:2] == ["rewrite", "device-specific-mode"]

@@ -86,7 +86,7 @@ def test_wire_corpus_through_serve() -> None:
     including the 10 MB line it must discard without buffering): one reply per request line,
     in order, each with the expected code; every error drops; exit 0 at EOF."""
     setup = [
-        b'{"id":"h","op":"hello","versions":[1]}',
+        b'{"id":"h","op":"hello","versions":[2]}',
         b'{"id":"a","op":"attach","vm":"tenant-a","bdf":"3b:00.0",'
         b'"path":"fixtures/devices/nic-st-in-cap.lspci"}',
     ]

@@ -82,6 +82,10 @@ def bar(offset: int, width: int, value: int, index: int = 2) -> dict[str, Any]:
 
 ALLOWED = "steering tag allowed for this VM"
 FOREIGN = "steering tag not allowed for this VM (owned by a CPU outside its set)"
+FALLBACK = (
+    "ST entry the guest never wrote gets the VM's fallback tag; "
+    "ST entries re-resolved for the tag width and mode being enabled"
+)
 VIRT = "TPH register read served from the guest's own view"
 RELOADED = "state re-checked against the reloaded policy"
 
@@ -91,7 +95,7 @@ def test_full_session_exact_replies() -> None:
     ctrl, entry0, entry1 = 0x148 + 8, 0x148 + 0xC, 0x148 + 0xE
     table = 0x4000
     session = [
-        req(0, "hello", versions=[1, 7], client="tests"),
+        req(0, "hello", versions=[2, 7], client="tests"),
         req(1, "attach", path="fixtures/devices/nic-st-in-cap.lspci", **A),
         req(
             2, "attach", vm="tenant-b", bdf="3b:00.1", path="fixtures/devices/nic-st-in-msix.lspci"
@@ -136,14 +140,17 @@ def test_full_session_exact_replies() -> None:
     }
     attached = "device attached"
     # Enabling Extended TPH on B: its MSI-X tags are unknown to tphtrap, so every entry the
-    # guest did not program (1..31, the guest's 0 = neutral) is written before the control.
-    corrections_b = [bar(table + 16 * i + 12, 4, 0x0000_0001) for i in range(1, 32)]
+    # guest did not program (1..31) gets tenant-b's fallback tag, with the power-on mask bit,
+    # before the control.
+    corrections_b = [bar(table + 16 * i + 12, 4, 0x0202_0001) for i in range(1, 32)]
+    # Enabling on A: the 8 entries the guest never wrote get tenant-a's fallback tag first.
+    fallback_a = [cfg(0x148 + 0xC + 2 * i, 2, 0x01) for i in range(8)]
     expected: list[dict[str, Any]] = [
         {
             "id": 0,
             "ok": True,
             "op": "hello",
-            "version": 1,
+            "version": 2,
             "server": "tphtrap 0.1.0",
             "max_line": 65536,
         },
@@ -163,11 +170,12 @@ def test_full_session_exact_replies() -> None:
             "id": 3,
             "ok": True,
             "decision": decision(
-                "pass",
-                "control-granted",
-                "TPH control write allowed as requested",
-                [cfg(ctrl, 4, 0x101)],
+                "rewrite",
+                "tag-fallback",
+                FALLBACK,
+                [*fallback_a, cfg(ctrl, 4, 0x101)],
                 RULE_A,
+                reasons=["control-granted", "tag-fallback", "entries-corrected"],
                 guest_value=0x101,
                 read_mask=0xFFFFFFFF,
             ),
@@ -218,7 +226,7 @@ def test_full_session_exact_replies() -> None:
                 "rewrite",
                 "device-specific-mode",
                 "Device Specific mode uses tags no hypervisor can trap: kept disabled",
-                [cfg(ctrl, 4, 0x002)],
+                [cfg(ctrl, 4, 0x000)],
                 RULE_A,
                 guest_value=0x102,
                 read_mask=0xFFFFFFFF,
@@ -242,17 +250,17 @@ def test_full_session_exact_replies() -> None:
             "ok": True,
             "decision": decision(
                 "rewrite",
-                "entries-corrected",
-                "ST entries re-resolved for the tag width and mode being enabled",
+                "tag-fallback",
+                FALLBACK,
                 [*corrections_b, cfg(ctrl, 4, 0x301)],
                 RULE_B,
-                reasons=["control-granted", "entries-corrected"],
+                reasons=["control-granted", "tag-allowed", "tag-fallback", "entries-corrected"],
                 guest_value=0x301,
                 read_mask=0xFFFFFFFF,
             ),
         },
         # tenant-a's 16-bit tag in a qword write: the data goes through, the tag is dropped
-        # (tenant-b's policy) and the entry keeps the 0 it got when TPH was enabled.
+        # (tenant-b's policy) and the entry keeps the fallback it got when TPH was enabled.
         {
             "id": 10,
             "ok": True,
@@ -260,7 +268,7 @@ def test_full_session_exact_replies() -> None:
                 "rewrite",
                 "foreign-tag",
                 FOREIGN,
-                [bar(table + 24, 8, 0x41)],
+                [bar(table + 24, 8, 0x0202_0000 << 32 | 0x41)],
                 RULE_B + ".on_violation",
                 guest_value=0x0101 << 48,
                 read_mask=0xFFFF << 48,
@@ -283,10 +291,10 @@ def test_full_session_exact_replies() -> None:
             "id": 12,
             "ok": True,
             "decision": decision(
-                "pass",
+                "rewrite",
                 "reset",
                 "device reset: TPH control and steering tags back to power-on state",
-                [],
+                [cfg(ctrl, 4, 0)],  # whatever the device kept, control is written again
                 RULE_A,
             ),
         },
@@ -308,14 +316,13 @@ def test_full_session_exact_replies() -> None:
         "ok": True,
         "requests": 15,
         "errors": {},
-        "verdicts": {"pass": 4, "rewrite": 6},
+        "verdicts": {"pass": 2, "rewrite": 8},
         "reasons": {
-            "control-granted": 1,
+            "tag-fallback": 2,
             "tag-allowed": 2,
             "foreign-tag": 2,
             "tph-virtualized": 2,
             "device-specific-mode": 1,
-            "entries-corrected": 1,
             "reset": 1,
         },
         "devices": [
@@ -325,7 +332,7 @@ def test_full_session_exact_replies() -> None:
                 "latched_off": False,
                 "frozen": False,
                 "revoked": False,
-                "decisions": {"pass": 5, "rewrite": 3},
+                "decisions": {"pass": 3, "rewrite": 5},
             },
             {
                 **B,
@@ -351,7 +358,7 @@ def test_full_session_exact_replies() -> None:
     ]
 
 
-HELLO = req(0, "hello", versions=[1])
+HELLO = req(0, "hello", versions=[2])
 ATTACH = req(1, "attach", path="fixtures/devices/nic-st-in-cap.lspci", **A)
 W = {**A, "offset": 0x150, "width": 4}
 
@@ -553,7 +560,7 @@ def test_malformed_lines_each_get_an_error_and_serving_continues() -> None:
     too_long = replies[-2]
     assert too_long["ok"] is False and too_long["error"]["code"] == "line-too-long"
     last = replies[-1]
-    assert last["ok"] and last["decision"]["reason"] == "control-granted"
+    assert last["ok"] and last["decision"]["reason"] == "tag-fallback"
     # With debug logging on, stderr has the received requests and the rejections, as JSON.
     events = [json.loads(line) for line in stderr.splitlines()]
     assert sum(e["event"] == "wire.rejected" for e in events) >= 30
@@ -773,6 +780,10 @@ def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
             time.sleep(0.05)
         else:
             pytest.fail("SIGHUP did not reload the policy")
+        # The reload's corrections come first, as an unsolicited event line (protocol 2).
+        event = json.loads(proc.stdout.readline())
+        assert event["id"] is None and event["event"] == "corrections"
+        assert event["policy"] == str(policy) and event["corrections"] == []
         proc.stdin.write((req(1, "stats") + "\n").encode())
         proc.stdin.flush()
         assert json.loads(proc.stdout.readline())["policy_loads"] == 2

@@ -92,6 +92,9 @@ PCI_EXP_FLAGS_TYPE = 0x00F0
 PCI_EXP_TYPE_RC_END = 0x9
 PCI_MSI_FLAGS_64BIT = 0x0080
 PCI_MSI_FLAGS_MASKBIT = 0x0100
+PCI_EXT_CAP_ID_ERR = 0x01
+PCI_ERR_ROOT_ERR_SRC = 0x34
+PCI_EXP_TYPE_ROOT_PORT = 0x4
 PCI_EXT_CAP_ID_VNDR = 0x0B
 PCI_EXT_CAP_ID_ACS = 0x0D
 PCI_EXT_CAP_ID_REBAR = 0x15
@@ -144,7 +147,7 @@ EXT_CAP_NAMES = {
 }
 EXT_CAP_LENGTHS = {
     0x00: 0x04,  # Null: only the header (vfio hides it behind a 4-byte placeholder)
-    0x01: 0x48,  # PCI_ERR_ROOT_ERR_SRC + 4
+    0x01: 0x2C,  # PCI_ERR_ROOT_COMMAND (a root port's is longer: _ext_cap_length)
     0x03: 0x0C,  # PCI_EXT_CAP_DSN_SIZEOF
     0x0E: 0x08,  # PCI_EXT_CAP_ARI_SIZEOF
     0x0F: 0x08,  # PCI_EXT_CAP_ATS_SIZEOF
@@ -204,6 +207,11 @@ class TphInfo:
     table_ok: bool  # a standard ST table exists, fits and overlaps nothing
     problems: tuple[str, ...]
     version: int = 0
+    #: why the ST table cannot be used (a reason code), None when ``table_ok``:
+    #: ``no-st-table`` (location none or reserved, or MSI-X without a usable MSI-X table),
+    #: ``st-table-invalid`` (too many entries, or past the end of config space),
+    #: ``cap-overlap`` (the capability or its table overlaps another capability)
+    table_refusal: str | None = None
 
     @property
     def no_st_mode(self) -> bool:
@@ -331,6 +339,9 @@ class ConfigSpace:
     caps: tuple[Capability, ...] = field(default=(), compare=False)
     tph: TphInfo | None = field(default=None, compare=False)
     msix: MsixInfo | None = field(default=None, compare=False)
+    #: every TPH Requester capability, in list order (``tph`` is the first; a device with
+    #: more than one cannot be trapped: which one it obeys is unknown)
+    tph_all: tuple[TphInfo, ...] = field(default=(), compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     ext_visible: bool = field(default=False, compare=False)
 
@@ -352,15 +363,18 @@ class ConfigSpace:
         caps, warnings, ext_visible = _walk(probe)
         tph: TphInfo | None = None
         msix: MsixInfo | None = None
+        tph_all: list[TphInfo] = []
         for cap in caps:
             if cap.kind == "ext" and cap.cap_id == PCI_EXT_CAP_ID_TPH:
+                tph_all.append(_tph_info(probe, cap, caps))
                 if tph is None:
-                    tph = _tph_info(probe, cap, caps)
+                    tph = tph_all[0]
                 else:
                     tph = _with_problem(
                         tph,
                         f"a second TPH Requester capability at {cap.offset:#x}: which one the "
                         "device obeys is unknown",
+                        "multiple-tph-caps",
                     )
             elif cap.kind == "std" and cap.cap_id == PCI_CAP_ID_MSIX:
                 if msix is None:
@@ -393,6 +407,7 @@ class ConfigSpace:
             tuple(caps),
             tph,
             msix,
+            tuple(tph_all),
             tuple(warnings) + tph_warnings,
             ext_visible,
         )
@@ -488,9 +503,16 @@ class ConfigSpace:
         return out
 
 
-def _with_problem(tph: TphInfo, problem: str) -> TphInfo:
+def _with_problem(tph: TphInfo, problem: str, refusal: str = "no-st-table") -> TphInfo:
     return TphInfo(
-        tph.offset, tph.cap_raw, tph.ctrl_raw, (), False, (*tph.problems, problem), tph.version
+        tph.offset,
+        tph.cap_raw,
+        tph.ctrl_raw,
+        (),
+        False,
+        (*tph.problems, problem),
+        tph.version,
+        tph.table_refusal or refusal,
     )
 
 
@@ -620,6 +642,8 @@ def _ext_cap_length(cfg: ConfigSpace, cap_id: int, pos: int) -> int | None:
     if cap_id in (PCI_EXT_CAP_ID_VNDR, PCI_EXT_CAP_ID_DVSEC):
         # PCI_VNDR_HEADER_LEN / PCI_DVSEC_HEADER1_LEN: bits 31:20 of the dword at +4.
         return (cfg.u32(pos + 4) >> 20) or None
+    if cap_id == PCI_EXT_CAP_ID_ERR and _is_root_port(cfg):
+        return PCI_ERR_ROOT_ERR_SRC + 4
     # Reads near the end of a 4096-byte space may fall off it: slices read short (as 0).
     if cap_id == PCI_EXT_CAP_ID_ACS:
         acs_cap = cfg.u16(pos + 4)  # PCI_ACS_CAP, then PCI_ACS_EGRESS_BITS in the high byte
@@ -632,6 +656,19 @@ def _ext_cap_length(cfg: ConfigSpace, cap_id: int, pos: int) -> int | None:
         nbar = (cfg.u32(pos + 8) & 0xE0) >> 5  # PCI_REBAR_CTRL_NBAR_MASK / _SHIFT
         return 4 + nbar * 8
     return EXT_CAP_LENGTHS.get(cap_id)
+
+
+def _is_root_port(cfg: ConfigSpace) -> bool:
+    """Does the standard list hold a PCI Express capability of type Root Port?"""
+    pos = cfg.u8(PCI_CAPABILITY_LIST)
+    for _ in range(PCI_FIND_CAP_TTL):
+        if pos < PCI_STD_HEADER_SIZEOF:
+            return False
+        pos &= ~3
+        if cfg.u8(pos) == PCI_CAP_ID_EXP:
+            return (cfg.u16(pos + 2) & PCI_EXP_FLAGS_TYPE) >> 4 == PCI_EXP_TYPE_ROOT_PORT
+        pos = cfg.u8(pos + 1)
+    return False
 
 
 # Capabilities whose length is read from their own registers: a bad value there is the
@@ -725,7 +762,7 @@ def _tph_info(cfg: ConfigSpace, cap: Capability, caps: Sequence[Capability]) -> 
     cap_raw = cfg.u32(pos + PCI_TPH_CAP)
     ctrl_raw = cfg.u32(pos + PCI_TPH_CTRL)
     info = TphInfo(pos, cap_raw, ctrl_raw, (), True, (), cap.version)
-    table_ok = info.location in (StLocation.CAP, StLocation.MSIX)
+    refusal: str | None = None
     entries: tuple[int, ...] = ()
     end = pos + info.length
     if info.location is StLocation.CAP:
@@ -735,16 +772,17 @@ def _tph_info(cfg: ConfigSpace, cap: Capability, caps: Sequence[Capability]) -> 
                 f"ST table in the capability has {n} entries; PCIe allows at most "
                 f"{PCI_TPH_ST_TABLE_MAX_IN_CAP} there"
             )
-            table_ok = False
+            refusal = "st-table-invalid"
         if end > cfg.size:
             problems.append(
                 f"ST table ({n} entries, up to {end - 1:#x}) runs past the end of config space"
             )
-            table_ok = False
+            refusal = "st-table-invalid"
     elif info.location is StLocation.NONE:
-        table_ok = False
+        refusal = "no-st-table"
     elif info.location is StLocation.RESERVED:
         problems.append("ST table location is the reserved encoding 3")
+        refusal = "no-st-table"
     claimed = (end + 3) & ~3
     for other in caps:
         if other is cap or other.kind != "ext":
@@ -755,13 +793,14 @@ def _tph_info(cfg: ConfigSpace, cap: Capability, caps: Sequence[Capability]) -> 
             problems.append(
                 f"{what} ({pos:#x}-{end - 1:#x}) overlaps {other.name} at {other.offset:#x}"
             )
-            table_ok = False
+            refusal = refusal or "cap-overlap"
+    table_ok = refusal is None
     if table_ok and info.location is StLocation.CAP:
         base = info.table_offset
         entries = tuple(cfg.u16(base + 2 * i) for i in range(info.table_size))
     if not info.no_st_mode:
         problems.append("No ST Mode Supported bit is clear (PCIe requires it set)")
-    return TphInfo(pos, cap_raw, ctrl_raw, entries, table_ok, tuple(problems), cap.version)
+    return TphInfo(pos, cap_raw, ctrl_raw, entries, table_ok, tuple(problems), cap.version, refusal)
 
 
 # --- loaders --------------------------------------------------------------------------------

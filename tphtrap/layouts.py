@@ -24,6 +24,10 @@ import construct as cs
 from .errors import LayoutError
 
 __all__ = [
+    "AF_CAP",
+    "AF_CTRL",
+    "EXP_DEVCAP",
+    "EXP_DEVCTL",
     "EXT_CAP_HEADER",
     "MSIX_ENTRY",
     "MSIX_FLAGS",
@@ -32,6 +36,7 @@ __all__ = [
     "PCI_CAP_HEADER",
     "PCI_HEADER",
     "PCI_STATUS_REG",
+    "PM_CTRL",
     "TPH_CAP",
     "TPH_CTRL",
     "TPH_ST_ENTRY",
@@ -189,6 +194,46 @@ EXT_CAP_HEADER = Register(
     _bits("next", 12),
     _bits("version", 4),
     _bits("id", 16),
+)
+
+# --- Registers whose guest writes reset the function (the engine must see them) ------------
+# PCI Express capability: PCI_EXP_DEVCAP (+4) and PCI_EXP_DEVCTL (+8).
+EXP_DEVCAP = Register(
+    "PCI_EXP_DEVCAP",
+    4,
+    _bits("_rsvd29", 3),
+    _bits("flr", 1),  # PCI_EXP_DEVCAP_FLR 0x10000000: Function Level Reset capable
+    _bits("_rsvd0", 28),
+)
+EXP_DEVCTL = Register(
+    "PCI_EXP_DEVCTL",
+    2,
+    _bits("initiate_flr", 1),  # PCI_EXP_DEVCTL_BCR_FLR 0x8000 (Linux vfio resets on it)
+    _bits("_rsvd0", 15),
+)
+# Power Management capability: PCI_PM_CTRL (+4), the PMCSR. D3hot -> D0 resets the function
+# unless No_Soft_Reset is set.
+PM_CTRL = Register(
+    "PCI_PM_CTRL",
+    2,
+    _bits("_rsvd4", 12),
+    _bits("no_soft_reset", 1),  # PCI_PM_CTRL_NO_SOFT_RESET 0x0008 (read-only)
+    _bits("_rsvd2", 1),
+    _bits("power_state", 2),  # PCI_PM_CTRL_STATE_MASK 0x0003: D0..D3hot
+)
+# Advanced Features capability (PCI_CAP_ID_AF 0x13): PCI_AF_CAP (+3) and PCI_AF_CTRL (+4).
+AF_CAP = Register(
+    "PCI_AF_CAP",
+    1,
+    _bits("_rsvd2", 6),
+    _bits("flr", 1),  # PCI_AF_CAP_FLR 0x02
+    _bits("tp", 1),  # PCI_AF_CAP_TP 0x01
+)
+AF_CTRL = Register(
+    "PCI_AF_CTRL",
+    1,
+    _bits("_rsvd1", 7),
+    _bits("initiate_flr", 1),  # PCI_AF_CTRL_FLR 0x01
 )
 
 # --- TPH Requester extended capability (PCI_EXT_CAP_ID_TPH 0x17) ------------------------------

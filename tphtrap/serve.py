@@ -149,7 +149,7 @@ class Server:
         if self.version is None:
             raise WireError(
                 "handshake-required",
-                'send {"op":"hello","versions":[1]} first',
+                'send {"op":"hello","versions":[2]} first',
                 request_id=req.id,
                 field="op",
             )
@@ -164,7 +164,9 @@ class Server:
         if not common:
             raise WireError(
                 "unsupported-version",
-                f"no common protocol version; this server speaks {list(PROTOCOL_VERSIONS)}",
+                f"no common protocol version; this server speaks {list(PROTOCOL_VERSIONS)} "
+                "(version 2 adds unsolicited event lines a client must handle, such as the "
+                "corrections of a SIGHUP reload: see docs/protocol.md)",
                 request_id=req.id,
                 field="versions",
             )
@@ -316,6 +318,14 @@ class Server:
         )
         return corrections
 
+    def reload_event(self, path: str) -> bytes:
+        """Reload ``path`` for a signal: the unsolicited ``corrections`` event line (b"" when
+        the policy was refused: nothing changed)."""
+        result = self.reload(path)
+        if isinstance(result, TphtrapError):
+            return b""
+        return encode({"id": None, "event": "corrections", "policy": path, "corrections": result})
+
     def _reload_failed(self, path: str, exc: Exception) -> TphtrapError:
         self.policy_rejects += 1
         message = f"internal error: {type(exc).__name__}: {exc}; the old policy stays"
@@ -451,7 +461,10 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                 for signum in os.read(rpipe, 64):
                     if signum == signal.SIGHUP:
                         if server.policy_path:
-                            server.reload(server.policy_path)
+                            # Corrections answer no request: they go out as an event line,
+                            # queued before any later reply, so no access is decided on a
+                            # device state the hypervisor has not been told to establish.
+                            out += server.reload_event(server.policy_path)
                     elif signum in (signal.SIGTERM, signal.SIGINT):
                         # Replies already decided still go out if the hypervisor reads them
                         # soon; one that stopped reading does not hold the exit up for long.

@@ -16,10 +16,17 @@ from __future__ import annotations
 from enum import IntEnum
 
 __all__ = [
+    "PCI_AF_CAP",
+    "PCI_AF_CTRL",
     "PCI_CAPABILITY_LIST",
+    "PCI_CAP_ID_AF",
+    "PCI_CAP_ID_EXP",
     "PCI_CAP_ID_MSIX",
+    "PCI_CAP_ID_PM",
     "PCI_CFG_SPACE_EXP_SIZE",
     "PCI_CFG_SPACE_SIZE",
+    "PCI_EXP_DEVCAP",
+    "PCI_EXP_DEVCTL",
     "PCI_EXT_CAP_ID_TPH",
     "PCI_MSIX_ENTRY_CTRL_ST_OFFSET",
     "PCI_MSIX_ENTRY_DATA",
@@ -30,6 +37,7 @@ __all__ = [
     "PCI_MSIX_FLAGS",
     "PCI_MSIX_PBA",
     "PCI_MSIX_TABLE",
+    "PCI_PM_CTRL",
     "PCI_STATUS",
     "PCI_STATUS_CAP_LIST",
     "PCI_TPH_BASE_SIZEOF",
@@ -50,6 +58,14 @@ PCI_CFG_SPACE_SIZE = 256
 PCI_CFG_SPACE_EXP_SIZE = 4096
 
 # --- Standard capabilities ---------------------------------------------------------------------
+PCI_CAP_ID_PM = 0x01
+PCI_PM_CTRL = 4  # PMCSR (layouts.PM_CTRL)
+PCI_CAP_ID_EXP = 0x10
+PCI_EXP_DEVCAP = 4  # Device Capabilities (layouts.EXP_DEVCAP)
+PCI_EXP_DEVCTL = 8  # Device Control (layouts.EXP_DEVCTL)
+PCI_CAP_ID_AF = 0x13  # Advanced Features
+PCI_AF_CAP = 3  # layouts.AF_CAP
+PCI_AF_CTRL = 4  # layouts.AF_CTRL
 PCI_CAP_ID_MSIX = 0x11
 PCI_MSIX_FLAGS = 2  # Message Control
 PCI_MSIX_TABLE = 4  # Table offset and BIR

@@ -45,7 +45,7 @@ __all__ = [
     "to_access",
 ]
 
-PROTOCOL_VERSIONS = (1,)
+PROTOCOL_VERSIONS = (2,)  # 2: unsolicited event lines (reload corrections); 1 is refused
 # A 4096-byte config space as hex is 8192 characters; 64 KiB leaves ample room and bounds the
 # memory one line can take (the reader refuses longer lines without buffering them).
 MAX_LINE = 65536

@@ -1,0 +1,398 @@
+"""The engine: one access in, one decision out, for every attached (VM, device).
+
+Sans-IO: no I/O and no logging happen here. A decision is data: the verdict, the reasons,
+the exact device writes in order, and what the guest reads back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..device import ConfigSpace
+from ..events import (
+    Access,
+    ConfigRead,
+    ConfigWrite,
+    Decision,
+    DeviceWrite,
+    MsixRead,
+    MsixWrite,
+    Reset,
+    Verdict,
+)
+from ..policy import Policy, TagRules
+from ..spec import PCI_CFG_SPACE_EXP_SIZE, ReqEnable
+from .check import UnsafePlan
+from .geometry import K_ENTRY, AttachRefused
+from .reasons import BENIGN, summarize
+from .session import Session, Step
+from .target import MODE, REQ, control_value
+
+__all__ = ["Engine"]
+
+_PASS, _REWRITE, _DROP = Verdict.PASS, Verdict.REWRITE, Verdict.DROP
+_CONFIG_WIDTHS = (1, 2, 4)
+_BAR_WIDTHS = (1, 2, 4, 8)
+_BAR_LIMIT = 1 << 64
+
+
+def _valid(off: int, width: int, widths: tuple[int, ...], limit: int, value: int) -> bool:
+    return width in widths and off >= 0 and off + width <= limit and 0 <= value < 1 << (8 * width)
+
+
+class Engine:
+    """The trap-and-filter engine.
+
+    ``attach`` builds a :class:`Session` from a config snapshot, ``handle`` decides one access,
+    ``reload`` swaps the policy and re-checks every device. Unknown VMs or devices and
+    malformed accesses get ``drop``. An unexpected exception, or a plan the self-check
+    refuses, disables TPH on the device and freezes it until it is detached and re-attached.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._sessions: dict[tuple[str, str], Session] = {}
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def session(self, vm: str, bdf: str) -> Session | None:
+        return self._sessions.get((vm, bdf))
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def attach(self, vm: str, bdf: str, config: ConfigSpace) -> Decision:
+        if vm not in self._policy.vms:
+            raise AttachRefused("unknown-vm", f"VM {vm!r} is not in the policy")
+        vm_policy = self._policy.vms[vm]
+        if bdf not in vm_policy.devices:
+            owner = self._policy.vm_of_device(bdf)
+            where = f" (it belongs to VM {owner.name!r})" if owner else ""
+            raise AttachRefused(
+                "unknown-device", f"device {bdf} is not assigned to VM {vm!r} in the policy{where}"
+            )
+        for other_vm, other_bdf in self._sessions:
+            if other_bdf == bdf and other_vm != vm:
+                raise AttachRefused(
+                    "unknown-device", f"device {bdf} is already attached to VM {other_vm!r}"
+                )
+        sess = Session(vm, bdf, config, self._policy.rules(vm, bdf))
+        self._sessions[(vm, bdf)] = sess
+        reasons = ["attached"]
+        enabled = sess.dev_enabled()
+        return self._settle(
+            sess, reasons, full=True, extra="attach-disabled-tph" if enabled else ""
+        )
+
+    def detach(self, vm: str, bdf: str) -> Decision:
+        sess = self._sessions.pop((vm, bdf), None)
+        if sess is None:
+            return self._unknown(vm, bdf)
+        return Decision(_PASS, "detached", "device detached", reasons=("detached",))
+
+    def add_device(self, policy: Policy, vm: str, bdf: str) -> None:
+        """Swap in ``policy``, which differs from the current one only by assigning the free
+        device ``bdf`` to ``vm`` (replay's implicit devices). Attached sessions keep their
+        rules; anything more than that added device is a ValueError: use :meth:`reload`."""
+        old = self._policy
+        new_vm, old_vm = policy.vms.get(vm), old.vms.get(vm)
+        if (
+            new_vm is None
+            or old_vm is None
+            or policy.host is not old.host
+            or policy.vms.keys() != old.vms.keys()
+            or any(policy.vms[n] is not old.vms[n] for n in old.vms if n != vm)
+            or old.vm_of_device(bdf) is not None
+            or new_vm.devices.keys() != old_vm.devices.keys() | {bdf}
+            or replace(new_vm, devices=old_vm.devices) != old_vm
+        ):
+            raise ValueError(f"not just device {bdf} added to VM {vm!r}: reload the policy")
+        self._policy = policy
+
+    def reload(self, policy: Policy) -> list[tuple[Session, Decision]]:
+        """Swap in ``policy`` (already validated) and re-check every device against it.
+
+        A device the new policy no longer gives to its VM is revoked: TPH off, every later
+        access dropped, until it is detached and attached again (a reload never gives it
+        back). Every device's new rules are built before anything changes. Returns one
+        decision per device with the corrections the hypervisor must perform.
+        """
+        rules: dict[tuple[str, str], TagRules] = {}
+        for key, sess in self._sessions.items():
+            vm = policy.vms.get(sess.vm)
+            if vm is not None and sess.bdf in vm.devices:
+                rules[key] = policy.rules(sess.vm, sess.bdf)
+        self._policy = policy
+        out: list[tuple[Session, Decision]] = []
+        for key, sess in list(self._sessions.items()):
+            if sess.poisoned is not None:
+                out.append((sess, self._decision(sess, _DROP, ["internal-error"])))
+                continue
+            new = rules.get(key)
+            if new is None:
+                sess.revoked = True
+            else:
+                sess.rules = new
+                sess.settled = None
+            try:
+                reasons = ["device-revoked" if sess.revoked else "policy-reloaded"]
+                out.append((sess, self._settle(sess, reasons, full=True)))
+            except Exception as exc:
+                out.append((sess, self._poison(sess, f"{type(exc).__name__}: {exc}")))
+        return out
+
+    # --- accesses ------------------------------------------------------------------------------
+    def handle(self, access: Access) -> Decision:
+        sess = self._sessions.get((access.vm, access.bdf))
+        if sess is None:
+            return self._unknown(access.vm, access.bdf)
+        if sess.poisoned is not None:
+            return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
+        if sess.revoked and not isinstance(access, Reset):
+            return self._decision(sess, _DROP, ["device-revoked"])
+        try:
+            return self._dispatch(sess, access)
+        except UnsafePlan as exc:
+            return self._poison(sess, f"unsafe plan: {exc}", "unsafe-plan")
+        except Exception as exc:
+            return self._poison(sess, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _dispatch(self, sess: Session, access: Access) -> Decision:
+        if isinstance(access, ConfigWrite):
+            return self._config_write(sess, access)
+        if isinstance(access, MsixWrite):
+            return self._msix_write(sess, access)
+        if isinstance(access, ConfigRead):
+            return self._config_read(sess, access)
+        if isinstance(access, MsixRead):
+            return self._msix_read(sess, access)
+        if isinstance(access, Reset):
+            # A reset is a fact about the device, whoever asked for it and whatever its state.
+            sess.checker.reset()
+            sess.reset_state()
+            return self._settle(sess, ["reset"], full=True)
+        raise TypeError(f"not an access: {access!r}")
+
+    def _config_write(self, sess: Session, a: ConfigWrite) -> Decision:
+        off, width, value = a.offset, a.width, a.value
+        if not _valid(off, width, _CONFIG_WIDTHS, PCI_CFG_SPACE_EXP_SIZE, value):
+            return self._decision(sess, _DROP, ["bad-access"])
+        geo = sess.geo
+        own = DeviceWrite("config", off, width, value)
+        if off + width <= geo.watch_lo or off >= geo.watch_hi:
+            return self._pass(sess, own)
+        tph = any(
+            (r := geo.regs[p]) is not None and r.kind <= K_ENTRY for p in range(off, off + width)
+        )
+        through, reasons, reset, touched, ctrl = sess.config_write(off, width, value)
+        if reset:
+            return self._reset_write(sess, through, reasons)
+        if not tph:
+            return self._pass(sess, own)
+        steps = sess.plan(touched, False, reasons, ctrl)
+        writes = _as_guest_wrote(sess, steps, sess.render(steps) + through, own)
+        return self._finish(sess, steps, writes, own, reasons, config=True)
+
+    def _reset_write(
+        self, sess: Session, through: list[DeviceWrite], reasons: list[str]
+    ) -> Decision:
+        """A guest write that resets the function: disable TPH first, then let it through."""
+        pre = self._disable_steps(sess)
+        sess.commit(pre)
+        sess.reset_state()
+        post = sess.plan(set(), True, reasons)
+        writes = sess.render(pre) + through + sess.render(post)
+        sess.check(writes, full=False)
+        sess.commit(post)
+        return self._decision(sess, _REWRITE, ["reset", *reasons], tuple(writes))
+
+    @staticmethod
+    def _disable_steps(sess: Session) -> list[Step]:
+        steps: list[Step] = []
+        for k, cap in enumerate(sess.geo.caps):
+            dev = sess.dev_ctrl[k]
+            if dev is None or REQ.get(dev) != ReqEnable.DISABLED:
+                mode = MODE.get(dev) if dev is not None else 0
+                steps.append((0, k, control_value(cap.reserved, MODE.put(0, mode))))
+        return steps
+
+    def _msix_write(self, sess: Session, a: MsixWrite) -> Decision:
+        off, width, value, bar = a.offset, a.width, a.value, a.bar
+        if not _valid(off, width, _BAR_WIDTHS, _BAR_LIMIT, value) or not 0 <= bar <= 5:
+            return self._decision(sess, _DROP, ["bad-access"])
+        geo = sess.geo
+        own = DeviceWrite("bar", off, width, value, bar)
+        if not geo.in_msix or bar != geo.msix_bir or off + width <= geo.msix_start:
+            return self._pass(sess, own)
+        if off >= geo.msix_end:
+            return self._pass(sess, own)
+        through, touched = sess.msix_write(off, width, value, bar)
+        if not touched:
+            return self._pass(sess, own)
+        reasons: list[str] = []
+        steps = sess.plan(touched, False, reasons)
+        writes = _as_guest_wrote(sess, steps, sess.render(steps) + through, own)
+        if touched and any(
+            not (off <= geo.vc_offsets[i] and geo.vc_offsets[i] + 4 <= off + width) for i in touched
+        ):
+            reasons.append("msix-sub-dword")
+        return self._finish(sess, steps, writes, own, reasons, config=False)
+
+    def _finish(
+        self,
+        sess: Session,
+        steps: list[Step],
+        writes: list[DeviceWrite],
+        own: DeviceWrite,
+        reasons: list[str],
+        *,
+        config: bool,
+    ) -> Decision:
+        sess.check(writes, full=False)
+        sess.commit(steps)
+        verdict = _PASS if len(writes) == 1 and writes[0] == own else _REWRITE if writes else _DROP
+        if config:
+            mask, patch = sess.config_view(own.offset, own.width)
+        else:
+            mask, patch = sess.msix_view(own.offset, own.width)
+        if verdict is _PASS:
+            reasons = [r for r in reasons if r in BENIGN] or reasons
+        return self._decision(
+            sess,
+            verdict,
+            reasons or ["not-tph"],
+            tuple(writes),
+            guest_value=patch if mask else None,
+            read_mask=mask,
+        )
+
+    def _config_read(self, sess: Session, a: ConfigRead) -> Decision:
+        if not _valid(a.offset, a.width, _CONFIG_WIDTHS, PCI_CFG_SPACE_EXP_SIZE, 0):
+            width_ok = a.width in _CONFIG_WIDTHS
+            return self._decision(
+                sess,
+                _DROP,
+                ["bad-access"],
+                guest_value=(1 << (8 * a.width)) - 1 if width_ok else None,
+            )
+        mask, patch = sess.config_view(a.offset, a.width)
+        if not mask:
+            return self._decision(sess, _PASS, ["not-tph"])
+        return self._decision(
+            sess, _REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
+        )
+
+    def _msix_read(self, sess: Session, a: MsixRead) -> Decision:
+        if not _valid(a.offset, a.width, _BAR_WIDTHS, _BAR_LIMIT, 0) or not 0 <= a.bar <= 5:
+            return self._decision(sess, _DROP, ["bad-access"])
+        if a.bar != sess.geo.msix_bir:
+            return self._decision(sess, _PASS, ["not-tph"])
+        mask, patch = sess.msix_view(a.offset, a.width)
+        if not mask:
+            return self._decision(sess, _PASS, ["not-tph"])
+        return self._decision(
+            sess, _REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
+        )
+
+    # --- decisions -------------------------------------------------------------------------------
+    def _settle(
+        self, sess: Session, reasons: list[str], *, full: bool, extra: str = ""
+    ) -> Decision:
+        """Bring the device to the target after a change outside any access (attach, reset,
+        reload): every entry re-resolved, the whole device re-checked."""
+        plan_reasons: list[str] = []
+        steps = sess.plan(set(), full, plan_reasons)
+        writes = sess.render(steps)
+        sess.check(writes, full=True)
+        sess.commit(steps)
+        if writes:  # a decision with nothing to do says only what happened
+            if extra:
+                reasons.append(extra)
+            reasons.extend(r for r in plan_reasons if r not in BENIGN and r not in reasons)
+        return self._decision(sess, _REWRITE if writes else _PASS, reasons, tuple(writes))
+
+    def _poison(self, sess: Session, message: str, code: str = "internal-error") -> Decision:
+        """Freeze ``sess``: TPH off on every capability, every later access dropped."""
+        sess.poisoned = message
+        try:
+            writes = sess.checker.disable_all()
+        except Exception:
+            writes = tuple(
+                DeviceWrite("config", cap.ctrl, 4, control_value(cap.reserved, 0))
+                for cap in sess.geo.caps
+            )
+        sess.dev_ctrl = [w.value for w in writes]
+        verdict = _REWRITE if writes else _DROP
+        return self._decision(sess, verdict, [code], writes, detail=message)
+
+    def _pass(self, sess: Session, write: DeviceWrite) -> Decision:
+        sess.counts["pass"] = sess.counts.get("pass", 0) + 1
+        return Decision(_PASS, "not-tph", _NOT_TPH, (write,), reasons=("not-tph",))
+
+    def _unknown(self, vm: str, bdf: str) -> Decision:
+        code = "unknown-vm" if vm not in self._policy.vms else "unknown-device"
+        text = "no such VM in the policy" if code == "unknown-vm" else "device not attached"
+        return Decision(_DROP, code, f"{text}: vm={vm} bdf={bdf}", reasons=(code,))
+
+    def _decision(
+        self,
+        sess: Session,
+        verdict: Verdict,
+        reasons: list[str],
+        writes: tuple[DeviceWrite, ...] = (),
+        *,
+        guest_value: int | None = None,
+        read_mask: int = 0,
+        detail: str | None = None,
+    ) -> Decision:
+        uniq, main, text, violation = summarize(tuple(reasons))
+        sess.counts[verdict] = sess.counts.get(verdict, 0) + 1
+        rule = sess.rules.rule_violation if violation else sess.rules.rule
+        return Decision(verdict, main, detail or text, writes, guest_value, read_mask, uniq, rule)
+
+
+_NOT_TPH = summarize(("not-tph",))[2]
+
+
+def _as_guest_wrote(
+    sess: Session, steps: list[Step], writes: list[DeviceWrite], own: DeviceWrite
+) -> list[DeviceWrite]:
+    """The guest's own access shape when it puts exactly the planned values on the device.
+
+    Two shapes qualify: one register write whose value is the device's old value with the
+    guest's bytes merged in (a partial write), and entry writes plus pass-through bytes that
+    tile the guest's access exactly (an 8-byte MSI-X write stays one write).
+    """
+    if len(writes) == 1 and _merges(sess, writes[0], own):
+        return [own]
+    if not writes or any(what == 0 for what, _, _ in steps):
+        return writes  # a control step orders the writes: keep them apart
+    lo, hi = own.offset, own.offset + own.width
+    inside = all(
+        w.space == own.space and lo <= w.offset and w.offset + w.width <= hi for w in writes
+    )
+    if not inside or sum(w.width for w in writes) != own.width:
+        return writes
+    value = 0
+    for w in writes:
+        value |= w.value << (8 * (w.offset - lo))
+    return [replace(own, value=value)]
+
+
+def _merges(sess: Session, w: DeviceWrite, own: DeviceWrite) -> bool:
+    """Is ``w`` (one register write) what the guest's ``own`` write leaves in the device?"""
+    if w.space != own.space or w.bar != own.bar:
+        return False
+    if not (w.offset <= own.offset and own.offset + own.width <= w.offset + w.width):
+        return False
+    if (w.offset, w.width) == (own.offset, own.width):
+        return w.value == own.value
+    old = sess.prior(w)
+    if old is None:
+        return False
+    shift = 8 * (own.offset - w.offset)
+    bmask = ((1 << (8 * own.width)) - 1) << shift
+    return (old & ~bmask) | (own.value << shift) == w.value

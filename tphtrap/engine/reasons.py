@@ -1,0 +1,158 @@
+"""Every reason code a decision can carry, with its meaning and the verdicts it goes with.
+
+This table is the single source: docs/protocol.md lists it, and a test checks that every code
+the engine, the server and the wire can emit is here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = [
+    "BENIGN",
+    "REASONS",
+    "VIOLATIONS",
+    "Reason",
+    "describe_reason",
+    "summarize",
+]
+
+
+class Reason(NamedTuple):
+    text: str
+    verdicts: str  # the verdicts a decision whose main reason this is can have
+    violation: bool = False  # the guest asked for something the policy forbids
+
+
+REASONS: dict[str, Reason] = {
+    # accesses that went through as the guest asked
+    "not-tph": Reason("outside the TPH capability and MSI-X steering tags: passed", "pass"),
+    "control-granted": Reason("TPH control write allowed as requested", "pass rewrite"),
+    "tph-disabled": Reason("TPH Requester Enable cleared as requested", "pass rewrite"),
+    "tag-allowed": Reason("steering tag allowed for this VM", "pass rewrite"),
+    "tph-virtualized": Reason("TPH register read served from the guest's own view", "rewrite"),
+    # the device got something else than the guest asked for
+    "tag-translated": Reason(
+        "virtual steering tag translated to the host tag of the pinned CPU", "rewrite drop"
+    ),
+    "tag-fallback": Reason(
+        "ST entry the guest never wrote gets the VM's fallback tag", "rewrite drop"
+    ),
+    "entries-corrected": Reason(
+        "ST entries re-resolved for the tag width and mode being enabled", "rewrite"
+    ),
+    "ext-downgraded": Reason(
+        "Extended TPH not granted (device or VM lacks 16-bit tags): TPH only", "rewrite"
+    ),
+    "reserved-bits": Reason("reserved bits keep the device's value", "rewrite drop"),
+    "read-only": Reason("read-only register of the TPH capability", "rewrite drop"),
+    "beyond-st-table": Reason("past the end of the ST table inside the TPH capability", "drop"),
+    "msix-sub-dword": Reason(
+        "partial Vector Control write completed to the whole dword", "rewrite"
+    ),
+    # violations: the guest asked for a tag or an enable the policy forbids
+    "foreign-tag": Reason(
+        "steering tag not allowed for this VM (owned by a CPU outside its set)",
+        "rewrite drop",
+        True,
+    ),
+    "unknown-virtual-tag": Reason(
+        "virtual steering tag names no vCPU with an allowed host tag", "rewrite drop", True
+    ),
+    "no-st-tag-foreign": Reason(
+        "No ST mode emits tag 0, which is not allowed for this VM", "rewrite drop", True
+    ),
+    "enable-refused": Reason(
+        "enable refused: an ST entry cannot be given an allowed tag at this width",
+        "rewrite drop",
+        True,
+    ),
+    "tph-forced-off": Reason(
+        "TPH Requester Enable forced off after a steering-tag violation", "rewrite drop", True
+    ),
+    "tph-latched-off": Reason(
+        "TPH stays off for this device until reset (earlier violation)", "rewrite drop", True
+    ),
+    # refusals that are not the guest's fault: the device or the policy forbids TPH
+    "req-enable-reserved": Reason(
+        "Requester Enable 2 is a reserved encoding: kept disabled", "rewrite drop"
+    ),
+    "mode-reserved": Reason("ST Mode Select 3..7 is reserved: kept disabled", "rewrite drop"),
+    "mode-unsupported": Reason(
+        "ST mode not supported by the device: kept disabled", "rewrite drop"
+    ),
+    "device-specific-mode": Reason(
+        "Device Specific mode uses tags no hypervisor can trap: kept disabled", "rewrite drop"
+    ),
+    "no-st-table": Reason(
+        "device has no standard ST table: TPH must stay disabled in a VM", "rewrite drop"
+    ),
+    "st-table-invalid": Reason(
+        "the ST table is larger than PCIe allows or runs past config space: TPH kept disabled",
+        "rewrite drop",
+    ),
+    "cap-overlap": Reason(
+        "the TPH capability overlaps another capability: TPH kept disabled", "rewrite drop"
+    ),
+    "multiple-tph-caps": Reason(
+        "more than one TPH Requester capability: every one kept disabled", "rewrite drop"
+    ),
+    "msix-state-unknown": Reason(
+        "an MSI-X Vector Control word the guest never wrote cannot be rewritten safely: "
+        "TPH kept disabled until the guest writes it",
+        "rewrite drop",
+    ),
+    "tph-forbidden": Reason("policy forbids TPH for this device", "rewrite drop"),
+    # lifecycle
+    "reset": Reason(
+        "device reset: TPH control and steering tags back to power-on state", "pass rewrite"
+    ),
+    "attached": Reason("device attached", "pass rewrite"),
+    "attach-disabled-tph": Reason(
+        "TPH was enabled in the snapshot: disabled until the guest enables it", "rewrite"
+    ),
+    "detached": Reason("device detached", "pass"),
+    "policy-reloaded": Reason("state re-checked against the reloaded policy", "pass rewrite"),
+    "device-revoked": Reason(
+        "the policy no longer assigns this device to this VM: TPH off until re-attached",
+        "rewrite drop",
+    ),
+    # failures: fail closed
+    "unknown-vm": Reason("no such VM in the policy", "drop"),
+    "unknown-device": Reason("device not attached for this VM", "drop"),
+    "bad-access": Reason("malformed access (offset, width or value out of range)", "drop"),
+    "internal-error": Reason(
+        "internal error: access dropped, device frozen until re-attached", "drop"
+    ),
+    "unsafe-plan": Reason(
+        "the engine's self-check refused its own plan (a bug): TPH disabled, device frozen "
+        "until re-attached",
+        "drop",
+    ),
+}
+
+#: reasons that describe an access that went through as the guest asked
+BENIGN = frozenset(code for code, r in REASONS.items() if r.verdicts.startswith("pass"))
+VIOLATIONS = frozenset(code for code, r in REASONS.items() if r.violation)
+
+
+def describe_reason(code: str) -> str:
+    r = REASONS.get(code)
+    return r.text if r is not None else code
+
+
+# reasons (as collected) -> (distinct reasons, main reason, detail text, is a violation)
+_SUMMARY: dict[tuple[str, ...], tuple[tuple[str, ...], str, str, bool]] = {}
+
+
+def summarize(reasons: tuple[str, ...]) -> tuple[tuple[str, ...], str, str, bool]:
+    """Distinct reasons in order, the main one (the first not benign), its text, violation."""
+    got = _SUMMARY.get(reasons)
+    if got is None:
+        uniq = tuple(dict.fromkeys(reasons)) or ("not-tph",)
+        main = next((r for r in uniq if r not in BENIGN), uniq[0])
+        text = "; ".join(describe_reason(r) for r in uniq if r not in BENIGN or r == main)
+        got = (uniq, main, text, any(r in VIOLATIONS for r in uniq))
+        if len(_SUMMARY) < 4096:
+            _SUMMARY[reasons] = got
+    return got

@@ -1,0 +1,537 @@
+"""One attached (VM, device): the guest's view, the device's state, and how an access is decided.
+
+Every decision follows the same four steps, whatever the access looked like:
+
+1. **view**: the guest's bytes are merged into the guest's view of the registers they hit
+   (control request, ST entries, MSI-X Vector Control); bytes outside the filtered registers
+   are the guest's own and go through as written;
+2. **target**: what the device may hold, from the view, the policy, the device's capabilities
+   and the latches (:mod:`tphtrap.engine.target`);
+3. **plan**: the ordered steps from the device's current state to the target, every prefix
+   safe: Requester Enable cleared first when entries in use must change or the device's state
+   is unknown, tags before the enable that makes them usable, a disable before the tags;
+4. **check**: the plan, rendered as device writes, is tried on the self-check's copy of the
+   device (:mod:`tphtrap.engine.check`); a plan it refuses is a bug, and turns the decision
+   into "TPH off, device frozen".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..device import ConfigSpace
+from ..events import DeviceWrite
+from ..layouts import MSIX_VECTOR_CTRL, PM_CTRL
+from ..policy import TagRules
+from ..spec import (
+    PCI_MSIX_ENTRY_SIZE,
+    PCI_MSIX_ENTRY_VECTOR_CTRL,
+    ReqEnable,
+    StMode,
+    TagWidth,
+)
+from .check import Checker
+from .geometry import (
+    CTRL_SIZE,
+    CTRL_WRITABLE,
+    ENTRY_SIZE,
+    K_CTRL,
+    K_ENTRY,
+    K_FLR_AF,
+    K_FLR_EXP,
+    K_PAD,
+    K_PMCSR,
+    K_RO,
+    Geometry,
+)
+from .target import (
+    KEEP,
+    LATCH,
+    MODE,
+    REFUSE,
+    REQ,
+    WIDTH_OF_ENABLE,
+    Grant,
+    control_value,
+    grant_control,
+    resolve_entry,
+)
+
+__all__ = ["Session"]
+
+_VC_ST = MSIX_VECTOR_CTRL["st"]
+_VC_LOW = ((1 << (8 * MSIX_VECTOR_CTRL.size)) - 1) & ~_VC_ST.mask  # mask + reserved: the guest's
+_VC_POWER_ON = MSIX_VECTOR_CTRL["mask"].mask  # PCIe: Vector Control resets to "masked"
+_ST_BYTE = PCI_MSIX_ENTRY_VECTOR_CTRL + _VC_ST.shift // 8  # first tag byte of an MSI-X entry
+_PM_STATE = PM_CTRL["power_state"]
+_D0, _D3HOT = 0, 3
+
+Step = tuple[int, int, int]  # (what, index, value): what 0 = control of cap ``index``, 1 = entry
+_CTRL_STEP, _ENTRY_STEP = 0, 1
+
+
+def _chunks(start: int, end: int) -> list[tuple[int, int]]:
+    """Split [start, end) into naturally aligned 4/2/1-byte pieces (vfio_config_do_rw)."""
+    out = []
+    pos = start
+    while pos < end:
+        for size in (4, 2, 1):
+            if pos % size == 0 and pos + size <= end:
+                out.append((pos, size))
+                pos += size
+                break
+    return out
+
+
+class Session:
+    """Guest view, device state and latches of one (VM, device)."""
+
+    def __init__(self, vm: str, bdf: str, config: ConfigSpace, rules: TagRules) -> None:
+        self.vm = vm
+        self.bdf = bdf
+        self.config = config
+        self.rules = rules
+        self.geo = geo = Geometry(config)
+        self.checker = Checker(config)
+        self.poisoned: str | None = None
+        self.revoked = False
+        self.latched = False
+        self.counts: dict[str, int] = {}
+        n = geo.n_entries
+        # --- the guest's view: power-on state, never what the snapshot (a host) left there ---
+        self.image = bytearray(config.data)  # TPH bytes are served from here
+        for cap in geo.caps:
+            ctrl = int.from_bytes(self.image[cap.ctrl : cap.ctrl + CTRL_SIZE], "little")
+            self._put_image(cap.ctrl, CTRL_SIZE, ctrl & ~CTRL_WRITABLE)
+            for pos in range(cap.ctrl + CTRL_SIZE, cap.end):
+                reg = geo.regs[pos]
+                if reg is not None and reg.kind == K_ENTRY:
+                    self.image[pos] = 0
+        self.ctrl_written = False
+        self.written = [False] * n  # ST entries the guest wrote since attach or reset
+        self.guest_tag = [0] * n  # MSI-X location: the guest's tag bits
+        self.guest_low: list[int | None] = [None] * n  # MSI-X: the guest's mask/reserved bits
+        # --- what the device holds (None: unknown) ---
+        self.dev_ctrl: list[int | None] = [cap.info.ctrl_raw for cap in geo.caps]
+        if geo.in_msix:
+            self.dev_ent: list[int | None] = [None] * n  # not part of a config snapshot
+            # A live MSI-X table's mask bits are the guest's (or the previous user's): unknown.
+            low = None if geo.msix_enabled else _VC_POWER_ON
+            self.dev_low: list[int | None] = [low] * n
+            if low is not None:
+                self.guest_low = [low] * n
+        else:
+            info = geo.caps[0].info if geo.caps else None
+            self.dev_ent = list(info.entries) if info is not None and n else [None] * n
+            self.dev_low = []
+        self.pm_state = _PM_STATE.get(config.u16(geo.pm_offset)) if geo.pm_offset >= 0 else 0
+        # Entries outside ``dirty`` hold their in-use target at ``settled``: an enable at that
+        # width re-resolves only the dirty ones (a pure optimisation, the check sees all).
+        self.settled: TagWidth | None = None
+        self.dirty: set[int] = set(range(n))
+        self.prospective = TagWidth.ST8  # the width of the guest's last enable request
+
+    # --- the guest's view -------------------------------------------------------------------
+    def _put_image(self, off: int, size: int, value: int) -> None:
+        self.image[off : off + size] = value.to_bytes(size, "little")
+
+    def guest_ctrl(self, k: int = 0) -> int:
+        off = self.geo.caps[k].ctrl
+        return int.from_bytes(self.image[off : off + CTRL_SIZE], "little")
+
+    def guest_entry(self, i: int) -> int:
+        if self.geo.in_msix:
+            return self.guest_tag[i]
+        off = self.geo.entry_offset(i)
+        return int.from_bytes(self.image[off : off + ENTRY_SIZE], "little")
+
+    def dev_enabled(self) -> bool:
+        return any(c is None or REQ.get(c) != ReqEnable.DISABLED for c in self.dev_ctrl)
+
+    @property
+    def untrappable(self) -> str | None:
+        return self.geo.refusal
+
+    # --- resets -------------------------------------------------------------------------------
+    def reset_state(self) -> None:
+        """The function was reset: the guest sees power-on state, the device is unknown."""
+        geo = self.geo
+        for cap in geo.caps:
+            self._put_image(cap.ctrl, CTRL_SIZE, cap.reserved)
+        for i in range(geo.n_entries if not geo.in_msix else 0):
+            self._put_image(geo.entry_offset(i), ENTRY_SIZE, 0)
+        n = geo.n_entries
+        self.ctrl_written = False
+        self.written = [False] * n
+        self.guest_tag = [0] * n
+        self.dev_ctrl = [None] * len(geo.caps)
+        self.dev_ent = [None] * n
+        if geo.in_msix:
+            self.guest_low = [_VC_POWER_ON] * n
+            self.dev_low = [_VC_POWER_ON] * n
+        self.pm_state = _D0
+        self.latched = False
+        self.prospective = TagWidth.ST8
+        self.settled = None
+        self.dirty = set(range(n))
+
+    # --- target and plan ------------------------------------------------------------------------
+    def _grant(self) -> Grant:
+        return grant_control(self.guest_ctrl(), self.geo, self.rules, self.latched, self.revoked)
+
+    def plan(
+        self,
+        touched: set[int] | frozenset[int],
+        full: bool,
+        reasons: list[str],
+        ctrl_touched: bool = False,
+    ) -> list[Step]:
+        """Steps from the device's state to the target.
+
+        ``touched``: entries the guest wrote in this access (each is written even when the
+        device already holds its value, so that the guest's own write can pass);
+        ``ctrl_touched``: the access wrote the control register (likewise); ``full``:
+        re-resolve every entry (reload, reset, attach).
+        """
+        geo = self.geo
+        steps: list[Step] = []
+        if not geo.trappable:
+            for k, cap in enumerate(geo.caps):
+                dev = self.dev_ctrl[k]
+                if dev is None or REQ.get(dev) != ReqEnable.DISABLED:
+                    steps.append((_CTRL_STEP, k, control_value(cap.reserved, 0)))
+            if steps or any(REQ.get(self.guest_ctrl(k)) for k in range(len(geo.caps))):
+                reasons.append(geo.refusal or "no-st-table")
+            return steps
+        grant = self._grant()
+        if ctrl_touched or full:
+            reasons.extend(grant.reasons)
+        changes: dict[int, int] = {}
+        if grant.uses_entries:
+            width = grant.width
+            assert width is not None
+            check = (
+                range(geo.n_entries)
+                if full or width is not self.settled
+                else sorted(self.dirty | set(touched))
+            )
+            refused = self._resolve(check, width, True, changes, reasons, touched)
+            if refused:
+                changes.clear()
+                grant = Grant(MODE.put(0, grant.mode), None, [], grant.width, True)
+                self._resolve(sorted(touched), width, False, changes, [], touched)
+            else:
+                self.settled = width
+                self.dirty.clear()
+        else:
+            width = grant.requested_width or self.prospective
+            self._resolve(sorted(touched), width, False, changes, reasons, touched)
+            if self.latched and grant.width is not None:
+                grant = Grant(MODE.put(0, grant.mode), None, [], grant.width, True)
+            for i in touched:
+                self.dirty.add(i)
+        self.prospective = grant.requested_width or self.prospective
+        return self._order(grant, changes, touched, full, reasons, ctrl_touched)
+
+    def _resolve(
+        self,
+        entries: range | list[int],
+        width: TagWidth,
+        in_use: bool,
+        changes: dict[int, int],
+        reasons: list[str],
+        touched: set[int] | frozenset[int],
+    ) -> bool:
+        """Fill ``changes`` (entry -> device value) for ``entries``; True: enable refused."""
+        rules = self.rules
+        msix = self.geo.in_msix
+        for i in entries:
+            guest = self.guest_entry(i)
+            dev = self.dev_ent[i]
+            value, code = resolve_entry(guest, self.written[i], dev, width, in_use, rules)
+            if (
+                code is not None
+                and code not in reasons
+                and (code != "tag-fallback" or value != dev)
+            ):
+                reasons.append(code)
+            if value == LATCH:
+                self.latched = True
+                reasons.append("tph-forced-off")
+                if in_use:
+                    return True
+                continue
+            if value == REFUSE:
+                reasons.append("enable-refused")
+                return True
+            if msix:
+                low = self.guest_low[i]
+                if low is None:
+                    low = self.dev_low[i]
+                if value == KEEP:
+                    if low == self.dev_low[i] or low is None:
+                        continue
+                    if dev is not None:
+                        value = dev
+                    elif code is None:
+                        value = guest  # unused, and the guest's own: goes through as written
+                    else:
+                        value = rules.fallback[width] or 0  # never a tag the rules refused
+                if low is None:
+                    if in_use:
+                        reasons.append("msix-state-unknown")
+                        return True
+                    continue
+                if value != dev or low != self.dev_low[i] or i in touched:
+                    changes[i] = value
+            elif value != KEEP and (value != dev or i in touched):
+                changes[i] = value
+        return False
+
+    def _order(
+        self,
+        grant: Grant,
+        changes: dict[int, int],
+        touched: set[int] | frozenset[int],
+        full: bool,
+        reasons: list[str],
+        ctrl_touched: bool,
+    ) -> list[Step]:
+        cap = self.geo.caps[0]
+        dev = self.dev_ctrl[0]
+        target = control_value(cap.reserved, grant.bits)
+        if (
+            grant.width is None
+            and (grant.refused or not self.ctrl_written)
+            and dev is not None
+            and REQ.get(dev) == ReqEnable.DISABLED
+        ):
+            target = dev  # disabled, and the guest got nothing it asked for: leave it alone
+        steps: list[Step] = []
+        if grant.uses_entries and any(i not in touched for i in changes):
+            reasons.append("entries-corrected")
+        # The guest wrote the control register: write it even if unchanged (it may pass).
+        rewrite_ctrl = ctrl_touched and dev == target and not grant.refused
+        if grant.width is None:
+            if dev != target:
+                steps.append((_CTRL_STEP, 0, target))
+                dev = target
+        elif changes and (
+            dev is None
+            or (self._uses(dev) and (full or dev != target or not self._safe(changes, dev)))
+        ):
+            off = REQ.put(dev if dev is not None else target, ReqEnable.DISABLED)
+            off = control_value(cap.reserved, off & CTRL_WRITABLE)
+            if dev != off:
+                steps.append((_CTRL_STEP, 0, off))
+                dev = off
+        for i in sorted(changes):
+            steps.append((_ENTRY_STEP, i, changes[i]))
+        if dev != target or (rewrite_ctrl and not any(s[0] == _CTRL_STEP for s in steps)):
+            steps.append((_CTRL_STEP, 0, target))
+        return steps
+
+    @staticmethod
+    def _uses(ctrl: int) -> bool:
+        return REQ.get(ctrl) != ReqEnable.DISABLED and MODE.get(ctrl) == StMode.INT_VEC
+
+    def _safe(self, changes: dict[int, int], ctrl: int) -> bool:
+        """Are the new entry values allowed at the width ``ctrl`` has in force?"""
+        width = WIDTH_OF_ENABLE.get(REQ.get(ctrl))
+        if width is None:
+            return False
+        return all(self.rules.host_ok(v, width) for v in changes.values())
+
+    # --- rendering (the raw-writes backend) ------------------------------------------------
+    def render(self, steps: list[Step]) -> list[DeviceWrite]:
+        geo = self.geo
+        out = []
+        for what, index, value in steps:
+            if what == _CTRL_STEP:
+                out.append(DeviceWrite("config", geo.caps[index].ctrl, CTRL_SIZE, value))
+            elif geo.in_msix:
+                low = self.guest_low[index]
+                if low is None:
+                    low = self.dev_low[index]
+                assert low is not None
+                word = (low & _VC_LOW) | (value << _VC_ST.shift)
+                out.append(DeviceWrite("bar", geo.vc_offsets[index], 4, word, geo.msix_bir))
+            else:
+                out.append(DeviceWrite("config", geo.entry_offset(index), ENTRY_SIZE, value))
+        return out
+
+    def prior(self, w: DeviceWrite) -> int | None:
+        """What the device holds, before this decision, in the register ``w`` writes."""
+        geo = self.geo
+        for k, cap in enumerate(geo.caps):
+            if w.space == "config" and w.offset == cap.ctrl:
+                return self.dev_ctrl[k]
+        if geo.in_msix:
+            if w.space != "bar" or w.offset not in geo.vc_index:
+                return None
+            i = geo.vc_index[w.offset]
+            low, tag = self.dev_low[i], self.dev_ent[i]
+            return None if low is None or tag is None else low | tag << _VC_ST.shift
+        reg = geo.regs[w.offset] if w.space == "config" else None
+        if reg is not None and reg.kind == K_ENTRY and reg.cap == 0:
+            return self.dev_ent[reg.index]
+        return None
+
+    def commit(self, steps: list[Step]) -> None:
+        """The device now holds what ``steps`` wrote."""
+        for what, index, value in steps:
+            if what == _CTRL_STEP:
+                self.dev_ctrl[index] = value
+            else:
+                self.dev_ent[index] = value
+                if self.geo.in_msix:
+                    low = self.guest_low[index]
+                    self.dev_low[index] = low if low is not None else self.dev_low[index]
+
+    # --- accesses ---------------------------------------------------------------------------
+    def config_write(
+        self, off: int, width: int, value: int
+    ) -> tuple[list[DeviceWrite], list[str], bool, set[int], bool]:
+        """Merge a config write into the view.
+
+        Returns the writes that go through as the guest wrote them, the reasons, whether the
+        write resets the function, the ST entries it wrote and whether it wrote control.
+        """
+        geo = self.geo
+        regs = geo.regs
+        reasons: list[str] = []
+        through: list[tuple[int, int]] = []  # (offset, byte) that go through as written
+        touched: set[int] = set()
+        reset = ctrl = False
+        for b in range(width):
+            pos = off + b
+            byte = (value >> (8 * b)) & 0xFF
+            reg = regs[pos]
+            if reg is None:
+                through.append((pos, byte))
+                continue
+            kind = reg.kind
+            if kind == K_CTRL:
+                shift = 8 * (pos - reg.start)
+                writable = (CTRL_WRITABLE >> shift) & 0xFF
+                old = self.image[pos]
+                if (byte ^ old) & ~writable & 0xFF:
+                    reasons.append("reserved-bits")
+                self.image[pos] = (old & ~writable) | (byte & writable)
+                self.ctrl_written = ctrl = True
+            elif kind == K_ENTRY:
+                self.image[pos] = byte
+                if reg.cap == 0 and geo.trappable:
+                    self.written[reg.index] = True
+                    touched.add(reg.index)
+            elif kind == K_RO:
+                reasons.append("read-only")
+            elif kind == K_PAD:
+                reasons.append("beyond-st-table")
+            else:
+                through.append((pos, byte))
+                reset |= self._resets(kind, pos - reg.start, byte)
+        return self._pieces("config", through, None), reasons, reset, touched, ctrl
+
+    def _resets(self, kind: int, rel: int, byte: int) -> bool:
+        """Does this byte of a reset register start a reset of the function?"""
+        if kind == K_FLR_EXP:
+            return rel == 1 and bool(byte & 0x80)  # Device Control bit 15: Initiate FLR
+        if kind == K_FLR_AF:
+            return bool(byte & 0x1)  # AF control bit 0: Initiate FLR
+        if kind == K_PMCSR and rel == 0:
+            old, self.pm_state = self.pm_state, _PM_STATE.get(byte)
+            return old == _D3HOT and self.pm_state == _D0 and not self.geo.no_soft_reset
+        return False
+
+    def msix_write(
+        self, off: int, width: int, value: int, bar: int
+    ) -> tuple[list[DeviceWrite], set[int]]:
+        """Merge a write to the MSI-X table BAR into the view; returns (passthrough, touched)."""
+        geo = self.geo
+        through: list[tuple[int, int]] = []
+        touched: set[int] = set()
+        low_bytes: dict[int, dict[int, int]] = {}
+        for b in range(width):
+            pos = off + b
+            byte = (value >> (8 * b)) & 0xFF
+            rel = pos - geo.msix_start
+            if not 0 <= rel < geo.n_entries * PCI_MSIX_ENTRY_SIZE:
+                through.append((pos, byte))
+                continue
+            i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
+            if field < PCI_MSIX_ENTRY_VECTOR_CTRL:
+                through.append((pos, byte))
+            elif field < _ST_BYTE:
+                low_bytes.setdefault(i, {})[field - PCI_MSIX_ENTRY_VECTOR_CTRL] = byte
+                touched.add(i)
+            else:
+                shift = 8 * (field - _ST_BYTE)
+                old = self.guest_tag[i]
+                new = (old & ~(0xFF << shift)) | (byte << shift)
+                if new != old:
+                    self.guest_tag[i] = new
+                    self.written[i] = True
+                touched.add(i)
+        for i, parts in low_bytes.items():
+            low = self.guest_low[i]
+            if low is None and len(parts) < 2:
+                continue  # half of an unknown word is still unknown
+            low = low or 0
+            for k, byte in parts.items():
+                low = (low & ~(0xFF << 8 * k)) | (byte << 8 * k)
+            self.guest_low[i] = low
+        return self._pieces("bar", through, bar), touched
+
+    @staticmethod
+    def _pieces(
+        space: Literal["config", "bar"], through: list[tuple[int, int]], bar: int | None
+    ) -> list[DeviceWrite]:
+        """Runs of guest bytes as naturally aligned writes."""
+        out: list[DeviceWrite] = []
+        if not through:
+            return out
+        runs: list[list[tuple[int, int]]] = [[through[0]]]
+        for pos, byte in through[1:]:
+            if pos == runs[-1][-1][0] + 1:
+                runs[-1].append((pos, byte))
+            else:
+                runs.append([(pos, byte)])
+        for run in runs:
+            start = run[0][0]
+            data = bytes(b for _, b in run)
+            for p, size in _chunks(start, start + len(run)):
+                v = int.from_bytes(data[p - start : p - start + size], "little")
+                out.append(DeviceWrite(space, p, size, v, bar))
+        return out
+
+    def check(self, writes: list[DeviceWrite], full: bool) -> None:
+        """The self-check: raises :class:`UnsafePlan` if any prefix of ``writes`` is unsafe."""
+        self.checker.verify(tuple(writes), self.rules, self.revoked, full)
+
+    # --- reads --------------------------------------------------------------------------------
+    def config_view(self, off: int, width: int) -> tuple[int, int]:
+        """(mask, value): the bytes of [off, off+width) served from the guest's view."""
+        mask = patch = 0
+        for cap in self.geo.caps:
+            lo, hi = max(off, cap.start), min(off + width, cap.end)
+            for pos in range(lo, hi):
+                k = pos - off
+                mask |= 0xFF << (8 * k)
+                patch |= self.image[pos] << (8 * k)
+        return mask, patch
+
+    def msix_view(self, off: int, width: int) -> tuple[int, int]:
+        geo = self.geo
+        if not geo.in_msix or off + width <= geo.msix_start or off >= geo.msix_end:
+            return 0, 0
+        mask = patch = 0
+        for k in range(width):
+            rel = off + k - geo.msix_start
+            if not 0 <= rel < geo.n_entries * PCI_MSIX_ENTRY_SIZE:
+                continue
+            i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
+            if field >= _ST_BYTE:
+                mask |= 0xFF << (8 * k)
+                patch |= ((self.guest_tag[i] >> (8 * (field - _ST_BYTE))) & 0xFF) << (8 * k)
+        return mask, patch
