@@ -2,9 +2,10 @@
 
 Targets: the protocol decoder (``wire.parse_request``) and the whole request handler
 (``Server.handle_line``), the native and QEMU trace readers, the config-space loaders, the
-policy loader, and the libvirt domain and steering-tags readers of ``policy init``. Each input runs under a time limit (``fuzzlib.LIMIT``). Inputs are both
-arbitrary and structure-aware: valid requests, traces, dumps and policies mutated field by
-field, token by token or byte by byte.
+policy loader, and the libvirt domain and steering-tags readers of ``policy init``. Each input
+runs under a time limit (``fuzzlib.LIMIT``). Inputs are both arbitrary and structure-aware:
+valid requests, traces, dumps, policies and domain XML mutated field by field, token by token
+or byte by byte.
 
 ``make test`` runs a short campaign; ``make fuzz`` (``TPHTRAP_FUZZ=long``) a long one. The
 minimized inputs that found bugs are kept in ``fixtures/hostile/`` (see its README), which

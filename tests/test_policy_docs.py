@@ -109,3 +109,35 @@ def test_glob_example_lists_every_example_policy() -> None:
         [exe, "policy", "check", *files], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert proc.stdout.splitlines() == expected
+
+
+def test_strict_baseline_in_interrupt_vector_mode() -> None:
+    """What docs/policy.md says of strict-baseline.yaml, on the engine itself."""
+    from tphtrap.device import load_device
+    from tphtrap.engine import Engine
+    from tphtrap.events import ConfigWrite
+    from tphtrap.policyfile import load_policy
+
+    dev = load_device(REPO / "fixtures" / "devices" / "nic-st-in-cap.lspci")
+    assert dev.tph is not None
+    ctrl, entry0 = dev.tph.offset + 8, dev.tph.offset + 0xC
+    iv_tph, no_st_tph = 0x101, 0x100
+
+    def session() -> Engine:
+        engine = Engine(load_policy(REPO / "policies" / "strict-baseline.yaml"))
+        engine.attach("tenant", "0000:3b:00.0", dev)
+        return engine
+
+    def write(engine: Engine, offset: int, width: int, value: int) -> tuple[str, ...]:
+        access = ConfigWrite(
+            vm="tenant", bdf="0000:3b:00.0", offset=offset, width=width, value=value
+        )
+        return engine.handle(access).reasons
+
+    engine = session()  # a driver that enables first: unwritten entries get the VM's own tag
+    reasons = write(engine, ctrl, 4, iv_tph)
+    assert "tag-fallback" in reasons and "enable-refused" not in reasons
+    engine = session()  # a 0 the guest writes is foreign: the enable is refused
+    assert write(engine, entry0, 2, 0x00) == ("foreign-tag",)
+    assert "enable-refused" in write(engine, ctrl, 4, iv_tph)
+    assert "no-st-tag-foreign" in write(session(), ctrl, 4, no_st_tph)
