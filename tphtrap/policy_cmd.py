@@ -89,17 +89,8 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         ),
         formatter_class=fmt,
     )
-    init.add_argument(
-        "--sysfs", metavar="ROOT", help="read sysfs from ROOT/sys instead of the live /sys"
-    )
-    init.add_argument(
-        "--libvirt",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="DOMAIN.xml",
-        help="libvirt domain XML files (virsh dumpxml), one VM each",
-    )
+    _machine_arguments(init, "read sysfs from ROOT/sys instead of the live /sys")
+    init.set_defaults(host=True)
     init.add_argument(
         "--tags", metavar="FILE", help="steering tags: the output of 'tphtrap acpi host'"
     )
@@ -131,17 +122,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     check.add_argument(
         "--host", action="store_true", help="also check against this host's CPUs and devices"
     )
-    check.add_argument(
-        "--sysfs", metavar="ROOT", help="with --host: read sysfs from ROOT/sys (implies --host)"
-    )
-    check.add_argument(
-        "--libvirt",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="DOMAIN.xml",
-        help="also compare with these libvirt domains (after the policy files)",
-    )
+    _machine_arguments(check, "with --host: read sysfs from ROOT/sys (implies --host)")
     check.add_argument(
         "--json", action="store_true", help="print one JSON document with every file's problems"
     )
@@ -194,6 +175,20 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     )
     explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
     explain.set_defaults(func=run_explain)
+
+
+def _machine_arguments(parser: argparse.ArgumentParser, sysfs_help: str) -> None:
+    """``--sysfs ROOT`` and ``--libvirt DOMAIN.xml...``, for init and check."""
+    parser.add_argument("--sysfs", metavar="ROOT", help=sysfs_help)
+    parser.add_argument(
+        "--libvirt",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="DOMAIN.xml",
+        help="libvirt domain XML files (virsh dumpxml NAME), one VM each; after the other "
+        "arguments",
+    )
 
 
 # --- check -----------------------------------------------------------------------------------
@@ -297,8 +292,8 @@ def _write_output(path: str, text: str, force: bool) -> None:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    machine = read_host(args.sysfs)
-    domains = [load_domain(path) for path in args.libvirt]
+    machine, domains = _machine_and_domains(args)
+    assert machine is not None  # init always reads the host
     tags = _tags_source(args.tags)
     sources = [str(machine.root / "sys"), *(d.source for d in domains)]
     if tags is not None:

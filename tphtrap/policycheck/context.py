@@ -149,6 +149,10 @@ class Context:
     def warn(self, at: Node | None, rule: str, message: str, path: str = "") -> None:
         self.out.warn(at, rule, message, path)
 
+    def at_cpus(self, vm: VmDraft, rule: str, message: str, level: str = "error") -> None:
+        """A problem of a VM's ``cpus``, the place most tag and pinning problems are fixed."""
+        self.out.report(vm.nodes["cpus"], rule, message, f"{vm.path}.cpus", level)
+
     # views
     @cached_property
     def host(self) -> HostPolicy:

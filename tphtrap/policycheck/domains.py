@@ -53,15 +53,14 @@ def _runs_inside(ctx: Context, dom: Domain, vm: VmDraft, cpus: frozenset[int]) -
     for pin in dom.pins:
         outside = sorted(pin.cpus - cpus)
         if outside:
-            ctx.report(
-                vm.nodes["cpus"],
+            ctx.at_cpus(
+                vm,
                 "pinning-drift",
                 f"vCPU {pin.vcpu} of domain {dom.name!r} runs on {cpus_word(sorted(pin.cpus))} "
                 f"({dom.where(pin.line)}, {pin.source}), but {format_cpulist(outside)} "
                 f"{'is' if len(outside) == 1 else 'are'} not in the cpus of VM {vm.name!r} "
                 f"({format_cpulist(cpus)}): update cpus (tphtrap policy init --libvirt shows "
                 "the pinning)",
-                f"{vm.path}.cpus",
             )
             return  # one report per VM: the first vCPU that runs outside
 
@@ -127,14 +126,14 @@ def cpus_within_pinning(ctx: Context) -> None:
             continue
         others = sorted(n for n, c in runs.items() if n != dom.name and c & set(extra))
         also = f"; domain {', '.join(others)} runs there" if others else ""
-        ctx.warn(
-            vm.nodes["cpus"],
+        ctx.at_cpus(
+            vm,
             "cpus-beyond-pinning",
             f"{cpus_word(extra)} {'is' if len(extra) == 1 else 'are'} in the cpus of VM "
             f"{vm.name!r}, but no vCPU of domain {dom.name!r} runs there or on a CPU sharing "
             f"their cache tags ({dom.source}){also}: its devices may steer to caches it does "
             "not use",
-            f"{vm.path}.cpus",
+            "warning",
         )
 
 

@@ -36,11 +36,10 @@ def cpus_exist(ctx: Context) -> None:
             continue
         gone = sorted(vm.cpus - host.present)
         if gone:
-            ctx.report(
-                vm.nodes["cpus"],
+            ctx.at_cpus(
+                vm,
                 "host-cpu-missing",
                 f"{cpus_word(gone)} of VM {vm.name!r} {_they(gone)} not on this host ({have})",
-                f"{vm.path}.cpus",
             )
 
 
@@ -52,11 +51,11 @@ def cpus_online(ctx: Context) -> None:
             continue
         off = sorted((vm.cpus & host.present) - host.online)
         if off:
-            ctx.warn(
-                vm.nodes["cpus"],
+            ctx.at_cpus(
+                vm,
                 "host-cpu-offline",
                 f"{cpus_word(off)} of VM {vm.name!r} {_they(off)} offline on this host",
-                f"{vm.path}.cpus",
+                "warning",
             )
 
 

@@ -45,28 +45,26 @@ def vm_owns_a_tag(ctx: Context) -> None:
         vm = view.vm
         why = ctx.shared_words(view, view.widths)
         tail = "; until then none of its virtual tags can be honoured" if view.translates else ""
-        ctx.report(
-            vm.nodes["cpus"],
+        ctx.at_cpus(
+            vm,
             "owns-no-tag",
             f"VM {vm.name!r} owns no steering tag: {why}. A tag is a VM's only if every CPU "
             f"that has it is in the VM's cpus: {ctx.recipe(view)} ({_RECIPE_DOC}), or set "
             f"tph: false{tail}",
-            f"{vm.path}.cpus",
         )
 
 
 @check("empty-allowed-set", "a VM that may use TPH but has no allowed steering tag")
 def vm_has_allowed_tags(ctx: Context) -> None:
     for view in _views(ctx, "no-allowed-tag", "ok"):
-        vm, node, path = view.vm, view.vm.nodes["cpus"], f"{view.vm.path}.cpus"
+        vm = view.vm
         if view.verdict == "no-allowed-tag":
-            ctx.report(
-                node,
+            ctx.at_cpus(
+                vm,
                 "empty-allowed-set",
                 f"VM {vm.name!r} may use TPH but no steering tag is allowed for it: "
                 f"{ctx.foreign_words(view, view.widths[0])}. Give it whole cache domains "
                 f"(cpus: {format_cpulist(view.domain)}), add a neutral tag, or set tph: false",
-                path,
             )
             continue
         for width in view.widths:
@@ -77,27 +75,27 @@ def vm_has_allowed_tags(ctx: Context) -> None:
                 if width is TagWidth.ST16
                 else "TPH only (8-bit) requests will never get a tag"
             )
-            ctx.warn(
-                node,
+            ctx.at_cpus(
+                vm,
                 "empty-allowed-set",
                 f"no {WIDTH_WORDS[width]} tag is allowed for VM {vm.name!r}: {effect}",
-                path,
+                "warning",
             )
 
 
 @check("neutral-only", "a VM (or one tag width of it) left with neutral tags only (warning)")
 def vm_can_steer(ctx: Context) -> None:
     for view in _views(ctx, "neutral-only", "ok"):
-        vm, node, path = view.vm, view.vm.nodes["cpus"], f"{view.vm.path}.cpus"
+        vm = view.vm
         if view.verdict == "neutral-only":
-            ctx.warn(
-                node,
+            ctx.at_cpus(
+                vm,
                 "neutral-only",
                 f"VM {vm.name!r} owns no steering tag, so its devices can use only "
                 f"{_neutral_words(view, view.live)} and cannot steer: "
                 f"{ctx.shared_words(view, view.widths)}. To let it steer, "
                 f"{ctx.recipe(view)}",
-                path,
+                "warning",
             )
             continue
         if view.translates:
@@ -106,13 +104,13 @@ def vm_can_steer(ctx: Context) -> None:
             if not view.foreign(width):
                 continue
             other = next(w for w in view.widths if view.owned(w))
-            ctx.warn(
-                node,
+            ctx.at_cpus(
+                vm,
                 "neutral-only",
                 f"with {_MODE[width]}, VM {vm.name!r} can use only "
                 f"{_neutral_words(view, (width,))} and cannot steer: "
                 f"{ctx.shared_words(view, (width,))}; it steers only with {_MODE[other]}",
-                path,
+                "warning",
             )
 
 
@@ -136,12 +134,12 @@ def vm_cpus_tags_own(ctx: Context) -> None:
         if shut:
             vm = view.vm
             cpus = "CPU" if len(shut) == 1 else "CPUs"
-            ctx.warn(
-                vm.nodes["cpus"],
+            ctx.at_cpus(
+                vm,
                 "tag-shared-outside",
                 f"devices of VM {vm.name!r} cannot steer to {cpus} {format_cpulist(shut)}: "
                 f"{'; '.join(why)}",
-                f"{vm.path}.cpus",
+                "warning",
             )
 
 

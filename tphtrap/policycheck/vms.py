@@ -40,13 +40,12 @@ def cpus_have_tags(ctx: Context) -> None:
             continue
         missing = sorted(vm.cpus - ctx.draft.steering.keys())
         if missing:
-            ctx.report(
-                vm.nodes["cpus"],
+            ctx.at_cpus(
+                vm,
                 "cpu-without-tags",
                 f"{cpus_word(missing)} of VM {vm.name!r} "
                 f"{'has' if len(missing) == 1 else 'have'} no entry in host.steering_tags (write "
                 "null for a tag the firmware does not report)",
-                f"{vm.path}.cpus",
             )
 
 
@@ -97,13 +96,12 @@ def shared_cpus(ctx: Context) -> None:
             if how is None:
                 continue
             they = "it is" if len(common) == 1 else "they are"
-            ctx.report(
-                later.nodes["cpus"],
+            ctx.at_cpus(
+                later,
                 "shared-cpu",
                 f"VMs {earlier.name!r} and {later.name!r} may both steer to {cpus_word(common)} "
                 f"({they} in the cpus of both), so each could steer DMA into caches the other "
                 f"uses; {how}",
-                f"{later.path}.cpus",
             )
 
 
