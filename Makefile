@@ -5,9 +5,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  ?= $(BIN)/python -m pytest
 
-.PHONY: help setup test demo lint policy-check bench fuzz clean
+.PHONY: help deps setup test demo lint policy-check bench fuzz clean
+# deps must finish before the virtual environment is made (it may install python3-venv).
+.NOTPARALLEL:
 
 help:
+	@echo "make deps          install the Debian packages of deps/debian-packages.txt (as root)"
 	@echo "make demo          replay the bundled guest trace against the bundled policy"
 	@echo "make test          run the test suite (creates .venv on first use)"
 	@echo "make lint          ruff and mypy"
@@ -16,20 +19,24 @@ help:
 	@echo "make fuzz          a longer fuzzing campaign"
 	@echo "make clean         remove .venv and caches"
 
+# Installs what is missing as root; otherwise stops with the one command to run.
+deps:
+	@sh tools/setup-debian
+
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tphtrap needs Python 3.11 or newer")'
-	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { echo "python3 venv support is missing: apt-get install python3-venv" >&2; exit 1; }
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { echo "python3 venv support is missing; run: sudo apt-get install -y python3-venv" >&2; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-setup: $(STAMP)
+setup: deps $(STAMP)
 
-test: $(STAMP)
+test: deps $(STAMP)
 	$(PYTEST) -q
 
-demo: $(STAMP)
+demo: deps $(STAMP)
 	$(BIN)/tphtrap inspect fixtures/devices/nic-st-in-cap.lspci
 	$(BIN)/tphtrap replay fixtures/traces/demo-session.jsonl --policy policies/two-tenants.yaml
 

@@ -51,7 +51,7 @@ __all__ = [
 def setup_requests() -> list[dict[str, Any]]:
     """``hello`` and both attaches: what every session starts with."""
     return [
-        {"id": "hello", "op": "hello", "versions": [1], "client": "bench"},
+        {"id": "hello", "op": "hello", "versions": [2], "client": "bench"},
         {"id": "attach-a", "op": "attach", "path": str(DEV_A), **A},
         {"id": "attach-b", "op": "attach", "path": str(DEV_B), **B},
     ]

@@ -22,7 +22,7 @@
 
 /* "op" values */
 #define TPHTRAP_OP_HELLO      "hello"
-#define TPHTRAP_OP_ATTACH     "attach"     /* vm, bdf, config (hex) | path [, source_bdf] */
+#define TPHTRAP_OP_ATTACH     "attach"     /* vm, bdf, config (hex) | path [, source_bdf] [, replace] */
 #define TPHTRAP_OP_DETACH     "detach"     /* vm, bdf */
 #define TPHTRAP_OP_CFG_WRITE  "cfg_write"  /* vm, bdf, offset 0..4095, width 1|2|4, value */
 #define TPHTRAP_OP_CFG_READ   "cfg_read"   /* vm, bdf, offset, width */

@@ -76,6 +76,7 @@ PARSE_ERROR_CODES = frozenset(
 ERROR_CODES = PARSE_ERROR_CODES | frozenset(
     {
         "handshake-required",
+        "already-attached",
         "unsupported-version",
         "unknown-vm",
         "unknown-device",

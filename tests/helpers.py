@@ -20,10 +20,12 @@ __all__ = [
     "BadCase",
     "LspciDevice",
     "bad_cases",
+    "debian_packages",
     "good_lspci_fixtures",
     "lspci_vvv",
     "parse_lspci_vvv",
     "require_lspci",
+    "require_tool",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +55,29 @@ def bad_cases() -> list[BadCase]:
     return out
 
 
+def debian_packages() -> list[str]:
+    """The packages of ``deps/debian-packages.txt`` (what ``tools/setup-debian`` installs)."""
+    text = (REPO / "deps" / "debian-packages.txt").read_text()
+    return [word for line in text.splitlines() for word in line.partition("#")[0].split()]
+
+
+def require_tool(exe: str, package: str) -> str:
+    """Path of ``exe``; a missing one fails the test with the command that installs it.
+
+    ``package`` must be listed in ``deps/debian-packages.txt``, so the set-up step
+    (``make deps``, run by ``make test`` and ``.ci/run``) provides it on a fresh machine.
+    """
+    assert package in debian_packages(), f"add {package} to deps/debian-packages.txt"
+    found = shutil.which(exe)
+    if found:
+        return found
+    pytest.fail(
+        f"{exe} not found: it comes with the Debian package {package}; run `make deps` as "
+        f"root, or: sudo apt-get install -y {package}",
+        pytrace=False,
+    )
+
+
 def require_lspci() -> str:
     """Path of ``lspci``; a missing one fails the test unless TPHTRAP_SKIP_LSPCI=1."""
     found = shutil.which("lspci") or next(
@@ -64,7 +89,9 @@ def require_lspci() -> str:
     if os.environ.get("TPHTRAP_SKIP_LSPCI") == "1":
         pytest.skip("lspci not installed and TPHTRAP_SKIP_LSPCI=1")
     pytest.fail(
-        "lspci (pciutils) is required for this test; install it or set TPHTRAP_SKIP_LSPCI=1"
+        "lspci (pciutils) is required for this test; run `make deps` as root, or: sudo "
+        "apt-get install -y pciutils (or set TPHTRAP_SKIP_LSPCI=1)",
+        pytrace=False,
     )
 
 

@@ -412,3 +412,115 @@ def test_sighup_broken_policy_keeps_the_old_one(
     assert child.wait() == 0
     assert "Traceback" not in child.stderr()
     audit_events(audit)
+
+
+# --- audit log rotation -------------------------------------------------------------------------
+def decided_ids(*paths: Path) -> list[Any]:
+    return [e["id"] for p in paths for e in audit_events(p) if e["event"] == "access.decided"]
+
+
+def test_audit_rotation_under_load_loses_nothing(
+    serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    """The audit file is moved away five times while requests stream in, each time followed
+    by SIGHUP (reload, then reopen) or SIGUSR1 (reopen only): every decision is audited exactly
+    once, in one of the files, and each new file starts with ``audit.reopened``."""
+    audit = tmp_path / "audit.jsonl"
+    child = serve(POLICY, audit)
+    child.start((A, DUMP_A))
+    pump = Pump(child)
+    rotated = []
+    for n in range(1, 6):
+        pump.wait_replies(300 * n)
+        moved = tmp_path / f"audit.jsonl.{n}"
+        audit.rename(moved)
+        rotated.append(moved)
+        sig = signal.SIGHUP if n % 2 else signal.SIGUSR1
+        child.proc.send_signal(sig)
+        reopened = wait_for_event(audit, "audit.reopened")
+        assert reopened == [
+            {**reopened[0], "path": str(audit), "reason": sig.name, "event": "audit.reopened"}
+        ]
+    pump.wait_replies(300 * 6)
+    pump.stop.set()
+    pump.threads[0].join(WAIT)
+    assert child.proc.stdin is not None
+    child.proc.stdin.close()
+    assert child.wait() == 0
+    lines = pump.finish(whole=True)
+    replies = [r for r in lines if r.get("id") is not None]  # SIGHUP adds an event line
+    assert all(r["event"] == "corrections" for r in lines if r.get("id") is None)
+    assert len(replies) >= 1800 and all(r["ok"] for r in replies)
+    ids = decided_ids(*rotated, audit)
+    assert sorted(ids) == sorted(r["id"] for r in replies)  # each once: nothing lost
+    assert all(decided_ids(p) for p in rotated)  # every file got events under load
+    for later in [*rotated[1:], audit]:
+        assert audit_events(later)[0]["event"] == "audit.reopened"
+    loads = [e for p in rotated for e in audit_events(p) if e["event"] == "policy.loaded"]
+    assert len(loads) == 1 + 3  # start, then the three SIGHUPs reloaded before reopening
+    ended = audit_events(audit)[-1]
+    assert ended["event"] == "session.ended" and ended["reason"] == "eof"
+    assert ended["ops"]["cfg_write"] == len(replies) and ended["errors"] == 0
+
+
+def test_audit_reopen_failure_keeps_the_old_file(
+    serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    """The name cannot be opened again (its directory is gone): events stay in the old file,
+    which says why, and serving goes on."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    audit = logs / "audit.jsonl"
+    child = serve(POLICY, audit)
+    child.start((A, DUMP_A))
+    kept = tmp_path / "kept.jsonl"
+    audit.rename(kept)
+    logs.rmdir()
+    child.proc.send_signal(signal.SIGUSR1)
+    failed = wait_for_event(kept, "audit.reopen-failed")
+    assert failed[0]["path"] == str(audit) and "No such file" in failed[0]["error"]
+    reply = child.ask({"id": 7, "op": "cfg_write", **A, "offset": CTRL, "width": 4, "value": 1})
+    assert reply["ok"]
+    assert decided_ids(kept) == [7]
+
+
+def doc_logrotate_stanza() -> str:
+    text = (REPO / "docs" / "audit.md").read_text()
+    start = text.index("```conf\n/var/log/tph.jsonl {") + len("```conf\n")
+    return text[start : text.index("```", start)]
+
+
+def test_logrotate_with_the_documented_stanza(serve: Callable[..., Serve], tmp_path: Path) -> None:
+    """The stanza of docs/audit.md, run by the real logrotate (paths moved to a temporary
+    directory): the rotated file holds the events before, the new one the events after."""
+    from helpers import require_tool
+
+    logrotate = require_tool("logrotate", "logrotate")
+    if os.geteuid() != 0:
+        pytest.skip("the stanza's 'create 0640 root adm' needs root, as logrotate runs")
+    audit, pid_file = tmp_path / "tph.jsonl", tmp_path / "tphtrap.pid"
+    conf = tmp_path / "logrotate.conf"
+    stanza = doc_logrotate_stanza()
+    conf.write_text(
+        stanza.replace("/var/log/tph.jsonl", str(audit)).replace("/run/tphtrap.pid", str(pid_file))
+    )
+    child = serve(POLICY, audit, "--pid-file", str(pid_file))
+    child.start((A, DUMP_A))
+    write = {"op": "cfg_write", **A, "offset": CTRL, "width": 4}
+    assert child.ask({"id": 1, **write, "value": 0x101})["ok"]
+    assert pid_file.read_text() == f"{child.proc.pid}\n"
+    res = subprocess.run(
+        [logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    wait_for_event(audit, "audit.reopened")
+    assert child.ask({"id": 2, **write, "value": 0})["ok"]
+    assert child.ask({"id": "bye", "op": "shutdown"})["ok"]
+    assert child.wait() == 0
+    rotated = tmp_path / "tph.jsonl.1"  # delaycompress: not compressed yet
+    assert decided_ids(rotated) == [1] and decided_ids(audit) == [2]
+    assert oct(audit.stat().st_mode & 0o777) == "0o640"
+    assert not pid_file.exists()  # removed at exit

@@ -103,6 +103,8 @@ TOP_KEYS = {
     "config_size",
     "ext_visible",
     "capabilities",
+    "pcie",
+    "root_port",
     "tph",
     "msix",
     "verdict",
@@ -172,8 +174,21 @@ def test_json_for_st_in_cap(capsys: pytest.CaptureFixture[str]) -> None:
         "enabled": False,
         "function_mask": False,
     }
+    assert doc["pcie"] == {
+        "offset": 0xA0,
+        "version": 2,
+        "type": 0,
+        "type_name": "endpoint",
+        "tph_completer": 3,
+        "tph_completer_name": "extended-tph",
+    }
+    assert doc["root_port"] is None  # a dump: nothing says what is above the device
     assert doc["verdict"]["status"] == "trappable" and doc["verdict"]["trappable"] is True
-    assert doc["verdict"]["notes"] == [] and doc["warnings"] == []
+    assert doc["verdict"]["notes"] == [
+        "root port TPH Completer not checked: the source is not a sysfs device (inspect the "
+        "device on its host, or run inspect --host there)"
+    ]
+    assert doc["warnings"] == []
 
 
 @pytest.mark.parametrize(
@@ -250,9 +265,7 @@ def test_all_and_bdf(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", multi, "--all"]) == 0
     text = capsys.readouterr().out
     assert text.count("Verdict:") == 4 and "0001:02:00.0  14e4:1750" in text
-    with pytest.raises(SystemExit) as exc:
-        main(["inspect", multi, "--all", "--bdf", "3b:00.0"])
-    assert exc.value.code == 1  # a usage error (2 is reserved for replay mismatches)
+    assert main(["inspect", multi, "--all", "--bdf", "3b:00.0"]) == 2  # a usage error
 
 
 def test_sysfs_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -262,7 +275,15 @@ def test_sysfs_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (d / "config").write_bytes((DEVICES / "sysfs" / "0000:3b:00.0" / "config").read_bytes())
     doc = inspect_json(capsys, str(d))
     assert doc["source"] == str(d / "config")
-    assert {**doc, "source": ref["source"]} == ref
+    # A lone copy of a device directory: what is above it is not known.
+    assert doc["root_port"]["kind"] == "unknown"
+    assert "not below a host bridge directory" in doc["root_port"]["summary"]
+    assert doc["verdict"]["notes"] == [
+        f"{doc['root_port']['summary']}; whether Linux can enable TPH is unknown"
+    ]
+    same = {**doc, "source": ref["source"], "root_port": None, "verdict": ref["verdict"]}
+    assert same == ref
+    assert doc["verdict"]["status"] == ref["verdict"]["status"] == "trappable"
 
 
 def test_hex_source(capsys: pytest.CaptureFixture[str]) -> None:
@@ -372,7 +393,8 @@ def test_docs_describe_every_json_field(capsys: pytest.CaptureFixture[str]) -> N
     doc = inspect_json(capsys, str(DEVICES / "nic-st-in-cap.lspci"))
     keys = set(doc) | set(doc["tph"]) | set(doc["msix"]) | set(doc["verdict"])
     keys |= set(doc["tph"]["st_table"]) | set(doc["tph"]["control"]) | set(doc["tph"]["modes"])
-    keys |= set(doc["capabilities"][0])
+    keys |= set(doc["capabilities"][0]) | set(doc["pcie"])
+    keys |= {"kind", "bdf", "completer", "completer_name", "summary", "error"}  # root_port
     documented = set(re.findall(r"`([a-z_]+)`", text))
     assert keys <= documented, sorted(keys - documented)
 

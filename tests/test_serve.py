@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from tphtrap.audit import Auditor
+from tphtrap.cli import EXIT_MISMATCH
 from tphtrap.errors import PolicyError
 from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
+from tphtrap.wire import hex_values
 
 ROOT = Path(__file__).resolve().parent.parent
 TPHTRAP = [sys.executable, "-m", "tphtrap"]
@@ -647,7 +649,7 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
     summary = json.loads(proc.stdout)
     assert summary["records"] == 6 and summary["mismatches"] == 0
-    # Change one expectation: replay --expect must notice, name the line, and exit 2.
+    # Change one expectation: replay --expect must notice, name the line, and exit 4.
     tampered = tmp_path / "tampered.jsonl"
     rows = record.read_text().splitlines()
     row = json.loads(rows[2])
@@ -660,7 +662,7 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
         capture_output=True,
         timeout=30,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_MISMATCH == 4
     assert f"{tampered}:3: expected pass foreign-tag" in proc.stdout.decode()
 
 
@@ -793,3 +795,122 @@ def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
         proc.stdout.close()
         if proc.stderr:
             proc.stderr.close()
+
+
+# --- attach twice, suggestions, counts, hex -----------------------------------------------
+def attached_server() -> tuple[Server, _Sink]:
+    server, sink = make_server()
+    call(server, HELLO)
+    attach = json.loads(ATTACH)
+    attach["path"] = str(ROOT / attach["path"])
+    assert call(server, json.dumps(attach))["ok"]
+    return server, sink
+
+
+def test_a_second_attach_is_refused_unless_detached_or_replaced() -> None:
+    server, sink = attached_server()
+    path = str(ROOT / "fixtures/devices/nic-st-in-cap.lspci")
+    assert call(server, req(2, "cfg_write", **W, value=0x101))["ok"]  # the guest enables TPH
+    again = call(server, req(3, "attach", path=path, **A))
+    assert again["ok"] is False and again["error"]["code"] == "already-attached"
+    assert again["error"]["field"] == "bdf" and '"replace": true' in again["error"]["message"]
+    assert again["decision"]["verdict"] == "drop"
+    stats = call(server, req(4, "stats"))
+    assert stats["devices"][0]["tph_enabled"] is True  # the device's state was kept
+    replaced = call(server, req(5, "attach", path=path, replace=True, **A))
+    assert replaced["ok"] and replaced["decision"]["reason"] == "attached"
+    assert call(server, req(6, "stats"))["devices"][0]["tph_enabled"] is False
+    events = [json.loads(x) for x in sink.lines if '"device.attached"' in x]
+    assert [e.get("replaced") for e in events] == [None, True]
+    assert call(server, req(7, "detach", **A))["ok"]
+    assert call(server, req(8, "attach", path=path, **A))["ok"]  # detached first: fine
+    bad = call(server, req(9, "attach", path=path, replace="yes", **A))
+    assert bad["error"]["code"] == "bad-type" and bad["error"]["field"] == "replace"
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "message"),
+    [
+        (
+            '{"id":1,"op":"helo","versions":[1]}',
+            "unknown-op",
+            "unknown op 'helo' (did you mean 'hello'?)",
+        ),
+        (
+            '{"id":1,"op":"cfg_wrte"}',
+            "unknown-op",
+            "unknown op 'cfg_wrte' (did you mean 'cfg_write'?)",
+        ),
+        ('{"id":1,"op":"frobnicate"}', "unknown-op", "unknown op 'frobnicate'"),
+        (
+            '{"id":1,"op":"hello","version":[1]}',
+            "unknown-field",
+            "hello takes no field 'version' (did you mean 'versions'?)",
+        ),
+        (
+            '{"id":1,"op":"attach","vm":"a","bdf":"3b:00.0","pth":"x"}',
+            "unknown-field",
+            "attach takes no field 'pth' (did you mean 'path'?)",
+        ),
+        (
+            '{"id":1,"op":"cfg_write","vm":"a","bdf":"3b:00.0","offset":1,"width":1,"valeu":1}',
+            "unknown-field",
+            "cfg_write takes no field 'valeu' (did you mean 'value'?)",
+        ),
+        ('{"id":1,"op":"stats","verbose":true}', "unknown-field", "stats takes no field 'verbose'"),
+    ],
+)
+def test_unknown_ops_and_fields_suggest_the_closest(line: str, code: str, message: str) -> None:
+    server, _ = make_server()
+    call(server, HELLO)
+    rep = call(server, line)
+    assert (rep["error"]["code"], rep["error"]["message"]) == (code, message)
+
+
+def test_session_ended_counts_the_requests() -> None:
+    replies, stderr, rc = run_serve(
+        [
+            HELLO,
+            ATTACH,
+            req(2, "cfg_write", **W, value=0x101),
+            req(3, "cfg_read", **W),
+            "{",
+            req(4, "stats"),
+        ]
+    )
+    assert rc == 0 and len(replies) == 6
+    ended = [json.loads(x) for x in stderr.splitlines() if '"session.ended"' in x]
+    assert len(ended) == 1
+    assert {k: ended[0][k] for k in ("reason", "requests", "ops", "errors", "verdicts")} == {
+        "reason": "eof",
+        "requests": 6,
+        "ops": {"hello": 1, "attach": 1, "cfg_write": 1, "cfg_read": 1, "stats": 1},
+        "errors": 1,
+        "verdicts": {"rewrite": 2},
+    }
+
+
+def test_hex_renders_values_for_people_and_only_when_asked() -> None:
+    lines = [
+        HELLO,
+        ATTACH,
+        req(2, "cfg_write", vm="tenant-a", bdf="3b:00.0", offset="0x156", width=2, value=2),
+    ]
+    plain, _, _ = run_serve(lines)
+    shown, _, rc = run_serve(lines, "--hex")
+    assert rc == 0
+    assert plain[2]["decision"]["writes"] == [
+        {"space": "config", "offset": 342, "width": 2, "value": 1}
+    ]
+    assert shown[2]["decision"]["writes"] == [
+        {"space": "config", "offset": "0x156", "width": 2, "value": "0x1"}
+    ]
+    assert (shown[2]["decision"]["guest_value"], shown[2]["decision"]["read_mask"]) == (
+        "0x2",
+        "0xffff",
+    )
+    assert (
+        shown[1]["device"]["msix"]["offset"] == "0x2000" and shown[1]["device"]["msix"]["bir"] == 0
+    )
+    # Everything else is the same reply, and the ids stay as sent.
+    assert hex_values(plain) == shown and shown[2]["id"] == 2

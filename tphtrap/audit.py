@@ -97,6 +97,12 @@ class _LineWriter:
         self._stream = stream
         self._fd = fd
 
+    def switch(self, stream: IO[str], fd: int | None) -> IO[str]:
+        """Write to ``stream`` (and ``fd``) from now on; returns the previous stream."""
+        old = self._stream
+        self._stream, self._fd = stream, fd
+        return old
+
     def msg(self, message: str) -> None:
         if self._fd is None:
             self._stream.write(message + "\n")
@@ -230,6 +236,11 @@ class _DecidedLine:
         )
 
 
+def _open_append(path: str) -> IO[str]:
+    """``path`` opened for appending, line-buffered, created if missing."""
+    return open(path, "a", buffering=1, encoding="utf-8")
+
+
 class Auditor:
     """Renders audit events as JSON lines on ``stream`` (stderr or a line-buffered file).
 
@@ -268,13 +279,39 @@ class Auditor:
             level: getattr(self._log, level) for level in ("debug", "info", "warning", "error")
         }
         self.events = 0
+        #: The ``--audit`` file's name, which :meth:`reopen` opens again (None: a stream).
+        self.path: str | None = None
 
     @classmethod
     def to_file(cls, path: str, *, include_passes: bool = False) -> Auditor:
-        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - owned here
+        stream = _open_append(path)
         # Events are written to its descriptor directly (append mode: each line lands whole
         # at the end); the text stream is kept for closing.
-        return cls(stream, include_passes=include_passes, _fd=stream.fileno())
+        auditor = cls(stream, include_passes=include_passes, _fd=stream.fileno())
+        auditor.path = path
+        return auditor
+
+    def reopen(self, reason: str) -> OSError | None:
+        """Open the audit file again by its name, for log rotation (``logrotate`` with
+        ``create`` renames the file, makes a new one and signals ``serve``).
+
+        Every event before this call is in the old file (the renamed one: nothing is lost),
+        every event after it in the new one, which starts with ``audit.reopened``. When the
+        name cannot be opened, events keep going to the old file, ``audit.reopen-failed``
+        says why, and the error is returned. A stream (standard error) is left alone.
+        """
+        if self.path is None:
+            return None
+        try:
+            stream = _open_append(self.path)
+        except OSError as exc:
+            self.emit("audit.reopen-failed", "error", path=self.path, reason=reason, error=str(exc))
+            return exc
+        old = self._writer.switch(stream, stream.fileno())
+        self.stream = stream
+        old.close()
+        self.emit("audit.reopened", path=self.path, reason=reason)
+        return None
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
         self.events += 1

@@ -1,13 +1,15 @@
-"""Command line front door: ``tphtrap inspect|policy|serve|replay``.
+"""Command line front door: ``tphtrap inspect|policy|serve|replay|completion``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``; this module only
-wires them together and maps errors to exit codes:
+wires them together and maps errors to exit codes, the same for every command:
 
 ====  =============================================================
 0     success
-1     user error: bad usage, bad input, bad policy, malformed dump (one-line message)
-2     replay found decisions that differ from the expected ones (``--expect``)
+1     user error: bad input, bad policy, malformed dump (one-line message)
+2     usage error: unknown option, missing or malformed argument (argparse)
 3     internal error (a bug: please report it with the message)
+4     replay: decisions differ from the expected ones (``--expect``)
+5     replay: accesses that were not judged (no decision could be made for them)
 130   interrupted
 ====  =============================================================
 """
@@ -21,27 +23,39 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import TphtrapError
+from .errors import TphtrapError, UsageError
 
-__all__ = ["EXIT_INTERNAL", "EXIT_MISMATCH", "EXIT_OK", "EXIT_USER", "build_parser", "main"]
+__all__ = [
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_MISMATCH",
+    "EXIT_OK",
+    "EXIT_UNJUDGED",
+    "EXIT_USAGE",
+    "EXIT_USER",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_USER = 1
-EXIT_MISMATCH = 2
+EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_MISMATCH = 4
+EXIT_UNJUDGED = 5
 EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a user error (exit 1): 2 means a replay mismatch."""
+    """argparse with the usage error stated once: the usage line, the error, exit 2."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import policy_cmd, replay, report, serve
+    from . import completion, policy_cmd, replay, report, serve
 
     parser = _Parser(
         prog="tphtrap",
@@ -58,14 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmd.add_parser(sub)
     serve.add_parser(sub)
     replay.add_parser(sub)
+    completion.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2), as a return code
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         rc: int = args.func(args)
+    except UsageError as exc:
+        print(f"tphtrap: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except TphtrapError as exc:
         print(f"tphtrap: error: {exc}", file=sys.stderr)
         return EXIT_USER

@@ -39,6 +39,8 @@ from .layouts import (
     MSIX_FLAGS,
     MSIX_TABLE_BIR,
     PCI_STATUS_REG,
+    PCIE_DEVCAP2,
+    PCIE_FLAGS,
     TPH_CAP,
     TPH_CTRL,
 )
@@ -47,6 +49,8 @@ from .spec import (
     PCI_CAPABILITY_LIST,
     PCI_CFG_SPACE_EXP_SIZE,
     PCI_CFG_SPACE_SIZE,
+    PCI_EXP_DEVCAP2,
+    PCI_EXP_FLAGS,
     PCI_EXT_CAP_ID_TPH,
     PCI_MSIX_ENTRY_SIZE,
     PCI_MSIX_FLAGS,
@@ -57,23 +61,30 @@ from .spec import (
     PCI_TPH_CAP,
     PCI_TPH_CTRL,
     PCI_TPH_ST_TABLE_MAX_IN_CAP,
+    PcieType,
     ReqEnable,
     StLocation,
     StMode,
+    TphCompleter,
 )
 
 __all__ = [
+    "COMPLETER_TEXT",
     "PCI_STD_HEADER_SIZEOF",
     "SYSFS_DEVICES",
     "Capability",
     "ConfigSpace",
     "MsixInfo",
+    "RootPortCheck",
     "TphInfo",
+    "check_root_port",
     "load_device",
     "load_devices",
     "normalize_bdf",
     "parse_hex_config",
     "parse_lspci",
+    "sysfs_device_dir",
+    "sysfs_functions",
 ]
 
 PCI_STD_HEADER_SIZEOF = 64
@@ -87,14 +98,10 @@ PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_PCIX = 0x07
 PCI_CAP_ID_VNDR = 0x09
 PCI_CAP_ID_EXP = 0x10
-PCI_EXP_FLAGS_VERS = 0x000F
-PCI_EXP_FLAGS_TYPE = 0x00F0
-PCI_EXP_TYPE_RC_END = 0x9
 PCI_MSI_FLAGS_64BIT = 0x0080
 PCI_MSI_FLAGS_MASKBIT = 0x0100
 PCI_EXT_CAP_ID_ERR = 0x01
 PCI_ERR_ROOT_ERR_SRC = 0x34
-PCI_EXP_TYPE_ROOT_PORT = 0x4
 PCI_EXT_CAP_ID_VNDR = 0x0B
 PCI_EXT_CAP_ID_ACS = 0x0D
 PCI_EXT_CAP_ID_REBAR = 0x15
@@ -450,6 +457,33 @@ class ConfigSpace:
         """The 24-bit class code (base class, subclass, programming interface)."""
         return int.from_bytes(self.data[0x09:0x0C], "little")
 
+    # --- PCI Express ---------------------------------------------------------------------------
+    @property
+    def pcie(self) -> Capability | None:
+        """The PCI Express capability, or None (conventional PCI, or not in the snapshot)."""
+        return next((c for c in self.caps if c.kind == "std" and c.cap_id == PCI_CAP_ID_EXP), None)
+
+    @property
+    def pcie_type(self) -> int | None:
+        """Device/Port Type of the PCI Express capability (compare with :class:`PcieType`)."""
+        cap = self.pcie
+        if cap is None:
+            return None
+        return PCIE_FLAGS["device_port_type"].get(self.u16(cap.offset + PCI_EXP_FLAGS))
+
+    @property
+    def tph_completer(self) -> TphCompleter | None:
+        """TPH Completer Supported (Device Capabilities 2 bits 13:12): what a root port above a
+        TPH requester completes. A version 1 PCI Express capability has no Device Capabilities
+        2 and reads as :attr:`TphCompleter.NONE`, as in Linux; None without the capability."""
+        cap = self.pcie
+        if cap is None:
+            return None
+        if PCIE_FLAGS["capability_version"].get(self.u16(cap.offset + PCI_EXP_FLAGS)) < 2:
+            return TphCompleter.NONE
+        devcap2 = self.u32(cap.offset + PCI_EXP_DEVCAP2)
+        return TphCompleter(PCIE_DEVCAP2["tph_completer"].get(devcap2))
+
     def owner(self, off: int) -> Capability | None:
         """The capability that owns config byte ``off`` (vfio's pci_config_map), if known."""
         for cap in self.caps:
@@ -587,9 +621,9 @@ def _std_cap_length(cfg: ConfigSpace, cap_id: int, pos: int) -> int | None:
     if cap_id == PCI_CAP_ID_VNDR:
         return cfg.u8(pos + 2) or None  # length follows the next pointer
     if cap_id == PCI_CAP_ID_EXP:
-        flags = cfg.u16(pos + 2)
-        rc_end = (flags & PCI_EXP_FLAGS_TYPE) >> 4 == PCI_EXP_TYPE_RC_END
-        if flags & PCI_EXP_FLAGS_VERS == 1:
+        flags = cfg.u16(pos + PCI_EXP_FLAGS)
+        rc_end = PCIE_FLAGS["device_port_type"].get(flags) == PcieType.RC_END
+        if PCIE_FLAGS["capability_version"].get(flags) == 1:
             return 0x0C if rc_end else 0x14  # PCI_CAP_EXP_ENDPOINT_SIZEOF_V1
         return 0x2C if rc_end else 0x34  # PCI_CAP_EXP_ENDPOINT_SIZEOF_V2 (0x34, not 0x32)
     return STD_CAP_LENGTHS.get(cap_id)
@@ -666,7 +700,7 @@ def _is_root_port(cfg: ConfigSpace) -> bool:
             return False
         pos &= ~3
         if cfg.u8(pos) == PCI_CAP_ID_EXP:
-            return (cfg.u16(pos + 2) & PCI_EXP_FLAGS_TYPE) >> 4 == PCI_EXP_TYPE_ROOT_PORT
+            return PCIE_FLAGS["device_port_type"].get(cfg.u16(pos + 2)) == PcieType.ROOT_PORT
         pos = cfg.u8(pos + 1)
     return False
 
@@ -956,11 +990,8 @@ def load_devices(source: str | Path) -> list[ConfigSpace]:
     A bare PCI address (``0000:3b:00.0``) that is not an existing path means the sysfs
     device directory ``/sys/bus/pci/devices/<address>``.
     """
-    path = Path(source)
+    path = _source_path(source)
     name = str(source)
-    if not path.exists() and _BDF_RE.match(name.strip()):
-        with contextlib.suppress(ValueError):
-            path = SYSFS_DEVICES / normalize_bdf(name)
     if path.is_dir():
         cfg_path = path / "config"
         blob = _read_source(cfg_path, str(cfg_path))
@@ -975,6 +1006,16 @@ def load_devices(source: str | Path) -> list[ConfigSpace]:
     if ":" not in text:
         return [parse_hex_config(text, name, lines=True)]
     return parse_lspci(text, name)
+
+
+def _source_path(source: str | Path) -> Path:
+    """``source`` as a path; a bare PCI address that is no file means this host's sysfs."""
+    path = Path(source)
+    name = str(source)
+    if not path.exists() and _BDF_RE.match(name.strip()):
+        with contextlib.suppress(ValueError):
+            return SYSFS_DEVICES / normalize_bdf(name)
+    return path
 
 
 # An lspci -xxxx dump is about 14 KiB per function; this allows thousands of them.
@@ -1027,3 +1068,120 @@ def load_device(source: str | Path, bdf: str | None = None) -> ConfigSpace:
             str(source), f"{len(devices)} devices in the dump; pick one with --bdf ({have})"
         )
     return devices[0]
+
+
+# --- sysfs: the host's functions and the root port above each -----------------------------------
+COMPLETER_TEXT = {
+    TphCompleter.NONE: "none",
+    TphCompleter.TPH: "TPH only",
+    TphCompleter.RESERVED: "reserved encoding 2",
+    TphCompleter.EXT_TPH: "TPH and Extended TPH",
+}
+
+
+def sysfs_functions(root: str | Path = "/sys") -> list[Path]:
+    """The device directories of every PCI function under a sysfs ``root`` (``/sys`` or a copy
+    made with its symbolic links, e.g. ``cp -a``), in address order."""
+    devices = Path(root) / "bus" / "pci" / "devices"
+    try:
+        entries = list(devices.iterdir())
+    except OSError as exc:
+        raise DeviceError(str(devices), f"cannot list: {exc.strerror or exc}") from None
+    named = [(_bdf_of(e), e) for e in entries]
+    return [path for bdf, path in sorted((b, e) for b, e in named if b is not None)]
+
+
+def sysfs_device_dir(source: str | Path) -> Path | None:
+    """The sysfs-style device directory ``source`` names (the directory itself, its
+    ``config`` file, or a bare address on this host), resolved; None for dump files."""
+    path = _source_path(source)
+    if path.name == "config" and not path.is_dir():
+        path = path.parent
+    if not path.is_dir() or not (path / "config").exists():
+        return None
+    with contextlib.suppress(OSError):
+        return path.resolve()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RootPortCheck:
+    """The root port above a device and its TPH Completer field, found as Linux
+    ``pcie_find_root_port`` finds it: the function itself, then each bridge above it (its
+    parent directories in sysfs), the first PCI Express root port wins.
+
+    ``kind`` is ``"root-port"`` (``port`` holds its config space), ``"integrated"`` (a
+    root-complex integrated endpoint: it has no root port, and Linux skips the check),
+    ``"missing"`` (no root port between the function and its host bridge: Linux then takes
+    completer 0) or ``"unknown"`` (``problem`` says why: a config space on the way could not
+    be read far enough, or the directories above are not a sysfs device tree).
+    """
+
+    kind: str
+    port: ConfigSpace | None = None
+    problem: str | None = None
+
+    @property
+    def completer(self) -> TphCompleter | None:
+        """What caps TPH for the function; None when nothing does (integrated) or unknown."""
+        if self.port is not None:
+            return self.port.tph_completer
+        return TphCompleter.NONE if self.kind == "missing" else None
+
+    @property
+    def summary(self) -> str:
+        """One line for people, e.g. ``root port 0000:00:01.0: TPH Completer none``."""
+        if self.port is not None:
+            completer = self.completer
+            text = COMPLETER_TEXT[completer] if completer is not None else "unknown"
+            return f"root port {self.port.bdf}: TPH Completer {text}"
+        if self.kind == "integrated":
+            return "root-complex integrated endpoint: no root port (Linux skips the check)"
+        if self.kind == "missing":
+            return "no root port above the function (Linux then enables no TPH)"
+        return self.problem or "root port unknown"
+
+
+def check_root_port(device_dir: str | Path, cfg: ConfigSpace | None = None) -> RootPortCheck:
+    """The :class:`RootPortCheck` of the sysfs device directory ``device_dir`` (``cfg``: its
+    config space, when already loaded). Reads the config space of the bridges above it; as a
+    non-root user those give 64 bytes only and the result is ``"unknown"``."""
+    here = Path(device_dir).resolve()
+    chain = [here]
+    top: Path | None = None
+    for parent in here.parents:  # up to the host bridge's pciDDDD:BB directory
+        if _bdf_of(parent) is None:
+            top = parent
+            break
+        chain.append(parent)
+    for i, path in enumerate(chain):
+        try:
+            space = cfg if i == 0 and cfg is not None else load_devices(path)[0]
+        except DeviceError as exc:
+            return RootPortCheck("unknown", problem=f"root port unknown: {exc}")
+        if i == 0 and space.pcie_type == PcieType.RC_END:
+            return RootPortCheck("integrated")
+        if space.pcie_type == PcieType.ROOT_PORT:
+            if space.bdf is None:
+                space = ConfigSpace.from_bytes(space.data, space.source, _bdf_of(path))
+            return RootPortCheck("root-port", space)
+        if space.size == PCI_STD_HEADER_SIZEOF:
+            return RootPortCheck(
+                "unknown",
+                problem=(
+                    f"root port unknown: only 64 bytes of {space.source} are readable (read "
+                    "as root to see the PCI Express capabilities)"
+                ),
+            )
+    if top is None or not _HOST_BRIDGE_DIR.match(top.name):
+        return RootPortCheck(
+            "unknown",
+            problem=(
+                f"root port unknown: {chain[-1]} is not below a host bridge directory "
+                "(pciDDDD:BB): not a sysfs device tree, or copied without its parents"
+            ),
+        )
+    return RootPortCheck("missing")
+
+
+_HOST_BRIDGE_DIR = re.compile(r"^pci[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}$")

@@ -16,6 +16,7 @@ __all__ = [
     "Problem",
     "TphtrapError",
     "TraceError",
+    "UsageError",
     "WireError",
 ]
 
@@ -108,3 +109,7 @@ class TraceError(TphtrapError):
         super().__init__(f"{where}: {message}")
         self.where = where
         self.reason = message
+
+
+class UsageError(TphtrapError):
+    """Options that argparse accepts one by one but not together (exit code 2)."""

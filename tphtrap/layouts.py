@@ -33,6 +33,8 @@ __all__ = [
     "MSIX_FLAGS",
     "MSIX_TABLE_BIR",
     "MSIX_VECTOR_CTRL",
+    "PCIE_DEVCAP2",
+    "PCIE_FLAGS",
     "PCI_CAP_HEADER",
     "PCI_HEADER",
     "PCI_STATUS_REG",
@@ -234,6 +236,46 @@ AF_CTRL = Register(
     1,
     _bits("_rsvd1", 7),
     _bits("initiate_flr", 1),  # PCI_AF_CTRL_FLR 0x01
+)
+
+# --- PCI Express capability (PCI_CAP_ID_EXP 0x10) ------------------------------------------
+# PCI_EXP_FLAGS (+0x2), the PCI Express Capabilities register.
+PCIE_FLAGS = Register(
+    "PCI_EXP_FLAGS",
+    2,
+    _bits("_rsvd14", 2),
+    _bits("interrupt_message_number", 5),  # PCI_EXP_FLAGS_IRQ 0x3e00
+    _bits("slot_implemented", 1),  # PCI_EXP_FLAGS_SLOT 0x0100
+    _bits("device_port_type", 4),  # PCI_EXP_FLAGS_TYPE 0x00f0 (PcieType)
+    _bits("capability_version", 4),  # PCI_EXP_FLAGS_VERS 0x000f
+)
+
+# PCI_EXP_DEVCAP2 (+0x24), Device Capabilities 2: only in a version 2 capability (Linux
+# pcie_capability_read_dword reads it as 0 from a version 1 capability).
+PCIE_DEVCAP2 = Register(
+    "PCI_EXP_DEVCAP2",
+    4,
+    _bits("frs_supported", 1),  # PCI_EXP_DEVCAP2_FRS 0x80000000
+    _bits("_rsvd27", 4),
+    _bits("emergency_power_reduction_init", 1),  # PCI_EXP_DEVCAP2_EPR_INIT 0x04000000
+    _bits("emergency_power_reduction", 2),  # PCI_EXP_DEVCAP2_EPR(x) bits 25:24
+    _bits("max_end_end_tlp_prefixes", 2),  # PCI_EXP_DEVCAP2_MEE_TLP(x) bits 23:22
+    _bits("end_end_tlp_prefix", 1),  # PCI_EXP_DEVCAP2_EE_PREFIX 0x00200000
+    _bits("extended_fmt_field", 1),  # PCI_EXP_DEVCAP2_EXTFMT 0x00100000
+    _bits("obff", 2),  # PCI_EXP_DEVCAP2_OBFF_MASK 0x000c0000
+    _bits("ten_bit_tag_requester", 1),  # PCI_EXP_DEVCAP2_10BIT_TAG_REQ 0x00020000
+    _bits("ten_bit_tag_completer", 1),  # PCI_EXP_DEVCAP2_10BIT_TAG_COMP 0x00010000
+    _bits("ln_system_cls", 2),  # PCI_EXP_DEVCAP2_LN_CLS(x) bits 15:14
+    _bits("tph_completer", 2),  # PCI_EXP_DEVCAP2_TPH_COMP_MASK 0x3000 (TphCompleter)
+    _bits("ltr", 1),  # PCI_EXP_DEVCAP2_LTR 0x0800
+    _bits("no_ro_enabled_pr_pr_passing", 1),  # PCI_EXP_DEVCAP2_NROPRPRP 0x0400
+    _bits("cas128_completer", 1),  # PCI_EXP_DEVCAP2_ATOMIC_COMP128 0x0200
+    _bits("atomic64_completer", 1),  # PCI_EXP_DEVCAP2_ATOMIC_COMP64 0x0100
+    _bits("atomic32_completer", 1),  # PCI_EXP_DEVCAP2_ATOMIC_COMP32 0x0080
+    _bits("atomic_routing", 1),  # PCI_EXP_DEVCAP2_ATOMIC_ROUTE 0x0040
+    _bits("ari_forwarding", 1),  # PCI_EXP_DEVCAP2_ARI 0x0020
+    _bits("completion_timeout_disable", 1),  # PCI_EXP_DEVCAP2_COMP_TMOUT_DIS 0x0010
+    _bits("completion_timeout_ranges", 4),  # PCI_EXP_DEVCAP2_TIMEOUT_RANGE(x) bits 3:0
 )
 
 # --- TPH Requester extended capability (PCI_EXT_CAP_ID_TPH 0x17) ------------------------------

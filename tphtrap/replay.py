@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from .cli import EXIT_MISMATCH
 from .device import ConfigSpace, load_device, normalize_bdf, parse_hex_config
 from .engine import AttachRefused, Engine
 from .errors import DeviceError, TphtrapError, TraceError, WireError
@@ -441,8 +442,8 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
             "  tphtrap replay session.jsonl --policy p.yaml --expect\n"
             "  tphtrap replay qemu.log.gz --policy p.yaml --vm tenant-a \\\n"
             "      --device 0000:00:03.0=fixtures/devices/nic-st-in-msix.lspci --json\n"
-            "exit status: 0 ok, 1 bad input (or malformed lines with --strict), "
-            "2 decisions differ from --expect"
+            "exit status: 0 ok, 1 bad input (or malformed lines with --strict), 2 usage "
+            "error, 4 decisions differ from --expect"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -475,7 +476,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--expect",
         action="store_true",
-        help="compare with the decisions recorded in the trace; exit 2 on a difference",
+        help="compare with the decisions recorded in the trace; exit 4 on a difference",
     )
     p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     p.add_argument(
@@ -575,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(s)
     if args.expect and s.mismatches:
-        return 2
+        return EXIT_MISMATCH
     return 0
 
 

@@ -14,13 +14,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-from .device import ConfigSpace, load_device, load_devices
-from .layouts import MSIX_FLAGS, MSIX_TABLE_BIR, TPH_CAP, TPH_CTRL, TPH_ST_ENTRY
-from .spec import PCI_CFG_SPACE_EXP_SIZE, ReqEnable, StLocation, StMode
+from .device import (
+    COMPLETER_TEXT,
+    PCI_STD_HEADER_SIZEOF,
+    ConfigSpace,
+    RootPortCheck,
+    check_root_port,
+    load_device,
+    load_devices,
+    sysfs_device_dir,
+    sysfs_functions,
+)
+from .errors import DeviceError, UsageError
+from .layouts import (
+    MSIX_FLAGS,
+    MSIX_TABLE_BIR,
+    PCI_STATUS_REG,
+    PCIE_FLAGS,
+    TPH_CAP,
+    TPH_CTRL,
+    TPH_ST_ENTRY,
+)
+from .spec import (
+    PCI_EXP_FLAGS,
+    PCI_STATUS,
+    PcieType,
+    ReqEnable,
+    StLocation,
+    StMode,
+    TphCompleter,
+)
 
-__all__ = ["SCHEMA", "add_parser", "describe", "render", "run", "verdict"]
+__all__ = ["SCHEMA", "add_parser", "describe", "host_table", "render", "run", "verdict"]
 
 SCHEMA = "tphtrap.inspect/1"
 
@@ -58,8 +86,27 @@ REQ_TEXT = {
     ReqEnable.RESERVED: "reserved encoding 2",
     ReqEnable.EXT_TPH: "TPH and Extended TPH (16-bit tags)",
 }
+COMPLETER_NAMES = {
+    TphCompleter.NONE: "none",
+    TphCompleter.TPH: "tph",
+    TphCompleter.RESERVED: "reserved",
+    TphCompleter.EXT_TPH: "extended-tph",
+}
+# Device/Port Type: (JSON name, text as lspci prints it).
+PCIE_TYPE_NAMES = {
+    PcieType.ENDPOINT: ("endpoint", "Endpoint"),
+    PcieType.LEG_END: ("legacy-endpoint", "Legacy Endpoint"),
+    PcieType.ROOT_PORT: ("root-port", "Root Port"),
+    PcieType.UPSTREAM: ("upstream-port", "Upstream Port"),
+    PcieType.DOWNSTREAM: ("downstream-port", "Downstream Port"),
+    PcieType.PCI_BRIDGE: ("pcie-to-pci-bridge", "PCI-Express to PCI/PCI-X Bridge"),
+    PcieType.PCIE_BRIDGE: ("pci-to-pcie-bridge", "PCI/PCI-X to PCI-Express Bridge"),
+    PcieType.RC_END: ("rc-integrated-endpoint", "Root Complex Integrated Endpoint"),
+    PcieType.RC_EC: ("rc-event-collector", "Root Complex Event Collector"),
+}
 # Base class and subclass (class code bits 23:8), as lspci names them.
 CLASS_NAMES = {
+    0x0000: "Non-VGA unclassified device",
     0x0100: "SCSI storage controller",
     0x0106: "SATA controller",
     0x0107: "Serial Attached SCSI controller",
@@ -70,18 +117,34 @@ CLASS_NAMES = {
     0x0280: "Network controller",
     0x0300: "VGA compatible controller",
     0x0302: "3D controller",
+    0x0401: "Multimedia audio controller",
+    0x0403: "Audio device",
+    0x0500: "RAM memory",
     0x0600: "Host bridge",
+    0x0601: "ISA bridge",
     0x0604: "PCI bridge",
-    0x0C03: "USB controller",
+    0x0680: "Bridge",
+    0x0700: "Serial controller",
+    0x0780: "Communication controller",
+    0x0805: "SD Host controller",
+    0x0806: "IOMMU",
+    0x0880: "System peripheral",
     0x0B40: "Co-processor",
+    0x0C03: "USB controller",
+    0x0C05: "SMBus",
+    0x1101: "Performance counters",
+    0x1180: "Signal processing controller",
     0x1200: "Processing accelerators",
     0xFFFF: "Unassigned class",
 }
 
 
 # --- the document -------------------------------------------------------------------------
-def describe(cfg: ConfigSpace) -> dict[str, Any]:
-    """The ``inspect --json`` document for one device (see docs/inspect.md)."""
+def describe(cfg: ConfigSpace, root: RootPortCheck | None = None) -> dict[str, Any]:
+    """The ``inspect --json`` document for one device (see docs/inspect.md).
+
+    ``root`` is the root port check of a sysfs device (None: not checked, e.g. a dump file).
+    """
     return {
         "schema": SCHEMA,
         "source": cfg.source,
@@ -105,10 +168,48 @@ def describe(cfg: ConfigSpace) -> dict[str, Any]:
             }
             for c in cfg.caps
         ],
+        "pcie": _pcie_doc(cfg),
+        "root_port": _root_port_doc(root),
         "tph": _tph_doc(cfg),
         "msix": _msix_doc(cfg),
-        "verdict": verdict(cfg),
+        "verdict": verdict(cfg, root),
         "warnings": list(cfg.warnings),
+    }
+
+
+def _pcie_type_name(kind: int, text: bool = False) -> str:
+    try:
+        return PCIE_TYPE_NAMES[PcieType(kind)][text]
+    except ValueError:
+        return f"reserved type {kind}" if text else "reserved"
+
+
+def _pcie_doc(cfg: ConfigSpace) -> dict[str, Any] | None:
+    cap = cfg.pcie
+    kind = cfg.pcie_type
+    completer = cfg.tph_completer
+    if cap is None or kind is None or completer is None:
+        return None
+    return {
+        "offset": cap.offset,
+        "version": PCIE_FLAGS["capability_version"].get(cfg.u16(cap.offset + PCI_EXP_FLAGS)),
+        "type": kind,
+        "type_name": _pcie_type_name(kind),
+        "tph_completer": int(completer),
+        "tph_completer_name": COMPLETER_NAMES[completer],
+    }
+
+
+def _root_port_doc(root: RootPortCheck | None) -> dict[str, Any] | None:
+    if root is None:
+        return None
+    completer = root.completer
+    return {
+        "kind": root.kind,
+        "bdf": root.port.bdf if root.port is not None else None,
+        "completer": int(completer) if completer is not None else None,
+        "completer_name": COMPLETER_NAMES[completer] if completer is not None else None,
+        "summary": root.summary,
     }
 
 
@@ -187,27 +288,32 @@ def _msix_doc(cfg: ConfigSpace) -> dict[str, Any] | None:
     }
 
 
-def verdict(cfg: ConfigSpace) -> dict[str, Any]:
+def verdict(cfg: ConfigSpace, root: RootPortCheck | None = None) -> dict[str, Any]:
     """Can the device be given to a VM with TPH trapped, or must TPH be forced off?
 
-    ``status`` is ``trappable``, ``force-off`` (TPH present but untrappable), ``no-tph`` or
-    ``unknown`` (the snapshot cannot show the extended capabilities).
+    ``status`` is ``trappable``, ``force-off`` (TPH present but untrappable, or Linux cannot
+    enable it under the root port ``root`` names), ``no-tph`` (no TPH Requester capability, or
+    no PCI Express capability at all) or ``unknown`` (the snapshot cannot show it).
     """
     notes: list[str] = []
     tph = cfg.tph
+    no_pcie = _no_pcie_reason(cfg)
+    if no_pcie is not None:
+        return _verdict("no-tph", False, no_pcie, notes)
     if not cfg.ext_visible:
-        if cfg.size < PCI_CFG_SPACE_EXP_SIZE:
+        if cfg.vendor_id == 0xFFFF:
+            reason = "config space reads all ones, so TPH presence is unknown"
+        elif cfg.size == PCI_STD_HEADER_SIZEOF:
+            reason = (
+                "the 64-byte config space holds no capabilities, so TPH presence is unknown "
+                "(take a 4096-byte snapshot: lspci -xxxx as root, or the sysfs config file as "
+                "root)"
+            )
+        else:
             reason = (
                 f"the {cfg.size}-byte config space hides the extended capabilities, so TPH "
                 "presence is unknown (take a 4096-byte snapshot: lspci -xxxx as root, or the "
                 "sysfs config file)"
-            )
-        elif cfg.vendor_id == 0xFFFF:
-            reason = "config space reads all ones, so TPH presence is unknown"
-        else:
-            reason = (
-                "no PCI Express capability, so the extended capabilities are not reachable "
-                "and TPH presence is unknown"
             )
         return _verdict("unknown", False, reason, notes)
     if tph is None:
@@ -225,6 +331,9 @@ def verdict(cfg: ConfigSpace) -> dict[str, Any]:
         else:
             reason = "; ".join(tph.problems) or "the ST table cannot be trusted"
         return _verdict("force-off", False, reason, notes)
+    refused = _completer_refusal(root)
+    if refused is not None:
+        return _verdict("force-off", False, refused, notes)
     if tph.location is StLocation.CAP:
         end = tph.table_offset + 2 * tph.table_size
         where = (
@@ -252,8 +361,62 @@ def verdict(cfg: ConfigSpace) -> dict[str, Any]:
             f"TPH was already enabled in the snapshot ({mode_text} mode, requester "
             f"{REQ_TEXT[tph.req_enable]}): disable it before the VM gets the device"
         )
+    notes.extend(_completer_notes(tph.extended_tph, root))
     notes.extend(tph.problems)
     return _verdict("trappable", True, f"standard ST table {where}", notes)
+
+
+def _no_pcie_reason(cfg: ConfigSpace) -> str | None:
+    """Why the function cannot have TPH at all (no PCI Express capability), or None when it
+    has one or the snapshot cannot tell (a 64-byte one with a capabilities list)."""
+    if cfg.vendor_id == 0xFFFF or cfg.pcie is not None:
+        return None
+    if not PCI_STATUS_REG["capabilities_list"].get(cfg.u16(PCI_STATUS)):
+        return (
+            "no capabilities at all (Status bit 4 clear): no PCI Express capability, so no "
+            "TPH possible"
+        )
+    if cfg.size == PCI_STD_HEADER_SIZEOF:
+        return None
+    return "no PCI Express capability (a conventional PCI function), so no TPH possible"
+
+
+def _completer_refusal(root: RootPortCheck | None) -> str | None:
+    """Why Linux cannot enable TPH at all under the root port ``root`` found, or None."""
+    if root is None or root.kind in ("integrated", "unknown"):
+        return None
+    if root.kind == "missing":
+        return (
+            "no root port above the function: Linux takes TPH Completer 0 and refuses to "
+            "enable TPH (pcie_enable_tph)"
+        )
+    if root.completer is TphCompleter.NONE:
+        return (
+            f"{root.summary}: Linux refuses to enable TPH below it (Device Capabilities 2 "
+            "bits 13:12 = 0)"
+        )
+    if root.completer is TphCompleter.RESERVED:
+        return f"{root.summary}: the request type Linux derives from it is reserved"
+    return None
+
+
+def _completer_notes(extended: bool, root: RootPortCheck | None) -> list[str]:
+    """What a trappable device should still know about the root port above it."""
+    if root is None:
+        return [
+            "root port TPH Completer not checked: the source is not a sysfs device (inspect "
+            "the device on its host, or run inspect --host there)"
+        ]
+    if root.kind == "integrated":
+        return [f"{root.summary}"]
+    if root.kind == "unknown":
+        return [f"{root.summary}; whether Linux can enable TPH is unknown"]
+    if extended and root.completer is TphCompleter.TPH:
+        return [
+            f"{root.summary}: Linux caps the device at TPH only (8-bit tags); Extended TPH "
+            "cannot be enabled"
+        ]
+    return []
 
 
 def _verdict(status: str, trappable: bool, reason: str, notes: list[str]) -> dict[str, Any]:
@@ -271,9 +434,9 @@ def _range(start: int, end: int | None) -> str:
     return f"{start:#05x}-{end - 1:#05x}"
 
 
-def render(cfg: ConfigSpace) -> str:
-    """The human-readable inspect block for one device."""
-    doc = describe(cfg)
+def render(cfg: ConfigSpace, root: RootPortCheck | None = None) -> str:
+    """The human-readable inspect block for one device (``root``: as for :func:`describe`)."""
+    doc = describe(cfg, root)
     out: list[str] = []
     cls = doc["class_name"] or "PCI device"
     out.append(
@@ -288,6 +451,8 @@ def render(cfg: ConfigSpace) -> str:
     for c in cfg.caps:
         ident = f"std {c.cap_id:#04x}" if c.kind == "std" else f"ext {c.cap_id:#06x} v{c.version}"
         out.append(f"  {_range(c.offset, c.end)}  {c.name:<30} ({ident})")
+    out.append("")
+    out.extend(_render_pcie(cfg, doc))
     out.append("")
     out.extend(_render_tph(cfg, doc))
     out.append("")
@@ -311,11 +476,34 @@ def render(cfg: ConfigSpace) -> str:
     return "\n".join(out) + "\n"
 
 
+def _render_pcie(cfg: ConfigSpace, doc: dict[str, Any]) -> list[str]:
+    e = doc["pcie"]
+    root = doc["root_port"]
+    if e is None:
+        if _no_pcie_reason(cfg) is not None:
+            return ["PCI Express: not present (conventional PCI: no TPH possible)"]
+        return ["PCI Express: unknown (capabilities not in this snapshot)"]
+    completer = TphCompleter(e["tph_completer"])
+    return [
+        "PCI Express:",
+        f"  type               {_pcie_type_name(e['type'], text=True)} (capability version "
+        f"{e['version']} at {e['offset']:#x})",
+        f"  TPH Completer      {COMPLETER_TEXT[completer]} (Device Capabilities 2 bits 13:12 = "
+        f"{int(completer)})",
+        f"  root port          {root['summary'] if root else _NOT_CHECKED}",
+    ]
+
+
+_NOT_CHECKED = "not checked (the source is not a sysfs device)"
+
+
 def _render_tph(cfg: ConfigSpace, doc: dict[str, Any]) -> list[str]:
     t = doc["tph"]
     if t is None:
         if cfg.ext_visible:
             return ["TPH Requester: not present"]
+        if doc["pcie"] is None and _no_pcie_reason(cfg) is not None:
+            return ["TPH Requester: not possible (no PCI Express capability)"]
         return ["TPH Requester: unknown (extended capabilities not in this snapshot)"]
     st = t["st_table"]
     ctl = t["control"]
@@ -399,6 +587,92 @@ def _render_msix(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+# --- the host table -------------------------------------------------------------------------
+HOST_COLUMNS = ("BDF", "ID", "NAME", "TPH", "ST TABLE", "ROOT PORT", "VERDICT")
+STATUS_TEXT = {
+    "trappable": "trappable",
+    "force-off": "forced off",
+    "no-tph": "no TPH",
+    "unknown": "unknown",
+}
+
+
+def host_doc(path: Path) -> dict[str, Any]:
+    """The document of one sysfs function, root port included; a function that cannot be
+    read gives ``{schema, source, bdf, error}`` instead (the listing goes on)."""
+    try:
+        cfg = load_devices(path)[0]
+    except DeviceError as exc:
+        return {"schema": SCHEMA, "source": str(path), "bdf": path.name, "error": str(exc)}
+    return describe(cfg, check_root_port(path, cfg) if cfg.pcie is not None else None)
+
+
+def _host_row(doc: dict[str, Any]) -> tuple[str, ...]:
+    if "error" in doc:
+        return (doc["bdf"], "?", "?", "?", "?", "?", f"error: {doc['error']}")
+    v = doc["verdict"]
+    t = doc["tph"]
+    known = v["status"] != "unknown"
+    if t is not None:
+        modes = [m for m, key in _MODE_ABBREV if t["modes"][key]]
+        tph = " ".join(modes or ["none"]) + (" ext" if t["extended_tph"] else "")
+        st = t["st_table"]
+        table = st["location"] + (f" {st['size']}" if st["location"] in ("cap", "msix") else "")
+    else:
+        tph = table = "-" if known else "?"
+    r = doc["root_port"]
+    if r is None:
+        port = "-" if known else "?"
+    elif r["kind"] == "root-port":
+        port = f"{r['bdf']} {r['completer_name'] or '?'}"
+    else:
+        port = {"integrated": "integrated", "missing": "none found"}.get(r["kind"], "?")
+    name = doc["class_name"] or f"class {doc['class_code']:06x}"
+    return (
+        doc["bdf"] or "?",
+        f"{doc['vendor_id']:04x}:{doc['device_id']:04x}",
+        name,
+        tph,
+        table,
+        port,
+        f"{STATUS_TEXT[v['status']]}: {v['reason']}",
+    )
+
+
+_MODE_ABBREV = (("NS", "no_st"), ("IV", "interrupt_vector"), ("DS", "device_specific"))
+
+
+def host_table(docs: list[dict[str, Any]]) -> str:
+    """``inspect --host``: one line per function (the documents of :func:`host_doc`), then
+    the count of each verdict."""
+    rows = [HOST_COLUMNS, *(_host_row(d) for d in docs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HOST_COLUMNS) - 1)]
+    lines = [
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    ]
+    counts = {status: 0 for status in STATUS_TEXT}
+    errors = 0
+    for d in docs:
+        if "error" in d:
+            errors += 1
+        else:
+            counts[d["verdict"]["status"]] += 1
+    summary = ", ".join(f"{n} {STATUS_TEXT[status]}" for status, n in counts.items())
+    lines.append("")
+    lines.append(
+        f"{len(docs)} function{'s' if len(docs) != 1 else ''}: {summary}"
+        + (f", {errors} unreadable" if errors else "")
+    )
+    short = sum(1 for d in docs if d.get("config_size") == PCI_STD_HEADER_SIZEOF)
+    if short:
+        lines.append(
+            f"note: {short} function{'s' if short != 1 else ''} gave only 64 bytes of config "
+            "space: run as root to see the capabilities"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --- command line -------------------------------------------------------------------------
 EPILOG = """\
 SOURCE is one of:
@@ -412,11 +686,15 @@ examples:
   tphtrap inspect fixtures/devices/nic-st-in-cap.lspci
   tphtrap inspect fleet.lspci --bdf 0001:02:00.0
   tphtrap inspect fleet.lspci --all --json
-  sudo tphtrap inspect /sys/bus/pci/devices/0000:3b:00.0
+  sudo tphtrap inspect /sys/bus/pci/devices/0000:3b:00.0 /sys/bus/pci/devices/0000:3b:00.1
+  sudo tphtrap inspect --host
+  tphtrap inspect --sysfs /srv/host7-sys --json
 
 The verdict says whether the device can be given to a VM with TPH trapped (a standard ST
-table exists) or whether TPH must be forced off. Exit status: 0 when decoded, 1 on an
-unreadable or malformed source (one line naming the file and dump line).
+table exists and Linux can enable TPH under its root port) or whether TPH must be forced off.
+For a sysfs device the root port above it is found and its TPH Completer field read.
+Exit status: 0 when decoded, 1 on an unreadable or malformed source (one line naming the file
+and dump line; with --host, when a function could not be read), 2 on a usage error.
 """
 
 
@@ -425,34 +703,78 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "inspect",
         help="decode a device's TPH and MSI-X capabilities and say if TPH can be trapped",
         description=(
-            "Decode a device's config space: capabilities and the bytes each owns, the TPH "
-            "Requester capability (modes, extended TPH, ST table location, size and contents, "
-            "control register), the MSI-X table location, and whether TPH can be trapped "
-            "safely in a VM or must be forced off."
+            "Decode a device's config space: capabilities and the bytes each owns, the PCI "
+            "Express type and TPH Completer, the TPH Requester capability (modes, extended "
+            "TPH, ST table location, size and contents, control register), the MSI-X table "
+            "location, and whether TPH can be trapped safely in a VM or must be forced off. "
+            "With --host: every PCI function of this host in one table."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", metavar="SOURCE", help="lspci dump, sysfs device or config, hex")
+    p.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="lspci dump, sysfs device or config, hex (one or more)",
+    )
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="list every PCI function of this host (/sys) in one table",
+    )
+    p.add_argument(
+        "--sysfs",
+        metavar="ROOT",
+        help="with --host: read a copy of sysfs at ROOT (copied with its links, cp -a) "
+        "instead of /sys; implies --host",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--bdf", metavar="B", help="device to show when SOURCE holds several ([DDDD:]BB:DD.F)"
     )
-    which.add_argument("--all", action="store_true", help="show every device in SOURCE")
+    which.add_argument("--all", action="store_true", help="show every device in each SOURCE")
     p.add_argument(
         "--json",
         action="store_true",
-        help="print the machine-readable document (docs/inspect.md); a list with --all",
+        help="print the machine-readable document (docs/inspect.md); a list with several "
+        "devices, --all or --host",
     )
     p.set_defaults(func=run)
 
 
+def _check_usage(args: argparse.Namespace) -> None:
+    host = args.host or args.sysfs is not None
+    if host and args.sources:
+        raise UsageError("inspect: SOURCE and --host/--sysfs exclude each other")
+    if host and (args.bdf or args.all):
+        raise UsageError("inspect: --bdf and --all pick devices of a SOURCE, not of --host")
+    if not host and not args.sources:
+        raise UsageError("inspect: give a SOURCE, or --host for every function of this host")
+    if args.bdf and len(args.sources) > 1:
+        raise UsageError("inspect: --bdf picks a device of one SOURCE; with several use --all")
+
+
 def run(args: argparse.Namespace) -> int:
-    devices = load_devices(args.source) if args.all else [load_device(args.source, args.bdf)]
+    _check_usage(args)
+    if args.host or args.sysfs is not None:
+        docs = [host_doc(path) for path in sysfs_functions(args.sysfs or "/sys")]
+        if args.json:
+            sys.stdout.write(json.dumps(docs, indent=2) + "\n")
+        else:
+            sys.stdout.write(host_table(docs))
+        return 1 if any("error" in d for d in docs) else 0
+    shown: list[tuple[ConfigSpace, RootPortCheck | None]] = []
+    for source in args.sources:
+        devices = load_devices(source) if args.all else [load_device(source, args.bdf)]
+        where = sysfs_device_dir(source)
+        for cfg in devices:
+            root = check_root_port(where, cfg) if where and cfg.pcie is not None else None
+            shown.append((cfg, root))
     if args.json:
-        docs = [describe(d) for d in devices]
-        payload: Any = docs if args.all else docs[0]
-        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        docs = [describe(cfg, root) for cfg, root in shown]
+        one = len(args.sources) == 1 and not args.all
+        sys.stdout.write(json.dumps(docs[0] if one else docs, indent=2) + "\n")
     else:
-        sys.stdout.write("\n".join(render(d) for d in devices))
+        sys.stdout.write("\n".join(render(cfg, root) for cfg, root in shown))
     return 0

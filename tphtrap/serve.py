@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import IO, Any
 
 from . import __version__
@@ -37,12 +38,13 @@ from .wire import (
     decision_json,
     encode,
     error_reply,
+    hex_reply,
     parse_request,
     reply,
     to_access,
 )
 
-__all__ = ["Server", "add_parser", "serve_forever"]
+__all__ = ["HexServer", "Server", "add_parser", "serve_forever"]
 
 
 def _load_policy(path: str) -> Policy:
@@ -83,6 +85,7 @@ class Server:
         self.stopping = False
         self.started = time.monotonic()
         self.requests = 0
+        self.ops: Counter[str] = Counter()  # valid requests by op
         self.errors: Counter[str] = Counter()
         self.verdicts: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
@@ -144,6 +147,7 @@ class Server:
         )
 
     def _dispatch(self, req: Request) -> bytes:
+        self.ops[req.op] += 1
         if req.op == "hello":
             return self._hello(req)
         if self.version is None:
@@ -227,6 +231,23 @@ class Server:
                 request_id=req.id,
                 field="config" if "config" in a else "path",
             ) from None
+        replacing = self.engine.session(a["vm"], a["bdf"]) is not None
+        if replacing and not a.get("replace"):
+            # A second attach would silently reset the device's state (the guest's enable,
+            # its tags): the hypervisor must say it means it.
+            message = (
+                f"device {a['bdf']} is already attached to VM {a['vm']!r}: detach it first, "
+                'or send "replace": true to start it over from the new config space'
+            )
+            self.audit.emit(
+                "device.refused",
+                "warning",
+                vm=a["vm"],
+                bdf=a["bdf"],
+                code="already-attached",
+                message=message,
+            )
+            raise WireError("already-attached", message, request_id=req.id, field="bdf")
         try:
             decision = self.engine.attach(a["vm"], a["bdf"], cfg)
         except AttachRefused as exc:
@@ -243,12 +264,13 @@ class Server:
         sess = self.engine.session(a["vm"], a["bdf"])
         assert sess is not None
         device = _device_summary(cfg, sess.untrappable)
+        extra: dict[str, Any] = {"device": device, **({"replaced": True} if replacing else {})}
         self.audit.emit(
             "device.attached",
             vm=a["vm"],
             bdf=a["bdf"],
             source=cfg.source,
-            **decision_json(decision) | {"device": device},
+            **decision_json(decision) | extra,
         )
         self._record(req, decision_json(decision))
         return reply(req.id, decision=decision_json(decision), device=device)
@@ -363,9 +385,29 @@ class Server:
     def done(self) -> bool:
         return self.stopping
 
+    def session_ended(self, reason: str, level: str = "info") -> None:
+        """The ``session.ended`` event: why, and what the session asked and got."""
+        self.audit.emit(
+            "session.ended",
+            level,
+            reason=reason,
+            requests=self.requests,
+            ops=dict(self.ops),
+            errors=sum(self.errors.values()),
+            verdicts=dict(self.verdicts),
+        )
+
     def _op_shutdown(self, req: Request) -> bytes:
         self.stopping = True
         return reply(req.id, op="shutdown")
+
+
+class HexServer(Server):
+    """A :class:`Server` whose replies carry offsets and values as ``"0x..."`` strings
+    (``serve --hex``): for people typing a session by hand, never for programs."""
+
+    def handle_line(self, line: bytes) -> bytes:
+        return hex_reply(super().handle_line(line))
 
 
 def _device_summary(cfg: ConfigSpace, untrappable: str | None) -> dict[str, Any]:
@@ -434,7 +476,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
     os.set_blocking(wpipe, False)
     os.set_blocking(rpipe, False)
     old_fd = signal.set_wakeup_fd(wpipe, warn_on_full_buffer=False)
-    handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     old = {s: signal.signal(s, lambda *_: None) for s in handled}
     out_was_blocking = os.get_blocking(out_fd)
     os.set_blocking(out_fd, False)
@@ -458,7 +500,8 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
             if rpipe in ready:
-                for signum in os.read(rpipe, 64):
+                signums = os.read(rpipe, 64)
+                for signum in signums:
                     if signum == signal.SIGHUP:
                         if server.policy_path:
                             # Corrections answer no request: they go out as an event line,
@@ -469,8 +512,14 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                         # Replies already decided still go out if the hypervisor reads them
                         # soon; one that stopped reading does not hold the exit up for long.
                         _drain(out_fd, out, time.monotonic() + SIGNAL_DRAIN_S)
-                        server.audit.emit("session.ended", reason=signal.Signals(signum).name)
+                        server.session_ended(signal.Signals(signum).name)
                         return 0
+                # Log rotation: after SIGHUP's reload (so its events close the old file), and
+                # on SIGUSR1 alone, the --audit file is opened again by its name.
+                for rotate in (signal.SIGHUP, signal.SIGUSR1):
+                    if rotate in signums:
+                        server.audit.reopen(signal.Signals(rotate).name)
+                        break
             if in_fd not in ready:
                 continue
             try:
@@ -510,10 +559,10 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                 discarding = True
             elif discarding:
                 buf.clear()
-        server.audit.emit("session.ended", reason=ended, requests=server.requests)
+        server.session_ended(ended)
         return 0
     except BrokenPipeError:
-        server.audit.emit("session.ended", "warning", reason="stdout-closed")
+        server.session_ended("stdout-closed", "warning")
         return 0
     finally:
         with contextlib.suppress(OSError):  # the descriptor may be gone
@@ -546,6 +595,12 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="append audit events (JSON lines) to FILE instead of standard error",
     )
     p.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help="write the process id to FILE while serving (for logrotate's postrotate: "
+        "SIGUSR1 reopens the --audit file)",
+    )
+    p.add_argument(
         "--audit-passes",
         action="store_true",
         help="also audit accesses that never touch TPH state (verbose)",
@@ -554,6 +609,12 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--record",
         metavar="FILE",
         help="write every request with its decision as a native trace for replay",
+    )
+    p.add_argument(
+        "--hex",
+        action="store_true",
+        help='write offsets and values in replies as "0x..." strings, for typing a session '
+        "by hand (programs read numbers: never use this for a hypervisor)",
     )
     p.add_argument(
         "--log-level",
@@ -585,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
     recorder = None
     if args.record:
         recorder = open(args.record, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
-    server = Server(
+    server = (HexServer if args.hex else Server)(
         policy, args.policy, auditor, recorder=recorder, debug=args.log_level == "debug"
     )
     auditor.emit("policy.loaded", path=args.policy, vms=sorted(policy.vms))
@@ -594,8 +655,32 @@ def run(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     try:
-        return serve_forever(server, sys.stdin.fileno(), sys.stdout.fileno())
+        with _pid_file(args.pid_file):
+            return serve_forever(server, sys.stdin.fileno(), sys.stdout.fileno())
     finally:
         if recorder is not None:
             recorder.close()
         auditor.close()
+
+
+@contextlib.contextmanager
+def _pid_file(path: str | None) -> Iterator[None]:
+    """``path`` holds this process's id while the block runs (nothing when None)."""
+    if path is None:
+        yield
+        return
+    mine = f"{os.getpid()}\n"
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(mine)
+    except OSError as exc:
+        raise DeviceError(path, f"cannot write the pid file: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        ours = False  # another process may have taken the file over since
+        with contextlib.suppress(OSError), open(path, encoding="ascii") as f:
+            ours = f.read() == mine
+        if ours:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

@@ -26,7 +26,9 @@ __all__ = [
     "PCI_CFG_SPACE_EXP_SIZE",
     "PCI_CFG_SPACE_SIZE",
     "PCI_EXP_DEVCAP",
+    "PCI_EXP_DEVCAP2",
     "PCI_EXP_DEVCTL",
+    "PCI_EXP_FLAGS",
     "PCI_EXT_CAP_ID_TPH",
     "PCI_MSIX_ENTRY_CTRL_ST_OFFSET",
     "PCI_MSIX_ENTRY_DATA",
@@ -44,10 +46,12 @@ __all__ = [
     "PCI_TPH_CAP",
     "PCI_TPH_CTRL",
     "PCI_TPH_ST_TABLE_MAX_IN_CAP",
+    "PcieType",
     "ReqEnable",
     "StLocation",
     "StMode",
     "TagWidth",
+    "TphCompleter",
 ]
 
 # --- Type 0/1 header -------------------------------------------------------------------------
@@ -66,6 +70,9 @@ PCI_EXP_DEVCTL = 8  # Device Control (layouts.EXP_DEVCTL)
 PCI_CAP_ID_AF = 0x13  # Advanced Features
 PCI_AF_CAP = 3  # layouts.AF_CAP
 PCI_AF_CTRL = 4  # layouts.AF_CTRL
+PCI_EXP_FLAGS = 0x2  # PCI Express capability: Capabilities register (version, type)
+PCI_EXP_DEVCAP2 = 0x24  # PCI Express capability: Device Capabilities 2 (TPH Completer)
+
 PCI_CAP_ID_MSIX = 0x11
 PCI_MSIX_FLAGS = 2  # Message Control
 PCI_MSIX_TABLE = 4  # Table offset and BIR
@@ -114,6 +121,31 @@ class ReqEnable(IntEnum):
     TPH = 1  # PCI_TPH_REQ_TPH_ONLY: 8-bit steering tags
     RESERVED = 2
     EXT_TPH = 3  # PCI_TPH_REQ_EXT_TPH: 16-bit steering tags
+
+
+class PcieType(IntEnum):
+    """Device/Port Type, ``PCI_EXP_FLAGS_TYPE`` (PCI Express Capabilities bits 7:4)."""
+
+    ENDPOINT = 0x0  # PCI_EXP_TYPE_ENDPOINT
+    LEG_END = 0x1  # PCI_EXP_TYPE_LEG_END: legacy endpoint
+    ROOT_PORT = 0x4  # PCI_EXP_TYPE_ROOT_PORT
+    UPSTREAM = 0x5  # PCI_EXP_TYPE_UPSTREAM: switch upstream port
+    DOWNSTREAM = 0x6  # PCI_EXP_TYPE_DOWNSTREAM: switch downstream port
+    PCI_BRIDGE = 0x7  # PCI_EXP_TYPE_PCI_BRIDGE: PCIe to PCI/PCI-X bridge
+    PCIE_BRIDGE = 0x8  # PCI_EXP_TYPE_PCIE_BRIDGE: PCI/PCI-X to PCIe bridge
+    RC_END = 0x9  # PCI_EXP_TYPE_RC_END: root complex integrated endpoint (no root port)
+    RC_EC = 0xA  # PCI_EXP_TYPE_RC_EC: root complex event collector
+
+
+class TphCompleter(IntEnum):
+    """TPH Completer Supported, ``PCI_EXP_DEVCAP2_TPH_COMP_MASK`` (Device Capabilities 2
+    bits 13:12). Linux enables TPH below a root port at ``min(requester, completer)`` and not
+    at all when that is 0 (``drivers/pci/tph.c`` ``get_rp_completer_type``)."""
+
+    NONE = 0  # PCI_EXP_DEVCAP2_TPH_COMP_NONE
+    TPH = 1  # PCI_EXP_DEVCAP2_TPH_COMP_TPH_ONLY
+    RESERVED = 2
+    EXT_TPH = 3  # PCI_EXP_DEVCAP2_TPH_COMP_EXT_TPH: TPH and Extended TPH
 
 
 class TagWidth(IntEnum):

@@ -23,6 +23,8 @@ from .layouts import (
     MSIX_FLAGS,
     MSIX_TABLE_BIR,
     PCI_STATUS_REG,
+    PCIE_DEVCAP2,
+    PCIE_FLAGS,
     TPH_CAP,
     TPH_CTRL,
 )
@@ -31,6 +33,8 @@ from .spec import (
     PCI_CAPABILITY_LIST,
     PCI_CFG_SPACE_EXP_SIZE,
     PCI_CFG_SPACE_SIZE,
+    PCI_EXP_DEVCAP2,
+    PCI_EXP_FLAGS,
     PCI_EXT_CAP_ID_TPH,
     PCI_MSIX_FLAGS,
     PCI_MSIX_PBA,
@@ -39,7 +43,9 @@ from .spec import (
     PCI_TPH_BASE_SIZEOF,
     PCI_TPH_CAP,
     PCI_TPH_CTRL,
+    PcieType,
     StLocation,
+    TphCompleter,
 )
 
 __all__ = [
@@ -134,8 +140,13 @@ def build_config(
     dsn_at: int = 0x1F0,
     extra_ext: Sequence[ExtCapSpec] = (),
     size: int = PCI_CFG_SPACE_EXP_SIZE,
+    pcie_type: int = PcieType.ENDPOINT,
+    tph_completer: int = TphCompleter.EXT_TPH,
 ) -> bytes:
     """A type-0 PCIe endpoint config space with PM, MSI-X, PCIe, AER, TPH, DSN and extras.
+
+    ``pcie_type`` and ``tph_completer`` set the PCI Express capability's Device/Port Type and
+    TPH Completer Supported (a root port above a device is built with ``PcieType.ROOT_PORT``).
 
     The standard list is PM (0x40) -> MSI-X (``msix_at``, when given) -> PCIe (0xa0). The
     extended list links AER (0x100), TPH (``tph_at``), DSN (``dsn_at``) and ``extra_ext`` in
@@ -187,9 +198,13 @@ def build_config(
         )
     put(lay.exp_at, 1, PCI_CAP_ID_EXP)
     put(lay.exp_at + 1, 1, 0)
-    put(lay.exp_at + 2, 2, 0x0002)  # PCIe cap version 2, endpoint
+    put(
+        lay.exp_at + PCI_EXP_FLAGS,
+        2,
+        PCIE_FLAGS.encode(capability_version=2, device_port_type=pcie_type),
+    )
     put(lay.exp_at + 4, 4, 0x00008FC0)  # DevCap
-    put(lay.exp_at + 0x24, 4, 0x00003000)  # DevCap2: TPH Completer = TPH and Extended TPH
+    put(lay.exp_at + PCI_EXP_DEVCAP2, 4, PCIE_DEVCAP2.encode(tph_completer=tph_completer))
     # Extended list, linked in offset order
     chain: list[tuple[int, str]] = []
     if with_aer:

@@ -8,8 +8,9 @@ Every field of every operation is declared once, in :data:`OPS`.
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from .events import (
 _V = TypeVar("_V")
 
 __all__ = [
+    "HEX_FIELDS",
     "MAX_LINE",
     "OPS",
     "PROTOCOL_VERSIONS",
@@ -38,8 +40,11 @@ __all__ = [
     "access_reply",
     "decision_json",
     "decision_text",
+    "did_you_mean",
     "encode",
     "error_reply",
+    "hex_reply",
+    "hex_values",
     "parse_request",
     "reply",
     "to_access",
@@ -118,6 +123,12 @@ def _text(limit: int) -> Callable[[Any], str]:
     return check
 
 
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("true or false")
+    return v
+
+
 def _versions(v: Any) -> list[int]:
     if not isinstance(v, list) or not v or len(v) > 16:
         raise TypeError("a non-empty list of integers")
@@ -144,7 +155,10 @@ _BAR: _Fields = {
 # op -> (required fields, optional fields)
 OPS: dict[str, tuple[_Fields, _Fields]] = {
     "hello": ({"versions": _versions}, {"client": _text(128)}),
-    "attach": (_DEVICE, {"config": _text(MAX_LINE), "path": _text(4096), "source_bdf": _bdf}),
+    "attach": (
+        _DEVICE,
+        {"config": _text(MAX_LINE), "path": _text(4096), "source_bdf": _bdf, "replace": _flag},
+    ),
     "detach": (_DEVICE, {}),
     "cfg_write": ({**_CFG, "value": _int_in(0, 0xFFFFFFFF)}, {}),
     "cfg_read": (_CFG, {}),
@@ -266,13 +280,16 @@ def _validate(obj: Any) -> Request:
         )
     spec = OPS.get(op)
     if spec is None:
-        raise WireError("unknown-op", f"unknown op {op!r}", request_id=rid, field="op")
+        raise WireError(
+            "unknown-op", f"unknown op {op!r}{did_you_mean(op, OPS)}", request_id=rid, field="op"
+        )
     required, optional = spec
     args: dict[str, Any] = {}
     for key in obj:
         if key not in required and key not in optional and key not in _COMMON:
+            hint = did_you_mean(key, [*required, *optional])
             raise WireError(
-                "unknown-field", f"{op} takes no field {key!r}", request_id=rid, field=key
+                "unknown-field", f"{op} takes no field {key!r}{hint}", request_id=rid, field=key
             )
     for key, check in required.items():
         if key not in obj:
@@ -305,6 +322,12 @@ def _validate(obj: Any) -> Request:
     if "expect" in obj:
         args["expect"] = obj["expect"]
     return Request(rid, op, args)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'hello'?)`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --- the fast path: access requests as every client sends them ------------------------------
@@ -593,3 +616,26 @@ def error_reply(
     if field is not None:
         err["field"] = field
     return encode({"id": rid, "ok": False, "error": err, **extra})
+
+
+# --- values in hex, for people typing a session (serve --hex) -----------------------------
+#: The reply fields holding register offsets and values: ``serve --hex`` writes them as
+#: ``"0x..."`` strings. Requests accept that form anyway; programs must not ask for it.
+HEX_FIELDS = frozenset({"offset", "value", "guest_value", "read_mask", "device_value"})
+
+
+def hex_values(obj: Any) -> Any:
+    """``obj`` with every integer of a :data:`HEX_FIELDS` key as a ``"0x..."`` string."""
+    if isinstance(obj, dict):
+        return {
+            k: hex(v) if k in HEX_FIELDS and type(v) is int else hex_values(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [hex_values(v) for v in obj]
+    return obj
+
+
+def hex_reply(line: bytes) -> bytes:
+    """A reply line with its values in hex (:func:`hex_values`)."""
+    return encode(hex_values(json.loads(line)))

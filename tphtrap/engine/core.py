@@ -368,8 +368,8 @@ def _as_guest_wrote(
     """
     if len(writes) == 1 and _merges(sess, writes[0], own):
         return [own]
-    if not writes or any(what == 0 for what, _, _ in steps):
-        return writes  # a control step orders the writes: keep them apart
+    if not writes or any(what == 0 for what, _, _ in steps) or own.offset % own.width:
+        return writes  # a control step orders the writes, or the access is unaligned
     lo, hi = own.offset, own.offset + own.width
     inside = all(
         w.space == own.space and lo <= w.offset and w.offset + w.width <= hi for w in writes

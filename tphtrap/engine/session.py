@@ -476,7 +476,12 @@ class Session:
         for i, parts in low_bytes.items():
             low = self.guest_low[i]
             if low is None and len(parts) < 2:
-                continue  # half of an unknown word is still unknown
+                # Half of an unknown word stays unknown: the guest's byte goes through as
+                # written (the device merges it), tphtrap cannot rewrite the word.
+                base = geo.vc_offsets[i]
+                through.extend((base + k, byte) for k, byte in parts.items())
+                through.sort()
+                continue
             low = low or 0
             for k, byte in parts.items():
                 low = (low & ~(0xFF << 8 * k)) | (byte << 8 * k)
