@@ -8,10 +8,11 @@ thread_siblings_list}``, ``cpuN/cache/indexN/{level,type,shared_cpu_list,id}`` a
 
 PCI functions live where the kernel puts them, ``devices/pciDDDD:BB/<root port>/<function>``,
 with the ``bus/pci/devices/<bdf>`` symlinks; each ``config`` is built by
-:func:`tphtrap.synth.build_config` from the facts in /work/shared/reference/tph-registers.md
-(never copied from a dump): a Broadcom BCM57508-like NIC with Interrupt Vector and Device
-Specific modes and its ST table in the MSI-X table, an E810-like function with Device Specific
-mode only (no table), an NVMe drive without TPH, a conventional PCI function (256 bytes).
+:func:`tphtrap.synth.build_config` from the facts of the project's register reference (never
+copied from a dump): a Broadcom BCM57508-like NIC with Interrupt Vector and Device Specific
+modes and its ST table in the MSI-X table, an E810-like function with Device Specific mode only
+(no table), an NVMe drive without TPH, a conventional PCI function (256 bytes), and root ports
+that complete TPH and Extended TPH, TPH only, or no TPH.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Function:
     bdf: str
     config: bytes
     port: str | None  # BDF of the root port above it (under host bridge pciDDDD:BB of it)
+    completer: int = 3  # the root port's TPH Completer (Device Capabilities 2 bits 13:12)
 
 
 def bcm_nic() -> bytes:
@@ -82,10 +84,14 @@ def conventional() -> bytes:
     return build_config(vendor_id=0x8086, device_id=0x7000, class_code=0x060100, tph=None, size=256)
 
 
-def root_port() -> bytes:
-    """A PCIe root port (type 1 header) whose DevCap2 says TPH and Extended TPH Completer."""
-    cfg = build_config(vendor_id=0x8086, device_id=0x2030, class_code=0x060400, tph=None, msix=None)
+def root_port(completer: int = 3, device_id: int = 0x2030) -> bytes:
+    """A PCIe root port (type 1 header); ``completer`` is its DevCap2 TPH Completer field:
+    3 TPH and Extended TPH, 1 TPH only (Skylake-E 8086:2032), 0 none (8086:1901)."""
+    cfg = build_config(
+        vendor_id=0x8086, device_id=device_id, class_code=0x060400, tph=None, msix=None
+    )
     cfg = _patch(cfg, 0x0E, 1, 0x01)  # header type 1 (bridge)
+    cfg = _patch(cfg, 0xA0 + 0x24, 4, completer << 12)  # DevCap2 (build_config puts 3 there)
     return _patch(cfg, 0xA0 + 2, 2, 0x0002 | (PCI_EXP_TYPE_ROOT_PORT << 4))
 
 
@@ -142,7 +148,7 @@ def _functions(root: Path, functions: list[Function]) -> None:
     devices = root / "sys" / "devices"
     links = root / "sys" / "bus" / "pci" / "devices"
     links.mkdir(parents=True, exist_ok=True)
-    ports = {f.port for f in functions if f.port}
+    ports = {f.port: f.completer for f in functions if f.port}
     for fn in functions:
         if fn.bdf in ports:
             continue
@@ -154,10 +160,12 @@ def _functions(root: Path, functions: list[Function]) -> None:
             where = devices / f"pci{pdom}:{pbus}" / fn.port / fn.bdf
         _write(where / "config", fn.config)
         os.symlink(os.path.relpath(where, links), links / fn.bdf)
-    for port in sorted(ports):
+    for port, completer in sorted(ports.items()):
         pdom, pbus = port.split(":")[:2]
         where = devices / f"pci{pdom}:{pbus}" / port
-        _write(where / "config", root_port())
+        _write(
+            where / "config", root_port(completer, {0: 0x1901, 1: 0x2032}.get(completer, 0x2030))
+        )
         os.symlink(os.path.relpath(where, links), links / port)
 
 
@@ -177,12 +185,16 @@ def build_tree(
 
 def two_socket(root: Path, **kw: object) -> Path:
     """The host of the realistic example: 2 sockets x 24 cores with SMT (96 CPUs), one L3 per
-    socket; a 4-function TPH NIC (5e:00.0-3), a Device-Specific-only NIC (af:00.0), an NVMe
-    drive without TPH (3b:00.0) and a conventional PCI function (00:1f.0)."""
+    socket; a 4-function TPH NIC (5e:00.0-3), a Device-Specific-only NIC (af:00.0), the same
+    NIC below a root port that completes TPH only (d8:00.0) and below one that completes no
+    TPH (17:00.0), an NVMe drive without TPH (3b:00.0) and a conventional PCI function
+    (00:1f.0)."""
     nic = bcm_nic()
     functions = [
         *(Function(f"0000:5e:00.{i}", nic, "0000:5d:00.0") for i in range(4)),
         Function("0000:af:00.0", ds_only(), "0000:ae:00.0"),
+        Function("0000:d8:00.0", nic, "0000:d7:00.0", completer=1),
+        Function("0000:17:00.0", nic, "0000:16:00.0", completer=0),
         Function("0000:3b:00.0", no_tph(), "0000:3a:00.0"),
         Function("0000:00:1f.0", conventional(), None),
     ]

@@ -34,6 +34,8 @@ def test_functions_are_judged_as_inspect_judges_them(tree: Path) -> None:
     status = {f.bdf: f.status for f in host.functions}
     assert status == {
         "0000:00:1f.0": "no-tph",
+        "0000:16:00.0": "no-tph",
+        "0000:17:00.0": "force-off",
         "0000:3a:00.0": "no-tph",
         "0000:3b:00.0": "no-tph",
         "0000:5d:00.0": "no-tph",
@@ -43,10 +45,22 @@ def test_functions_are_judged_as_inspect_judges_them(tree: Path) -> None:
         "0000:5e:00.3": "trappable",
         "0000:ae:00.0": "no-tph",
         "0000:af:00.0": "force-off",
+        "0000:d7:00.0": "no-tph",
+        "0000:d8:00.0": "trappable",
     }
     nic = host.function("0000:5e:00.2")
     assert nic is not None and nic.root_port == "0000:5d:00.0"
-    assert nic.root_port_config is not None and nic.root_port_config.bdf == "0000:5d:00.0"
+    assert nic.root is not None and nic.root.summary == (
+        "root port 0000:5d:00.0: TPH Completer TPH and Extended TPH"
+    )
+    blocked = host.function("0000:17:00.0")  # the root port completes no TPH
+    assert blocked is not None and blocked.reason.startswith(
+        "root port 0000:16:00.0: TPH Completer none: Linux refuses to enable TPH below it"
+    )
+    capped = host.function("0000:d8:00.0")  # the root port completes TPH only
+    assert capped is not None and any(
+        "Linux caps the device at TPH only" in n for n in capped.notes
+    )
     assert nic.reason.startswith("standard ST table in the MSI-X table")
     assert any("Device Specific mode" in n for n in nic.notes)
     ds = host.function("0000:af:00.0")
@@ -55,13 +69,20 @@ def test_functions_are_judged_as_inspect_judges_them(tree: Path) -> None:
     assert legacy is not None and legacy.root_port is None
     assert "256 bytes" in legacy.reason
     assert [f.bdf for f in host.tph_functions] == [
+        "0000:17:00.0",
         "0000:5e:00.0",
         "0000:5e:00.1",
         "0000:5e:00.2",
         "0000:5e:00.3",
         "0000:af:00.0",
+        "0000:d8:00.0",
     ]
     assert host.unexamined == ()
+
+
+def test_root_is_the_sysfs_directory_or_holds_one(tree: Path) -> None:
+    assert read_host(tree / "sys").online == read_host(tree).online
+    assert read_host(tree).sysfs == tree / "sys"
 
 
 def test_a_short_read_is_unexamined_not_clean(tmp_path: Path) -> None:
@@ -92,13 +113,14 @@ def test_offline_cpus_and_missing_topology(tmp_path: Path) -> None:
 
 
 def test_not_a_sysfs_tree(tmp_path: Path) -> None:
-    with pytest.raises(SysfsError, match=r"sys/devices/system/cpu/online: missing"):
+    with pytest.raises(SysfsError, match=r"devices/system/cpu/online: missing"):
         read_host(tmp_path)
 
 
 def test_bad_cpulist_names_the_file(tmp_path: Path) -> None:
     online = tmp_path / "sys/devices/system/cpu/online"
-    online.parent.mkdir(parents=True)
+    (tmp_path / "sys/devices/system").mkdir(parents=True)
+    online.parent.mkdir(parents=True, exist_ok=True)
     online.write_text("0-x\n")
     with pytest.raises(SysfsError, match=r"cpu/online: not a cpulist"):
         read_host(tmp_path)

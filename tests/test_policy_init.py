@@ -73,7 +73,7 @@ def test_init_without_tags_is_refused_only_for_its_placeholders(
     out = tmp_path / "p.yaml"
     rc, err = init(capsys, sysfs, out)
     assert rc == 0
-    assert "tphtrap: 5 TPH devices under" in err
+    assert "tphtrap: 7 TPH devices under" in err
     assert "2 errors (2 steering_tags entries to fill in)" in err
     found = check_policy_text(out.read_text(), str(out))
     assert [p.rule for p in found] == ["tag-placeholder"] * 2
@@ -97,8 +97,9 @@ def test_init_with_tags_passes_check_against_host_and_domains(
     assert policy.host.steering_tags[95].st16 == 0x0202
     text = out.read_text()
     assert "# emulator threads on CPUs 0,48 (emulatorpin)" in text
-    assert "not given to any VM below: 0000:5e:00.2, 0000:af:00.0" in text
-    assert "root port 0000:5d:00.0" in text
+    assert "not given to any VM below: 0000:17:00.0, 0000:5e:00.2, 0000:af:00.0," in text
+    assert "#     root port 0000:5d:00.0: TPH Completer TPH and Extended TPH\n" in text
+    assert "TPH forced off in a VM: root port 0000:16:00.0: TPH Completer none" in text
     rc, stdout, _ = run(
         capsys,
         "policy",
@@ -373,7 +374,7 @@ def test_check_json_says_what_it_checked(capsys: pytest.CaptureFixture[str], sys
     doc = json.loads(out)
     assert doc["schema"] == "tphtrap.policy-check/1"
     assert doc["ok"] is True and doc["strict"] is True
-    assert doc["checked"] == {"host": str(sysfs), "libvirt": [str(LIBVIRT / "web1.xml")]}
+    assert doc["checked"] == {"host": str(sysfs / "sys"), "libvirt": [str(LIBVIRT / "web1.xml")]}
     assert doc["files"] == [
         {"file": str(EXAMPLE), "ok": True, "errors": 0, "warnings": 0, "problems": []}
     ]

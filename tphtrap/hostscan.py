@@ -1,34 +1,42 @@
 """What a host has, read from sysfs: its CPUs and how they share caches, and its TPH devices.
 
-``ROOT`` is ``/`` for the live host, or a copy of sysfs (``ROOT/sys/...``), as the tests build.
+``ROOT`` is a copy of sysfs: the directory that would be ``/sys`` (as ``tphtrap inspect
+--sysfs`` takes it), or a directory holding ``sys/``; the default is the live ``/sys``.
 
-CPUs (``sys/devices/system/cpu``, Documentation/ABI/stable/sysfs-devices-system-cpu and
+CPUs (``devices/system/cpu``, Documentation/ABI/stable/sysfs-devices-system-cpu and
 Documentation/ABI/testing/sysfs-devices-system-cpu in Linux): ``present`` and ``online``; per
 online CPU ``topology/physical_package_id``, ``core_id``, ``thread_siblings_list`` (SMT
 siblings), the level-3 unified cache ``cache/indexN/{level,type,shared_cpu_list,id}``, and the
-NUMA nodes' ``sys/devices/system/node/nodeN/cpulist``. A CPU without topology or cache files
+NUMA nodes' ``devices/system/node/nodeN/cpulist``. A CPU without topology or cache files
 (some virtual machines have none) keeps ``None`` there.
 
-PCI functions (``sys/bus/pci/devices/*``): each ``config`` is decoded with
-:func:`tphtrap.device.load_device` and judged as ``tphtrap inspect`` judges it
-(:func:`tphtrap.report.verdict`). The live ``config`` file is as long as the config space the
+PCI functions (``bus/pci/devices/*``): each ``config`` is decoded with
+:func:`tphtrap.device.load_device`, its root port found with
+:func:`tphtrap.device.check_root_port`, and judged as ``tphtrap inspect --host`` judges it
+(:func:`tphtrap.report.verdict`, which forces TPH off below a root port without TPH Completer
+support). The live ``config`` file is as long as the config space the
 kernel found: 256 bytes means the kernel sees no extended config space, so Linux can never find
 a TPH capability there (``pci_find_next_ext_capability`` returns 0 when ``cfg_size`` is 256). A
 read shorter than the file (sysfs gives unprivileged readers 64 bytes) leaves the function
-*unexamined*, and every summary says so. The root port above a function is the first PCI
-function below the host bridge in its sysfs path (``devices/pci0000:3a/0000:3a:00.0/...``).
+*unexamined*, and every summary says so.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .device import ConfigSpace, load_device, normalize_bdf
+from .device import (
+    ConfigSpace,
+    RootPortCheck,
+    check_root_port,
+    load_device,
+    normalize_bdf,
+    sysfs_functions,
+)
 from .errors import DeviceError, TphtrapError
 from .policy import MAX_CPUS, format_cpulist, parse_cpulist
 from .report import verdict
@@ -43,7 +51,6 @@ __all__ = [
 ]
 
 _MAX_SYSFS_TEXT: Final = 1 << 16  # no sysfs attribute read here is near this
-_HOST_BRIDGE = re.compile(r"pci[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}\Z")
 
 
 class SysfsError(TphtrapError):
@@ -71,9 +78,13 @@ class PciFunction:
     reason: str
     notes: tuple[str, ...] = ()
     config: ConfigSpace | None = None
-    root_port: str | None = None  # BDF of the root port above it, None if on the root bus
-    root_port_config: ConfigSpace | None = None
-    root_port_error: str | None = None
+    root: RootPortCheck | None = None  # its root port (None without a PCIe capability)
+
+    @property
+    def root_port(self) -> str | None:
+        """The BDF of the root port above it, when one was found."""
+        port = self.root.port if self.root is not None else None
+        return port.bdf if port is not None else None
 
     @property
     def has_tph(self) -> bool:
@@ -82,7 +93,7 @@ class PciFunction:
 
 @dataclass(frozen=True)
 class HostFacts:
-    root: Path
+    sysfs: Path  # the directory that is /sys on the live host
     present: frozenset[int]
     online: frozenset[int]
     cpus: Mapping[int, CpuInfo]  # online CPUs
@@ -189,12 +200,12 @@ def _l3(cpu_dir: Path) -> tuple[frozenset[int] | None, int | None]:
 def _read_cpus(
     root: Path,
 ) -> tuple[frozenset[int], frozenset[int], dict[int, CpuInfo], dict[int, frozenset[int]]]:
-    base = root / "sys" / "devices" / "system" / "cpu"
+    base = root / "devices" / "system" / "cpu"
     online = _cpulist(base / "online")
     assert online is not None
     present = _cpulist(base / "present", required=False) or online
     nodes: dict[int, frozenset[int]] = {}
-    node_base = root / "sys" / "devices" / "system" / "node"
+    node_base = root / "devices" / "system" / "node"
     for node_dir in sorted(node_base.glob("node[0-9]*")):
         cpus = _cpulist(node_dir / "cpulist", required=False)
         if cpus:
@@ -219,22 +230,6 @@ def _read_cpus(
 
 
 # --- PCI functions ----------------------------------------------------------------------------
-def _root_port_of(path: Path, bdf: str) -> str | None:
-    """The first PCI function below the host bridge in the device's real sysfs path."""
-    try:
-        parts = path.resolve().parts
-    except OSError:
-        return None
-    for i, part in enumerate(parts):
-        if _HOST_BRIDGE.match(part) and i + 1 < len(parts):
-            try:
-                first = normalize_bdf(parts[i + 1])
-            except ValueError:
-                return None
-            return None if first == bdf else first
-    return None
-
-
 def _config_size(path: Path) -> int | None:
     try:
         return os.stat(path / "config").st_size
@@ -242,69 +237,52 @@ def _config_size(path: Path) -> int | None:
         return None
 
 
-def _classify(path: Path) -> tuple[str, str, tuple[str, ...], ConfigSpace | None]:
-    """(status, reason, notes, config space) of one sysfs function directory."""
+def _read_function(path: Path, bdf: str) -> PciFunction:
+    """What one sysfs function directory says about TPH."""
     size = _config_size(path)
     try:
         cfg = load_device(path)
     except DeviceError as exc:
-        return "unexamined", f"config space unreadable: {exc.reason}", (), None
+        return PciFunction(bdf, path, "unexamined", f"config space unreadable: {exc.reason}")
     if size is not None and cfg.size < size:
-        return (
-            "unexamined",
-            f"only {cfg.size} of its {size} bytes of config space could be read (run as root)",
-            (),
-            cfg,
-        )
+        reason = f"only {cfg.size} of its {size} bytes of config space could be read (run as root)"
+        return PciFunction(bdf, path, "unexamined", reason, config=cfg)
     if cfg.size == PCI_CFG_SPACE_SIZE:
-        return "no-tph", "no extended config space (the kernel sees 256 bytes): no TPH", (), cfg
-    judged: dict[str, Any] = verdict(cfg)
-    status = str(judged["status"])
-    if status in ("trappable", "force-off", "no-tph"):
-        return status, str(judged["reason"]), tuple(judged["notes"]), cfg
-    if cfg.size == PCI_CFG_SPACE_EXP_SIZE and cfg.u32(PCI_CFG_SPACE_SIZE) in (0, 0xFFFFFFFF):
-        return "no-tph", "no extended capabilities: no TPH", (), cfg
-    return "unexamined", str(judged["reason"]), (), cfg
+        reason = "no extended config space (the kernel sees 256 bytes): no TPH"
+        return PciFunction(bdf, path, "no-tph", reason, config=cfg)
+    root = check_root_port(path, cfg) if cfg.pcie is not None else None
+    judged: dict[str, Any] = verdict(cfg, root)
+    status, reason = str(judged["status"]), str(judged["reason"])
+    no_ext = cfg.size == PCI_CFG_SPACE_EXP_SIZE and cfg.u32(PCI_CFG_SPACE_SIZE) in (0, 0xFFFFFFFF)
+    if status == "unknown" and no_ext:
+        status, reason = "no-tph", "no extended capabilities: no TPH"
+    if status == "unknown":
+        status = "unexamined"
+    return PciFunction(bdf, path, status, reason, tuple(judged["notes"]), cfg, root)
 
 
-def _read_function(entry: Path, bdf: str) -> PciFunction:
-    status, reason, notes, cfg = _classify(entry)
-    port = _root_port_of(entry, bdf)
-    port_cfg: ConfigSpace | None = None
-    port_error: str | None = None
-    if port is not None and status in ("trappable", "force-off"):
-        try:
-            port_cfg = load_device(_port_dir(entry, port))
-        except DeviceError as exc:
-            port_error = exc.reason
-    return PciFunction(bdf, entry, status, reason, notes, cfg, port, port_cfg, port_error)
+def _read_functions(sysfs: Path) -> tuple[PciFunction, ...]:
+    try:
+        paths = sysfs_functions(sysfs)
+    except DeviceError as exc:
+        raise SysfsError(f"{exc.where}: {exc.reason} (is this a sysfs tree?)") from None
+    return tuple(_read_function(p, normalize_bdf(p.name)) for p in paths)
 
 
-def _port_dir(entry: Path, port: str) -> Path:
-    """The sysfs directory of the root port ``port`` above ``entry``."""
-    real = entry.resolve()
-    return next((p for p in real.parents if p.name == port), real.parent / port)
-
-
-def _read_functions(root: Path) -> tuple[PciFunction, ...]:
-    base = root / "sys" / "bus" / "pci" / "devices"
-    if not base.is_dir():
-        raise SysfsError(f"{base}: missing (is this a sysfs tree?)")
-    out: list[PciFunction] = []
-    for entry in sorted(base.iterdir(), key=lambda p: p.name):
-        try:
-            bdf = normalize_bdf(entry.name)
-        except ValueError:
-            continue  # not a function (sysfs lists nothing else here)
-        out.append(_read_function(entry, bdf))
-    return tuple(out)
+def _sysfs_dir(root: str | Path | None) -> Path:
+    """The directory that is /sys: ``root`` itself, or ``root/sys`` when it holds one."""
+    if root is None:
+        return Path("/sys")
+    base = Path(root)
+    return base / "sys" if (base / "sys" / "devices").is_dir() else base
 
 
 def read_host(root: str | Path | None = None) -> HostFacts:
-    """The CPUs and PCI functions of the host whose sysfs is at ``ROOT/sys`` (``/`` by default)."""
-    base = Path(root) if root is not None else Path("/")
-    present, online, cpus, nodes = _read_cpus(base)
+    """The CPUs and PCI functions of the host whose sysfs is ``root`` (see the module
+    docstring; the live ``/sys`` by default)."""
+    sysfs = _sysfs_dir(root)
+    present, online, cpus, nodes = _read_cpus(sysfs)
     bad = sorted(c for c in online if c >= MAX_CPUS)
     if bad:
         raise SysfsError(f"CPU {bad[0]} is beyond the {MAX_CPUS} CPUs a policy can name")
-    return HostFacts(base, present, online, cpus, _read_functions(base), nodes)
+    return HostFacts(sysfs, present, online, cpus, _read_functions(sysfs), nodes)

@@ -89,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         ),
         formatter_class=fmt,
     )
-    _machine_arguments(init, "read sysfs from ROOT/sys instead of the live /sys")
+    _machine_arguments(init, "read a copy of sysfs at ROOT (or ROOT/sys) instead of /sys")
     init.set_defaults(host=True)
     init.add_argument(
         "--tags", metavar="FILE", help="steering tags: the output of 'tphtrap acpi host'"
@@ -122,7 +122,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     check.add_argument(
         "--host", action="store_true", help="also check against this host's CPUs and devices"
     )
-    _machine_arguments(check, "with --host: read sysfs from ROOT/sys (implies --host)")
+    _machine_arguments(check, "with --host: read a copy of sysfs at ROOT (implies --host)")
     check.add_argument(
         "--json", action="store_true", help="print one JSON document with every file's problems"
     )
@@ -245,7 +245,7 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"{name}: ok")
     if args.json:
         checked = {
-            "host": str(machine.root) if machine is not None else None,
+            "host": str(machine.sysfs) if machine is not None else None,
             "libvirt": [d.source for d in domains],
         }
         doc = {"schema": CHECK_SCHEMA, "ok": not failed, "strict": args.strict}
@@ -269,7 +269,7 @@ def _tags_source(path: str | None) -> TagsSource | None:
 
 
 def _scan_summary(machine: HostFacts) -> str:
-    base = machine.root / "sys" / "bus" / "pci" / "devices"
+    base = machine.sysfs / "bus" / "pci" / "devices"
     found, n = machine.tph_functions, len(machine.functions)
     if found:
         words = ", ".join(f"{f.bdf} ({f.status})" for f in found)
@@ -295,7 +295,7 @@ def run_init(args: argparse.Namespace) -> int:
     machine, domains = _machine_and_domains(args)
     assert machine is not None  # init always reads the host
     tags = _tags_source(args.tags)
-    sources = [str(machine.root / "sys"), *(d.source for d in domains)]
+    sources = [str(machine.sysfs), *(d.source for d in domains)]
     if tags is not None:
         sources.append(tags.path)
     text = render_policy(machine, domains, tags, sources)

@@ -7,7 +7,8 @@ What goes in, and from where:
   online CPU when there is no file, gets ``TODO`` tags, one entry per level-3 cache.
   ``policy check`` refuses ``TODO`` (``tag-placeholder``): a policy never runs on made-up tags;
 - comments: packages, L3 caches, NUMA nodes and SMT siblings, and every PCI function with a
-  TPH Requester capability with its ``inspect`` verdict and its root port;
+  TPH Requester capability with its ``inspect --host`` verdict and its root port's TPH
+  Completer support (:func:`device_lines`);
 - ``vms``: one VM per domain, named as the domain: ``cpus`` is every CPU its vCPUs may run on,
   ``vcpus`` the one-CPU pinning when every vCPU has one (translation), ``devices`` its PCI
   hostdevs. Emulator and IOThread pinning are comments: they are not the guest's CPUs.
@@ -81,22 +82,12 @@ def _verdict_words(fn: PciFunction) -> str:
 
 
 def device_lines(fn: PciFunction) -> list[str]:
-    """The comment block for one PCI function with TPH: what it is, its verdict, its port.
-
-    Every line about a device comes from here, so what is known about its root port (the
-    TPH Completer support in Device Capabilities 2) is one more line in this function.
-    """
+    """The comment block for one PCI function with TPH: what it is, its verdict (with what the
+    TPH Completer of its root port allows), and its root port."""
     lines = [_function_title(fn), f"  {_verdict_words(fn)}"]
     lines.extend(f"  note: {n}" for n in fn.notes)
-    if fn.root_port is None:
-        lines.append("  no root port above it (on a root bus: Linux does not check a completer)")
-    elif fn.root_port_error is not None:
-        lines.append(f"  root port {fn.root_port}: config space unreadable ({fn.root_port_error})")
-    else:
-        lines.append(
-            f"  root port {fn.root_port} (its TPH Completer support: DevCap2 TPHComp and "
-            f"ExtTPHComp in lspci -vv -s {fn.root_port})"
-        )
+    if fn.root is not None and not any(fn.root.summary in n for n in (fn.reason, *fn.notes)):
+        lines.append(f"  {fn.root.summary}")
     return lines
 
 
@@ -294,7 +285,8 @@ def _vm_lines(dom: Domain, host: HostFacts) -> list[str]:
 
 def _example_vm(host: HostFacts) -> list[str]:
     dom = host.l3_domains()[0] if host.l3_domains() else host.online
-    dev = host.tph_functions[0].bdf if host.tph_functions else "0000:3b:00.0"
+    usable = [f for f in host.tph_functions if f.status == "trappable"] or host.tph_functions
+    dev = usable[0].bdf if usable else "0000:3b:00.0"
     return [
         "# No --libvirt domain given. A VM looks like this (or run policy init --libvirt):",
         "#   tenant:",

@@ -100,7 +100,7 @@ def devices_present(ctx: Context) -> None:
                     dev.key,
                     "device-missing",
                     f"device {dev.bdf} of VM {vm.name!r} is not a PCI function of this host "
-                    f"(none under {host.root / 'sys/bus/pci/devices'})",
+                    f"(none under {host.sysfs / 'bus/pci/devices'})",
                     dev.path,
                 )
             elif fn.status == "no-tph":
