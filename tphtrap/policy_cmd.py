@@ -78,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
             "devices). Without --tags every tag is TODO, which 'policy check' refuses until it\n"
             "is filled in. The policy goes to stdout (or -o FILE); what the checks say about it,\n"
             "and what the scan found, goes to stderr.\n"
-            "Exit status: 0 when written, 1 when the host, a domain or the tags cannot be read."
+            "Exit status: 0 when written, 1 when the host, a domain or the tags cannot be read,\n"
+            "2 on a usage error."
         ),
         epilog=(
             "examples:\n"
@@ -109,7 +110,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
             "that are absent or without TPH. --libvirt compares it with the domains: vCPUs\n"
             "that run outside a VM's cpus, vcpus that no longer match the pinning, hostdevs.\n"
             "Exit status: 0 when no file has an error, 1 otherwise (also when the host or a\n"
-            "domain cannot be read)."
+            "domain cannot be read), 2 on a usage error."
         ),
         epilog=(
             "examples:\n  tphtrap policy check policies/*.yaml\n"
