@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     policy = sub.add_parser(
         "policy",
-        help="check, explain and get the JSON Schema of policy files",
+        help="write, check and explain policy files, and print their JSON Schema",
         description=(
             "Work with policy files: one YAML file per host saying which steering tags each VM "
             "may use (format: docs/policy.md)."
