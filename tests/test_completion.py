@@ -78,7 +78,7 @@ def test_bash_completes_commands_options_and_values(tmp_path: Path) -> None:
     assert got == [
         ["acpi", "completion", "inspect", "policy", "replay", "serve"],
         ["policy"],
-        ["check", "explain", "schema"],
+        ["check", "explain", "init", "schema"],
         ["check"],
         ["auto", "native", "qemu"],
         ["always", "auto"],
@@ -122,7 +122,7 @@ def test_every_command_of_the_parser_is_in_the_tree() -> None:
     ]
     policy = next(c for c in tree.subcommands if c.path[-1] == "policy")
     assert [c.path for c in policy.subcommands] == [
-        ["tphtrap", "policy", name] for name in ("check", "schema", "explain")
+        ["tphtrap", "policy", name] for name in ("init", "check", "schema", "explain")
     ]
 
 

@@ -1,10 +1,11 @@
 """Fuzzing every reader of untrusted input: only the project's typed errors, never a hang.
 
 Targets: the protocol decoder (``wire.parse_request``) and the whole request handler
-(``Server.handle_line``), the native and QEMU trace readers, the config-space loaders and the
-policy loader. Each input runs under a time limit (``fuzzlib.LIMIT``). Inputs are both
-arbitrary and structure-aware: valid requests, traces, dumps and policies mutated field by
-field, token by token or byte by byte.
+(``Server.handle_line``), the native and QEMU trace readers, the config-space loaders, the
+policy loader, and the libvirt domain and steering-tags readers of ``policy init``. Each input
+runs under a time limit (``fuzzlib.LIMIT``). Inputs are both arbitrary and structure-aware:
+valid requests, traces, dumps, policies and domain XML mutated field by field, token by token
+or byte by byte.
 
 ``make test`` runs a short campaign; ``make fuzz`` (``TPHTRAP_FUZZ=long``) a long one. The
 minimized inputs that found bugs are kept in ``fixtures/hostile/`` (see its README), which
@@ -44,10 +45,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import DrawFn, SearchStrategy
 
-from tphtrap.device import ConfigSpace, load_device, parse_hex_config, parse_lspci
+from tphtrap.device import (
+    ConfigSpace,
+    load_device,
+    normalize_bdf,
+    parse_hex_config,
+    parse_lspci,
+)
 from tphtrap.errors import DeviceError, PolicyError, Problem, TraceError, WireError
+from tphtrap.libvirt import DomainError, parse_domain, parse_libvirt_cpuset
 from tphtrap.policy import Policy
 from tphtrap.policyfile import RULES, check_policy_text, load_policy_text, read_policy_text
+from tphtrap.policyread import read_steering_tags
 from tphtrap.qemu_trace import QemuTraceReader, parse_line
 from tphtrap.replay import Replayer
 from tphtrap.spec import StLocation
@@ -1313,3 +1322,89 @@ def test_policy_deep_nesting(opener: str, depth: int, indent: bool) -> None:
     else:
         text = opener * depth
     check_policy(text)
+
+
+# =============================================================================================
+# (f) libvirt domain XML and the steering tags of 'tphtrap acpi host'
+# =============================================================================================
+DOMAIN_TEXTS = {
+    p.name: p.read_text() for p in sorted((REPO / "fixtures" / "libvirt").glob("*.xml"))
+}
+_XML_TOKEN = re.compile(r"\s+|<[/!?]?|/?>|'[^']*'|\"[^\"]*\"|[\w.:-]+|.", re.S)
+XML_JUNK = [
+    "<",
+    ">",
+    "/>",
+    "</vcpu>",
+    "<vcpupin vcpu='0' cpuset='^1'/>",
+    "cpuset='0-'",
+    "'",
+    "&amp;",
+    "&x;",
+    "<!DOCTYPE d>",
+    "<![CDATA[",
+    "]]>",
+    "\x00",
+    "0x100",
+    "99999999999",
+    "^",
+    ",",
+    "-",
+    "<hostdev type='pci'>",
+    "<address bus='0x5e'/>",
+    "\u00e9",
+    "<domain>",
+]
+
+
+@st.composite
+def mutated_domains(draw: DrawFn) -> bytes:
+    tokens = _XML_TOKEN.findall(DOMAIN_TEXTS[draw(st.sampled_from(sorted(DOMAIN_TEXTS)))])
+    for _ in range(draw(st.integers(1, 6))):
+        i = draw(st.integers(0, len(tokens) - 1))
+        kind = draw(st.sampled_from(["replace", "insert", "delete"]))
+        if kind == "replace":
+            tokens[i] = draw(st.sampled_from(XML_JUNK))
+        elif kind == "insert":
+            tokens.insert(i, draw(st.sampled_from(XML_JUNK)))
+        elif len(tokens) > 1:
+            del tokens[i]
+    return "".join(tokens).encode("utf-8", "surrogatepass")
+
+
+@fuzz(300, 5_000)
+@given(mutated_domains())
+def test_domain_xml_mutated(data: bytes) -> None:
+    """A domain file gives a consistent Domain or one DomainError naming file:line:col."""
+    with time_limit():
+        try:
+            dom = parse_domain(data, "fuzz.xml")
+        except DomainError as exc:
+            assert re.match(r"fuzz\.xml(:\d+(:\d+)?)?$", exc.where), exc
+            return
+    assert len(dom.pins) == dom.vcpus >= 1
+    assert all(p.cpus for p in dom.pins) and [p.vcpu for p in dom.pins] == list(range(dom.vcpus))
+    assert all(d.bdf == normalize_bdf(d.bdf) for d in dom.hostdevs)
+
+
+@fuzz(300, 5_000)
+@given(st.text(alphabet="0123456789-,^ x", max_size=24))
+def test_libvirt_cpuset_refuses_with_value_error_only(text: str) -> None:
+    try:
+        cpus = parse_libvirt_cpuset(text)
+    except ValueError:
+        return
+    assert cpus and all(0 <= c < 8192 for c in cpus)
+
+
+@fuzz(200, 4_000)
+@given(mutated_policies())
+def test_tags_file_mutated(text: str) -> None:
+    """The tags file is read with the policy reader: positioned problems with known rules."""
+    with time_limit():
+        entries, out = read_steering_tags(text, "tags.yaml")
+    assert all(p.rule in RULES for p in out.problems)
+    seen: set[int] = set()
+    for entry in entries:  # each CPU in one entry only (duplicate-cpu keeps the first)
+        assert not entry.cpus & seen
+        seen |= entry.cpus

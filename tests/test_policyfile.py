@@ -39,6 +39,7 @@ WARNING_RULES = {
     "tag-shared-outside",
     "duplicate-item",
     "vcpu-without-tag",
+    "neutral-only",
 }
 
 HOST = """\

@@ -40,7 +40,9 @@ __all__ = [
     "Policy",
     "TagRules",
     "VmPolicy",
+    "cpus_word",
     "format_cpulist",
+    "format_tag",
     "parse_cpulist",
 ]
 
@@ -108,6 +110,17 @@ def format_cpulist(cpus: Iterable[int]) -> str:
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
+
+
+def cpus_word(cpus: Iterable[int]) -> str:
+    """``CPU 3`` or ``CPUs 0-3,8``: a cpulist with its noun, for messages."""
+    cpus = sorted(cpus)
+    return f"{'CPU' if len(cpus) == 1 else 'CPUs'} {format_cpulist(cpus)}"
+
+
+def format_tag(tag: int, width: TagWidth) -> str:
+    """A tag in hex with the digits of its width: ``0x01`` at 8 bits, ``0x0101`` at 16."""
+    return f"{tag:#0{2 + int(width) // 4}x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,11 @@
-"""``tphtrap policy check|schema|explain``: authoring help for policy files.
+"""``tphtrap policy init|check|schema|explain``: writing and checking policy files.
 
-``check`` lints files and prints problems as ``path:line:col: level: message (rule)``;
-``schema`` prints the JSON Schema for editors; ``explain`` states in plain words (or JSON) what a
-policy lets one VM do. :func:`explain_vm` builds the explanation as data; the text is a rendering
-of the same data, so both views always agree.
+``init`` writes a commented policy skeleton from the host (sysfs) and libvirt domains;
+``check`` lints files and prints problems as ``path:line:col: level: message (rule)``, also
+against the host (``--host``) and the domains (``--libvirt``); ``schema`` prints the JSON Schema
+for editors; ``explain`` states in plain words (or JSON) what a policy lets each VM do.
+:func:`explain_vm` builds the explanation as data; the text is a rendering of the same data, so
+both views always agree.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 from .device import normalize_bdf
 from .errors import Problem, TphtrapError
+from .hostscan import HostFacts, read_host
+from .libvirt import Domain, load_domain
 from .policy import (
     DeviceSettings,
     HostPolicy,
@@ -26,13 +30,23 @@ from .policy import (
     VmPolicy,
     format_cpulist,
 )
-from .policyfile import read_policy
+from .policyfile import check_against, check_policy_text, read_policy, read_tags
+from .policyinit import TagsSource, render_policy
 from .policyschema import policy_schema
 from .spec import TagWidth
 
-__all__ = ["PolicyQueryError", "add_parser", "explain_vm", "render_explanation"]
+__all__ = [
+    "CHECK_SCHEMA",
+    "PolicyQueryError",
+    "add_parser",
+    "explain_policy",
+    "explain_vm",
+    "render_explanation",
+]
 
 _MODE = {TagWidth.ST8: "TPH only", TagWidth.ST16: "Extended TPH"}
+#: The version of the ``policy check --json`` document (docs/policy.md describes it).
+CHECK_SCHEMA = "tphtrap.policy-check/1"
 
 
 class PolicyQueryError(TphtrapError):
@@ -45,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     policy = sub.add_parser(
         "policy",
-        help="check, explain and get the JSON Schema of policy files",
+        help="write, check and explain policy files, and print their JSON Schema",
         description=(
             "Work with policy files: one YAML file per host saying which steering tags each VM "
             "may use (format: docs/policy.md)."
@@ -55,6 +69,37 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     cmds = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
     cmds.required = True
 
+    init = cmds.add_parser(
+        "init",
+        help="write a commented policy skeleton from this host and libvirt domains",
+        description=(
+            "Write a policy from the host: its CPUs, caches and TPH devices (sysfs), the\n"
+            "steering tags the firmware reports (--tags, the output of 'tphtrap acpi host'),\n"
+            "and one VM per libvirt domain (vCPU pinning -> cpus and vcpus, PCI hostdevs ->\n"
+            "devices). Without --tags every tag is TODO, which 'policy check' refuses until it\n"
+            "is filled in. The policy goes to stdout (or -o FILE); what the checks say about it,\n"
+            "and what the scan found, goes to stderr.\n"
+            "Exit status: 0 when written, 1 when the host, a domain or the tags cannot be read,\n"
+            "2 on a usage error."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tphtrap policy init\n"
+            "  tphtrap acpi host > tags.yaml\n"
+            "  virsh dumpxml web > web.xml; virsh dumpxml db > db.xml\n"
+            "  tphtrap policy init --tags tags.yaml --libvirt web.xml db.xml -o /etc/tphtrap.yaml"
+        ),
+        formatter_class=fmt,
+    )
+    _machine_arguments(init, "read a copy of sysfs at ROOT (or ROOT/sys) instead of /sys")
+    init.set_defaults(host=True)
+    init.add_argument(
+        "--tags", metavar="FILE", help="steering tags: the output of 'tphtrap acpi host'"
+    )
+    init.add_argument("-o", "--output", metavar="FILE", help="write the policy to FILE")
+    init.add_argument("--force", action="store_true", help="overwrite an existing -o FILE")
+    init.set_defaults(func=run_init)
+
     check = cmds.add_parser(
         "check",
         help="report every problem in policy files (exit 1 if any error)",
@@ -62,12 +107,24 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
             "Read each policy and report every problem at once, one per line, as\n"
             "  FILE:LINE:COL: error|warning: MESSAGE (RULE)\n"
             "A file without errors prints 'FILE: ok' (with its warning count, if any).\n"
-            "Exit status: 0 when no file has an error, 1 otherwise."
+            "--host also checks the policy against this host: CPUs that do not exist, devices\n"
+            "that are absent or without TPH. --libvirt compares it with the domains: vCPUs\n"
+            "that run outside a VM's cpus, vcpus that no longer match the pinning, hostdevs.\n"
+            "Exit status: 0 when no file has an error, 1 otherwise (also when the host or a\n"
+            "domain cannot be read), 2 on a usage error."
         ),
-        epilog="example:\n  tphtrap policy check policies/*.yaml",
+        epilog=(
+            "examples:\n  tphtrap policy check policies/*.yaml\n"
+            "  tphtrap policy check /etc/tphtrap.yaml --host --libvirt web.xml db.xml\n"
+            "  tphtrap policy check --json --strict policies/*.yaml   (in CI)"
+        ),
         formatter_class=fmt,
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="policy files to check")
+    check.add_argument(
+        "--host", action="store_true", help="also check against this host's CPUs and devices"
+    )
+    _machine_arguments(check, "with --host: read a copy of sysfs at ROOT (implies --host)")
     check.add_argument(
         "--json", action="store_true", help="print one JSON document with every file's problems"
     )
@@ -105,22 +162,42 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
 
     explain = cmds.add_parser(
         "explain",
-        help="say in plain words what a policy lets one VM do",
+        help="say in plain words what a policy lets each VM do",
         description=(
-            "Explain what FILE lets VM do: the host CPUs and steering tags it may use at each\n"
-            "width, its virtual tags and what each becomes, what happens on a violation, and\n"
-            "which of its devices will have TPH forced off, and why."
+            "Explain what FILE lets each VM do (or only --vm VM): the host CPUs and steering\n"
+            "tags it may use at each width, its virtual tags and what each becomes, what\n"
+            "happens on a violation, and which of its devices will have TPH forced off, and why."
         ),
-        epilog="example:\n  tphtrap policy explain policies/two-tenants.yaml --vm tenant-a",
+        epilog=(
+            "examples:\n  tphtrap policy explain policies/two-tenants.yaml\n"
+            "  tphtrap policy explain policies/two-tenants.yaml --vm tenant-a\n"
+            "  tphtrap policy explain policies/two-tenants.yaml --dev 3b:00.1"
+        ),
         formatter_class=fmt,
     )
     explain.add_argument("file", metavar="FILE", help="the policy file")
-    explain.add_argument("--vm", required=True, metavar="VM", help="the VM to explain")
+    explain.add_argument("--vm", metavar="VM", help="only this VM (default: every VM)")
     explain.add_argument(
-        "--dev", metavar="BDF", help="only this device of the VM (e.g. 0000:3b:00.0 or 3b:00.0)"
+        "--dev",
+        metavar="BDF",
+        help="only this device (e.g. 0000:3b:00.0 or 3b:00.0); without --vm, of its VM",
     )
     explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
     explain.set_defaults(func=run_explain)
+
+
+def _machine_arguments(parser: argparse.ArgumentParser, sysfs_help: str) -> None:
+    """``--sysfs ROOT`` and ``--libvirt DOMAIN.xml...``, for init and check."""
+    parser.add_argument("--sysfs", metavar="ROOT", help=sysfs_help)
+    parser.add_argument(
+        "--libvirt",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="DOMAIN.xml",
+        help="libvirt domain XML files (virsh dumpxml NAME), one VM each; after the other "
+        "arguments",
+    )
 
 
 # --- check -----------------------------------------------------------------------------------
@@ -135,8 +212,13 @@ def _problem_json(p: Problem) -> dict[str, Any]:
     }
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _machine_and_domains(args: argparse.Namespace) -> tuple[HostFacts | None, list[Domain]]:
+    machine = read_host(args.sysfs) if args.host or args.sysfs else None
+    return machine, [load_domain(path) for path in args.libvirt]
 
 
 def _firmware_check(tables: Path | None) -> Callable[[str, Policy], list[Problem]] | None:
@@ -152,11 +234,14 @@ def _firmware_check(tables: Path | None) -> Callable[[str, Policy], list[Problem
 
 def run_check(args: argparse.Namespace) -> int:
     firmware = _firmware_check(args.tables)
+    machine, domains = _machine_and_domains(args)
     results: list[tuple[str, list[Problem]]] = []
     for name in args.files:
-        policy, problems = read_policy(name)
-        if firmware is not None and policy is not None:
-            problems = sorted([*problems, *firmware(name, policy)])
+        problems = check_against(name, machine, domains)
+        if firmware is not None:
+            policy, _ = read_policy(name)
+            if policy is not None:
+                problems = sorted([*problems, *firmware(name, policy)])
         results.append((name, problems))
     failed = False
     report: list[dict[str, Any]] = []
@@ -185,8 +270,86 @@ def run_check(args: argparse.Namespace) -> int:
         else:
             print(f"{name}: ok")
     if args.json:
-        print(json.dumps({"ok": not failed, "files": report}, indent=2))
+        checked = {
+            "host": str(machine.sysfs) if machine is not None else None,
+            "libvirt": [d.source for d in domains],
+        }
+        doc = {"schema": CHECK_SCHEMA, "ok": not failed, "strict": args.strict}
+        print(json.dumps({**doc, "checked": checked, "files": report}, indent=2))
     return 1 if failed else 0
+
+
+# --- init ------------------------------------------------------------------------------------
+def _tags_source(path: str | None) -> TagsSource | None:
+    if path is None:
+        return None
+    entries, problems = read_tags(path)
+    for p in problems:
+        print(p.format(), file=sys.stderr)
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise PolicyQueryError(f"{path}: {_count(len(errors), 'error')} in the steering tags")
+    if not entries:
+        raise PolicyQueryError(f"{path}: no steering tags in it")
+    return TagsSource(path, tuple(entries))
+
+
+def _scan_summary(machine: HostFacts) -> str:
+    base = machine.sysfs / "bus" / "pci" / "devices"
+    found, n = machine.tph_functions, len(machine.functions)
+    if found:
+        words = ", ".join(f"{f.bdf} ({f.status})" for f in found)
+        summary = f"{_count(len(found), 'TPH device')} under {base}: {words}"
+    else:
+        summary = f"no TPH device: none of the {n} PCI functions under {base} has a TPH Requester"
+    if machine.unexamined:
+        summary += f"; {len(machine.unexamined)} not examined (see the comments)"
+    return summary
+
+
+def _write_output(path: str, text: str, force: bool) -> None:
+    target = Path(path)
+    if target.exists() and not force:
+        raise PolicyQueryError(f"{path} exists; use --force to overwrite it")
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise PolicyQueryError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def run_init(args: argparse.Namespace) -> int:
+    machine, domains = _machine_and_domains(args)
+    assert machine is not None  # init always reads the host
+    tags = _tags_source(args.tags)
+    sources = [str(machine.sysfs), *(d.source for d in domains)]
+    if tags is not None:
+        sources.append(tags.path)
+    text = render_policy(machine, domains, tags, sources)
+    name = args.output or "<stdout>"
+    print(f"tphtrap: {_scan_summary(machine)}", file=sys.stderr)
+    problems = check_policy_text(text, name, machine, domains)
+    if args.output:
+        _write_output(args.output, text, args.force)
+    else:
+        sys.stdout.write(text)
+    for p in problems:
+        print(p.format(), file=sys.stderr)
+    errors = sum(1 for p in problems if p.level == "error")
+    placeholders = sum(1 for p in problems if p.rule == "tag-placeholder")
+    if errors:
+        todo = (
+            f" ({_count(placeholders, 'steering_tags entry', 'steering_tags entries')} to fill in)"
+            if placeholders
+            else ""
+        )
+        print(
+            f"tphtrap: {name}: {_count(errors, 'error')}{todo}: 'tphtrap policy check' refuses "
+            "it until they are fixed",
+            file=sys.stderr,
+        )
+    else:
+        print(f"tphtrap: {name}: passes 'tphtrap policy check'", file=sys.stderr)
+    return 0
 
 
 # --- schema ----------------------------------------------------------------------------------
@@ -209,7 +372,8 @@ def _tag_of(host: HostPolicy, cpu: int, width: TagWidth) -> int | None:
 
 
 def _fallback_view(host: HostPolicy, vm: VmPolicy, rules: TagRules) -> dict[str, Any]:
-    """Per width, the fallback tag and the CPU it is the tag of (mirrors TagRules.build)."""
+    """Per width, the fallback tag and the CPU it is the tag of, or ``neutral: true`` when it is
+    the neutral tag no CPU of the VM provides (mirrors TagRules.build); None: no fallback."""
     dev = vm.devices.get(rules.bdf)
     wanted = dev.fallback_cpu if dev is not None else None
     wanted = wanted if wanted is not None else vm.fallback_cpu
@@ -218,7 +382,12 @@ def _fallback_view(host: HostPolicy, vm: VmPolicy, rules: TagRules) -> dict[str,
     for width in TagWidth:
         tag = rules.fallback[width]
         cpu = next((c for c in order if _tag_of(host, c, width) == tag), None)
-        out[str(int(width))] = None if tag is None else {"tag": tag, "cpu": cpu}
+        if tag is None:
+            out[str(int(width))] = None
+        elif cpu is None:
+            out[str(int(width))] = {"tag": tag, "neutral": True}
+        else:
+            out[str(int(width))] = {"tag": tag, "cpu": cpu}
     return out
 
 
@@ -331,6 +500,11 @@ def explain_vm(policy: Policy, vm_name: str, bdf: str | None = None) -> dict[str
     }
 
 
+def explain_policy(policy: Policy) -> dict[str, Any]:
+    """:func:`explain_vm` for every VM of ``policy``, in the order of the file."""
+    return {"policy": policy.source, "vms": [explain_vm(policy, name) for name in policy.vms]}
+
+
 # --- explain: plain words --------------------------------------------------------------------
 def _hex(tag: int | None, width: int) -> str:
     return "-" if tag is None else f"{tag:#0{2 + width // 4}x}"
@@ -351,6 +525,8 @@ def _fallback_words(fallback: dict[str, Any]) -> str:
         fb = fallback[width]
         if fb is None:
             parts.append(f"none at {width} bits (such writes are dropped instead)")
+        elif fb.get("neutral"):
+            parts.append(f"{_hex(fb['tag'], int(width))} at {width} bits (neutral)")
         else:
             parts.append(f"{_hex(fb['tag'], int(width))} at {width} bits (CPU {fb['cpu']})")
     return ", ".join(parts)
@@ -438,9 +614,28 @@ def run_explain(args: argparse.Namespace) -> int:
             f"tphtrap: error: {args.file} has errors; run 'tphtrap policy check'", file=sys.stderr
         )
         return 1
-    data = explain_vm(policy, args.vm, args.dev)
+    if args.vm is None and args.dev is None:
+        doc = explain_policy(policy)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            print("\n\n".join(render_explanation(d) for d in doc["vms"]))
+        return 0
+    vm = args.vm if args.vm is not None else _vm_of(policy, args.dev)
+    data = explain_vm(policy, vm, args.dev)
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         print(render_explanation(data))
     return 0
+
+
+def _vm_of(policy: Policy, bdf: str) -> str:
+    try:
+        want = normalize_bdf(bdf)
+    except ValueError as exc:
+        raise PolicyQueryError(str(exc)) from exc
+    vm = policy.vm_of_device(want)
+    if vm is None:
+        raise PolicyQueryError(f"device {want} is not assigned to any VM in {policy.source}")
+    return vm.name

@@ -6,7 +6,10 @@ shared CPUs, devices in two VMs); ``tphtrap policy check`` is the authority and 
 passes it always validates against this schema.
 
 Editors read YAML 1.2, where mapping keys are strings and ``0x1f`` is an integer, so the schema
-is written for that view: CPU-list and device keys are string patterns.
+is written for that view: CPU-list and device keys are string patterns. A YAML 1.1 loader
+(PyYAML) reads ``tph: off`` as false and ``0000:00:10.0`` as a base-60 float; no schema can see
+the first, and device keys must be strings so that the second is refused rather than skipped
+(docs/policy.md, "Which validators are safe").
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ def policy_schema() -> dict[str, Any]:
             "devices": {
                 "type": "object",
                 "description": "PCI devices assigned to this VM, by address ([DDDD:]BB:DD.F).",
-                "propertyNames": {"pattern": BDF_PATTERN},
+                # "type": a YAML 1.1 loader reads 0000:00:10.0 as a number: refuse, not skip it
+                "propertyNames": {"type": "string", "pattern": BDF_PATTERN},
                 "additionalProperties": {
                     "anyOf": [{"type": "null"}, {"$ref": "#/definitions/device"}]
                 },
