@@ -79,6 +79,8 @@ def decision_fields(decision: Decision) -> dict[str, Any]:
         # The value the device got for the guest's own access, when it is one write.
         if len(writes) == 1:
             d["device_value"] = writes[0].value
+    if decision.ops:
+        d["host_ops"] = [o.to_json() for o in decision.ops]
     if decision.read_mask:
         d["guest_view"] = decision.guest_value
         d["read_mask"] = decision.read_mask
@@ -326,7 +328,11 @@ class Auditor:
         """One ``access.decided`` event (``engine.failed`` for an internal error)."""
         if decision.reason == "not-tph" and not self.include_passes:
             return
-        if decision.reason != "internal-error" and (not extra or extra.keys() == {"id"}):
+        if (
+            decision.reason != "internal-error"
+            and not decision.ops
+            and (not extra or extra.keys() == {"id"})
+        ):
             self.events += 1
             rid = extra["id"] if extra else _NO_ID
             self._writer.msg(self._line.render(access, decision, rid, self._clock.now()))

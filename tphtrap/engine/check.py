@@ -17,12 +17,20 @@ The copy is kept on its own terms, not the engine's: its layout is read again fr
 snapshot's TPH capability registers, and a reset (seen in a write of Initiate FLR or of a
 PMCSR D3hot -> D0, or told by the hypervisor) forks it into every outcome a device may show:
 control kept or zeroed, times tags kept or zeroed. The invariant must hold in each.
+
+With the host backend the plan is a list of host kernel operations, applied to the same copy
+with the effects the Linux functions have (written out here from ``drivers/pci/tph.c``, not
+taken from the renderer): ``tph_enable`` refused while enabled, the request type chosen from
+the capability and the root port; ``st_set`` only while enabled and for an allocated vector,
+clearing Requester Enable around the entry write; ``tph_disable`` control 0. The invariant is
+evaluated after each of those steps, and no raw write may touch a TPH register or a steering
+tag.
 """
 
 from __future__ import annotations
 
 from ..device import ConfigSpace
-from ..events import DeviceWrite
+from ..events import DeviceWrite, HostOp
 from ..policy import TagRules
 from ..spec import (
     PCI_CAP_ID_AF,
@@ -70,6 +78,10 @@ class _Branch:
 
 class Checker:
     def __init__(self, cfg: ConfigSpace) -> None:
+        self.completer: int | None = None  # host backend: the root port's completer field
+        self.rciep = False
+        self.allocated: frozenset[int] = frozenset()
+        self._undo: list[tuple[list[int], int, list[int | None]]] = []
         self.caps = [
             (t.offset, min(t.offset + ((t.length + 3) & ~3), cfg.size)) for t in cfg.tph_all
         ]
@@ -271,6 +283,174 @@ class Checker:
             full = False
         self.branches = branches
 
+    # --- the host backend -------------------------------------------------------------------
+    def host(self, completer: int, rciep: bool) -> None:
+        """Plans are host operations from now on, below a root port completing ``completer``."""
+        self.completer = completer
+        self.rciep = rciep
+
+    def _host_req(self) -> int:
+        """Requester Enable ``pcie_enable_tph`` writes (0: it returns -EINVAL)."""
+        req = 3 if self.cap_bits & 0x100 else 1
+        if not self.rciep:
+            req = min(req, self.completer or 0)
+        return req
+
+    def entries_allowed(self, width: TagWidth, rules: TagRules) -> bool:
+        """Does every entry hold a known tag allowed at ``width``, whatever the device did?"""
+        allowed = rules.allowed[width]
+        for br in self.branches:
+            for i in range(self.n):
+                tag = self._tag(br.ent[i], width)
+                if tag is None or tag not in allowed:
+                    return False
+        return True
+
+    def host_vectors(self, allocated: frozenset[int], cleared: bool) -> None:
+        """The host's MSI-X vectors; ``cleared``: every Vector Control is the mask bit now."""
+        self.allocated = allocated
+        if cleared and self.msix_start >= 0:
+            for br in self.branches:
+                br.ent = [_VC_MASKBIT] * self.n
+
+    def verify_host(
+        self,
+        ops: tuple[HostOp, ...],
+        writes: tuple[DeviceWrite, ...],
+        rules: TagRules,
+        revoked: bool,
+        full: bool,
+        allocated: frozenset[int],
+    ) -> None:
+        """Apply the host ``ops``, then the raw ``writes``, to a copy, checking each step."""
+        branches = [b.copy() for b in self.branches]
+        undo: list[tuple[list[int], int, list[int | None]]] = []
+        if full and not ops:
+            for br in branches:
+                problem = self._violation(br, rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(f"with nothing to do: {problem}")
+        for op in ops:
+            undo.append(
+                ([b.ctrl[0] for b in branches], op.index, [b.ent[op.index] for b in branches])
+                if op.op == "st_set" and 0 <= op.index < self.n
+                else ([b.ctrl[0] for b in branches] if self.caps else [], -1, [])
+            )
+            for br in branches:
+                for step in self._host_steps(br, op, rules, allocated):
+                    problem = self._violation(br, rules, revoked, None if full else step)
+                    if problem is not None:
+                        raise UnsafePlan(f"after {_show_op(op)}: {problem}")
+            full = False
+        for w in writes:
+            for b in range(w.width):
+                pos = w.offset + b
+                if w.space == "config":
+                    if any(start <= pos < end for start, end in self.caps):
+                        raise UnsafePlan(f"raw write {_show(w)} to a TPH register (host backend)")
+                elif self._tag_byte(w.bar, pos):
+                    raise UnsafePlan(f"raw write {_show(w)} to a steering tag (host backend)")
+        forked = False
+        for br in branches:
+            try:
+                for w in writes:
+                    if w.space == "config":
+                        for b in range(w.width):
+                            self._config_byte(br, w.offset + b, (w.value >> (8 * b)) & 0xFF)
+            except _Reset:
+                forked = True
+        if forked:
+            branches = self._forked(branches)
+            for br in branches:
+                problem = self._violation(br, rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(f"after the reset in the writes: {problem}")
+        self.branches = branches
+        self._undo = undo
+
+    def _tag_byte(self, bar: int | None, pos: int) -> bool:
+        if self.msix_start < 0 or bar != self.msix_bir:
+            return False
+        rel = pos - self.msix_start
+        return 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and rel % PCI_MSIX_ENTRY_SIZE >= 14
+
+    def _host_steps(
+        self, br: _Branch, op: HostOp, rules: TagRules, allocated: frozenset[int]
+    ) -> list[set[int] | None]:
+        """Apply ``op`` to ``br`` in the steps the kernel takes; after each, what to check
+        (None: everything, a set: those entries; everything anyway on a full check)."""
+        if not self.caps:
+            raise UnsafePlan(f"{_show_op(op)} on a device without TPH")
+        ctrl = br.ctrl[0]
+        en = (ctrl & _EN_MASK) >> _EN_SHIFT
+        if op.op == "tph_disable":
+            br.ctrl[0] = 0
+            return [None]
+        if op.op == "tph_enable":
+            if en:
+                raise UnsafePlan("tph_enable while TPH is enabled (the kernel returns -EBUSY)")
+            mode = {"ns": 0, "iv": 1}.get(op.mode or "")
+            if mode is None or not (self.cap_bits >> mode) & 1:
+                raise UnsafePlan(f"tph_enable in a mode the device lacks: {op.mode}")
+            req = self._host_req()
+            if req == 0:
+                raise UnsafePlan("tph_enable below a root port completing no TPH (-EINVAL)")
+            if op.width != (16 if req == 3 else 8):
+                raise UnsafePlan(f"tph_enable says width {op.width}, the kernel enables {req}")
+            br.ctrl[0] = (ctrl & ~_WRITABLE) | mode | (req << _EN_SHIFT)
+            return [None]
+        if op.op != "st_set":
+            raise UnsafePlan(f"unknown host operation {op.op!r}")
+        if not en:
+            raise UnsafePlan(f"{_show_op(op)} while TPH is disabled (the kernel returns -EINVAL)")
+        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
+        if op.cpu is not None and rules.cpu_tags.get(width, {}).get(op.cpu) != op.tag:
+            raise UnsafePlan(f"{_show_op(op)} names a CPU that is not the VM's with that tag")
+        if op.tag >> int(width):
+            raise UnsafePlan(f"{_show_op(op)}: a tag wider than {int(width)} bits")
+        if ctrl & _MODE_MASK == 0:
+            return []  # No ST mode: pcie_tph_set_st_entry writes nothing
+        i = op.index
+        if not 0 <= i < self.n:
+            raise UnsafePlan(f"{_show_op(op)} past the ST table (-ENXIO)")
+        if self.msix_start >= 0 and i not in allocated:
+            raise UnsafePlan(f"{_show_op(op)} for a vector the host has not allocated (-ENXIO)")
+        br.ctrl[0] = ctrl & ~_EN_MASK  # Requester Enable cleared, mode kept
+        steps: list[set[int] | None] = [None]
+        if self.in_cap:
+            br.ent[i] = op.tag
+        else:
+            old = br.ent[i]
+            br.ent[i] = ((old if old is not None else _VC_MASKBIT) & 0xFFFF) | (op.tag << 16)
+        steps.append({i})
+        br.ctrl[0] = ctrl  # restored: only entry ``i`` differs from the state before the op
+        steps.append({i})
+        return steps
+
+    def host_failed(self, k: int, op: str, errno: int) -> None:
+        """Op ``k`` of the last plan failed: ops ``k``.. are taken back, then the failure's
+        effect: a failed ``st_set`` leaves TPH disabled; a ``tph_enable`` refused with -EBUSY
+        means the kernel had it enabled, in a state nobody knows."""
+        for ctrls, i, ents in reversed(self._undo[k:]):
+            for br, c in zip(self.branches, ctrls, strict=False):
+                br.ctrl[0] = c
+            if i >= 0:
+                for br, e in zip(self.branches, ents, strict=False):
+                    br.ent[i] = e
+        if op == "st_set":
+            for br in self.branches:
+                br.ctrl[0] = 0
+        elif op == "tph_disable" or (op == "tph_enable" and errno == -16):
+            for br in self.branches:
+                br.ctrl[0] = (br.ctrl[0] & ~_WRITABLE) | 1 | (3 << _EN_SHIFT)  # the worst
+        self._undo = []
+
+    def disable_host(self) -> None:
+        """The poison path of the host backend: ``tph_disable``."""
+        for br in self.branches:
+            if self.caps:
+                br.ctrl[0] = 0
+
     def disable_all(self) -> tuple[DeviceWrite, ...]:
         """Writes that clear Requester Enable on every TPH capability (the poison path)."""
         writes = []
@@ -284,6 +464,14 @@ class Checker:
 
 class _Reset(Exception):
     """A write that resets the function (internal to :class:`Checker`)."""
+
+
+def _show_op(op: HostOp) -> str:
+    if op.op == "st_set":
+        return f"st_set[{op.index}]={op.tag:#x} (cpu {op.cpu})"
+    if op.op == "tph_enable":
+        return f"tph_enable {op.mode} at {op.width} bits"
+    return op.op
 
 
 def _show(w: DeviceWrite) -> str:

@@ -103,6 +103,41 @@ REASONS: dict[str, Reason] = {
         "rewrite drop",
     ),
     "tph-forbidden": Reason("policy forbids TPH for this device", "rewrite drop"),
+    # the host backend: what the host kernel allows
+    "host-width": Reason(
+        "the host kernel chooses the request type (Extended TPH only with device support and a "
+        "root port completing it): enabled at its width, the tags resolved at that width",
+        "rewrite",
+    ),
+    "host-no-tph": Reason(
+        "the host kernel refuses to enable TPH on this device (the root port completes no "
+        "TPH): kept disabled",
+        "rewrite drop",
+    ),
+    "host-width-forbidden": Reason(
+        "the host kernel would enable Extended TPH, which this VM may not use (no 16-bit tags, "
+        "or extended_tph: false): kept disabled",
+        "rewrite drop",
+    ),
+    "host-entries-unsafe": Reason(
+        "the host kernel sets ST entries only while TPH is enabled, and the device holds an "
+        "entry that is unknown or not an allowed tag: Interrupt Vector mode kept disabled",
+        "rewrite drop",
+    ),
+    "host-vectors": Reason(
+        "the host's MSI-X vectors changed: steering tags (re)applied where the host has a vector",
+        "pass rewrite",
+    ),
+    "host-op-failed": Reason(
+        "a host operation failed: tphtrap follows the host's state, TPH stays off until the "
+        "device is reset or attached again (an MSI-X vector the host lacks waits for it)",
+        "pass rewrite drop",
+    ),
+    "host-state-unknown": Reason(
+        "a host result names no operation of the device's last decision: the host's state is "
+        "unknown, TPH disabled and the device frozen until re-attached",
+        "rewrite drop",
+    ),
     # lifecycle
     "reset": Reason(
         "device reset: TPH control and steering tags back to power-on state", "pass rewrite"
