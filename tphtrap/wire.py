@@ -34,6 +34,7 @@ _V = TypeVar("_V")
 
 __all__ = [
     "ERRNOS",
+    "ERRORS",
     "HEX_FIELDS",
     "MAX_LINE",
     "MAX_REPLY",
@@ -74,6 +75,41 @@ class Request:
     id: int | str
     op: str
     args: Mapping[str, Any]
+
+
+#: Every error code a reply can carry: code -> (when, the ``field`` it names). The
+#: decision of an error reply is a ``drop`` whose reason is the code. docs/protocol.md lists
+#: this table (``python -m tphtrap.protodoc``); tests check that every code raised is here.
+ERRORS: dict[str, tuple[str, str]] = {
+    "bad-json": ("the line is not JSON, is nested too deeply, or repeats a key", "-"),
+    "bad-utf8": ("the line is not UTF-8", "-"),
+    "line-too-long": ("longer than `max_line`", "-"),
+    "not-an-object": ("JSON, but not an object", "-"),
+    "missing-field": ("a required field is absent (including `id` and `op`)", "the field"),
+    "bad-type": ("a field has the wrong JSON type (booleans are not integers)", "the field"),
+    "out-of-range": (
+        "a value outside its range, a value wider than `width`, a config access past 4096, "
+        "backend facts that contradict each other or the snapshot",
+        "the field",
+    ),
+    "unknown-op": ("`op` names no operation", "`op`"),
+    "unknown-field": ("a field the operation does not take", "the field"),
+    "handshake-required": ("a request before `hello`", "`op`"),
+    "unsupported-version": ("no common protocol version", "`versions`"),
+    "unknown-vm": ("the VM is not in the policy", "`vm`"),
+    "unknown-device": ("the device is not attached for this VM, or not assigned to it", "`bdf`"),
+    "bad-config": ("`attach` got a config space that does not decode", "`config`/`path`"),
+    "already-attached": (
+        '`attach` of a device attached to this VM, without `"replace": true`',
+        "`bdf`",
+    ),
+    "wrong-backend": (
+        "`vectors` or `host_result` for a device attached with the writes backend",
+        "`bdf`",
+    ),
+    "policy-invalid": ("`reload` got a policy with problems (the old one stays)", "`policy`"),
+    "internal-error": ("a bug; the access is dropped and the server keeps serving", "-"),
+}
 
 
 # --- field validators: (raw value) -> value, raising ValueError(reason) ----------------------

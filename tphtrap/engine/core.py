@@ -326,6 +326,8 @@ class Engine:
             mask, patch = sess.msix_view(own.offset, own.width)
         if verdict is _PASS:
             reasons = [r for r in reasons if r in BENIGN] or reasons
+        elif not reasons and r.ops is not None:
+            reasons = ["tph-unchanged"]  # the guest's TPH bytes are not written raw
         return self._decision(
             sess,
             verdict,

@@ -18,8 +18,9 @@ rendering turns them into what the hypervisor performs, and says what the device
   * ``st_set`` (``pcie_tph_set_st_entry``): only while enabled (-EINVAL otherwise), and it
     clears Requester Enable around the write itself, which is the safe order the planner's
     "disable, write, enable" asks for; in No ST mode it writes nothing; for the MSI-X
-    location only for vectors the host has allocated (-ENXIO otherwise). Entries that cannot
-    be set now stay pending (dirty) and are set when they can;
+    location only for vectors the host has allocated (-ENXIO otherwise). Entries planned
+    while TPH is off stay dirty and are set at the next enable; entries of vectors the host
+    lacks are set when it reports them (``vectors`` re-plans every entry);
   * ``tph_disable`` (``pcie_disable_tph``): control 0.
 
   Raw writes keep only the guest's bytes outside the TPH capability and the steering-tag half
@@ -73,7 +74,7 @@ class Rendering(NamedTuple):
     writes: list[DeviceWrite]
     ops: list[HostOp] | None  # None: the writes backend
     effects: list[Step]  # committed to the session: the device's registers afterwards
-    deferred: frozenset[int] = frozenset()  # planned entries the host cannot set yet
+    deferred: frozenset[int] = frozenset()  # planned entries to set at the next enable
     planned: tuple[int, ...] = ()  # every entry the plan named (host: mask bits in sync)
 
 
@@ -297,8 +298,7 @@ class HostOps:
                 later.add(i)  # no st_set while disabled; No ST mode writes nothing
                 continue
             if geo.in_msix and i not in self.allocated:
-                later.add(i)
-                continue
+                continue  # set when the host reports the vector (a full re-plan)
             tag = value & width.mask
             if sess.dev_ent[i] == tag:
                 continue

@@ -421,6 +421,8 @@ class Session:
                 if reg.cap == 0 and geo.trappable:
                     self.written[reg.index] = True
                     touched.add(reg.index)
+                else:
+                    reasons.append(geo.refusal or "no-st-table")  # kept from the device
             elif kind == K_RO:
                 reasons.append("read-only")
             elif kind == K_PAD:
