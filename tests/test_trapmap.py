@@ -110,9 +110,8 @@ def sessions(draw: st.DrawFn) -> tuple[str, bool, list[tuple[bool, Step]]]:
         if kind[0] == "c":
             rs = wcfg if kind == "cw" else rcfg
             if outside:
-                off = draw(
-                    st.integers(0, 4096 - width).filter(lambda o: not overlaps(o, width, rs))
-                )
+                free = [o for o in range(4096 - width + 1) if not overlaps(o, width, rs)]
+                off = draw(st.sampled_from(free))
             elif rs:
                 r = draw(st.sampled_from(rs))
                 off = max(0, min(draw(st.integers(r.start - width + 1, r.stop - 1)), 4096 - width))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .engine.reasons import REASONS
@@ -39,6 +40,13 @@ def error_table() -> str:
     return "\n".join(rows)
 
 
+def _replacer(table: str) -> Callable[[re.Match[str]], str]:
+    def put(m: re.Match[str]) -> str:
+        return m.group(1) + table + m.group(2)
+
+    return put
+
+
 def update(text: str) -> str:
     """``text`` (docs/protocol.md) with the tables between their markers replaced."""
     for name, table in (("reasons", reason_table()), ("errors", error_table())):
@@ -48,7 +56,7 @@ def update(text: str) -> str:
         )
         if not pattern.search(text):
             raise ValueError(f"docs/protocol.md has no {name} markers")
-        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+        text = pattern.sub(_replacer(table), text)
     return text
 
 
