@@ -28,6 +28,7 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
         "## Goals",
         "## Plugin latency (ping-pong)",
         "## Pipelined throughput",
+        "## C client ping-pong (the physical floor)",
         "## Engine alone",
         "## Replay",
         "## Reproduce",
@@ -52,6 +53,9 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
         latency = [r for r in rows if kind in r and re.search(r"\| [\d.]+ \|", r)]
         assert latency, kind
     assert re.search(r"\| mixed \(native trace cycle\) \| [\d,]+ \| [\d.]+ \|", text)
+    # the C client against serve (both backends) and the C echo child, every request kind
+    for kind in ("tph-control", "st-entry", "vector-control", "non-tph"):
+        assert re.search(rf"\| any \| {kind} \|( [\d.]+x? \|){{8}}", text), kind
     replay = [r for r in rows if r.startswith("| native |") or r.startswith("| qemu |")]
     assert len(replay) == 4
     for r in replay:
