@@ -36,7 +36,8 @@ class Session:
     """A Server in-process, answering one request line at a time (events kept apart)."""
 
     def __init__(self) -> None:
-        self.server = Server(load_policy(POLICY), str(POLICY), Auditor(io.StringIO()))
+        self.audit = io.StringIO()
+        self.server = Server(load_policy(POLICY), str(POLICY), Auditor(self.audit))
         self.n = 0
         self.events: list[dict[str, Any]] = []
         assert self.call("hello", versions=[2])["ok"]
@@ -293,3 +294,16 @@ def test_a_plugin_restart_re_attaches_without_enabling_anything(tmp_path: Path) 
     assert reply["decision"]["ops"] == [{"op": "tph_disable"}]
     d = s.decide("cfg_write", A, offset=CTRL, width=4, value=0x101)
     assert d["ops"] == [{"op": "tph_enable", "mode": "iv", "width": 8}]  # entries already 0x01
+
+
+def test_host_operations_are_audited() -> None:
+    s = Session()
+    s.attach(B, MSIX_DEV, completer=3)
+    s.decide("vectors", B, allocated=[0, 1], tags_cleared=True)
+    s.decide("cfg_write", B, offset=CTRL, width=4, value=0x301)
+    events = [json.loads(line) for line in s.audit.getvalue().splitlines()]
+    vectors = [e for e in events if e["event"] == "host.vectors"]
+    assert vectors and vectors[0]["allocated"] == [0, 1] and vectors[0]["tags_cleared"] is True
+    decided = [e for e in events if e["event"] == "access.decided"]
+    assert decided[-1]["host_ops"][0] == {"op": "tph_enable", "mode": "iv", "width": 16}
+    assert len(decided[-1]["host_ops"]) == 3  # and the two vectors' st_set, one by one

@@ -233,6 +233,7 @@ class Server:
             fields["failed"] = a["failed"].to_json()
         else:
             fields["allocated"] = sorted(a["allocated"])
+            fields["tags_cleared"] = a.get("tags_cleared", False)
         self.audit.emit(
             f"host.{req.op}", vm=a["vm"], bdf=a["bdf"], **fields, **decision_json(decision)
         )
