@@ -34,7 +34,7 @@ from .events import (
     Reset,
     Verdict,
 )
-from .wire import cache_put, compact_encoder, id_text, json_string, write_text
+from .wire import cache_put, compact_encoder, id_text, json_string, op_text, write_text
 
 __all__ = ["Auditor", "access_fields", "decision_fields"]
 
@@ -227,6 +227,8 @@ class _DecidedLine:
             done = f',"device_writes":[{",".join([write_text(w) for w in writes])}]'
             if len(writes) == 1:
                 done += f',"device_value":{int(writes[0].value)}'
+        if decision.ops:
+            done += f',"host_ops":[{",".join([op_text(o) for o in decision.ops])}]'
         view = ""
         if decision.read_mask:
             gv = "null" if decision.guest_value is None else str(int(decision.guest_value))
@@ -328,11 +330,7 @@ class Auditor:
         """One ``access.decided`` event (``engine.failed`` for an internal error)."""
         if decision.reason == "not-tph" and not self.include_passes:
             return
-        if (
-            decision.reason != "internal-error"
-            and not decision.ops
-            and (not extra or extra.keys() == {"id"})
-        ):
+        if decision.reason != "internal-error" and (not extra or extra.keys() == {"id"}):
             self.events += 1
             rid = extra["id"] if extra else _NO_ID
             self._writer.msg(self._line.render(access, decision, rid, self._clock.now()))

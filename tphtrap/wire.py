@@ -53,6 +53,7 @@ __all__ = [
     "hex_values",
     "host_op",
     "op_runs",
+    "op_text",
     "parse_request",
     "reply",
     "to_access",

@@ -87,7 +87,7 @@ class RawWrites:
     def limit(self, sess: Session) -> HostLimit | None:
         return None
 
-    def window_safe(self, sess: Session, width: TagWidth) -> bool:
+    def window_safe(self, sess: Session, width: TagWidth, full: bool) -> bool:
         return True
 
     def writes(self, sess: Session, steps: list[Step]) -> list[DeviceWrite]:
@@ -250,9 +250,21 @@ class HostOps:
     def limit(self, sess: Session) -> HostLimit | None:
         return HostLimit(self.width, self.refusal)
 
-    def window_safe(self, sess: Session, width: TagWidth) -> bool:
+    def window_safe(self, sess: Session, width: TagWidth, full: bool) -> bool:
         """Can Interrupt Vector mode be on with the entries the device holds now? The kernel
-        sets entries only while TPH is enabled, so those are used until each is set."""
+        sets entries only while TPH is enabled, so those are used until each is set.
+
+        Already on in that mode and width, outside a change of rules or facts (``full``):
+        yes, the self-check verified every entry after the last operation.
+        """
+        kctrl = sess.dev_ctrl[0] if sess.geo.caps else None
+        if (
+            not full
+            and kctrl is not None
+            and WIDTH_OF_ENABLE.get(REQ.get(kctrl)) is width
+            and MODE.get(kctrl) == StMode.INT_VEC
+        ):
+            return True
         return sess.checker.entries_allowed(width, sess.rules)
 
     # --- rendering ------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ class Session:
         self.backend.reset()
 
     # --- target and plan ------------------------------------------------------------------------
-    def _grant(self) -> Grant:
+    def _grant(self, full: bool = True) -> Grant:
         limit = self.backend.limit(self)
         ctrl = self.guest_ctrl()
         grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked, limit)
@@ -205,7 +205,7 @@ class Session:
             limit is not None
             and grant.uses_entries
             and grant.width is not None
-            and not self.backend.window_safe(self, grant.width)
+            and not self.backend.window_safe(self, grant.width, full)
         ):
             limit = HostLimit(limit.width, "host-entries-unsafe")
             grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked, limit)
@@ -235,7 +235,7 @@ class Session:
             if steps or any(REQ.get(self.guest_ctrl(k)) for k in range(len(geo.caps))):
                 reasons.append(geo.refusal or "no-st-table")
             return steps
-        grant = self._grant()
+        grant = self._grant(full)
         if ctrl_touched or full:
             reasons.extend(grant.reasons)
         changes: dict[int, int] = {}
