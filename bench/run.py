@@ -157,19 +157,16 @@ class Child:
         self._stderr.close()
 
 
+def serve_argv(audit: Path) -> list[str]:
+    """``tphtrap serve`` with the benchmark policy, auditing to ``audit``."""
+    policy = str(workload.POLICY)
+    return [sys.executable, "-m", "tphtrap", "serve", "--policy", policy, "--audit", str(audit)]
+
+
 def start_children(workdir: Path) -> dict[str, Child]:
     py = sys.executable
     argv = {
-        "serve": [
-            py,
-            "-m",
-            "tphtrap",
-            "serve",
-            "--policy",
-            str(workload.POLICY),
-            "--audit",
-            str(workdir / "audit.jsonl"),
-        ],
+        "serve": serve_argv(workdir / "audit.jsonl"),
         "echo-json": [py, str(HERE / "echo_child.py"), "json"],
         "echo-bytes": [py, str(HERE / "echo_child.py"), "bytes"],
     }
@@ -347,16 +344,7 @@ def bench_c(sizes: Sizes, workdir: Path) -> list[CRow] | str:
         return built
     pingpong, echo = built
     taskset = shutil.which("taskset")
-    serve = [
-        sys.executable,
-        "-m",
-        "tphtrap",
-        "serve",
-        "--policy",
-        str(workload.POLICY),
-        "--audit",
-        str(workdir / "audit-c.jsonl"),
-    ]
+    serve = serve_argv(workdir / "audit-c.jsonl")
     rows: list[CRow] = []
     for pinned in (False, True):
         if pinned and taskset is None:

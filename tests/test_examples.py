@@ -13,19 +13,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ROOT / "fixtures" / "devices"
 
 
-def test_reference_client_plays_a_session() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "examples/client.py",
-            "--tphtrap",
-            str(Path(sys.executable).parent / "tphtrap"),
-        ],
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    """``examples/client.py ARGS`` with this environment's ``tphtrap``."""
+    tphtrap = str(Path(sys.executable).parent / "tphtrap")
+    return subprocess.run(
+        [sys.executable, "examples/client.py", *args, "--tphtrap", tphtrap],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_reference_client_plays_a_session() -> None:
+    proc = run_client()
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "connected to tphtrap 0.1.0, protocol 2"
@@ -44,22 +45,7 @@ REFUSED = {"cfg-256.lspci", "header-only.lspci", "multi.lspci"}  # not a whole c
 def test_reference_client_works_on_every_fixture(fixture: str, backend: str) -> None:
     """Every bundled device, either backend: a whole session, or a refused attach reported
     in one line (exit status 1). Never a traceback."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "examples/client.py",
-            "--device",
-            str(DEVICES / fixture),
-            "--backend",
-            backend,
-            "--tphtrap",
-            str(Path(sys.executable).parent / "tphtrap"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_client("--device", str(DEVICES / fixture), "--backend", backend)
     assert "Traceback" not in proc.stderr, proc.stderr
     if fixture in REFUSED:
         assert proc.returncode == 1 and "ERROR bad-config" in proc.stdout, proc.stdout
@@ -72,22 +58,7 @@ def test_reference_client_works_on_every_fixture(fixture: str, backend: str) -> 
 
 
 def test_reference_client_picks_one_device_of_a_dump() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "examples/client.py",
-            "--device",
-            str(DEVICES / "multi.lspci"),
-            "--source-bdf",
-            "0000:3b:00.0",
-            "--tphtrap",
-            str(Path(sys.executable).parent / "tphtrap"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_client("--device", str(DEVICES / "multi.lspci"), "--source-bdf", "0000:3b:00.0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -251,6 +251,15 @@ struct tphtrap_client {
 
 #define OUT_SIZE (TPHTRAP_MAX_LINE + 2)
 
+static void client_free(struct tphtrap_client *c) {
+    free(c->in);
+    free(c->out);
+    free(c->nodes);
+    free(c->writes);
+    free(c->ops);
+    free(c);
+}
+
 static struct tphtrap_client *client_new(int rfd, int wfd, pid_t child) {
     struct tphtrap_client *c = calloc(1, sizeof *c);
     if (!c)
@@ -267,12 +276,7 @@ static struct tphtrap_client *client_new(int rfd, int wfd, pid_t child) {
     c->cap_ops = 64;
     c->ops = malloc(sizeof(struct tphtrap_op) * c->cap_ops);
     if (!c->in || !c->out || !c->nodes || !c->writes || !c->ops) {
-        free(c->in);
-        free(c->out);
-        free(c->nodes);
-        free(c->writes);
-        free(c->ops);
-        free(c);
+        client_free(c);
         return NULL;
     }
     return c;
@@ -969,11 +973,6 @@ int tphtrap_close(struct tphtrap_client *c) {
         else
             status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
     }
-    free(c->in);
-    free(c->out);
-    free(c->nodes);
-    free(c->writes);
-    free(c->ops);
-    free(c);
+    client_free(c);
     return status;
 }
