@@ -131,6 +131,35 @@ class Checker:
         self._undo.append((regs, i, regs[i]))
         regs[i] = v
 
+    def _whole_config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
+        """:meth:`_config`, with the writes drivers issue (a whole control register or ST
+        entry) applied in one step."""
+        if self.caps:
+            start = self.caps[0][0]
+            if w.offset == start + PCI_TPH_CTRL and w.width == 4:
+                for c in _values(self.ctrl[0]) or ():
+                    if (w.value ^ c) & ~_WRITABLE:
+                        raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
+                self._set(self.ctrl, 0, w.value)
+                return True, False
+            rel = w.offset - self.table_at
+            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
+                self._set(self.ent, rel // 2, w.value)
+                touched.add(rel // 2)
+                return False, False
+        return self._config(w, touched)
+
+    def _whole_bar(self, w: DeviceWrite, touched: set[int]) -> None:
+        """:meth:`_bar`, with a whole Vector Control write applied in one step."""
+        rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
+        if w.width == 4 and 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
+            i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
+            if not field:
+                self._set(self.ent, i, w.value)
+                touched.add(i)
+                return
+        self._bar(w, touched)
+
     def _config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
         """Apply a config write; returns (control touched, reset)."""
         ctrl = reset = False
@@ -263,9 +292,9 @@ class Checker:
                 ctrl = reset = False
                 if w.space == "config":
                     if w.offset + w.width > self.watch_lo and w.offset < self.watch_hi:
-                        ctrl, reset = self._config(w, touched)
+                        ctrl, reset = self._whole_config(w, touched)
                 elif w.bar == self.msix_bir:
-                    self._bar(w, touched)
+                    self._whole_bar(w, touched)
                 if reset:
                     self._fork()
                 if full or ctrl or reset:
