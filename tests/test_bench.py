@@ -30,6 +30,7 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
         "## Pipelined throughput",
         "## C client ping-pong (the physical floor)",
         "## Engine alone",
+        "Self-check share of a decision",
         "## Replay",
         "## Reproduce",
     ):
@@ -52,7 +53,10 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
     for kind in ("TPH control", "ST entry", "non-TPH", "Vector Control"):
         latency = [r for r in rows if kind in r and re.search(r"\| [\d.]+ \|", r)]
         assert latency, kind
-    assert re.search(r"\| mixed \(native trace cycle\) \| [\d,]+ \| [\d.]+ \|", text)
+    assert re.search(r"\| mixed, self-check on \| [\d,]+ \| [\d.]+ \|", text)
+    assert re.search(r"\| mixed, self-check off \| [\d,]+ \| [\d.]+ \|", text)
+    share = r"Self-check share of a decision's time: -?[\d.]+% \(goal under 20%: \*\*"
+    assert re.search(share, text)
     # the C client against serve (both backends) and the C echo child, every request kind
     for kind in ("tph-control", "st-entry", "vector-control", "non-tph"):
         assert re.search(rf"\| any \| {kind} \|( [\d.]+x? \|){{8}}", text), kind

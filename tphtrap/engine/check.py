@@ -14,9 +14,10 @@ copy, and the invariant is evaluated after every single write:
   write keeps the device's reserved bits (RsvdP).
 
 The copy is kept on its own terms, not the engine's: its layout is read again from the
-snapshot's TPH capability registers, and a reset (seen in a write of Initiate FLR or of a
-PMCSR D3hot -> D0, or told by the hypervisor) forks it into every outcome a device may show:
-control kept or zeroed, times tags kept or zeroed. The invariant must hold in each.
+snapshot's TPH capability registers, and it holds, per register, every value the device may
+have: a reset (seen in a write of Initiate FLR or of PMCSR D3hot -> D0, or told by the
+hypervisor) leaves each control register and each ST entry either kept or zeroed,
+independently. The invariant must hold for every combination.
 
 With the host backend the plan is a list of host kernel operations, applied to the same copy
 with the effects the Linux functions have (written out here from ``drivers/pci/tph.c``, not
@@ -52,36 +53,41 @@ _EN_SHIFT = 8
 _EN_MASK = 0x300
 _WRITABLE = _MODE_MASK | _EN_MASK
 _VC_MASKBIT = 0x1  # power-on value of Vector Control
-_MAX_BRANCHES = 16
+
+#: a register's possible values: one value, several (after a reset), or None (anything)
+Value = int | frozenset[int] | None
 
 
 class UnsafePlan(Exception):
     """A plan that breaks the invariant at some step (a bug in the engine)."""
 
 
-class _Branch:
-    """One possible state of the device's TPH registers."""
+def _values(v: Value) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    return (v,) if isinstance(v, int) else tuple(v)
 
-    __slots__ = ("ctrl", "ent", "pm")
 
-    def __init__(self, ctrl: list[int], ent: list[int | None], pm: int) -> None:
-        self.ctrl = ctrl
-        self.ent = ent  # capability: 16-bit entries; MSI-X: whole Vector Control dwords
-        self.pm = pm
+def _either(a: Value, b: int) -> Value:
+    """``a`` or ``b``: what a register holds after a reset that may or may not clear it."""
+    if a is None:
+        return None
+    got = {a} if isinstance(a, int) else set(a)
+    got.add(b)
+    return got.pop() if len(got) == 1 else frozenset(got)
 
-    def copy(self) -> _Branch:
-        return _Branch(self.ctrl.copy(), self.ent.copy(), self.pm)
 
-    def key(self) -> tuple[object, ...]:
-        return (tuple(self.ctrl), tuple(self.ent), self.pm)
+def _put_byte(v: Value, shift: int, byte: int) -> Value:
+    if v is None:
+        return None
+    mask = ~(0xFF << shift)
+    if isinstance(v, int):
+        return (v & mask) | (byte << shift)
+    return frozenset((x & mask) | (byte << shift) for x in v)
 
 
 class Checker:
     def __init__(self, cfg: ConfigSpace) -> None:
-        self.completer: int | None = None  # host backend: the root port's completer field
-        self.rciep = False
-        self.allocated: frozenset[int] = frozenset()
-        self._undo: list[tuple[list[int], int, list[int | None]]] = []
         self.caps = [
             (t.offset, min(t.offset + ((t.length + 3) & ~3), cfg.size)) for t in cfg.tph_all
         ]
@@ -93,7 +99,7 @@ class Checker:
         msix = cfg.msix
         self.table_at = -1
         self.msix_bir = -1
-        self.msix_start = -1
+        self.msix_start = self.msix_end = -1
         n = 0
         if single and tph is not None and loc is StLocation.CAP:
             n = tph.table_size
@@ -102,6 +108,7 @@ class Checker:
             n = msix.table_size
             self.msix_bir = msix.table_bir
             self.msix_start = msix.table_offset
+            self.msix_end = self.msix_start + n * PCI_MSIX_ENTRY_SIZE
         self.n = n
         self.in_cap = self.table_at >= 0
         # registers whose write may reset the function, found again from the capability list
@@ -115,173 +122,210 @@ class Checker:
                 self.pmcsr = c.offset + 4  # PowerState 1:0, No_Soft_Reset bit 3
         pm = cfg.data[self.pmcsr] if self.pmcsr >= 0 else 0
         self.no_soft_reset = bool(pm & 0x8)
-        ctrl = [cfg.u32(start + PCI_TPH_CTRL) for start, _ in self.caps]
+        self.pm = pm & 0x3
+        watched = [p for p in (self.flr_exp, self.flr_af, self.pmcsr) if p >= 0]
+        watched += [x for start, end in self.caps for x in (start, end - 1)]
+        self.watch_lo = min(watched, default=0)
+        self.watch_hi = max(watched, default=-1) + 1
+        self.ctrl: list[Value] = [cfg.u32(start + PCI_TPH_CTRL) for start, _ in self.caps]
         # (the MSI-X table is not part of a config snapshot: its words start unknown)
-        ent: list[int | None] = (
+        self.ent: list[Value] = (
             [cfg.u16(self.table_at + 2 * i) for i in range(n)] if self.in_cap else [None] * n
         )
-        self.branches = [_Branch(ctrl, ent, pm & 0x3)]
+        self._undo: list[tuple[list[Value], int, Value]] = []
+        # the host backend: the root port's completer field, the host's MSI-X vectors, and
+        # per operation of the last plan what it changed (to take it back: host_result)
+        self.completer: int | None = None
+        self.rciep = False
+        self.allocated: frozenset[int] = frozenset()
+        self._host_trail: list[list[tuple[list[Value], int, Value]]] = []
 
     # --- the device -------------------------------------------------------------------------
-    def _config_byte(self, br: _Branch, pos: int, byte: int) -> tuple[bool, int | None]:
-        """Apply one config byte; returns (control touched, entry index touched)."""
-        for k, (start, end) in enumerate(self.caps):
-            if not start <= pos < end:
-                continue
-            rel = pos - start
-            if rel < PCI_TPH_CTRL:
-                raise UnsafePlan(f"write to the read-only TPH register at {pos:#x}")
-            if rel < PCI_TPH_CTRL + 4:
-                shift = 8 * (rel - PCI_TPH_CTRL)
-                keep = ~(_WRITABLE >> shift) & 0xFF
-                if (byte ^ (br.ctrl[k] >> shift)) & keep:
-                    raise UnsafePlan(f"control write at {pos:#x} changes reserved bits")
-                br.ctrl[k] = (br.ctrl[k] & ~(0xFF << shift)) | (byte << shift)
-                return True, None
-            if k == 0 and self.in_cap and self.table_at <= pos < self.table_at + 2 * self.n:
-                i, half = divmod(pos - self.table_at, 2)
-                old = br.ent[i] or 0
-                br.ent[i] = (old & ~(0xFF << 8 * half)) | (byte << 8 * half)
-                return False, i
-            raise UnsafePlan(f"write to the TPH padding at {pos:#x}")
-        if (pos == self.flr_exp and byte & 0x80) or (pos == self.flr_af and byte & 0x1):
-            raise _Reset
-        if pos == self.pmcsr:
-            state, br.pm = br.pm, byte & 0x3
-            if state == 3 and br.pm == 0 and not self.no_soft_reset:
-                raise _Reset
-        return False, None
+    def _set(self, regs: list[Value], i: int, v: Value) -> None:
+        self._undo.append((regs, i, regs[i]))
+        regs[i] = v
 
-    def _bar_byte(self, br: _Branch, bar: int | None, pos: int, byte: int) -> int | None:
-        if bar != self.msix_bir or self.msix_start < 0:
-            return None
-        rel = pos - self.msix_start
-        if not 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
-            return None
-        i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
-        if field < PCI_MSIX_ENTRY_VECTOR_CTRL:
-            return None
-        shift = 8 * (field - PCI_MSIX_ENTRY_VECTOR_CTRL)
-        old = br.ent[i]
-        if old is None:
-            # An unknown word becomes known only when all of it is written (see apply).
-            return i
-        br.ent[i] = (old & ~(0xFF << shift)) | (byte << shift)
-        return i
+    def _whole_config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
+        """:meth:`_config`, with the writes drivers issue (a whole control register or ST
+        entry) applied in one step."""
+        if self.caps:
+            start = self.caps[0][0]
+            if w.offset == start + PCI_TPH_CTRL and w.width == 4:
+                for c in _values(self.ctrl[0]) or ():
+                    if (w.value ^ c) & ~_WRITABLE:
+                        raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
+                self._set(self.ctrl, 0, w.value)
+                return True, False
+            rel = w.offset - self.table_at
+            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
+                self._set(self.ent, rel // 2, w.value)
+                touched.add(rel // 2)
+                return False, False
+        return self._config(w, touched)
+
+    def _whole_bar(self, w: DeviceWrite, touched: set[int]) -> None:
+        """:meth:`_bar`, with a whole Vector Control write applied in one step."""
+        rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
+        if w.width == 4 and 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
+            i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
+            if not field:
+                self._set(self.ent, i, w.value)
+                touched.add(i)
+                return
+        self._bar(w, touched)
+
+    def _config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
+        """Apply a config write; returns (control touched, reset)."""
+        ctrl = reset = False
+        for b in range(w.width):
+            pos = w.offset + b
+            byte = (w.value >> (8 * b)) & 0xFF
+            for k, (start, end) in enumerate(self.caps):
+                if not start <= pos < end:
+                    continue
+                rel = pos - start
+                if rel < PCI_TPH_CTRL:
+                    raise UnsafePlan(f"write to the read-only TPH register at {pos:#x}")
+                if rel < PCI_TPH_CTRL + 4:
+                    shift = 8 * (rel - PCI_TPH_CTRL)
+                    keep = ~(_WRITABLE >> shift) & 0xFF
+                    for c in _values(self.ctrl[k]) or ():
+                        if (byte ^ (c >> shift)) & keep:
+                            raise UnsafePlan(f"control write at {pos:#x} changes reserved bits")
+                    self._set(self.ctrl, k, _put_byte(self.ctrl[k], shift, byte))
+                    ctrl = True
+                elif k == 0 and self.in_cap and self.table_at <= pos < self.table_at + 2 * self.n:
+                    i, half = divmod(pos - self.table_at, 2)
+                    # an unknown entry becomes known only when both its bytes are written
+                    old = self.ent[i]
+                    if old is None and w.width >= 2 and pos % 2 == 0 and b + 1 < w.width:
+                        old = 0
+                    self._set(self.ent, i, _put_byte(old, 8 * half, byte))
+                    touched.add(i)
+                else:
+                    raise UnsafePlan(f"write to the TPH padding at {pos:#x}")
+                break
+            else:
+                if (pos == self.flr_exp and byte & 0x80) or (pos == self.flr_af and byte & 0x1):
+                    reset = True
+                elif pos == self.pmcsr:
+                    state, self.pm = self.pm, byte & 0x3
+                    reset |= state == 3 and self.pm == 0 and not self.no_soft_reset
+        return ctrl, reset
+
+    def _bar(self, w: DeviceWrite, touched: set[int]) -> None:
+        lo, hi = max(w.offset, self.msix_start), min(w.offset + w.width, self.msix_end)
+        for pos in range(lo, hi):
+            i, field = divmod(pos - self.msix_start, PCI_MSIX_ENTRY_SIZE)
+            if field < PCI_MSIX_ENTRY_VECTOR_CTRL:
+                continue
+            touched.add(i)
+            vc = pos - field + PCI_MSIX_ENTRY_VECTOR_CTRL
+            old = self.ent[i]
+            if old is None and w.offset <= vc and vc + 4 <= w.offset + w.width:
+                old = 0  # the whole word is written: it becomes known
+            byte = (w.value >> (8 * (pos - w.offset))) & 0xFF
+            self._set(self.ent, i, _put_byte(old, 8 * (field - PCI_MSIX_ENTRY_VECTOR_CTRL), byte))
+
+    def _fork(self) -> None:
+        """A reset: every control register and every entry is either kept or zeroed."""
+        for k, c in enumerate(self.ctrl):
+            zero = (_values(c) or (0,))[0] & ~_WRITABLE
+            self._set(self.ctrl, k, None if c is None else _either(c, zero))
+        zero_ent = 0 if self.in_cap else _VC_MASKBIT
+        for i, v in enumerate(self.ent):
+            self._set(self.ent, i, _either(v, zero_ent))
+        self.pm = 0
 
     # --- the invariant -----------------------------------------------------------------------
-    def _tag(self, value: int | None, width: TagWidth) -> int | None:
-        if value is None:
-            return None
-        return (value >> 16 if not self.in_cap else value) & width.mask
+    def _violation(self, rules: TagRules, revoked: bool, entries: set[int] | None) -> str | None:
+        """What is unsafe now (None: nothing). ``entries``: only those changed."""
+        for k, c in enumerate(self.ctrl):
+            possible = _values(c)
+            if possible is None:
+                return "control register unknown"
+            for ctrl in possible:
+                problem = self._unsafe(k, ctrl, rules, revoked, entries)
+                if problem is not None:
+                    return problem
+        return None
 
-    def _violation(
-        self, br: _Branch, rules: TagRules, revoked: bool, entries: set[int] | None
+    def _unsafe(
+        self, k: int, ctrl: int, rules: TagRules, revoked: bool, entries: set[int] | None
     ) -> str | None:
-        """What is unsafe in ``br`` (None: nothing). ``entries``: only those changed."""
-        for k, ctrl in enumerate(br.ctrl):
-            en = (ctrl & _EN_MASK) >> _EN_SHIFT
-            if en == 0:
-                continue
-            if en == 2:
-                return "Requester Enable 2 (reserved) on the device"
-            if not self.trappable or k:
-                return "TPH enabled on a device that cannot be trapped"
-            if revoked or not rules.tph_allowed:
-                return "TPH enabled where the policy forbids it"
-            mode = ctrl & _MODE_MASK
-            if mode > 1 or not (self.cap_bits >> mode) & 1:
-                return f"TPH enabled in ST mode {mode}, which is not allowed on this device"
-            width = TagWidth.ST16 if en == 3 else TagWidth.ST8
-            if width is TagWidth.ST16 and not (self.cap_bits & 0x100 and rules.ext_allowed):
-                return "Extended TPH enabled without device support or 16-bit tags"
-            allowed = rules.allowed[width]
-            if mode == 0:
-                if 0 not in allowed:
-                    return "No ST mode enabled where tag 0 is not allowed"
-                continue
-            check = range(self.n) if entries is None else entries
-            for i in check:
-                tag = self._tag(br.ent[i], width)
-                if tag is None or tag not in allowed:
-                    return f"entry {i} holds a tag not allowed at {int(width)} bits: {tag}"
+        en = (ctrl & _EN_MASK) >> _EN_SHIFT
+        if en == 0:
+            return None
+        if en == 2:
+            return "Requester Enable 2 (reserved) on the device"
+        if not self.trappable or k:
+            return "TPH enabled on a device that cannot be trapped"
+        if revoked or not rules.tph_allowed:
+            return "TPH enabled where the policy forbids it"
+        mode = ctrl & _MODE_MASK
+        if mode > 1 or not (self.cap_bits >> mode) & 1:
+            return f"TPH enabled in ST mode {mode}, which is not allowed on this device"
+        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
+        if width is TagWidth.ST16 and not (self.cap_bits & 0x100 and rules.ext_allowed):
+            return "Extended TPH enabled without device support or 16-bit tags"
+        allowed = rules.allowed[width]
+        if mode == 0:
+            return None if 0 in allowed else "No ST mode enabled where tag 0 is not allowed"
+        shift = 0 if self.in_cap else 16
+        for i in range(self.n) if entries is None else entries:
+            values = _values(self.ent[i])
+            if values is None:
+                return f"entry {i} is unknown while in use"
+            for v in values:
+                if (v >> shift) & width.mask not in allowed:
+                    return f"entry {i} holds a tag not allowed at {int(width)} bits: {v:#x}"
         return None
 
     # --- plans -------------------------------------------------------------------------------
     def reset(self) -> None:
-        """The hypervisor reset the device: fork into every outcome."""
-        self.branches = self._forked(self.branches)
-
-    def _forked(self, branches: list[_Branch]) -> list[_Branch]:
-        out: dict[tuple[object, ...], _Branch] = {}
-        zero_ent: list[int | None] = [0 if self.in_cap else _VC_MASKBIT] * self.n
-        for br in branches:
-            zero_ctrl = [c & ~_WRITABLE for c in br.ctrl]
-            for ctrl in (br.ctrl, zero_ctrl):
-                for ent in (br.ent, zero_ent):
-                    b = _Branch(list(ctrl), list(ent), 0)
-                    out.setdefault(b.key(), b)
-        merged = list(out.values())
-        if len(merged) > _MAX_BRANCHES:
-            # Too many outcomes to follow: keep one, with every entry that differs unknown.
-            first = merged[0]
-            for b in merged[1:]:
-                for i, v in enumerate(b.ent):
-                    if first.ent[i] != v:
-                        first.ent[i] = None
-                first.ctrl = [c | (c2 & _EN_MASK) for c, c2 in zip(first.ctrl, b.ctrl, strict=True)]
-            merged = [first]
-        return merged
+        """The hypervisor reset the device."""
+        self._fork()
+        self._undo.clear()
 
     def verify(
         self, writes: tuple[DeviceWrite, ...], rules: TagRules, revoked: bool, full: bool
     ) -> None:
-        """Apply ``writes`` to a copy, checking after each; commit only if all are safe.
+        """Apply ``writes`` one by one, checking after each; undo them all if one is unsafe.
 
-        ``full``: check every entry after the first write (rules or device changed outside
-        this plan); otherwise only what each write touches, on a state already checked.
+        ``full``: check everything after the first write (the rules or the device changed
+        outside this plan); otherwise only what each write touches, on a state already checked.
         """
-        branches = [b.copy() for b in self.branches]
-        if full and not writes:
-            return
-        for w in writes:
-            step: list[_Branch] = []
-            forked = False
-            for br in branches:
-                ctrl_touched = False
+        self._undo.clear()
+        try:
+            if full and not writes:
+                problem = self._violation(rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(problem)
+            for w in writes:
                 touched: set[int] = set()
-                try:
-                    for b in range(w.width):
-                        byte = (w.value >> (8 * b)) & 0xFF
-                        if w.space == "config":
-                            c, i = self._config_byte(br, w.offset + b, byte)
-                            ctrl_touched |= c
-                        else:
-                            i = self._bar_byte(br, w.bar, w.offset + b, byte)
-                        if i is not None:
-                            touched.add(i)
-                except _Reset:
-                    forked = True
-                step.append(br)
-                if w.space == "bar" and touched:
-                    # A whole-dword write makes an unknown Vector Control word known.
-                    for i in touched:
-                        vc = self.msix_start + i * PCI_MSIX_ENTRY_SIZE + 12
-                        if br.ent[i] is None and w.offset <= vc and vc + 4 <= w.offset + w.width:
-                            br.ent[i] = (w.value >> (8 * (vc - w.offset))) & 0xFFFFFFFF
-                entries = None if full or ctrl_touched else touched
-                if entries is None or entries:
-                    problem = self._violation(br, rules, revoked, entries)
-                    if problem is not None:
-                        raise UnsafePlan(f"after {_show(w)}: {problem}")
-            branches = self._forked(step) if forked else step
-            if forked:
-                for br in branches:
-                    problem = self._violation(br, rules, revoked, None)
-                    if problem is not None:
-                        raise UnsafePlan(f"after the reset in {_show(w)}: {problem}")
-            full = False
-        self.branches = branches
+                ctrl = reset = False
+                if w.space == "config":
+                    if w.offset + w.width > self.watch_lo and w.offset < self.watch_hi:
+                        ctrl, reset = self._whole_config(w, touched)
+                elif w.bar == self.msix_bir:
+                    self._whole_bar(w, touched)
+                if reset:
+                    self._fork()
+                if full or ctrl or reset:
+                    problem = self._violation(rules, revoked, None)
+                elif touched:
+                    problem = self._violation(rules, revoked, touched)
+                else:
+                    problem = None
+                if problem is not None:
+                    raise UnsafePlan(f"after {_show(w)}: {problem}")
+                full = False
+        except UnsafePlan:
+            for regs, i, old in reversed(self._undo):
+                regs[i] = old
+            raise
+        finally:
+            self._undo.clear()
 
     # --- the host backend -------------------------------------------------------------------
     def host(self, completer: int, rciep: bool) -> None:
@@ -299,19 +343,18 @@ class Checker:
     def entries_allowed(self, width: TagWidth, rules: TagRules) -> bool:
         """Does every entry hold a known tag allowed at ``width``, whatever the device did?"""
         allowed = rules.allowed[width]
-        for br in self.branches:
-            for i in range(self.n):
-                tag = self._tag(br.ent[i], width)
-                if tag is None or tag not in allowed:
-                    return False
+        shift = 0 if self.in_cap else 16
+        for v in self.ent:
+            values = _values(v)
+            if values is None or any((x >> shift) & width.mask not in allowed for x in values):
+                return False
         return True
 
     def host_vectors(self, allocated: frozenset[int], cleared: bool) -> None:
         """The host's MSI-X vectors; ``cleared``: every Vector Control is the mask bit now."""
         self.allocated = allocated
         if cleared and self.msix_start >= 0:
-            for br in self.branches:
-                br.ent = [_VC_MASKBIT] * self.n
+            self.ent = [_VC_MASKBIT] * self.n
 
     def verify_host(
         self,
@@ -322,51 +365,48 @@ class Checker:
         full: bool,
         allocated: frozenset[int],
     ) -> None:
-        """Apply the host ``ops``, then the raw ``writes``, to a copy, checking each step."""
-        branches = [b.copy() for b in self.branches]
-        undo: list[tuple[list[int], int, list[int | None]]] = []
-        if full and not ops:
-            for br in branches:
-                problem = self._violation(br, rules, revoked, None)
+        """Apply the host ``ops``, then the raw ``writes``, checking after each step of each;
+        undo them all if one is unsafe."""
+        self._undo.clear()
+        trail: list[list[tuple[list[Value], int, Value]]] = []
+        try:
+            if full and not ops:
+                problem = self._violation(rules, revoked, None)
                 if problem is not None:
                     raise UnsafePlan(f"with nothing to do: {problem}")
-        for op in ops:
-            undo.append(
-                ([b.ctrl[0] for b in branches], op.index, [b.ent[op.index] for b in branches])
-                if op.op == "st_set" and 0 <= op.index < self.n
-                else ([b.ctrl[0] for b in branches] if self.caps else [], -1, [])
-            )
-            for br in branches:
-                for step in self._host_steps(br, op, rules, allocated):
-                    problem = self._violation(br, rules, revoked, None if full else step)
+            for op in ops:
+                mark = len(self._undo)
+                for step in self._host_steps(op, allocated):
+                    problem = self._violation(rules, revoked, None if full else step)
                     if problem is not None:
                         raise UnsafePlan(f"after {_show_op(op)}: {problem}")
-            full = False
-        for w in writes:
-            for b in range(w.width):
-                pos = w.offset + b
-                if w.space == "config":
-                    if any(start <= pos < end for start, end in self.caps):
+                if op.op == "st_set" and op.cpu is not None:
+                    width = self._width()
+                    if rules.cpu_tags.get(width, {}).get(op.cpu) != op.tag:
+                        raise UnsafePlan(f"{_show_op(op)} names a CPU not the VM's with that tag")
+                trail.append(self._undo[mark:])
+                full = False
+            for w in writes:
+                for b in range(w.width):
+                    pos = w.offset + b
+                    if w.space == "config" and any(a <= pos < e for a, e in self.caps):
                         raise UnsafePlan(f"raw write {_show(w)} to a TPH register (host backend)")
-                elif self._tag_byte(w.bar, pos):
-                    raise UnsafePlan(f"raw write {_show(w)} to a steering tag (host backend)")
-        forked = False
-        for br in branches:
-            try:
-                for w in writes:
-                    if w.space == "config":
-                        for b in range(w.width):
-                            self._config_byte(br, w.offset + b, (w.value >> (8 * b)) & 0xFF)
-            except _Reset:
-                forked = True
-        if forked:
-            branches = self._forked(branches)
-            for br in branches:
-                problem = self._violation(br, rules, revoked, None)
-                if problem is not None:
-                    raise UnsafePlan(f"after the reset in the writes: {problem}")
-        self.branches = branches
-        self._undo = undo
+                    if w.space == "bar" and self._tag_byte(w.bar, pos):
+                        raise UnsafePlan(f"raw write {_show(w)} to a steering tag (host backend)")
+                if w.space == "config":
+                    _, reset = self._config(w, set())
+                    if reset:
+                        self._fork()
+                        problem = self._violation(rules, revoked, None)
+                        if problem is not None:
+                            raise UnsafePlan(f"after the reset in {_show(w)}: {problem}")
+        except UnsafePlan:
+            for regs, i, old in reversed(self._undo):
+                regs[i] = old
+            raise
+        finally:
+            self._undo.clear()
+        self._host_trail = trail
 
     def _tag_byte(self, bar: int | None, pos: int) -> bool:
         if self.msix_start < 0 or bar != self.msix_bir:
@@ -374,21 +414,25 @@ class Checker:
         rel = pos - self.msix_start
         return 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and rel % PCI_MSIX_ENTRY_SIZE >= 14
 
-    def _host_steps(
-        self, br: _Branch, op: HostOp, rules: TagRules, allocated: frozenset[int]
-    ) -> list[set[int] | None]:
-        """Apply ``op`` to ``br`` in the steps the kernel takes; after each, what to check
-        (None: everything, a set: those entries; everything anyway on a full check)."""
+    def _width(self) -> TagWidth:
+        ctrls = _values(self.ctrl[0]) or (0,)
+        return TagWidth.ST16 if ((ctrls[0] & _EN_MASK) >> _EN_SHIFT) == 3 else TagWidth.ST8
+
+    def _host_steps(self, op: HostOp, allocated: frozenset[int]) -> list[set[int] | None]:
+        """Apply ``op`` in the steps the kernel takes; after each, what to check (None:
+        everything, a set: those entries; everything anyway on a full check)."""
         if not self.caps:
             raise UnsafePlan(f"{_show_op(op)} on a device without TPH")
-        ctrl = br.ctrl[0]
-        en = (ctrl & _EN_MASK) >> _EN_SHIFT
+        ctrls = _values(self.ctrl[0])
         if op.op == "tph_disable":
-            br.ctrl[0] = 0
+            self._set(self.ctrl, 0, 0)
             return [None]
+        if ctrls is None:
+            raise UnsafePlan(f"{_show_op(op)} while the control register is unknown")
+        ens = {(c & _EN_MASK) >> _EN_SHIFT for c in ctrls}
         if op.op == "tph_enable":
-            if en:
-                raise UnsafePlan("tph_enable while TPH is enabled (the kernel returns -EBUSY)")
+            if ens != {0}:
+                raise UnsafePlan("tph_enable while TPH may be enabled (the kernel says -EBUSY)")
             mode = {"ns": 0, "iv": 1}.get(op.mode or "")
             if mode is None or not (self.cap_bits >> mode) & 1:
                 raise UnsafePlan(f"tph_enable in a mode the device lacks: {op.mode}")
@@ -397,73 +441,62 @@ class Checker:
                 raise UnsafePlan("tph_enable below a root port completing no TPH (-EINVAL)")
             if op.width != (16 if req == 3 else 8):
                 raise UnsafePlan(f"tph_enable says width {op.width}, the kernel enables {req}")
-            br.ctrl[0] = (ctrl & ~_WRITABLE) | mode | (req << _EN_SHIFT)
+            new = frozenset((c & ~_WRITABLE) | mode | (req << _EN_SHIFT) for c in ctrls)
+            self._set(self.ctrl, 0, next(iter(new)) if len(new) == 1 else new)
             return [None]
         if op.op != "st_set":
             raise UnsafePlan(f"unknown host operation {op.op!r}")
-        if not en:
-            raise UnsafePlan(f"{_show_op(op)} while TPH is disabled (the kernel returns -EINVAL)")
-        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
-        if op.cpu is not None and rules.cpu_tags.get(width, {}).get(op.cpu) != op.tag:
-            raise UnsafePlan(f"{_show_op(op)} names a CPU that is not the VM's with that tag")
-        if op.tag >> int(width):
-            raise UnsafePlan(f"{_show_op(op)}: a tag wider than {int(width)} bits")
-        if ctrl & _MODE_MASK == 0:
+        if 0 in ens:
+            raise UnsafePlan(f"{_show_op(op)} while TPH may be disabled (-EINVAL)")
+        if op.tag >> int(self._width()):
+            raise UnsafePlan(f"{_show_op(op)}: a tag wider than the width in force")
+        if any(c & _MODE_MASK == 0 for c in ctrls):
             return []  # No ST mode: pcie_tph_set_st_entry writes nothing
         i = op.index
         if not 0 <= i < self.n:
             raise UnsafePlan(f"{_show_op(op)} past the ST table (-ENXIO)")
         if self.msix_start >= 0 and i not in allocated:
             raise UnsafePlan(f"{_show_op(op)} for a vector the host has not allocated (-ENXIO)")
-        br.ctrl[0] = ctrl & ~_EN_MASK  # Requester Enable cleared, mode kept
-        steps: list[set[int] | None] = [None]
+        before = self.ctrl[0]
+        off = frozenset(c & ~_EN_MASK for c in ctrls)  # Requester Enable cleared, mode kept
+        self._set(self.ctrl, 0, next(iter(off)) if len(off) == 1 else off)
         if self.in_cap:
-            br.ent[i] = op.tag
+            self._set(self.ent, i, op.tag)
         else:
-            old = br.ent[i]
-            br.ent[i] = ((old if old is not None else _VC_MASKBIT) & 0xFFFF) | (op.tag << 16)
-        steps.append({i})
-        br.ctrl[0] = ctrl  # restored: only entry ``i`` differs from the state before the op
-        steps.append({i})
-        return steps
+            lows = _values(self.ent[i]) or (_VC_MASKBIT,)
+            words = frozenset((x & 0xFFFF) | (op.tag << 16) for x in lows)
+            self._set(self.ent, i, next(iter(words)) if len(words) == 1 else words)
+        self._set(self.ctrl, 0, before)  # restored: only entry ``i`` differs from before
+        return [None, {i}, {i}]
 
     def host_failed(self, k: int, op: str, errno: int) -> None:
         """Op ``k`` of the last plan failed: ops ``k``.. are taken back, then the failure's
-        effect: a failed ``st_set`` leaves TPH disabled; a ``tph_enable`` refused with -EBUSY
-        means the kernel had it enabled, in a state nobody knows."""
-        for ctrls, i, ents in reversed(self._undo[k:]):
-            for br, c in zip(self.branches, ctrls, strict=False):
-                br.ctrl[0] = c
-            if i >= 0:
-                for br, e in zip(self.branches, ents, strict=False):
-                    br.ent[i] = e
-        if op == "st_set":
-            for br in self.branches:
-                br.ctrl[0] = 0
-        elif op == "tph_disable" or (op == "tph_enable" and errno == -16):
-            for br in self.branches:
-                br.ctrl[0] = (br.ctrl[0] & ~_WRITABLE) | 1 | (3 << _EN_SHIFT)  # the worst
-        self._undo = []
+        effect: a failed ``st_set`` leaves TPH disabled; a ``tph_enable`` refused with -EBUSY,
+        or a failed ``tph_disable``, leaves control unknown."""
+        for changes in reversed(self._host_trail[k:]):
+            for regs, i, old in reversed(changes):
+                regs[i] = old
+        if self.caps:
+            if op == "st_set":
+                self.ctrl[0] = 0
+            elif op == "tph_disable" or (op == "tph_enable" and errno == -16):
+                self.ctrl[0] = None
+        self._host_trail = []
 
     def disable_host(self) -> None:
         """The poison path of the host backend: ``tph_disable``."""
-        for br in self.branches:
-            if self.caps:
-                br.ctrl[0] = 0
+        if self.caps:
+            self.ctrl[0] = 0
 
     def disable_all(self) -> tuple[DeviceWrite, ...]:
         """Writes that clear Requester Enable on every TPH capability (the poison path)."""
         writes = []
         for k, (start, _) in enumerate(self.caps):
-            value = self.branches[0].ctrl[k] & ~_EN_MASK
+            possible = _values(self.ctrl[k]) or (0,)
+            value = possible[0] & ~_EN_MASK
             writes.append(DeviceWrite("config", start + PCI_TPH_CTRL, 4, value))
-            for br in self.branches:
-                br.ctrl[k] &= ~_EN_MASK
+            self.ctrl[k] = _either(frozenset(c & ~_EN_MASK for c in possible), value)
         return tuple(writes)
-
-
-class _Reset(Exception):
-    """A write that resets the function (internal to :class:`Checker`)."""
 
 
 def _show_op(op: HostOp) -> str:

@@ -395,6 +395,20 @@ class Session:
         write resets the function, the ST entries it wrote and whether it wrote control.
         """
         geo = self.geo
+        reg = geo.exact.get(off)
+        if reg is not None and reg.size == width and (reg.kind == K_ENTRY or reg.cap == 0):
+            # Exactly the control register or one ST entry (what drivers write).
+            if reg.kind == K_CTRL:
+                old = int.from_bytes(self.image[off : off + width], "little")
+                self._put_image(off, width, (old & ~CTRL_WRITABLE) | (value & CTRL_WRITABLE))
+                self.ctrl_written = True
+                bits = ["reserved-bits"] if (value ^ old) & ~CTRL_WRITABLE else []
+                return [], bits, False, set(), True
+            self._put_image(off, width, value)
+            if reg.cap == 0 and geo.trappable:
+                self.written[reg.index] = True
+                return [], [], False, {reg.index}, False
+            return [], [geo.refusal or "no-st-table"], False, set(), False
         regs = geo.regs
         reasons: list[str] = []
         through: list[tuple[int, int]] = []  # (offset, byte) that go through as written
@@ -448,6 +462,15 @@ class Session:
     ) -> tuple[list[DeviceWrite], set[int]]:
         """Merge a write to the MSI-X table BAR into the view; returns (passthrough, touched)."""
         geo = self.geo
+        i = geo.vc_index.get(off, -1)
+        if width == 4 and i >= 0:
+            # A whole Vector Control word (what drivers write): mask bits and tag at once.
+            tag = value >> _VC_ST.shift
+            if tag != self.guest_tag[i]:
+                self.guest_tag[i] = tag
+                self.written[i] = True
+            self.guest_low[i] = value & _VC_LOW
+            return [], {i}
         through: list[tuple[int, int]] = []
         touched: set[int] = set()
         low_bytes: dict[int, dict[int, int]] = {}
