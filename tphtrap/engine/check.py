@@ -321,11 +321,15 @@ class Checker:
                     raise UnsafePlan(f"after {_show(w)}: {problem}")
                 full = False
         except UnsafePlan:
-            for regs, i, old in reversed(self._undo):
-                regs[i] = old
+            self._rollback()
             raise
         finally:
             self._undo.clear()
+
+    def _rollback(self) -> None:
+        """Take back every change since the plan started (it was unsafe)."""
+        for regs, i, old in reversed(self._undo):
+            regs[i] = old
 
     # --- the host backend -------------------------------------------------------------------
     def host(self, completer: int, rciep: bool) -> None:
@@ -367,8 +371,8 @@ class Checker:
     ) -> None:
         """Apply the host ``ops``, then the raw ``writes``, checking after each step of each;
         undo them all if one is unsafe."""
-        self._undo.clear()
         trail: list[list[tuple[list[Value], int, Value]]] = []
+        self._undo.clear()
         try:
             if full and not ops:
                 problem = self._violation(rules, revoked, None)
@@ -401,8 +405,7 @@ class Checker:
                         if problem is not None:
                             raise UnsafePlan(f"after the reset in {_show(w)}: {problem}")
         except UnsafePlan:
-            for regs, i, old in reversed(self._undo):
-                regs[i] = old
+            self._rollback()
             raise
         finally:
             self._undo.clear()
