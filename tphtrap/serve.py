@@ -249,7 +249,7 @@ class Server:
             )
             raise WireError("already-attached", message, request_id=req.id, field="bdf")
         try:
-            decision = self.engine.attach(a["vm"], a["bdf"], cfg)
+            decision = self.engine.attach(a["vm"], a["bdf"], cfg, a.get("vector_ctrl"))
         except AttachRefused as exc:
             self.audit.emit(
                 "device.refused",

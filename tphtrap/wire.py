@@ -129,6 +129,15 @@ def _flag(v: Any) -> bool:
     return v
 
 
+def _vector_ctrl(v: Any) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_MSIX_VECTORS:
+        raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} integers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 0xFFFFFFFF:
+            raise ValueError("every Vector Control word is an integer 0..0xffffffff")
+    return list(v)
+
+
 def _versions(v: Any) -> list[int]:
     if not isinstance(v, list) or not v or len(v) > 16:
         raise TypeError("a non-empty list of integers")
@@ -139,6 +148,7 @@ def _versions(v: Any) -> list[int]:
 
 
 _U64 = (1 << 64) - 1
+MAX_MSIX_VECTORS = 2048  # PCI_MSIX_FLAGS_QSIZE + 1
 _CFG_WIDTHS = (1, 2, 4)
 _BAR_WIDTHS = (1, 2, 4, 8)
 _BAR_MAX = 5
@@ -157,7 +167,13 @@ OPS: dict[str, tuple[_Fields, _Fields]] = {
     "hello": ({"versions": _versions}, {"client": _text(128)}),
     "attach": (
         _DEVICE,
-        {"config": _text(MAX_LINE), "path": _text(4096), "source_bdf": _bdf, "replace": _flag},
+        {
+            "config": _text(MAX_LINE),
+            "path": _text(4096),
+            "source_bdf": _bdf,
+            "replace": _flag,
+            "vector_ctrl": _vector_ctrl,
+        },
     ),
     "detach": (_DEVICE, {}),
     "cfg_write": ({**_CFG, "value": _int_in(0, 0xFFFFFFFF)}, {}),
@@ -312,6 +328,13 @@ def _validate(obj: Any) -> Request:
             request_id=rid,
             field="offset",
         )
+    if op.startswith("msix_") and args["offset"] + args["width"] > _U64 + 1:
+        raise WireError(
+            "out-of-range",
+            f"offset {args['offset']:#x} + width {args['width']} runs past 2^64",
+            request_id=rid,
+            field="offset",
+        )
     if op == "attach" and ("config" in args) == ("path" in args):
         raise WireError(
             "missing-field" if "config" not in args else "bad-type",
@@ -405,11 +428,11 @@ def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
         type(bar) is not int
         or not 0 <= bar <= _BAR_MAX
         or type(offset) is not int
-        or not 0 <= offset <= _U64
         or type(width) is not int
         or width not in _BAR_WIDTHS
+        or not 0 <= offset <= _U64 + 1 - width
     ):
-        return None
+        return None  # the slow path names the field at fault
     rid, vm, bdf = head
     args: dict[str, Any] = {"vm": vm, "bdf": bdf, "bar": bar, "offset": offset, "width": width}
     return _fast_finish(obj, op, rid, args, width)
