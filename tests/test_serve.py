@@ -100,8 +100,13 @@ def test_full_session_exact_replies() -> None:
     session = [
         req(0, "hello", versions=[2, 7], client="tests"),
         req(1, "attach", path="fixtures/devices/nic-st-in-cap.lspci", **A),
-        req(
-            2, "attach", vm="tenant-b", bdf="3b:00.1", path="fixtures/devices/nic-st-in-msix.lspci"
+        req(  # the hypervisor's emulated MSI-X table: every vector at power-on (masked)
+            2,
+            "attach",
+            vm="tenant-b",
+            bdf="3b:00.1",
+            path="fixtures/devices/nic-st-in-msix.lspci",
+            vector_ctrl=[1] * 32,
         ),
         req(3, "cfg_write", offset=ctrl, width=4, value=0x101, **A),
         req(4, "cfg_write", offset=entry0, width=2, value=0x01, **A),

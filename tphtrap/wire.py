@@ -90,7 +90,7 @@ ERRORS: dict[str, tuple[str, str]] = {
     "bad-type": ("a field has the wrong JSON type (booleans are not integers)", "the field"),
     "out-of-range": (
         "a value outside its range, a value wider than `width`, a config access past 4096, "
-        "backend facts that contradict each other or the snapshot",
+        "a BAR access past 2^64, backend facts that contradict each other or the snapshot",
         "the field",
     ),
     "unknown-op": ("`op` names no operation", "`op`"),
@@ -186,12 +186,12 @@ def _backend(v: Any) -> str:
 
 
 def _vectors(v: Any) -> frozenset[int]:
-    if not isinstance(v, list) or len(v) > 2048:
-        raise TypeError("a list of at most 2048 vector indices")
+    if not isinstance(v, list) or len(v) > MAX_MSIX_VECTORS:
+        raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} vector indices")
     for x in v:
         if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError("a list of at most 2048 vector indices")
-        if not 0 <= x < 2048:
+            raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} vector indices")
+        if not 0 <= x < MAX_MSIX_VECTORS:
             raise ValueError(f"vector {x} is out of range 0..2047")
     return frozenset(v)
 
@@ -210,7 +210,7 @@ def host_op(v: Any) -> HostOp:
     index = v.get("index", 0)
     if name == "st_set" and (isinstance(index, bool) or not isinstance(index, int)):
         raise TypeError('st_set needs its "index"')
-    if not 0 <= index < 2048:
+    if not 0 <= index < MAX_MSIX_VECTORS:
         raise ValueError(f"index {index} is out of range 0..2047")
     return HostOp(name, index=index)
 
@@ -223,6 +223,15 @@ def _errno(v: Any) -> int:
     return v
 
 
+def _vector_ctrl(v: Any) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_MSIX_VECTORS:
+        raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} integers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 0xFFFFFFFF:
+            raise ValueError("every Vector Control word is an integer 0..0xffffffff")
+    return list(v)
+
+
 def _versions(v: Any) -> list[int]:
     if not isinstance(v, list) or not v or len(v) > 16:
         raise TypeError("a non-empty list of integers")
@@ -233,6 +242,7 @@ def _versions(v: Any) -> list[int]:
 
 
 _U64 = (1 << 64) - 1
+MAX_MSIX_VECTORS = 2048  # PCI_MSIX_FLAGS_QSIZE + 1
 _CFG_WIDTHS = (1, 2, 4)
 _BAR_WIDTHS = (1, 2, 4, 8)
 _BAR_MAX = 5
@@ -259,6 +269,7 @@ OPS: dict[str, tuple[_Fields, _Fields]] = {
             "backend": _backend,
             "completer": _choice(0, 1, 3),
             "rciep": _flag,
+            "vector_ctrl": _vector_ctrl,
         },
     ),
     "detach": (_DEVICE, {}),
@@ -416,6 +427,13 @@ def _validate(obj: Any) -> Request:
             request_id=rid,
             field="offset",
         )
+    if op.startswith("msix_") and args["offset"] + args["width"] > _U64 + 1:
+        raise WireError(
+            "out-of-range",
+            f"offset {args['offset']:#x} + width {args['width']} runs past 2^64",
+            request_id=rid,
+            field="offset",
+        )
     if op == "attach" and ("config" in args) == ("path" in args):
         raise WireError(
             "missing-field" if "config" not in args else "bad-type",
@@ -542,11 +560,11 @@ def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
         type(bar) is not int
         or not 0 <= bar <= _BAR_MAX
         or type(offset) is not int
-        or not 0 <= offset <= _U64
         or type(width) is not int
         or width not in _BAR_WIDTHS
+        or not 0 <= offset <= _U64 + 1 - width
     ):
-        return None
+        return None  # the slow path names the field at fault
     rid, vm, bdf = head
     args: dict[str, Any] = {"vm": vm, "bdf": bdf, "bar": bar, "offset": offset, "width": width}
     return _fast_finish(obj, op, rid, args, width)

@@ -75,8 +75,11 @@ int main(int argc, char **argv) {
         snprintf(path[0], sizeof path[0], "%s/fixtures/devices/nic-st-in-cap.lspci", repo);
         snprintf(path[1], sizeof path[1], "%s/fixtures/devices/nic-st-in-msix.lspci", repo);
         must(tphtrap_hello(c, "pingpong", &r), &r, "hello");
-        must(tphtrap_attach(c, A, path[0], be, 3, &r), &r, "attach a");
-        must(tphtrap_attach(c, B, path[1], be, 3, &r), &r, "attach b");
+        uint32_t power_on[32];
+        for (unsigned i = 0; i < 32; i++)
+            power_on[i] = 1;
+        must(tphtrap_attach(c, A, path[0], be, 3, NULL, 0, &r), &r, "attach a");
+        must(tphtrap_attach(c, B, path[1], be, 3, power_on, 32, &r), &r, "attach b");
         if (be == TPHTRAP_BACKEND_HOST) {
             uint16_t vectors[4] = {0, 1, 2, 3};
             must(tphtrap_vectors(c, B, vectors, 4, true, &r), &r, "vectors");

@@ -864,21 +864,30 @@ int tphtrap_hello(struct tphtrap_client *c, const char *name, struct tphtrap_rep
 }
 
 int tphtrap_attach(struct tphtrap_client *c, const char *vm, const char *bdf, const char *path,
-                   enum tphtrap_backend backend, int completer, struct tphtrap_reply *r) {
-    char rest[4200];
-    size_t len = 0;
-    bool ok = put_fmt(rest, sizeof rest, &len, "\"path\":") && put_str(rest, sizeof rest, &len, path);
+                   enum tphtrap_backend backend, int completer, const uint32_t *vector_ctrl,
+                   size_t n, struct tphtrap_reply *r) {
+    size_t size = 4200 + 11 * TPHTRAP_MAX_ENTRIES, len = 0;
+    char *rest = malloc(size);
+    if (!rest)
+        return fail(c, r, "out of memory");
+    bool ok = put_fmt(rest, size, &len, "\"path\":") && put_str(rest, size, &len, path);
     if (backend == TPHTRAP_BACKEND_HOST) {
         if (completer < 0)
-            ok = ok && put_fmt(rest, sizeof rest, &len, ",\"backend\":\"host\",\"rciep\":true");
+            ok = ok && put_fmt(rest, size, &len, ",\"backend\":\"host\",\"rciep\":true");
         else
-            ok = ok && put_fmt(rest, sizeof rest, &len, ",\"backend\":\"host\",\"completer\":%d",
+            ok = ok && put_fmt(rest, size, &len, ",\"backend\":\"host\",\"completer\":%d",
                                completer);
     }
-    if (!ok)
-        return fail(c, r, "path too long");
-    rest[len] = '\0';
-    return device_request(c, "attach", vm, bdf, rest, r);
+    if (vector_ctrl) {
+        ok = ok && n <= TPHTRAP_MAX_ENTRIES && put_fmt(rest, size, &len, ",\"vector_ctrl\":[");
+        for (size_t k = 0; ok && k < n; k++)
+            ok = put_fmt(rest, size, &len, "%s%lu", k ? "," : "", (unsigned long)vector_ctrl[k]);
+        ok = ok && put_fmt(rest, size, &len, "]");
+    }
+    int got = ok ? device_request(c, "attach", vm, bdf, rest, r)
+                 : fail(c, r, "path too long, or too many vectors");
+    free(rest);
+    return got;
 }
 
 int tphtrap_detach(struct tphtrap_client *c, const char *vm, const char *bdf,

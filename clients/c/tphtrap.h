@@ -129,9 +129,13 @@ const char *tphtrap_error(const struct tphtrap_client *c);
  * -1 when none could be (I/O, an unparsable or off-protocol line): then reply->decision is a
  * drop and the client is unusable. */
 int tphtrap_hello(struct tphtrap_client *c, const char *name, struct tphtrap_reply *reply);
-/* completer: 0, 1 or 3, or -1 for a root-complex integrated endpoint (backend host only). */
+/* completer: 0, 1 or 3, or -1 for a root-complex integrated endpoint (backend host only).
+ * vector_ctrl: the n Vector Control words the VMM's emulated MSI-X table holds now (1 for
+ * every vector at power-on), or NULL: without them the mask bits are unknown to tphtrap until
+ * the guest writes each word, which blocks an MSI-X enable with the writes backend. */
 int tphtrap_attach(struct tphtrap_client *c, const char *vm, const char *bdf, const char *path,
-                   enum tphtrap_backend backend, int completer, struct tphtrap_reply *reply);
+                   enum tphtrap_backend backend, int completer, const uint32_t *vector_ctrl,
+                   size_t n, struct tphtrap_reply *reply);
 int tphtrap_detach(struct tphtrap_client *c, const char *vm, const char *bdf,
                    struct tphtrap_reply *reply);
 int tphtrap_cfg_write(struct tphtrap_client *c, const char *vm, const char *bdf, uint16_t offset,

@@ -238,9 +238,18 @@ class Checker:
         self.pm = 0
 
     # --- the invariant -----------------------------------------------------------------------
-    def _violation(self, rules: TagRules, revoked: bool, entries: set[int] | None) -> str | None:
-        """What is unsafe now (None: nothing). ``entries``: only those changed."""
+    def _violation(
+        self,
+        rules: TagRules,
+        revoked: bool,
+        entries: set[int] | None,
+        pending: frozenset[int] | set[int] = frozenset(),
+    ) -> str | None:
+        """What is unsafe now (None: nothing). ``entries``: only those changed; ``pending``:
+        capabilities that were unsafe before the plan and that it has not written yet."""
         for k, c in enumerate(self.ctrl):
+            if k in pending:
+                continue
             possible = _values(c)
             if possible is None:
                 return "control register unknown"
@@ -249,6 +258,10 @@ class Checker:
                 if problem is not None:
                     return problem
         return None
+
+    def _others(self, k: int) -> set[int]:
+        """Every capability but ``k``."""
+        return set(range(len(self.caps))) - {k}
 
     def _unsafe(
         self, k: int, ctrl: int, rules: TagRules, revoked: bool, entries: set[int] | None
@@ -297,29 +310,44 @@ class Checker:
         """
         self._undo.clear()
         try:
-            if full and not writes:
-                problem = self._violation(rules, revoked, None)
-                if problem is not None:
-                    raise UnsafePlan(problem)
+            # A plan made after a change outside it (attach, reset, reload) may start from an
+            # unsafe device: each capability that is unsafe now must be written by the plan,
+            # and every other part must stay safe at every step.
+            pending: set[int] = set()
+            if full:
+                pending = {
+                    k
+                    for k in range(len(self.caps))
+                    if self._violation(rules, revoked, None, self._others(k)) is not None
+                }
             for w in writes:
                 touched: set[int] = set()
                 ctrl = reset = False
                 if w.space == "config":
                     if w.offset + w.width > self.watch_lo and w.offset < self.watch_hi:
                         ctrl, reset = self._whole_config(w, touched)
+                        pending -= {
+                            k
+                            for k, (start, _) in enumerate(self.caps)
+                            if w.offset < start + PCI_TPH_CTRL + 4
+                            and start + PCI_TPH_CTRL < w.offset + w.width
+                        }
                 elif w.bar == self.msix_bir:
                     self._whole_bar(w, touched)
                 if reset:
                     self._fork()
                 if full or ctrl or reset:
-                    problem = self._violation(rules, revoked, None)
+                    problem = self._violation(rules, revoked, None, pending)
                 elif touched:
                     problem = self._violation(rules, revoked, touched)
                 else:
                     problem = None
                 if problem is not None:
                     raise UnsafePlan(f"after {_show(w)}: {problem}")
-                full = False
+            if full:
+                problem = self._violation(rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(f"at the end of the plan: {problem}")
         except UnsafePlan:
             self._rollback()
             raise

@@ -6,6 +6,7 @@ the exact device writes in order, and what the guest reads back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from ..device import ConfigSpace
@@ -71,10 +72,19 @@ class Engine:
 
     # --- lifecycle -------------------------------------------------------------------------
     def attach(
-        self, vm: str, bdf: str, config: ConfigSpace, host: HostFacts | None = None
+        self,
+        vm: str,
+        bdf: str,
+        config: ConfigSpace,
+        vector_ctrl: Sequence[int] | None = None,
+        host: HostFacts | None = None,
     ) -> Decision:
-        """Attach a device; ``host``: its decisions are host kernel operations (the root
-        port's facts), else raw device writes."""
+        """Attach a device from its config snapshot. ``vector_ctrl``: the MSI-X Vector Control
+        words the guest's table holds now (a hypervisor emulating the table knows them;
+        power-on is all 1), without which an MSI-X steering tag cannot be written before the
+        guest has written that entry's word itself (its mask bits are the guest's).
+        ``host``: its decisions are host kernel operations (the root port's facts), else raw
+        device writes."""
         if vm not in self._policy.vms:
             raise AttachRefused("unknown-vm", f"VM {vm!r} is not in the policy")
         vm_policy = self._policy.vms[vm]
@@ -89,7 +99,7 @@ class Engine:
                 raise AttachRefused(
                     "unknown-device", f"device {bdf} is already attached to VM {other_vm!r}"
                 )
-        sess = Session(vm, bdf, config, self._policy.rules(vm, bdf), host)
+        sess = Session(vm, bdf, config, self._policy.rules(vm, bdf), vector_ctrl, host)
         self._sessions[(vm, bdf)] = sess
         reasons = ["attached"]
         enabled = sess.dev_enabled()

@@ -190,11 +190,15 @@ _SUMMARY: dict[tuple[str, ...], tuple[tuple[str, ...], str, str, bool]] = {}
 
 
 def summarize(reasons: tuple[str, ...]) -> tuple[tuple[str, ...], str, str, bool]:
-    """Distinct reasons in order, the main one (the first not benign), its text, violation."""
+    """Distinct reasons in order, the main one (the first violation, else the first that is
+    not benign), its text, and whether any is a violation."""
     got = _SUMMARY.get(reasons)
     if got is None:
         uniq = tuple(dict.fromkeys(reasons)) or ("not-tph",)
-        main = next((r for r in uniq if r not in BENIGN), uniq[0])
+        main = next(
+            (r for r in uniq if r in VIOLATIONS),
+            next((r for r in uniq if r not in BENIGN), uniq[0]),
+        )
         text = "; ".join(describe_reason(r) for r in uniq if r not in BENIGN or r == main)
         got = (uniq, main, text, any(r in VIOLATIONS for r in uniq))
         if len(_SUMMARY) < 4096:

@@ -22,6 +22,7 @@ device holds are safe before the kernel's entry writes (it makes them only while
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from ..device import ConfigSpace
@@ -49,6 +50,7 @@ from .geometry import (
     K_RO,
     Geometry,
 )
+from .reasons import VIOLATIONS
 from .render import HostFacts, HostOps, RawWrites
 from .target import (
     KEEP,
@@ -75,6 +77,7 @@ _D0, _D3HOT = 0, 3
 
 Step = tuple[int, int, int]  # (what, index, value): what 0 = control of cap ``index``, 1 = entry
 _CTRL_STEP, _ENTRY_STEP = 0, 1
+_REFUSALS = frozenset({"enable-refused", "msix-state-unknown"})
 
 
 def _chunks(start: int, end: int) -> list[tuple[int, int]]:
@@ -99,6 +102,7 @@ class Session:
         bdf: str,
         config: ConfigSpace,
         rules: TagRules,
+        vector_ctrl: Sequence[int] | None = None,
         host: HostFacts | None = None,
     ) -> None:
         self.vm = vm
@@ -129,11 +133,14 @@ class Session:
         self.dev_ctrl: list[int | None] = [cap.info.ctrl_raw for cap in geo.caps]
         if geo.in_msix:
             self.dev_ent: list[int | None] = [None] * n  # not part of a config snapshot
-            # A live MSI-X table's mask bits are the guest's (or the previous user's): unknown.
-            low = None if geo.msix_enabled else _VC_POWER_ON
-            self.dev_low: list[int | None] = [low] * n
-            if low is not None:
-                self.guest_low = [low] * n
+            # The MSI-X table's mask bits are the guest's: unknown until the guest writes them,
+            # or until the hypervisor says what its (emulated) table holds.
+            self.dev_low: list[int | None] = [None] * n
+            if vector_ctrl is not None:
+                self.guest_low = [v & _VC_LOW for v in vector_ctrl[:n]] + [None] * (
+                    n - len(vector_ctrl)
+                )
+                self.dev_low = list(self.guest_low)
         else:
             info = geo.caps[0].info if geo.caps else None
             self.dev_ent = list(info.entries) if info is not None and n else [None] * n
@@ -247,12 +254,16 @@ class Session:
                 if full or width is not self.settled
                 else sorted(self.dirty | set(touched))
             )
-            refused = self._resolve(check, width, True, changes, reasons, touched)
+            trial: list[str] = []
+            refused = self._resolve(check, width, True, changes, trial, touched)
             if refused:
+                # Only why the enable failed: the entries it would have written were not.
+                reasons.extend(r for r in trial if r in VIOLATIONS or r in _REFUSALS)
                 changes.clear()
                 grant = Grant(MODE.put(0, grant.mode), None, [], grant.width, True)
-                self._resolve(sorted(touched), width, False, changes, [], touched)
+                self._resolve(sorted(touched), width, False, changes, reasons, touched)
             else:
+                reasons.extend(trial)
                 self.settled = width
                 self.dirty.clear()
         else:
@@ -310,8 +321,8 @@ class Session:
                     else:
                         value = rules.fallback[width] or 0  # never a tag the rules refused
                 if low is None:
+                    reasons.append("msix-state-unknown")
                     if in_use:
-                        reasons.append("msix-state-unknown")
                         return True
                     continue
                 if value != dev or low != self.dev_low[i] or i in touched:
