@@ -312,6 +312,7 @@ class Engine:
         if (
             r.ops is None
             and touched
+            and r.writes != [own]  # (an unknown word's bytes go through as written)
             and any(
                 not (off <= geo.vc_offsets[i] and geo.vc_offsets[i] + 4 <= off + width)
                 for i in touched
