@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  ?= $(BIN)/python -m pytest
 
-.PHONY: help setup test demo lint policy-check bench fuzz clean
+.PHONY: help setup test demo lint policy-check bench fuzz traces clean
 
 help:
 	@echo "make demo          replay the bundled guest trace against the bundled policy"
@@ -14,6 +14,7 @@ help:
 	@echo "make policy-check  check every example policy"
 	@echo "make bench         benchmarks; writes bench/results.md"
 	@echo "make fuzz          a longer fuzzing campaign"
+	@echo "make traces        record real QEMU guest traces into fixtures/traces (Debian kernel, TCG)"
 	@echo "make clean         remove .venv and caches"
 
 $(STAMP): pyproject.toml
@@ -46,6 +47,9 @@ bench: $(STAMP)
 
 fuzz: $(STAMP)
 	TPHTRAP_FUZZ=long $(PYTEST) -q tests/test_fuzz.py tests/test_engine_stateful.py -p no:cacheprovider
+
+traces:
+	tools/traces/record fixtures/traces
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
