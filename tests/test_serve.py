@@ -653,7 +653,7 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
         capture_output=True,
         timeout=30,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 4  # EXIT_MISMATCH
     assert f"{tampered}:3: expected pass foreign-tag" in proc.stdout.decode()
 
 

@@ -5,9 +5,11 @@ wires them together and maps errors to exit codes:
 
 ====  =============================================================
 0     success
-1     user error: bad usage, bad input, bad policy, malformed dump (one-line message)
-2     replay found decisions that differ from the expected ones (``--expect``)
+1     user error: bad input, bad policy, malformed dump (one-line message)
+2     usage error (unknown option, missing argument)
 3     internal error (a bug: please report it with the message)
+4     replay found decisions that differ from the expected ones (``--expect``)
+5     replay left accesses or lines not judged (without ``--allow-unjudged``)
 130   interrupted
 ====  =============================================================
 """
@@ -23,21 +25,32 @@ from typing import NoReturn
 from . import __version__
 from .errors import TphtrapError
 
-__all__ = ["EXIT_INTERNAL", "EXIT_MISMATCH", "EXIT_OK", "EXIT_USER", "build_parser", "main"]
+__all__ = [
+    "EXIT_INTERNAL",
+    "EXIT_MISMATCH",
+    "EXIT_OK",
+    "EXIT_UNJUDGED",
+    "EXIT_USAGE",
+    "EXIT_USER",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_USER = 1
-EXIT_MISMATCH = 2
+EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_MISMATCH = 4
+EXIT_UNJUDGED = 5
 EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a user error (exit 1): 2 means a replay mismatch."""
+    """argparse with the documented usage-error status."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
