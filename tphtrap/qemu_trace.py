@@ -1230,12 +1230,10 @@ class QemuTraceReader:
         got = value.to_bytes(width, "little")[: end - off]
         if cfg.data[off:end] == got:
             return
-        dump = bytearray(cfg.data[:_ID_END])
-        guest = bytearray(dump)
-        guest[off:end] = got
+        seen = f"{_ids(got)}" if (off, end) == (0, _ID_END) else f"{got[::-1].hex()} at {off:#x}"
         dev.mismatch = (
             f"device identity mismatch: the --device dump {cfg.source} is "
-            f"{_ids(dump)}, the guest read {_ids(guest)} ({self.name}:{line})"
+            f"{_ids(cfg.data)}, the guest read {seen} ({self.name}:{line})"
         )
         dev.gen += 1  # consumers re-check the device
         dev.msix_gen = -1  # its MSI-X table position is the dump's, so not known
@@ -1467,6 +1465,8 @@ class QemuTraceReader:
             if not self._is_bound(dev):
                 self._learn(dev, offset, width, value, exact=exact)
             elif offset < _ID_END and dev.mismatch is None:
+                if not exact:  # only the bytes the read certainly returned
+                    width = min(width, max(1, (value.bit_length() + 7) // 8))
                 self._check_identity(dev, offset, width, value, line)
         vm = self._vm(dev)
         key = self._key(dev)

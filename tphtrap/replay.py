@@ -454,7 +454,8 @@ class Replayer:
                     if bucket == "skipped":
                         self._skipped(f"{path}:{lineno}", reason)
                     elif bucket == "malformed":
-                        s.buckets["malformed"].add(f"{path}:{lineno}", None, reason, note)
+                        where = f"{path}:{lineno}"
+                        s.buckets["malformed"].add(where, None, reason, note[len(where) + 2 :])
                         if len(s.malformed_lines) < MAX_LISTED:
                             s.malformed_lines.append(note)
                     else:
@@ -503,8 +504,8 @@ class Replayer:
         if cfg is None:
             why = reader.config_error(bdf)
             cfg = ConfigSpace.from_bytes(bytes(4096), f"{bdf} (nothing learned yet)", bdf)
-            if why is not None:
-                dev.block_all = f"learned config space not usable: {why}"
+            if why is not None:  # e.g. an overlay before the PCIe capability was read
+                dev.block_ext = f"learned config space not usable yet: {why}"
         sig = _geometry(cfg)
         dev.sig = sig
         if mismatch is not None:
