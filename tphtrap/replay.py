@@ -228,8 +228,10 @@ class Replayer:
         self._readers: list[QemuTraceReader] = []
 
     # --- shared ----------------------------------------------------------------------------
-    def _malformed(self, where: str, message: str) -> None:
-        self.summary.buckets["malformed"].add(where, None, message.split(":", 1)[0], message)
+    def _malformed(self, trace: str, line: int, message: str) -> None:
+        reason = message.split(":", 1)[0]
+        self.summary.buckets["malformed"].add(trace, line, None, reason, message)
+        where = f"{trace}:{line}"
         text = f"{where}: {message}"
         if self.strict:
             raise TraceError(where, message)
@@ -237,15 +239,12 @@ class Replayer:
             self.summary.malformed_lines.append(text)
 
     def _not_judged(
-        self, bucket: str, where: str, device: str | None, reason: str, note: str
+        self, bucket: str, trace: str, line: int, device: str | None, reason: str, note: str
     ) -> None:
-        self.summary.buckets[bucket].add(where, device, reason, note)
+        self.summary.buckets[bucket].add(trace, line, device, reason, note)
         if self.strict and not self.allow_unjudged:
             who = f" {device}" if device else ""
-            raise NotJudged(f"{where}: not judged ({bucket}):{who} {note or reason}")
-
-    def _skipped(self, where: str, reason: str) -> None:
-        self.summary.buckets["skipped"].add(where, None, reason)
+            raise NotJudged(f"{trace}:{line}: not judged ({bucket}):{who} {note or reason}")
 
     def _assign(self, vm: str, bdf: str) -> bool:
         """Make sure the policy assigns ``bdf`` to ``vm`` (adding it for replay if free)."""
@@ -317,21 +316,14 @@ class Replayer:
         s.kinds[(bdf, type(access))] += 1
         if inferred:
             s.inferred[bdf] += 1
-        if len(s.first_records) < MAX_FIRST:
+        if s.records <= MAX_FIRST:
             s.first_records.append(f"{trace}:{line}: {bdf} {verdict} {decision.reason}")
         rec = Record(trace, line, access, decision, inferred=inferred)
         view = s.tph.get(bdf)
         if view is not None:
-            view.observe(f"{trace}:{line}", access, decision)
+            view.observe(trace, line, access, decision)
         if expect is not None:
-            rec.expected = expect
-            if self.check_expect:
-                s.expected += 1
-                rec.mismatch = compare(expect, decision_json(decision))
-                if rec.mismatch:
-                    s.mismatches += 1
-                    if len(s.mismatch_lines) < MAX_LISTED:
-                        s.mismatch_lines.append(f"{trace}:{line}: {rec.mismatch}")
+            self._expect(rec, expect)
         select = self.select
         if select is not None:
             if not select(rec):
@@ -339,14 +331,21 @@ class Replayer:
             s.shown += 1
             s.shown_verdicts[verdict] += 1
             s.shown_reasons[decision.reason] += 1
-        if (
-            decision.verdict is not _PASS
-            and access.is_write
-            and len(s.notable) < MAX_NOTABLE
-            and not isinstance(access, Reset)
-        ):
+        if decision.verdict is not _PASS and access.is_write and len(s.notable) < MAX_NOTABLE:
             s.notable.append(_notable(rec))
         return rec
+
+    def _expect(self, rec: Record, expect: Any) -> None:
+        rec.expected = expect
+        if not self.check_expect:
+            return
+        s = self.summary
+        s.expected += 1
+        rec.mismatch = compare(expect, decision_json(rec.decision))
+        if rec.mismatch:
+            s.mismatches += 1
+            if len(s.mismatch_lines) < MAX_LISTED:
+                s.mismatch_lines.append(f"{rec.trace}:{rec.line}: {rec.mismatch}")
 
     def finish(self, bindings: dict[str, str]) -> None:
         """Report every binding (name -> the option that gave it) that named no device of
@@ -363,16 +362,17 @@ class Replayer:
         source = open_trace(path) if lines is None else lines
         engine = self.engine
         seen = self._seen
+        skipped = self.summary.buckets["skipped"]
         lineno = 0
         try:
             for lineno, text in enumerate(source, 1):
                 if not text.strip():
-                    self._skipped(f"{path}:{lineno}", "blank line")
+                    skipped.add(path, lineno, None, "blank line")
                     continue
                 try:
                     req = parse_request(text.rstrip("\r\n"))
                 except WireError as exc:
-                    self._malformed(f"{path}:{lineno}", f"{exc.code}: {exc.message}")
+                    self._malformed(path, lineno, f"{exc.code}: {exc.message}")
                     continue
                 if req.op in ACCESS_OPS:
                     access = to_access(req)
@@ -381,20 +381,20 @@ class Replayer:
                         self._auto_attach(access.vm, access.bdf, f"{path}:{lineno}")
                     yield self._decide(path, lineno, access, req.args.get("expect"))
                     continue
-                where = f"{path}:{lineno}"
-                self._skipped(where, f"{req.op} request (no access)")
+                skipped.add(path, lineno, None, f"{req.op} request (no access)")
                 if req.op == "attach":
                     seen.add(req.args["bdf"])
-                    self._native_attach(req, where)
+                    self._native_attach(req, path, lineno)
                 elif req.op == "detach":
                     self.engine.detach(req.args["vm"], req.args["bdf"])
                     self._attached.pop(req.args["bdf"], None)
                 elif req.op == "reload":
-                    self._reload(req, where)
+                    self._reload(req, path, lineno)
         finally:
             self.summary.lines += lineno
 
-    def _native_attach(self, req: Request, where: str) -> None:
+    def _native_attach(self, req: Request, path: str, lineno: int) -> None:
+        where = f"{path}:{lineno}"
         a = req.args
         bdf = a["bdf"]
         try:
@@ -405,7 +405,7 @@ class Replayer:
             else:
                 cfg = load_device(a["path"], a.get("source_bdf"))
         except DeviceError as exc:
-            self._malformed(where, f"attach: {exc}")
+            self._malformed(path, lineno, f"attach: {exc}")
             return
         cfg = ConfigSpace.from_bytes(cfg.data, cfg.source, bdf, cfg.line_map)
         self._attach(a["vm"], bdf, cfg, where)
@@ -420,16 +420,16 @@ class Replayer:
         if cfg is not None:
             self._attach(vm, bdf, ConfigSpace.from_bytes(cfg.data, cfg.source, bdf), where)
 
-    def _reload(self, req: Request, where: str) -> None:
+    def _reload(self, req: Request, path: str, lineno: int) -> None:
         from .policyfile import load_policy
 
-        path = req.args.get("policy")
-        if path is None:
+        policy_path = req.args.get("policy")
+        if policy_path is None:
             return
         try:
-            policy = load_policy(path)
+            policy = load_policy(policy_path)
         except (TphtrapError, OSError) as exc:
-            self._malformed(where, f"reload: {exc}")
+            self._malformed(path, lineno, f"reload: {exc}")
             return
         self.policy = policy
         self.engine.reload(policy)
@@ -448,20 +448,21 @@ class Replayer:
         self._readers.append(reader)
         s = self.summary
         known = self._qemu
+        skipped = s.buckets["skipped"]
         try:
             for lineno, access, note, bucket, reason in reader:
                 if bucket:
                     if bucket == "skipped":
-                        self._skipped(f"{path}:{lineno}", reason)
+                        skipped.add(path, lineno, None, reason)
                     elif bucket == "malformed":
-                        where = f"{path}:{lineno}"
-                        s.buckets["malformed"].add(where, None, reason, note[len(where) + 2 :])
+                        cut = len(f"{path}:{lineno}: ")
+                        s.buckets["malformed"].add(path, lineno, None, reason, note[cut:])
                         if len(s.malformed_lines) < MAX_LISTED:
                             s.malformed_lines.append(note)
                     else:
                         bdf = access.bdf if access is not None else None
                         detail = "" if bucket == "unbound" else note
-                        self._not_judged(bucket, f"{path}:{lineno}", bdf, reason, detail)
+                        self._not_judged(bucket, path, lineno, bdf, reason, detail)
                     continue
                 assert access is not None
                 bdf = access.bdf
@@ -473,12 +474,11 @@ class Replayer:
                 ):
                     why = dev.block_all or dev.block_ext
                     assert why is not None
-                    self._not_judged("unjudged", f"{path}:{lineno}", bdf, why, "")
+                    self._not_judged("unjudged", path, lineno, bdf, why, "")
                     continue
                 yield self._decide(path, lineno, access, inferred=note.startswith(WIDTH_INFERRED))
         finally:
             st = reader.stats
-            skipped = s.buckets["skipped"]
             for reason, n in (
                 (REASON_UNRELATED, st.skipped),
                 (REASON_OTHER_REGION, st.other_regions),

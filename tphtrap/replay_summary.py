@@ -61,14 +61,14 @@ class Bucket:
     reasons: Counter[str] = field(default_factory=Counter)
     first: list[str] = field(default_factory=list)
 
-    def add(self, where: str, device: str | None, reason: str, note: str = "") -> None:
+    def add(self, trace: str, line: int, device: str | None, reason: str, note: str = "") -> None:
         self.count += 1
         if device:
             self.devices[device] += 1
         self.reasons[reason] += 1
         if len(self.first) < MAX_FIRST:
             who = f" {device}" if device else ""
-            self.first.append(f"{where}:{who} {note or reason}")
+            self.first.append(f"{trace}:{line}:{who} {note or reason}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,76 +136,90 @@ class TphView:
         )
 
     # --- following the decisions --------------------------------------------------------------
-    def observe(self, where: str, access: Access, decision: Decision) -> None:
-        if isinstance(access, ConfigWrite | ConfigRead):
-            end = access.offset + access.width
-            if access.offset < self.cap_end and end > self.cap_start:
+    def observe(self, trace: str, line: int, access: Access, decision: Decision) -> None:
+        kind = type(access)
+        if kind is ConfigWrite or kind is ConfigRead:
+            assert isinstance(access, ConfigWrite | ConfigRead)
+            if access.offset < self.cap_end and access.offset + access.width > self.cap_start:
                 if self.overlay is not None:
                     self.overlay_hits += 1
-                    self.overlay_first = self.overlay_first or where
-                if isinstance(access, ConfigWrite):
-                    self._guest_config_write(where, access)
-        elif isinstance(access, MsixWrite) and access.value >> 16 and self._is_vc(access):
-            self.guest_tag_writes += 1
-        if isinstance(access, Reset) or "reset" in decision.reasons:
+                    self.overlay_first = self.overlay_first or f"{trace}:{line}"
+                if kind is ConfigWrite:
+                    assert isinstance(access, ConfigWrite)
+                    self._guest_config_write(trace, line, access)
+        elif kind is MsixWrite:
+            assert isinstance(access, MsixWrite)
+            if access.value >> 16 and self._is_vc(access):
+                self.guest_tag_writes += 1
+        if kind is Reset or "reset" in decision.reasons:
             self.dev_ctrl = 0
             self.entry_values = dict.fromkeys(self.entry_values, 0)
         for w in decision.writes:
-            self._device_write(where, w)
+            if w.space == "config":
+                if w.offset < self.cap_end and w.offset + w.width > self.cap_start:
+                    self._config_write(trace, line, w)
+            elif w.bar == self.table_bar and self.location is StLocation.MSIX:
+                self._vector_control_write(w)
 
     def _is_vc(self, a: MsixWrite) -> bool:
         rel = a.offset - self.table_start
         return a.bar == self.table_bar and 0 <= rel < 16 * self.table_entries and rel % 16 == 12
 
-    def _guest_config_write(self, where: str, a: ConfigWrite) -> None:
+    def _guest_config_write(self, trace: str, line: int, a: ConfigWrite) -> None:
         self.guest_writes += 1
         shift = 8 * (self.ctrl + 1 - a.offset)  # bits 9:8 are in the control register's byte 1
         if 0 <= shift < 8 * a.width and (a.value >> shift) & 3 and self.guest_enable_at is None:
-            self.guest_enable_at = where
+            self.guest_enable_at = f"{trace}:{line}"
 
-    def _device_write(self, where: str, w: DeviceWrite) -> None:
-        if w.space == "config":
-            for i in range(w.width):
-                byte = (w.value >> (8 * i)) & 0xFF
-                off = w.offset + i
-                if self.ctrl <= off < self.ctrl + 4:
-                    shift = 8 * (off - self.ctrl)
-                    self.dev_ctrl = (self.dev_ctrl & ~(0xFF << shift)) | (byte << shift)
-                elif self.location is StLocation.CAP:
-                    self._entry_byte(off - self.table_start, byte)
-            if self.ctrl < w.offset + w.width and w.offset < self.ctrl + 4:
-                self._control_changed(where)
-        elif w.bar == self.table_bar and self.location is StLocation.MSIX:
-            for i in range(w.width):
-                rel = w.offset + i - self.table_start
-                if 0 <= rel < 16 * self.table_entries and rel % 16 >= 14:
-                    self._entry_byte(2 * (rel // 16) + rel % 2, (w.value >> (8 * i)) & 0xFF)
-        if self.dev_ctrl >> 8 & 3:
-            self._note_usable()
+    def _config_write(self, trace: str, line: int, w: DeviceWrite) -> None:
+        was_enabled = self.dev_ctrl >> 8 & 3
+        for i in range(w.width):
+            byte = (w.value >> (8 * i)) & 0xFF
+            off = w.offset + i
+            if self.ctrl <= off < self.ctrl + 4:
+                shift = 8 * (off - self.ctrl)
+                self.dev_ctrl = (self.dev_ctrl & ~(0xFF << shift)) | (byte << shift)
+            elif self.location is StLocation.CAP:
+                self._entry_byte(off - self.table_start, byte)
+        enabled = self.dev_ctrl >> 8 & 3
+        if enabled and not was_enabled:
+            self._enabled(f"{trace}:{line}", enabled)
+
+    def _vector_control_write(self, w: DeviceWrite) -> None:
+        rel = w.offset - self.table_start
+        if w.width == 4 and rel % 16 == 12:  # the usual case: the whole Vector Control dword
+            if 0 <= rel < 16 * self.table_entries:
+                self._set_entry(rel // 16, w.value >> 16)
+            return
+        for i in range(w.width):
+            r = rel + i
+            if 0 <= r < 16 * self.table_entries and r % 16 >= 14:
+                self._entry_byte(2 * (r // 16) + r % 2, (w.value >> (8 * i)) & 0xFF)
 
     def _entry_byte(self, rel: int, byte: int) -> None:
         """Byte ``rel`` of the table seen as 16-bit entries (entry rel // 2, low byte first)."""
         if 0 <= rel < 2 * self.table_entries:
             i, shift = rel // 2, 8 * (rel % 2)
             old = self.entry_values.get(i, 0)
-            self.entry_values[i] = (old & ~(0xFF << shift)) | (byte << shift)
+            self._set_entry(i, (old & ~(0xFF << shift)) | (byte << shift))
 
-    def _control_changed(self, where: str) -> None:
-        enable = self.dev_ctrl >> 8 & 3
-        if enable and self.enabled_at is None:
+    def _set_entry(self, i: int, tag: int) -> None:
+        self.entry_values[i] = tag
+        enabled = self.dev_ctrl >> 8 & 3
+        if enabled and self.dev_ctrl & 7 and len(self.usable) <= 4 * MAX_TAGS:
+            self.usable.add(tag & (0xFFFF if enabled == 3 else 0xFF))
+
+    def _enabled(self, where: str, enable: int) -> None:
+        """Requester Enable went from 0 to ``enable`` on the device."""
+        self.enables += 1
+        if self.enabled_at is None:
             self.enabled_at = where
             self.enable_mode = _MODES.get(self.dev_ctrl & 7, f"mode {self.dev_ctrl & 7}")
             self.enable_width = _WIDTHS.get(enable, f"enable {enable}")
-        if enable:
-            self.enables += 1
-
-    def _note_usable(self) -> None:
-        mask = 0xFFFF if self.dev_ctrl >> 8 & 3 == 3 else 0xFF
         if self.dev_ctrl & 7 == 0:
             self.usable.add(0)  # No ST mode: every request carries tag 0
             return
-        if len(self.usable) > 4 * MAX_TAGS:
-            return
+        mask = 0xFFFF if enable == 3 else 0xFF
         values = self.entry_values.values() if self.entry_values else (0,)
         self.usable.update(v & mask for v in values)
 
