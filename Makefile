@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  ?= $(BIN)/python -m pytest
 
-.PHONY: help deps setup test demo lint policy-check bench fuzz integration clean
+.PHONY: help deps setup test demo lint policy-check bench fuzz integration traces clean
 # deps must finish before the virtual environment is made (it may install python3-venv).
 .NOTPARALLEL:
 
@@ -18,6 +18,7 @@ help:
 	@echo "make bench         benchmarks; writes bench/results.md"
 	@echo "make fuzz          a longer fuzzing campaign"
 	@echo "make integration   boot QEMU guests with the SSDT of tphtrap acpi guest (about a minute)"
+	@echo "make traces        record real QEMU guest traces into fixtures/traces (Debian kernel, TCG)"
 	@echo "make clean         remove .venv and caches"
 
 # Installs what is missing as root; otherwise stops with the one command to run.
@@ -57,6 +58,9 @@ fuzz: $(STAMP)
 
 integration: $(STAMP)
 	TPHTRAP_INTEGRATION=1 $(PYTEST) -q -s -p no:cacheprovider tests/test_acpi_integration.py
+
+traces:
+	tools/traces/record fixtures/traces
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info .cache

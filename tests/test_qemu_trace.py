@@ -53,6 +53,7 @@ from tphtrap.synth import MsixSpec, TphSpec, build_config
 
 TRACES = Path(__file__).resolve().parent.parent / "fixtures" / "traces"
 NIC = "0000:00:03.0"
+FIXTURE_IDS = {"vendor_id": 0x15B3, "device_id": 0x101D}  # what qemu-msix-bar.log's guest reads
 HOST = "0000:3b:00.0"
 
 
@@ -60,6 +61,7 @@ HOST = "0000:3b:00.0"
 def nic_config() -> ConfigSpace:
     """TPH with the ST table in MSI-X; MSI-X table of 32 entries in BAR 2 at 0x4000."""
     data = build_config(
+        **FIXTURE_IDS,
         tph=TphSpec(location=StLocation.MSIX, table_size=32),
         msix=MsixSpec(table_size=32, bir=2, table_offset=0x4000),
     )
@@ -445,8 +447,11 @@ def test_inferred_reads_learn_only_certain_bytes() -> None:
 # --- devices, VMs, overlays -----------------------------------------------------------------
 def test_device_without_vm_is_not_replayed() -> None:
     _, records = read(open_trace(TRACES / "qemu-msix-bar.log"), vm=None)
-    assert accesses(records) == []
-    assert "device 0000:00:03.0 is not bound to a VM" in records[0].note
+    unbound = [r for r in records if r.bucket == "unbound"]
+    assert len(unbound) == 11 and all(r.access is not None and r.access.vm == "" for r in unbound)
+    assert [r for r in records if r.access is not None and r.bucket != "unbound"] == []
+    assert "device 0000:00:03.0 is not bound to a VM" in unbound[0].note
+    assert unbound[0].reason == "no VM for the device"
 
 
 def test_tph_overlay_on_a_learned_device() -> None:
@@ -626,7 +631,9 @@ def test_open_trace_errors(tmp_path: Path) -> None:
 
 # --- no TPH anywhere: every record passes unchanged ---------------------------------------
 def test_trace_without_tph_passes_every_record_unchanged() -> None:
-    plain = ConfigSpace.from_bytes(build_config(msix=MsixSpec(bir=2, table_offset=0x4000)), "p")
+    plain = ConfigSpace.from_bytes(
+        build_config(**FIXTURE_IDS, msix=MsixSpec(bir=2, table_offset=0x4000)), "p"
+    )
     devices = {NIC: plain}
     reader = QemuTraceReader(
         itertools.chain(
