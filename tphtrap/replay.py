@@ -382,19 +382,22 @@ class Replayer:
                         self._auto_attach(access.vm, access.bdf, f"{path}:{lineno}")
                     yield self._decide(path, lineno, access, req.args.get("expect"))
                     continue
-                skipped.add(path, lineno, None, f"{req.op} request (no access)")
+                usable = True  # False: the request went to the malformed bucket instead
                 if req.op == "attach":
                     seen.add(req.args["bdf"])
-                    self._native_attach(req, path, lineno)
+                    usable = self._native_attach(req, path, lineno)
                 elif req.op == "detach":
                     self.engine.detach(req.args["vm"], req.args["bdf"])
                     self._attached.pop(req.args["bdf"], None)
                 elif req.op == "reload":
-                    self._reload(req, path, lineno)
+                    usable = self._reload(req, path, lineno)
+                if usable:
+                    skipped.add(path, lineno, None, f"{req.op} request (no access)")
         finally:
             self.summary.lines += lineno
 
-    def _native_attach(self, req: Request, path: str, lineno: int) -> None:
+    def _native_attach(self, req: Request, path: str, lineno: int) -> bool:
+        """Attach as the trace says; False when its device cannot be read (malformed)."""
         where = f"{path}:{lineno}"
         a = req.args
         bdf = a["bdf"]
@@ -407,10 +410,11 @@ class Replayer:
                 cfg = load_device(a["path"], a.get("source_bdf"))
         except DeviceError as exc:
             self._malformed(path, lineno, f"attach: {exc}")
-            return
+            return False
         cfg = ConfigSpace.from_bytes(cfg.data, cfg.source, bdf, cfg.line_map)
         self._attach(a["vm"], bdf, cfg, where)
         self._attached[bdf] = (a["vm"], (), 0)
+        return True
 
     def _auto_attach(self, vm: str, bdf: str, where: str) -> None:
         """Attach a ``--device``-bound device on its first access when the trace did not
@@ -421,19 +425,21 @@ class Replayer:
         if cfg is not None:
             self._attach(vm, bdf, ConfigSpace.from_bytes(cfg.data, cfg.source, bdf), where)
 
-    def _reload(self, req: Request, path: str, lineno: int) -> None:
+    def _reload(self, req: Request, path: str, lineno: int) -> bool:
+        """Reload as the trace says; False when its policy cannot be read (malformed)."""
         from .policyfile import load_policy
 
         policy_path = req.args.get("policy")
         if policy_path is None:
-            return
+            return True
         try:
             policy = load_policy(policy_path)
         except (TphtrapError, OSError) as exc:
             self._malformed(path, lineno, f"reload: {exc}")
-            return
+            return False
         self.policy = policy
         self.engine.reload(policy)
+        return True
 
     # --- QEMU traces -----------------------------------------------------------------------
     def qemu(self, path: str, lines: Iterable[str] | None = None) -> Iterator[Record]:
