@@ -92,15 +92,17 @@ class Record:
 def sniff_format(lines: Iterable[str]) -> tuple[str, Iterator[str]]:
     """(``native`` if the first non-blank line is a JSON object, else ``qemu``; the lines).
 
-    Reads only up to that first non-blank line and gives it back: nothing is lost, so it works
-    on standard input, and line numbers stay those of the trace.
+    A byte order mark before the object does not make it a QEMU log (the native reader then
+    reports that line as malformed). Reads only up to that first non-blank line and gives it
+    back: nothing is lost, so it works on standard input, and line numbers stay those of the
+    trace.
     """
     it = iter(lines)
     head: list[str] = []
     fmt = "native"
     for line in it:
         head.append(line)
-        text = line.strip()
+        text = line.strip().removeprefix("\ufeff")
         if text:
             fmt = "native" if text.startswith("{") else "qemu"
             break

@@ -465,4 +465,20 @@ def format_summary(s: ReplaySummary, show_devices: set[str] | None = None) -> st
     if s.expected or s.mismatches:
         out.append(f"expectations: {s.expected - s.mismatches:,}/{s.expected:,} matched")
         out += [f"  {m}" for m in s.mismatch_lines]
-    return "\n".join(out)
+    return _terminal_safe("\n".join(out))
+
+
+def _terminal_safe(text: str) -> str:
+    """``text`` with what a trace put in it made visible: unprintable characters (control
+    characters but the line breaks, lone surrogates, format characters) as escapes, so a
+    hostile path can neither move the terminal's cursor nor stop the summary (standard output
+    cannot encode a surrogate)."""
+    lines = text.split("\n")
+    if all(line.isprintable() for line in lines):
+        return text
+    return "\n".join("".join(c if c.isprintable() else _escape(c) for c in ln) for ln in lines)
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
