@@ -329,34 +329,50 @@ def bench_inprocess(sizes: Sizes, workdir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def bench_engine(sizes: Sizes) -> list[float]:
-    """Decisions per second of ``Engine.handle`` on the mixed native-trace workload."""
+def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
+    """Decisions per second of ``Engine.handle`` on the mixed native-trace workload, with the
+    self-check on (``checked``, what tphtrap runs) and off (``unchecked``, measurement only),
+    rounds alternating so both see the same machine."""
     from tphtrap.device import ConfigSpace, load_device
-    from tphtrap.engine import Engine
+    from tphtrap.engine import Engine, Session
     from tphtrap.policyfile import load_policy
     from tphtrap.wire import parse_request, to_access
 
-    engine = Engine(load_policy(str(workload.POLICY)))
-    for bdf, vm, path in (
-        (workload.A["bdf"], workload.A["vm"], workload.DEV_A),
-        (workload.B["bdf"], workload.B["vm"], workload.DEV_B),
-    ):
-        dev = load_device(str(path))
-        engine.attach(vm, bdf, ConfigSpace.from_bytes(dev.data, dev.source, bdf, dev.line_map))
+    def fresh() -> Engine:
+        engine = Engine(load_policy(str(workload.POLICY)))
+        for bdf, vm, path in (
+            (workload.A["bdf"], workload.A["vm"], workload.DEV_A),
+            (workload.B["bdf"], workload.B["vm"], workload.DEV_B),
+        ):
+            dev = load_device(str(path))
+            engine.attach(vm, bdf, ConfigSpace.from_bytes(dev.data, dev.source, bdf, dev.line_map))
+        return engine
+
     accesses = [
         to_access(parse_request(json.dumps({"id": i, **req})))
         for i, req in enumerate(workload.native_cycle())
     ]
-    handle = engine.handle
     loops = max(1, sizes.engine // len(accesses))
-    rates = []
-    for _ in range(sizes.rounds + 2):
-        start = time.perf_counter()
-        for _ in range(loops):
-            for access in accesses:
-                handle(access)
-        rates.append(loops * len(accesses) / (time.perf_counter() - start))
-    return rates[2:] if len(rates) > 2 else rates  # the first rounds warm up
+    check = Session.check
+    rates: dict[str, list[float]] = {"checked": [], "unchecked": []}
+    try:
+        for _ in range(sizes.rounds + 2):
+            for mode in rates:
+                Session.check = check if mode == "checked" else _no_check  # type: ignore[method-assign]
+                handle = fresh().handle
+                start = time.perf_counter()
+                for _ in range(loops):
+                    for access in accesses:
+                        handle(access)
+                rates[mode].append(loops * len(accesses) / (time.perf_counter() - start))
+    finally:
+        Session.check = check  # type: ignore[method-assign]
+    # the first rounds warm up
+    return {mode: r[2:] if len(r) > 2 else r for mode, r in rates.items()}
+
+
+def _no_check(self: object, writes: object, full: bool) -> None:
+    """Stands in for the self-check, to measure what it costs."""
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -488,7 +504,7 @@ def report(
     latency: list[LatencyRow],
     piped: dict[int, dict[str, list[float]]],
     inproc: dict[str, dict[str, float]],
-    engine: list[float],
+    engine: dict[str, list[float]],
     replay: list[ReplayRow],
     total_s: float,
     load_end: str,
@@ -665,17 +681,27 @@ def report(
     # --- engine
     w("## Engine alone")
     w("")
-    rate = median(engine)
+    rate = median(engine["checked"])
+    bare = median(engine["unchecked"])
+    share = median([1 - c / u for c, u in zip(engine["checked"], engine["unchecked"], strict=True)])
+    rounds = len(engine["checked"])
     w(
         f"`Engine.handle` in a loop over the accesses of one cycle of the native trace "
         f"workload ({len(workload.native_cycle())} accesses: resets, TPH control and ST "
         f"entry writes with one foreign tag per device, MSI-X 8- and 4-byte writes, reads, "
-        f"non-TPH accesses), median of {len(engine)} rounds of {sizes.engine:,} decisions."
+        f"non-TPH accesses), median of {rounds} rounds of {sizes.engine:,} decisions, with "
+        "the self-check on (as tphtrap runs) and, to measure its cost, off."
     )
     w("")
     w("| workload | decisions/s | µs per decision |")
     w("|---|---:|---:|")
-    w(f"| mixed (native trace cycle) | {rate:,.0f} | {1e6 / rate:.2f} |")
+    w(f"| mixed, self-check on | {rate:,.0f} | {1e6 / rate:.2f} |")
+    w(f"| mixed, self-check off | {bare:,.0f} | {1e6 / bare:.2f} |")
+    w("")
+    w(
+        f"Self-check share of a decision's time: {share:.1%} (goal under 20%: "
+        f"{verdict(share < 0.20)})."
+    )
     w("")
 
     # --- replay
@@ -771,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         inproc = bench_inprocess(sizes, workdir)
         progress("engine alone")
         engine = bench_engine(sizes)
-        progress(f"engine: {median(engine):,.0f} decisions/s")
+        progress(f"engine: {median(engine['checked']):,.0f} decisions/s")
         replay = bench_replay(sizes, workdir)
     finally:
         if not args.keep and args.workdir is None:

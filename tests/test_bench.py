@@ -29,6 +29,7 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
         "## Plugin latency (ping-pong)",
         "## Pipelined throughput",
         "## Engine alone",
+        "Self-check share of a decision",
         "## Replay",
         "## Reproduce",
     ):
@@ -51,7 +52,9 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
     for kind in ("TPH control", "ST entry", "non-TPH", "Vector Control"):
         latency = [r for r in rows if kind in r and re.search(r"\| [\d.]+ \|", r)]
         assert latency, kind
-    assert re.search(r"\| mixed \(native trace cycle\) \| [\d,]+ \| [\d.]+ \|", text)
+    assert re.search(r"\| mixed, self-check on \| [\d,]+ \| [\d.]+ \|", text)
+    assert re.search(r"\| mixed, self-check off \| [\d,]+ \| [\d.]+ \|", text)
+    assert re.search(r"Self-check share of a decision's time: -?[\d.]+% \(goal under 20%: \*\*", text)
     replay = [r for r in rows if r.startswith("| native |") or r.startswith("| qemu |")]
     assert len(replay) == 4
     for r in replay:

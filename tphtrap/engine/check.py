@@ -14,9 +14,10 @@ copy, and the invariant is evaluated after every single write:
   write keeps the device's reserved bits (RsvdP).
 
 The copy is kept on its own terms, not the engine's: its layout is read again from the
-snapshot's TPH capability registers, and a reset (seen in a write of Initiate FLR or of a
-PMCSR D3hot -> D0, or told by the hypervisor) forks it into every outcome a device may show:
-control kept or zeroed, times tags kept or zeroed. The invariant must hold in each.
+snapshot's TPH capability registers, and it holds, per register, every value the device may
+have: a reset (seen in a write of Initiate FLR or of PMCSR D3hot -> D0, or told by the
+hypervisor) leaves each control register and each ST entry either kept or zeroed,
+independently. The invariant must hold for every combination.
 """
 
 from __future__ import annotations
@@ -44,28 +45,37 @@ _EN_SHIFT = 8
 _EN_MASK = 0x300
 _WRITABLE = _MODE_MASK | _EN_MASK
 _VC_MASKBIT = 0x1  # power-on value of Vector Control
-_MAX_BRANCHES = 16
+
+#: a register's possible values: one value, several (after a reset), or None (anything)
+Value = int | frozenset[int] | None
 
 
 class UnsafePlan(Exception):
     """A plan that breaks the invariant at some step (a bug in the engine)."""
 
 
-class _Branch:
-    """One possible state of the device's TPH registers."""
+def _values(v: Value) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    return (v,) if isinstance(v, int) else tuple(v)
 
-    __slots__ = ("ctrl", "ent", "pm")
 
-    def __init__(self, ctrl: list[int], ent: list[int | None], pm: int) -> None:
-        self.ctrl = ctrl
-        self.ent = ent  # capability: 16-bit entries; MSI-X: whole Vector Control dwords
-        self.pm = pm
+def _either(a: Value, b: int) -> Value:
+    """``a`` or ``b``: what a register holds after a reset that may or may not clear it."""
+    if a is None:
+        return None
+    got = {a} if isinstance(a, int) else set(a)
+    got.add(b)
+    return got.pop() if len(got) == 1 else frozenset(got)
 
-    def copy(self) -> _Branch:
-        return _Branch(self.ctrl.copy(), self.ent.copy(), self.pm)
 
-    def key(self) -> tuple[object, ...]:
-        return (tuple(self.ctrl), tuple(self.ent), self.pm)
+def _put_byte(v: Value, shift: int, byte: int) -> Value:
+    if v is None:
+        return None
+    mask = ~(0xFF << shift)
+    if isinstance(v, int):
+        return (v & mask) | (byte << shift)
+    return frozenset((x & mask) | (byte << shift) for x in v)
 
 
 class Checker:
@@ -81,7 +91,7 @@ class Checker:
         msix = cfg.msix
         self.table_at = -1
         self.msix_bir = -1
-        self.msix_start = -1
+        self.msix_start = self.msix_end = -1
         n = 0
         if single and tph is not None and loc is StLocation.CAP:
             n = tph.table_size
@@ -90,6 +100,7 @@ class Checker:
             n = msix.table_size
             self.msix_bir = msix.table_bir
             self.msix_start = msix.table_offset
+            self.msix_end = self.msix_start + n * PCI_MSIX_ENTRY_SIZE
         self.n = n
         self.in_cap = self.table_at >= 0
         # registers whose write may reset the function, found again from the capability list
@@ -103,187 +114,185 @@ class Checker:
                 self.pmcsr = c.offset + 4  # PowerState 1:0, No_Soft_Reset bit 3
         pm = cfg.data[self.pmcsr] if self.pmcsr >= 0 else 0
         self.no_soft_reset = bool(pm & 0x8)
-        ctrl = [cfg.u32(start + PCI_TPH_CTRL) for start, _ in self.caps]
+        self.pm = pm & 0x3
+        watched = [p for p in (self.flr_exp, self.flr_af, self.pmcsr) if p >= 0]
+        watched += [x for start, end in self.caps for x in (start, end - 1)]
+        self.watch_lo = min(watched, default=0)
+        self.watch_hi = max(watched, default=-1) + 1
+        self.ctrl: list[Value] = [cfg.u32(start + PCI_TPH_CTRL) for start, _ in self.caps]
         # (the MSI-X table is not part of a config snapshot: its words start unknown)
-        ent: list[int | None] = (
+        self.ent: list[Value] = (
             [cfg.u16(self.table_at + 2 * i) for i in range(n)] if self.in_cap else [None] * n
         )
-        self.branches = [_Branch(ctrl, ent, pm & 0x3)]
+        self._undo: list[tuple[list[Value], int, Value]] = []
 
     # --- the device -------------------------------------------------------------------------
-    def _config_byte(self, br: _Branch, pos: int, byte: int) -> tuple[bool, int | None]:
-        """Apply one config byte; returns (control touched, entry index touched)."""
-        for k, (start, end) in enumerate(self.caps):
-            if not start <= pos < end:
-                continue
-            rel = pos - start
-            if rel < PCI_TPH_CTRL:
-                raise UnsafePlan(f"write to the read-only TPH register at {pos:#x}")
-            if rel < PCI_TPH_CTRL + 4:
-                shift = 8 * (rel - PCI_TPH_CTRL)
-                keep = ~(_WRITABLE >> shift) & 0xFF
-                if (byte ^ (br.ctrl[k] >> shift)) & keep:
-                    raise UnsafePlan(f"control write at {pos:#x} changes reserved bits")
-                br.ctrl[k] = (br.ctrl[k] & ~(0xFF << shift)) | (byte << shift)
-                return True, None
-            if k == 0 and self.in_cap and self.table_at <= pos < self.table_at + 2 * self.n:
-                i, half = divmod(pos - self.table_at, 2)
-                old = br.ent[i] or 0
-                br.ent[i] = (old & ~(0xFF << 8 * half)) | (byte << 8 * half)
-                return False, i
-            raise UnsafePlan(f"write to the TPH padding at {pos:#x}")
-        if (pos == self.flr_exp and byte & 0x80) or (pos == self.flr_af and byte & 0x1):
-            raise _Reset
-        if pos == self.pmcsr:
-            state, br.pm = br.pm, byte & 0x3
-            if state == 3 and br.pm == 0 and not self.no_soft_reset:
-                raise _Reset
-        return False, None
+    def _set(self, regs: list[Value], i: int, v: Value) -> None:
+        self._undo.append((regs, i, regs[i]))
+        regs[i] = v
 
-    def _bar_byte(self, br: _Branch, bar: int | None, pos: int, byte: int) -> int | None:
-        if bar != self.msix_bir or self.msix_start < 0:
-            return None
-        rel = pos - self.msix_start
-        if not 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
-            return None
-        i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
-        if field < PCI_MSIX_ENTRY_VECTOR_CTRL:
-            return None
-        shift = 8 * (field - PCI_MSIX_ENTRY_VECTOR_CTRL)
-        old = br.ent[i]
-        if old is None:
-            # An unknown word becomes known only when all of it is written (see apply).
-            return i
-        br.ent[i] = (old & ~(0xFF << shift)) | (byte << shift)
-        return i
+    def _config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
+        """Apply a config write; returns (control touched, reset)."""
+        ctrl = reset = False
+        for b in range(w.width):
+            pos = w.offset + b
+            byte = (w.value >> (8 * b)) & 0xFF
+            for k, (start, end) in enumerate(self.caps):
+                if not start <= pos < end:
+                    continue
+                rel = pos - start
+                if rel < PCI_TPH_CTRL:
+                    raise UnsafePlan(f"write to the read-only TPH register at {pos:#x}")
+                if rel < PCI_TPH_CTRL + 4:
+                    shift = 8 * (rel - PCI_TPH_CTRL)
+                    keep = ~(_WRITABLE >> shift) & 0xFF
+                    for c in _values(self.ctrl[k]) or ():
+                        if (byte ^ (c >> shift)) & keep:
+                            raise UnsafePlan(f"control write at {pos:#x} changes reserved bits")
+                    self._set(self.ctrl, k, _put_byte(self.ctrl[k], shift, byte))
+                    ctrl = True
+                elif k == 0 and self.in_cap and self.table_at <= pos < self.table_at + 2 * self.n:
+                    i, half = divmod(pos - self.table_at, 2)
+                    # an unknown entry becomes known only when both its bytes are written
+                    old = self.ent[i]
+                    if old is None and w.width >= 2 and pos % 2 == 0 and b + 1 < w.width:
+                        old = 0
+                    self._set(self.ent, i, _put_byte(old, 8 * half, byte))
+                    touched.add(i)
+                else:
+                    raise UnsafePlan(f"write to the TPH padding at {pos:#x}")
+                break
+            else:
+                if (pos == self.flr_exp and byte & 0x80) or (pos == self.flr_af and byte & 0x1):
+                    reset = True
+                elif pos == self.pmcsr:
+                    state, self.pm = self.pm, byte & 0x3
+                    reset |= state == 3 and self.pm == 0 and not self.no_soft_reset
+        return ctrl, reset
+
+    def _bar(self, w: DeviceWrite, touched: set[int]) -> None:
+        lo, hi = max(w.offset, self.msix_start), min(w.offset + w.width, self.msix_end)
+        for pos in range(lo, hi):
+            i, field = divmod(pos - self.msix_start, PCI_MSIX_ENTRY_SIZE)
+            if field < PCI_MSIX_ENTRY_VECTOR_CTRL:
+                continue
+            touched.add(i)
+            vc = pos - field + PCI_MSIX_ENTRY_VECTOR_CTRL
+            old = self.ent[i]
+            if old is None and w.offset <= vc and vc + 4 <= w.offset + w.width:
+                old = 0  # the whole word is written: it becomes known
+            byte = (w.value >> (8 * (pos - w.offset))) & 0xFF
+            self._set(self.ent, i, _put_byte(old, 8 * (field - PCI_MSIX_ENTRY_VECTOR_CTRL), byte))
+
+    def _fork(self) -> None:
+        """A reset: every control register and every entry is either kept or zeroed."""
+        for k, c in enumerate(self.ctrl):
+            zero = (_values(c) or (0,))[0] & ~_WRITABLE
+            self._set(self.ctrl, k, None if c is None else _either(c, zero))
+        zero_ent = 0 if self.in_cap else _VC_MASKBIT
+        for i, v in enumerate(self.ent):
+            self._set(self.ent, i, _either(v, zero_ent))
+        self.pm = 0
 
     # --- the invariant -----------------------------------------------------------------------
-    def _tag(self, value: int | None, width: TagWidth) -> int | None:
-        if value is None:
-            return None
-        return (value >> 16 if not self.in_cap else value) & width.mask
+    def _violation(self, rules: TagRules, revoked: bool, entries: set[int] | None) -> str | None:
+        """What is unsafe now (None: nothing). ``entries``: only those changed."""
+        for k, c in enumerate(self.ctrl):
+            possible = _values(c)
+            if possible is None:
+                return "control register unknown"
+            for ctrl in possible:
+                problem = self._unsafe(k, ctrl, rules, revoked, entries)
+                if problem is not None:
+                    return problem
+        return None
 
-    def _violation(
-        self, br: _Branch, rules: TagRules, revoked: bool, entries: set[int] | None
+    def _unsafe(
+        self, k: int, ctrl: int, rules: TagRules, revoked: bool, entries: set[int] | None
     ) -> str | None:
-        """What is unsafe in ``br`` (None: nothing). ``entries``: only those changed."""
-        for k, ctrl in enumerate(br.ctrl):
-            en = (ctrl & _EN_MASK) >> _EN_SHIFT
-            if en == 0:
-                continue
-            if en == 2:
-                return "Requester Enable 2 (reserved) on the device"
-            if not self.trappable or k:
-                return "TPH enabled on a device that cannot be trapped"
-            if revoked or not rules.tph_allowed:
-                return "TPH enabled where the policy forbids it"
-            mode = ctrl & _MODE_MASK
-            if mode > 1 or not (self.cap_bits >> mode) & 1:
-                return f"TPH enabled in ST mode {mode}, which is not allowed on this device"
-            width = TagWidth.ST16 if en == 3 else TagWidth.ST8
-            if width is TagWidth.ST16 and not (self.cap_bits & 0x100 and rules.ext_allowed):
-                return "Extended TPH enabled without device support or 16-bit tags"
-            allowed = rules.allowed[width]
-            if mode == 0:
-                if 0 not in allowed:
-                    return "No ST mode enabled where tag 0 is not allowed"
-                continue
-            check = range(self.n) if entries is None else entries
-            for i in check:
-                tag = self._tag(br.ent[i], width)
-                if tag is None or tag not in allowed:
-                    return f"entry {i} holds a tag not allowed at {int(width)} bits: {tag}"
+        en = (ctrl & _EN_MASK) >> _EN_SHIFT
+        if en == 0:
+            return None
+        if en == 2:
+            return "Requester Enable 2 (reserved) on the device"
+        if not self.trappable or k:
+            return "TPH enabled on a device that cannot be trapped"
+        if revoked or not rules.tph_allowed:
+            return "TPH enabled where the policy forbids it"
+        mode = ctrl & _MODE_MASK
+        if mode > 1 or not (self.cap_bits >> mode) & 1:
+            return f"TPH enabled in ST mode {mode}, which is not allowed on this device"
+        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
+        if width is TagWidth.ST16 and not (self.cap_bits & 0x100 and rules.ext_allowed):
+            return "Extended TPH enabled without device support or 16-bit tags"
+        allowed = rules.allowed[width]
+        if mode == 0:
+            return None if 0 in allowed else "No ST mode enabled where tag 0 is not allowed"
+        shift = 0 if self.in_cap else 16
+        for i in range(self.n) if entries is None else entries:
+            values = _values(self.ent[i])
+            if values is None:
+                return f"entry {i} is unknown while in use"
+            for v in values:
+                if (v >> shift) & width.mask not in allowed:
+                    return f"entry {i} holds a tag not allowed at {int(width)} bits: {v:#x}"
         return None
 
     # --- plans -------------------------------------------------------------------------------
     def reset(self) -> None:
-        """The hypervisor reset the device: fork into every outcome."""
-        self.branches = self._forked(self.branches)
-
-    def _forked(self, branches: list[_Branch]) -> list[_Branch]:
-        out: dict[tuple[object, ...], _Branch] = {}
-        zero_ent: list[int | None] = [0 if self.in_cap else _VC_MASKBIT] * self.n
-        for br in branches:
-            zero_ctrl = [c & ~_WRITABLE for c in br.ctrl]
-            for ctrl in (br.ctrl, zero_ctrl):
-                for ent in (br.ent, zero_ent):
-                    b = _Branch(list(ctrl), list(ent), 0)
-                    out.setdefault(b.key(), b)
-        merged = list(out.values())
-        if len(merged) > _MAX_BRANCHES:
-            # Too many outcomes to follow: keep one, with every entry that differs unknown.
-            first = merged[0]
-            for b in merged[1:]:
-                for i, v in enumerate(b.ent):
-                    if first.ent[i] != v:
-                        first.ent[i] = None
-                first.ctrl = [c | (c2 & _EN_MASK) for c, c2 in zip(first.ctrl, b.ctrl, strict=True)]
-            merged = [first]
-        return merged
+        """The hypervisor reset the device."""
+        self._fork()
+        self._undo.clear()
 
     def verify(
         self, writes: tuple[DeviceWrite, ...], rules: TagRules, revoked: bool, full: bool
     ) -> None:
-        """Apply ``writes`` to a copy, checking after each; commit only if all are safe.
+        """Apply ``writes`` one by one, checking after each; undo them all if one is unsafe.
 
-        ``full``: check every entry after the first write (rules or device changed outside
-        this plan); otherwise only what each write touches, on a state already checked.
+        ``full``: check everything after the first write (the rules or the device changed
+        outside this plan); otherwise only what each write touches, on a state already checked.
         """
-        branches = [b.copy() for b in self.branches]
-        if full and not writes:
-            return
-        for w in writes:
-            step: list[_Branch] = []
-            forked = False
-            for br in branches:
-                ctrl_touched = False
+        self._undo.clear()
+        try:
+            if full and not writes:
+                problem = self._violation(rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(problem)
+            for w in writes:
                 touched: set[int] = set()
-                try:
-                    for b in range(w.width):
-                        byte = (w.value >> (8 * b)) & 0xFF
-                        if w.space == "config":
-                            c, i = self._config_byte(br, w.offset + b, byte)
-                            ctrl_touched |= c
-                        else:
-                            i = self._bar_byte(br, w.bar, w.offset + b, byte)
-                        if i is not None:
-                            touched.add(i)
-                except _Reset:
-                    forked = True
-                step.append(br)
-                if w.space == "bar" and touched:
-                    # A whole-dword write makes an unknown Vector Control word known.
-                    for i in touched:
-                        vc = self.msix_start + i * PCI_MSIX_ENTRY_SIZE + 12
-                        if br.ent[i] is None and w.offset <= vc and vc + 4 <= w.offset + w.width:
-                            br.ent[i] = (w.value >> (8 * (vc - w.offset))) & 0xFFFFFFFF
-                entries = None if full or ctrl_touched else touched
-                if entries is None or entries:
-                    problem = self._violation(br, rules, revoked, entries)
-                    if problem is not None:
-                        raise UnsafePlan(f"after {_show(w)}: {problem}")
-            branches = self._forked(step) if forked else step
-            if forked:
-                for br in branches:
-                    problem = self._violation(br, rules, revoked, None)
-                    if problem is not None:
-                        raise UnsafePlan(f"after the reset in {_show(w)}: {problem}")
-            full = False
-        self.branches = branches
+                ctrl = reset = False
+                if w.space == "config":
+                    if w.offset + w.width > self.watch_lo and w.offset < self.watch_hi:
+                        ctrl, reset = self._config(w, touched)
+                elif w.bar == self.msix_bir:
+                    self._bar(w, touched)
+                if reset:
+                    self._fork()
+                if full or ctrl or reset:
+                    problem = self._violation(rules, revoked, None)
+                elif touched:
+                    problem = self._violation(rules, revoked, touched)
+                else:
+                    problem = None
+                if problem is not None:
+                    raise UnsafePlan(f"after {_show(w)}: {problem}")
+                full = False
+        except UnsafePlan:
+            for regs, i, old in reversed(self._undo):
+                regs[i] = old
+            raise
+        finally:
+            self._undo.clear()
 
     def disable_all(self) -> tuple[DeviceWrite, ...]:
         """Writes that clear Requester Enable on every TPH capability (the poison path)."""
         writes = []
         for k, (start, _) in enumerate(self.caps):
-            value = self.branches[0].ctrl[k] & ~_EN_MASK
+            possible = _values(self.ctrl[k]) or (0,)
+            value = possible[0] & ~_EN_MASK
             writes.append(DeviceWrite("config", start + PCI_TPH_CTRL, 4, value))
-            for br in self.branches:
-                br.ctrl[k] &= ~_EN_MASK
+            self.ctrl[k] = _either(frozenset(c & ~_EN_MASK for c in possible), value)
         return tuple(writes)
-
-
-class _Reset(Exception):
-    """A write that resets the function (internal to :class:`Checker`)."""
 
 
 def _show(w: DeviceWrite) -> str:
