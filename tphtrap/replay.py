@@ -311,37 +311,37 @@ class Replayer:
         decision = self.engine.handle(access)
         s = self.summary
         s.records += 1
+        passed = decision.verdict is _PASS
         verdict = VERDICT_NAMES[decision.verdict]
+        reason = decision.reason
         s.verdicts[verdict] += 1
-        s.reasons[decision.reason] += 1
+        s.reasons[reason] += 1
         s.vms[access.vm] += 1
         bdf = access.bdf
         s.kinds[(bdf, type(access))] += 1
+        rec = Record(trace, line, access, decision, expect, None, inferred)
         if inferred:
             s.inferred[bdf] += 1
         if s.records <= MAX_FIRST:
-            s.first_records.append(f"{trace}:{line}: {bdf} {verdict} {decision.reason}")
-        rec = Record(trace, line, access, decision, inferred=inferred)
+            s.first_records.append(f"{trace}:{line}: {bdf} {verdict} {reason}")
         view = s.tph.get(bdf)
-        if view is not None:
+        # reads change nothing on the device: only an overlay counts the ones that hit it
+        if view is not None and (access.is_write or type(access) is Reset or view.overlay):
             view.observe(trace, line, access, decision)
-        if expect is not None:
-            self._expect(rec, expect)
+        if expect is not None and self.check_expect:
+            self._check_expect(rec, expect)
         select = self.select
         if select is not None:
             if not select(rec):
                 return rec
             s.shown += 1
             s.shown_verdicts[verdict] += 1
-            s.shown_reasons[decision.reason] += 1
-        if decision.verdict is not _PASS and access.is_write and len(s.notable) < MAX_NOTABLE:
+            s.shown_reasons[reason] += 1
+        if not passed and access.is_write and len(s.notable) < MAX_NOTABLE:
             s.notable.append(_notable(rec))
         return rec
 
-    def _expect(self, rec: Record, expect: Any) -> None:
-        rec.expected = expect
-        if not self.check_expect:
-            return
+    def _check_expect(self, rec: Record, expect: Any) -> None:
         s = self.summary
         s.expected += 1
         rec.mismatch = compare(expect, decision_json(rec.decision))

@@ -137,6 +137,8 @@ class TphView:
 
     # --- following the decisions --------------------------------------------------------------
     def observe(self, trace: str, line: int, access: Access, decision: Decision) -> None:
+        """Follow one judged access of the device. Called for writes and resets (reads change
+        nothing on the device) and, with an overlay, for the reads that may hit it."""
         kind = type(access)
         if kind is ConfigWrite or kind is ConfigRead:
             assert isinstance(access, ConfigWrite | ConfigRead)
@@ -154,11 +156,12 @@ class TphView:
         if kind is Reset or "reset" in decision.reasons:
             self.dev_ctrl = 0
             self.entry_values = dict.fromkeys(self.entry_values, 0)
+        cap_start, cap_end, table_bar = self.cap_start, self.cap_end, self.table_bar
         for w in decision.writes:
             if w.space == "config":
-                if w.offset < self.cap_end and w.offset + w.width > self.cap_start:
+                if w.offset < cap_end and w.offset + w.width > cap_start:
                     self._config_write(trace, line, w)
-            elif w.bar == self.table_bar and self.location is StLocation.MSIX:
+            elif w.bar == table_bar and table_bar is not None:
                 self._vector_control_write(w)
 
     def _is_vc(self, a: MsixWrite) -> bool:
@@ -173,6 +176,23 @@ class TphView:
 
     def _config_write(self, trace: str, line: int, w: DeviceWrite) -> None:
         was_enabled = self.dev_ctrl >> 8 & 3
+        rel = w.offset - self.table_start
+        if w.offset == self.ctrl and w.width == 4:  # the usual cases: the control register,
+            self.dev_ctrl = w.value
+        elif (
+            w.width == 2
+            and 0 <= rel < 2 * self.table_entries
+            and not rel & 1
+            and self.location is StLocation.CAP
+        ):  # or a whole ST entry of the capability's table
+            self._set_entry(rel // 2, w.value)
+        else:
+            self._config_bytes(w)
+        enabled = self.dev_ctrl >> 8 & 3
+        if enabled and not was_enabled:
+            self._enabled(f"{trace}:{line}", enabled)
+
+    def _config_bytes(self, w: DeviceWrite) -> None:
         for i in range(w.width):
             byte = (w.value >> (8 * i)) & 0xFF
             off = w.offset + i
@@ -181,9 +201,6 @@ class TphView:
                 self.dev_ctrl = (self.dev_ctrl & ~(0xFF << shift)) | (byte << shift)
             elif self.location is StLocation.CAP:
                 self._entry_byte(off - self.table_start, byte)
-        enabled = self.dev_ctrl >> 8 & 3
-        if enabled and not was_enabled:
-            self._enabled(f"{trace}:{line}", enabled)
 
     def _vector_control_write(self, w: DeviceWrite) -> None:
         rel = w.offset - self.table_start
