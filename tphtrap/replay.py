@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from .cli import EXIT_MISMATCH, EXIT_OK, EXIT_UNJUDGED, EXIT_USER
+from .cli import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, EXIT_UNJUDGED, EXIT_USER
 from .device import ConfigSpace, load_device, normalize_bdf, parse_hex_config
 from .engine import AttachRefused, Engine
+from .engine.reasons import VIOLATIONS
 from .errors import DeviceError, TphtrapError, TraceError, WireError
 from .events import (
     VERDICT_NAMES,
@@ -281,8 +282,8 @@ class Replayer:
             self.engine.detach(vm, bdf)
         try:
             self.engine.attach(vm, bdf, cfg)
-        except AttachRefused as exc:
-            return self._refuse(bdf, where, exc.message)
+        except AttachRefused as exc:  # e.g. bad-config: a snapshot too short to show TPH
+            return self._refuse(bdf, where, f"{exc.code}: {exc.message}")
         self._refused.pop(bdf, None)
         view = TphView.of(cfg, overlay)
         old = self.summary.tph.get(bdf)
@@ -324,6 +325,8 @@ class Replayer:
             s.inferred[bdf] += 1
         if s.records <= MAX_FIRST:
             s.first_records.append(f"{trace}:{line}: {bdf} {verdict} {reason}")
+        if passed and not VIOLATIONS.isdisjoint(decision.reasons):
+            s.contradiction(f"{_notable(rec)} (reasons: {', '.join(decision.reasons)})")
         view = s.tph.get(bdf)
         # reads change nothing on the device: only an overlay counts the ones that hit it
         if view is not None and (access.is_write or type(access) is Reset or view.overlay):
@@ -819,6 +822,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _exit_status(s: ReplaySummary, args: argparse.Namespace) -> int:
     """The exit status, with a line on standard error whenever it is not a clean 0."""
+    if s.contradictions:
+        print(
+            f"tphtrap: internal error: {s.contradictions:,} decision(s) pass an access with a "
+            "violation reason (a bug: please report it with the summary)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     if args.expect and s.mismatches:
         print(
             f"tphtrap: {s.mismatches:,} decision(s) differ from the trace's expectations",

@@ -300,9 +300,17 @@ class ReplaySummary:
     implicit_devices: list[str] = field(default_factory=list)
     notable: list[str] = field(default_factory=list)  # first refused or changed writes
     attach_errors: list[str] = field(default_factory=list)
+    # decisions that break the engine's contract: a pass with a violation reason
+    contradictions: int = 0
+    contradiction_lines: list[str] = field(default_factory=list)
     traces: list[str] = field(default_factory=list)
     lines: int = 0
     seconds: float = 0.0
+
+    def contradiction(self, text: str) -> None:
+        self.contradictions += 1
+        if len(self.contradiction_lines) < MAX_LISTED:
+            self.contradiction_lines.append(text)
 
     # --- derived ------------------------------------------------------------------------------
     @property
@@ -361,6 +369,10 @@ class ReplaySummary:
                 "implicit_devices": self.implicit_devices,
                 "notable": self.notable,
                 "attach_errors": self.attach_errors,
+                "contradictions": {
+                    "count": self.contradictions,
+                    "lines": self.contradiction_lines,
+                },
                 "seconds": round(self.seconds, 3),
                 "records_per_second": round(self.records / self.seconds) if self.seconds else None,
             }
@@ -458,6 +470,12 @@ def format_summary(s: ReplaySummary, show_devices: set[str] | None = None) -> st
         out.append(f"NOT JUDGED: {why}")
     if not s.records:
         out.append("NOTHING JUDGED: no access of this trace went through the engine")
+    if s.contradictions:
+        out.append(
+            f"ENGINE CONTRADICTION: {s.contradictions:,} decision(s) pass an access with a "
+            "violation reason (a bug):"
+        )
+        out += [f"  {line}" for line in s.contradiction_lines]
     out += _accounting(s)
     if s.filter_text is not None:
         out.append(f"shown: {s.shown:,} of {s.records:,} records ({s.filter_text})")
