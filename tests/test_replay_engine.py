@@ -3,8 +3,16 @@
 - a ``pass`` never carries a violation reason (and a run where one did would fail, exit 3);
 - Vector Control mask/unmask writes of a guest that never wrote tag bits pass unchanged:
   no host tag is injected into a device whose guest never asked for TPH;
+- a guest FLR is a reset in ``Decision.reasons``, and replay's per-device view follows it;
 - a snapshot the engine refuses (``AttachRefused.code == "bad-config"``) makes the device's
   accesses unjudged, "attach refused: ...", never judged on a snapshot that hides TPH.
+
+qemu-guest-flr.log.gz was recorded by `make traces` like the boot traces (Debian's QEMU 7.2,
+TCG, q35; Debian's 6.1 kernel), with a guest that, after loading the virtio drivers, writes the
+registers of a TPH Requester capability at 0x100 of the first NIC through sysfs (ST entry 0 on
+line 39995, Requester Enable on line 40016), resets the NIC by FLR (Device Control bit 15, line
+40107) and enables TPH again (line 40305). The virtio NIC has no TPH capability, so QEMU ignores
+those writes; replay's ``--overlay`` grafts the capability of nic-st-in-cap.lspci there.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "fixtures" / "traces"
 BOOT = TRACES / "qemu-guest-boot.log.gz"
 BOOT_TS = TRACES / "qemu-guest-boot-timestamp.log.gz"
+FLR = TRACES / "qemu-guest-flr.log.gz"
 DEMO = TRACES / "demo-session.jsonl"
 POLICY = str(ROOT / "policies" / "two-tenants.yaml")
+ST_IN_CAP = str(ROOT / "fixtures" / "devices" / "nic-st-in-cap.lspci")
 ST_IN_MSIX = str(ROOT / "fixtures" / "devices" / "nic-st-in-msix.lspci")
 NIC1 = "0000:01:00.0"
 
@@ -54,9 +64,10 @@ def replay(
         (BOOT, ["--vm", "tenant-a"]),
         (BOOT_TS, ["--vm", "tenant-a"]),
         (BOOT, ["--vm", "tenant-a", "--overlay", f"{NIC1}={ST_IN_MSIX}"]),
+        (FLR, ["--vm", "tenant-a", "--overlay", f"{NIC1}={ST_IN_CAP}"]),
         (DEMO, ["--expect"]),
     ],
-    ids=["boot", "boot-timestamp", "boot-overlay-msix", "demo"],
+    ids=["boot", "boot-timestamp", "boot-overlay-msix", "flr-overlay", "demo"],
 )
 def test_pass_never_carries_a_violation_reason(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, trace: Path, args: list[str]
@@ -123,6 +134,43 @@ def test_mask_writes_of_a_guest_without_tags_pass_unchanged(
     tph = s["devices"][NIC1]["tph"]
     assert tph["guest_msix_tag_writes"] == 0 and tph["tph_enabled"] is False
     assert s["tph_ever_enabled"] is False and s["notable"] == []
+
+
+# --- a guest FLR resets replay's view of the device -------------------------------------------
+def test_guest_flr_is_a_reset_and_the_view_follows_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rc, s, rows, _ = replay(
+        capsys, tmp_path, FLR, "--vm", "tenant-a", "--overlay", f"{NIC1}={ST_IN_CAP}"
+    )
+    assert rc == 0 and s["not_judged"] == 0
+    resets = [r for r in rows if "reset" in r["decision"]["reasons"]]
+    assert [(r["line"], r["bdf"], r["offset"], r["guest_value"]) for r in resets] == [
+        (40107, NIC1, 0x48, 0x8000)  # PCI Express Device Control: Initiate FLR
+    ]
+    # TPH off before the FLR reaches the device; after it, control at its power-on value
+    assert resets[0]["decision"]["writes"] == [
+        {"space": "config", "offset": 0x108, "width": 4, "value": 0x001},
+        {"space": "config", "offset": 0x48, "width": 2, "value": 0x8000},
+        {"space": "config", "offset": 0x108, "width": 4, "value": 0x000},
+    ]
+    enables = [r for r in rows if r["bdf"] == NIC1 and r.get("offset") == 0x108]
+    assert [(r["line"], r["decision"]["reason"]) for r in enables] == [
+        (40016, "tag-fallback"),
+        (40305, "tag-fallback"),  # entry 0 is unwritten again after the reset: fallback
+    ]
+    assert 0x10C in [w["offset"] for w in enables[1]["decision"]["writes"]]
+    tph = s["devices"][NIC1]["tph"]
+    assert (tph["resets"], tph["first_reset_at"]) == (1, f"{FLR}:40107")
+    assert tph["enabled_at"] == f"{FLR}:40016" and tph["times_enabled"] == 2
+    assert tph["usable_tags"] == [0x01]
+    main(["replay", str(FLR), "--policy", POLICY, "--vm", "tenant-a", "--device", NIC1,
+          "--overlay", f"{NIC1}={ST_IN_CAP}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        f"TPH Requester Enable set at {FLR}:40016 (Interrupt Vector, 8-bit tags (TPH), 2 times "
+        f"in all); tags usable: 0x1; reset 1 time(s), first at {FLR}:40107"
+    ) in out
 
 
 # --- a snapshot the engine refuses ------------------------------------------------------------

@@ -295,6 +295,7 @@ class Replayer:
             )
             view.enables, view.usable, view.guest_writes = old.enables, old.usable, old.guest_writes
             view.guest_enable_at, view.guest_tag_writes = old.guest_enable_at, old.guest_tag_writes
+            view.resets, view.first_reset_at = old.resets, old.first_reset_at
             view.overlay_hits, view.overlay_first = old.overlay_hits, old.overlay_first
         if view is not None:
             self.summary.tph[bdf] = view

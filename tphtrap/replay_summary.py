@@ -105,6 +105,8 @@ class TphView:
     guest_writes: int = 0  # guest writes to the TPH capability
     guest_enable_at: str | None = None  # the first guest write asking for Requester Enable
     guest_tag_writes: int = 0  # guest MSI-X Vector Control writes with steering-tag bits
+    resets: int = 0  # resets of the function (a guest FLR or PM write, or the hypervisor's)
+    first_reset_at: str | None = None
     overlay: str | None = None
     overlay_hits: int = 0
     overlay_first: str | None = None
@@ -154,8 +156,7 @@ class TphView:
             if access.value >> 16 and self._is_vc(access):
                 self.guest_tag_writes += 1
         if kind is Reset or "reset" in decision.reasons:
-            self.dev_ctrl = 0
-            self.entry_values = dict.fromkeys(self.entry_values, 0)
+            self._reset(f"{trace}:{line}")
         cap_start, cap_end, table_bar = self.cap_start, self.cap_end, self.table_bar
         for w in decision.writes:
             if w.space == "config":
@@ -163,6 +164,14 @@ class TphView:
                     self._config_write(trace, line, w)
             elif w.bar == table_bar and table_bar is not None:
                 self._vector_control_write(w)
+
+    def _reset(self, where: str) -> None:
+        """The function was reset: TPH control and the ST entries back to power-on (the
+        decision's writes, which follow, say what the device gets next)."""
+        self.resets += 1
+        self.first_reset_at = self.first_reset_at or where
+        self.dev_ctrl = 0
+        self.entry_values = dict.fromkeys(self.entry_values, 0)
 
     def _is_vc(self, a: MsixWrite) -> bool:
         rel = a.offset - self.table_start
@@ -241,15 +250,19 @@ class TphView:
         self.usable.update(v & mask for v in values)
 
     def describe(self) -> str:
+        resets = ""
+        if self.resets:
+            resets = f"; reset {self.resets:,} time(s), first at {self.first_reset_at}"
         if self.enabled_at is None:
             asked = f"; the guest asked at {self.guest_enable_at}" if self.guest_enable_at else ""
-            return f"TPH Requester Enable never set on the device{asked}"
+            return f"TPH Requester Enable never set on the device{asked}{resets}"
         tags = sorted(self.usable)
         shown = ", ".join(f"{t:#x}" for t in tags[:MAX_TAGS])
         more = f" (+{len(tags) - MAX_TAGS} more)" if len(tags) > MAX_TAGS else ""
+        again = f", {self.enables:,} times in all" if self.enables > 1 else ""
         return (
             f"TPH Requester Enable set at {self.enabled_at} ({self.enable_mode}, "
-            f"{self.enable_width}); tags usable: {shown or 'none'}{more}"
+            f"{self.enable_width}{again}); tags usable: {shown or 'none'}{more}{resets}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -258,10 +271,13 @@ class TphView:
             "enabled_at": self.enabled_at,
             "mode": self.enable_mode or None,
             "width": self.enable_width or None,
+            "times_enabled": self.enables,
             "usable_tags": sorted(self.usable),
             "guest_tph_writes": self.guest_writes,
             "guest_enable_request_at": self.guest_enable_at,
             "guest_msix_tag_writes": self.guest_tag_writes,
+            "resets": self.resets,
+            "first_reset_at": self.first_reset_at,
         }
         if self.overlay is not None:
             out["overlay"] = {
