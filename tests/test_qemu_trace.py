@@ -445,6 +445,24 @@ def test_inferred_reads_learn_only_certain_bytes() -> None:
 
 
 # --- devices, VMs, overlays -----------------------------------------------------------------
+def test_bound_device_id_read_keeps_its_inferred_width() -> None:
+    """Found by the garbled-trace test: the identity check of a bound device compares only the
+    bytes an inferred read certainly returned, and used to shrink the access to them too (a
+    32-bit read of 0x1 at offset 0 became a 1-byte read)."""
+    _, records = read(["pci_cfg_read e1000e 03:0 @0x0 -> 0x1"], devices={NIC: nic_config()})
+    (rec,) = records
+    assert rec.access == ConfigRead("web", NIC, 0, 4)
+    reader = QemuTraceReader(
+        iter(["pci_cfg_read e1000e 00:03.0 @0x0 -> 0x1"]),
+        name="t.log",
+        devices={NIC: nic_config()},
+        vm_of=lambda bdf: "web",
+    )
+    list(reader)
+    mismatch, _ = reader.not_judgeable(NIC)
+    assert mismatch is not None and "identity mismatch" in mismatch
+
+
 def test_device_without_vm_is_not_replayed() -> None:
     _, records = read(open_trace(TRACES / "qemu-msix-bar.log"), vm=None)
     unbound = [r for r in records if r.bucket == "unbound"]

@@ -1465,9 +1465,9 @@ class QemuTraceReader:
             if not self._is_bound(dev):
                 self._learn(dev, offset, width, value, exact=exact)
             elif offset < _ID_END and dev.mismatch is None:
-                if not exact:  # only the bytes the read certainly returned
-                    width = min(width, max(1, (value.bit_length() + 7) // 8))
-                self._check_identity(dev, offset, width, value, line)
+                # compare only the bytes the read certainly returned (the access keeps its width)
+                known = width if exact else min(width, max(1, (value.bit_length() + 7) // 8))
+                self._check_identity(dev, offset, known, value, line)
         vm = self._vm(dev)
         key = self._key(dev)
         note = how + note
