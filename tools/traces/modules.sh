@@ -19,17 +19,24 @@ shift 2
 [ -d "$tree/kernel" ] || die "$tree: not a lib/modules/VERSION directory"
 : >"$order"
 
-add_module() {
-    # a depth-first walk; dash has no local variables, so the recursion passes its names on
-    grep -qx "$1" "$order" && return 0
+ko_of() { # NAME: the module's file (its name may use - for _)
     file=$(find "$tree/kernel" \( -name "$1.ko" -o -name "$(echo "$1" | tr _ -).ko" \) | head -n 1)
     [ -n "$file" ] || die "no module $1 in $tree"
-    for dep in $(tr '\0' '\n' <"$file" | sed -n 's/^depends=//p' | tr , ' '); do
+    echo "$file"
+}
+
+add_module() { # NAME: depth first, every module after what it depends on
+    grep -qx "$1" "$order" && return 0
+    # POSIX sh has no local variables: $file and $deps are read again after the recursion
+    file=$(ko_of "$1")
+    deps=$(tr '\0' '\n' <"$file" | sed -n 's/^depends=//p' | tr , ' ')
+    for dep in $deps; do
         add_module "$dep"
     done
     grep -qx "$1" "$order" || {
+        file=$(ko_of "$1")
         echo "$1" >>"$order"
-        echo "$(find "$tree/kernel" \( -name "$1.ko" -o -name "$(echo "$1" | tr _ -).ko" \) | head -n 1)=/lib/modules/$1.ko"
+        echo "$file=/lib/modules/$1.ko"
     }
 }
 
