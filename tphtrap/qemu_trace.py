@@ -1508,7 +1508,7 @@ class QemuTraceReader:
 
     # --- BARs and MSI-X --------------------------------------------------------------------
     def _on_mapping(self, lineno: int, ev: QemuEvent) -> None:
-        assert isinstance(ev, PciMappingAdd | PciMappingDel)
+        assert isinstance(ev, (PciMappingAdd, PciMappingDel))
         dev = self._guest_dev(ev.bdf)
         span = f"BAR {ev.bar} at {ev.addr:#x}+{ev.size:#x}"
         if isinstance(ev, PciMappingAdd):
@@ -1529,7 +1529,7 @@ class QemuTraceReader:
         self._info(lineno, REASON_MAPPING, note)
 
     def _on_mr(self, lineno: int, ev: QemuEvent) -> None:
-        assert isinstance(ev, MemoryRegionWrite | MemoryRegionRead)
+        assert isinstance(ev, (MemoryRegionWrite, MemoryRegionRead))
         name = ev.name
         if name in CONFIG_REGIONS:
             g = self._groups[ev.tid] = _Group(isinstance(ev, MemoryRegionWrite), ev.tid, lineno)
@@ -1596,7 +1596,7 @@ class QemuTraceReader:
 
     # --- vfio ------------------------------------------------------------------------------
     def _on_vfio_region(self, lineno: int, ev: QemuEvent) -> None:
-        assert isinstance(ev, VfioRegionWrite | VfioRegionRead)
+        assert isinstance(ev, (VfioRegionWrite, VfioRegionRead))
         dev = self._vfio_dev(ev.name)
         key = self._key(dev)
         if ev.region >= VFIO_BAR_REGIONS:

@@ -141,23 +141,18 @@ class TphView:
     def observe(self, trace: str, line: int, access: Access, decision: Decision) -> None:
         """Follow one judged access of the device. Called for writes and resets (reads change
         nothing on the device) and, with an overlay, for the reads that may hit it."""
-        kind = type(access)
-        if kind is ConfigWrite or kind is ConfigRead:
-            assert isinstance(access, ConfigWrite | ConfigRead)
-            if access.offset < self.cap_end and access.offset + access.width > self.cap_start:
+        cap_start, cap_end, table_bar = self.cap_start, self.cap_end, self.table_bar
+        if isinstance(access, (ConfigWrite, ConfigRead)):
+            if access.offset < cap_end and access.offset + access.width > cap_start:
                 if self.overlay is not None:
                     self.overlay_hits += 1
                     self.overlay_first = self.overlay_first or f"{trace}:{line}"
-                if kind is ConfigWrite:
-                    assert isinstance(access, ConfigWrite)
+                if isinstance(access, ConfigWrite):
                     self._guest_config_write(trace, line, access)
-        elif kind is MsixWrite:
-            assert isinstance(access, MsixWrite)
-            if access.value >> 16 and self._is_vc(access):
-                self.guest_tag_writes += 1
-        if kind is Reset or "reset" in decision.reasons:
+        elif isinstance(access, MsixWrite) and access.value >> 16 and self._is_vc(access):
+            self.guest_tag_writes += 1
+        if isinstance(access, Reset) or "reset" in decision.reasons:
             self._reset(f"{trace}:{line}")
-        cap_start, cap_end, table_bar = self.cap_start, self.cap_end, self.table_bar
         for w in decision.writes:
             if w.space == "config":
                 if w.offset < cap_end and w.offset + w.width > cap_start:
@@ -184,50 +179,42 @@ class TphView:
             self.guest_enable_at = f"{trace}:{line}"
 
     def _config_write(self, trace: str, line: int, w: DeviceWrite) -> None:
+        """A write the device gets in its TPH capability: the control register, ST entries."""
         was_enabled = self.dev_ctrl >> 8 & 3
-        rel = w.offset - self.table_start
-        if w.offset == self.ctrl and w.width == 4:  # the usual cases: the control register,
-            self.dev_ctrl = w.value
-        elif (
-            w.width == 2
-            and 0 <= rel < 2 * self.table_entries
-            and not rel & 1
-            and self.location is StLocation.CAP
-        ):  # or a whole ST entry of the capability's table
-            self._set_entry(rel // 2, w.value)
+        off, end, value, ctrl = w.offset, w.offset + w.width, w.value, self.ctrl
+        if off <= ctrl and ctrl + 4 <= end:  # the whole control register: the usual case
+            self.dev_ctrl = (value >> (8 * (ctrl - off))) & 0xFFFF_FFFF
         else:
-            self._config_bytes(w)
+            for pos in range(max(off, ctrl), min(end, ctrl + 4)):
+                shift = 8 * (pos - ctrl)
+                byte = (value >> (8 * (pos - off))) & 0xFF
+                self.dev_ctrl = (self.dev_ctrl & ~(0xFF << shift)) | (byte << shift)
+        if self.location is StLocation.CAP:  # entry i: 16 bits at table_start + 2 * i
+            ts = self.table_start
+            for i in range(max(0, (off - ts) // 2), min(self.table_entries, (end - ts + 1) // 2)):
+                self._entry_write(i, ts + 2 * i, off, value, end)
         enabled = self.dev_ctrl >> 8 & 3
         if enabled and not was_enabled:
             self._enabled(f"{trace}:{line}", enabled)
 
-    def _config_bytes(self, w: DeviceWrite) -> None:
-        for i in range(w.width):
-            byte = (w.value >> (8 * i)) & 0xFF
-            off = w.offset + i
-            if self.ctrl <= off < self.ctrl + 4:
-                shift = 8 * (off - self.ctrl)
-                self.dev_ctrl = (self.dev_ctrl & ~(0xFF << shift)) | (byte << shift)
-            elif self.location is StLocation.CAP:
-                self._entry_byte(off - self.table_start, byte)
-
     def _vector_control_write(self, w: DeviceWrite) -> None:
-        rel = w.offset - self.table_start
-        if w.width == 4 and rel % 16 == 12:  # the usual case: the whole Vector Control dword
-            if 0 <= rel < 16 * self.table_entries:
-                self._set_entry(rel // 16, w.value >> 16)
-            return
-        for i in range(w.width):
-            r = rel + i
-            if 0 <= r < 16 * self.table_entries and r % 16 >= 14:
-                self._entry_byte(2 * (r // 16) + r % 2, (w.value >> (8 * i)) & 0xFF)
+        """A write the device gets in its MSI-X table: entry i's tag is the upper half of its
+        Vector Control, bytes 14-15 of the table's entry i."""
+        ts, off, end = self.table_start, w.offset, w.offset + w.width
+        for i in range(max(0, (off - ts) // 16), min(self.table_entries, (end - ts + 1) // 16)):
+            self._entry_write(i, ts + 16 * i + 14, off, w.value, end)
 
-    def _entry_byte(self, rel: int, byte: int) -> None:
-        """Byte ``rel`` of the table seen as 16-bit entries (entry rel // 2, low byte first)."""
-        if 0 <= rel < 2 * self.table_entries:
-            i, shift = rel // 2, 8 * (rel % 2)
-            old = self.entry_values.get(i, 0)
-            self._set_entry(i, (old & ~(0xFF << shift)) | (byte << shift))
+    def _entry_write(self, i: int, at: int, off: int, value: int, end: int) -> None:
+        """Entry ``i`` (16 bits at ``at``) from a write of ``value`` to [off, end), which
+        covers at least one byte of it."""
+        if off <= at and at + 2 <= end:
+            self._set_entry(i, (value >> (8 * (at - off))) & 0xFFFF)
+            return
+        old = self.entry_values.get(i, 0)
+        if off <= at:  # the low byte only
+            self._set_entry(i, (old & 0xFF00) | ((value >> (8 * (at - off))) & 0xFF))
+        else:  # the high byte only
+            self._set_entry(i, (old & 0xFF) | ((value >> (8 * (at + 1 - off))) & 0xFF) << 8)
 
     def _set_entry(self, i: int, tag: int) -> None:
         self.entry_values[i] = tag
@@ -245,9 +232,11 @@ class TphView:
         if self.dev_ctrl & 7 == 0:
             self.usable.add(0)  # No ST mode: every request carries tag 0
             return
-        mask = 0xFFFF if enable == 3 else 0xFF
         values = self.entry_values.values() if self.entry_values else (0,)
-        self.usable.update(v & mask for v in values)
+        if enable == 3:  # 16-bit tags: the entries as they are
+            self.usable.update(values)
+        else:
+            self.usable.update(v & 0xFF for v in values)
 
     def describe(self) -> str:
         resets = ""
