@@ -66,9 +66,10 @@ def replay(args: list[str]) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "rc": rc,
-        "records": summary["records"],
-        "skipped": summary["skipped"],
-        "malformed": summary["malformed"],
+        "records": summary["records"]["count"],
+        "skipped": summary["skipped"]["count"],
+        "malformed": summary["malformed"]["count"],
+        "not_judged": summary["not_judged"],
         "mismatches": summary["mismatches"],
     }
 

@@ -425,7 +425,7 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
         for i, req in enumerate(workload.native_cycle())
     ]
     loops = max(1, sizes.engine // len(accesses))
-    check = RawWrites.check  # the writes backend's self-check (the workload's devices use it)
+    check = RawWrites.check
     rates: dict[str, list[float]] = {"checked": [], "unchecked": []}
     try:
         for _ in range(sizes.rounds + 2):

@@ -52,7 +52,6 @@ from tphtrap.events import (
     MsixWrite,
 )
 from tphtrap.policy import HostPolicy, VmPolicy
-from tphtrap.wire import expand_runs
 
 __all__ = [
     "Grant",
@@ -265,10 +264,9 @@ class Outcome:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Outcome:
-        """A protocol decision; runs of identical writes (``count``/``stride``) are expanded."""
         writes = tuple(
             DeviceWrite(w["space"], w["offset"], w["width"], w["value"], w.get("bar"))
-            for w in expand_runs(d)["writes"]
+            for w in d.get("writes", [])
         )
         return cls(d["verdict"], writes, d.get("guest_value"), d.get("read_mask", 0), d["reason"])
 

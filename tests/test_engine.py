@@ -433,7 +433,7 @@ CASES = [
         Verdict.DROP,
         "tag-translated",
         [],
-        reasons=("tag-translated", "msix-state-unknown", "msix-sub-dword"),
+        reasons=("tag-translated", "msix-state-unknown"),
     ),
     Case(
         "MSI-X sub-dword ST write widened to the dword with the guest's mask bits",

@@ -58,7 +58,7 @@ from tphtrap.policy import Policy
 from tphtrap.policyfile import RULES, check_policy_text, load_policy_text, read_policy_text
 from tphtrap.policyread import read_steering_tags
 from tphtrap.qemu_trace import QemuTraceReader, parse_line
-from tphtrap.replay import Replayer
+from tphtrap.replay import NotJudged, Replayer
 from tphtrap.spec import StLocation
 from tphtrap.synth import ExtCapSpec, MsixSpec, TphSpec, build_config
 from tphtrap.wire import MAX_ID_LEN, MAX_LINE, MAX_NAME_LEN, OPS, Request, parse_request
@@ -749,8 +749,10 @@ def test_native_trace_reader(case: tuple[bool, list[str]], strict: bool) -> None
             assert exc.where.startswith("fuzz.jsonl:")
             return
     s = rp.summary
+    malformed = s.buckets["malformed"].count
     assert s.records == len(records)
-    assert s.malformed <= len(lines) and (not strict or s.malformed == 0)
+    assert malformed <= len(lines) and (not strict or malformed == 0)
+    assert s.lines == len(lines) == s.accounted  # every line in exactly one bucket
     assert s.mismatches <= s.records
     for rec in records:
         assert rec.decision.reason != "internal-error", rec
@@ -862,14 +864,18 @@ def test_qemu_trace_reader(lines: list[str], strict: bool, devices: str) -> None
 @fuzz(100, 4_000)
 @given(qemu_traces(), st.booleans())
 def test_qemu_replay(lines: list[str], strict: bool) -> None:
-    """``Replayer.qemu`` end to end: every access decided, nothing but TraceError."""
+    """``Replayer.qemu`` end to end: every line in one bucket, every judged access decided;
+    strict stops with a TraceError (malformed) or NotJudged (an access it cannot judge)."""
     rp = Replayer(POLICY, strict=strict, vm_of=lambda name: "tenant-a")
     with time_limit():
         try:
             records = list(rp.qemu("fuzz.log", lines))
-        except TraceError as exc:
+        except (TraceError, NotJudged) as exc:
             assert strict, exc
             return
+    s = rp.summary
+    assert s.records == len(records)
+    assert s.lines == len(lines) == s.accounted
     for rec in records:
         assert rec.decision.reason != "internal-error", rec
 

@@ -21,13 +21,25 @@ resets the device (Linux restores its saved TPH state), and fails operations on 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
+from host_worlds import (
+    BDF,
+    BIR,
+    CTRL_MODE,
+    CTRL_REQ,
+    CTRL_WRITABLE,
+    TABLE_OFF,
+    VM,
+    allowed,
+    build_device,
+    devices,
+    hosts,
+    vms,
+)
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
-from oracle import allowed_tags
-from test_engine_stateful import BDF, VM, hosts
-from test_engine_stateful import guest_vms as vms
 
 from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
@@ -44,7 +56,7 @@ from tphtrap.events import (
 )
 from tphtrap.policy import HostPolicy, Policy, VmPolicy
 from tphtrap.spec import StLocation
-from tphtrap.synth import MsixSpec, TphSpec, build_config
+from tphtrap.synth import TphSpec
 
 LONG = os.environ.get("TPHTRAP_FUZZ") == "long"
 EXAMPLES = int(os.environ.get("TPHTRAP_HOST_EXAMPLES", 5_000 if LONG else 600))
@@ -56,47 +68,14 @@ FAILS = st.tuples(st.integers(-10, 3), st.sampled_from([EINVAL, ENXIO])).map(
 )
 
 
-BIR = 2
-TABLE_OFF = 0x1000
-# Bits of the control register, written out independently of the layouts (PCIe / pci_regs.h).
-CTRL_MODE = 0x7
-CTRL_REQ = 0x300
-CTRL_WRITABLE = CTRL_MODE | CTRL_REQ
-
-
 @st.composite
 def host_devices(draw: st.DrawFn) -> tuple[TphSpec, int]:
-    """A TPH capability and where it sits; most with a table of zeros (what a reset leaves):
-    with the host backend an enable needs every entry safe before it."""
-    location = draw(st.sampled_from([StLocation.CAP] * 3 + [StLocation.MSIX] * 3))
-    location = draw(st.just(location) | st.sampled_from([StLocation.NONE, StLocation.RESERVED]))
-    size = draw(st.sampled_from([1, 2, 3, 4, 5, 8]))
-    entries = tuple(draw(st.lists(st.integers(0, 0xFFFF), min_size=size, max_size=size)))
-    tph = TphSpec(
-        no_st=draw(st.booleans()) or draw(st.booleans()),
-        interrupt_vector=draw(st.booleans()) or draw(st.booleans()),
-        device_specific=draw(st.booleans()),
-        extended=draw(st.booleans()),
-        location=location,
-        table_size=size,
-        entries=(0,) * size if draw(st.integers(0, 9)) < 7 else entries,
-        st_mode=draw(st.integers(0, 7)),
-        req_enable=draw(st.integers(0, 3)),
-        cap_reserved=draw(st.sampled_from([0, 0xF8000000, 0x0000F800])),
-        ctrl_reserved=draw(st.sampled_from([0, 0x80000000, 0x400])),
-    )
-    return tph, draw(st.sampled_from([0x148, 0x160, 0x1C4]))
-
-
-def build_device(tph: TphSpec, tph_at: int, msix_size: int) -> ConfigSpace:
-    size = tph.table_size if tph.location is StLocation.MSIX else msix_size
-    msix = MsixSpec(table_size=size, bir=BIR, table_offset=TABLE_OFF)
-    data = build_config(tph=tph, msix=msix, tph_at=tph_at, with_dsn=tph_at != 0x1C4)
-    return ConfigSpace.from_bytes(data, "<sim>", BDF)
-
-
-def allowed(host: HostPolicy, vm: VmPolicy, bits: int) -> frozenset[int]:
-    return allowed_tags(host, vm, bits)
+    """Devices as in test_engine_stateful, most of them with a table of zeros (what a reset
+    leaves): with the host backend an enable needs every entry safe before it."""
+    tph, at = draw(devices())
+    if draw(st.integers(0, 9)) < 7:
+        tph = replace(tph, entries=(0,) * len(tph.entries))
+    return tph, at
 
 
 @st.composite
@@ -258,7 +237,7 @@ class HostMachine(RuleBasedStateMachine):
         self.guest_ctrl = tph.ctrl_raw & ~CTRL_WRITABLE
         self.guest_entries = [0] * (tph.table_size if self.kernel.in_cap else 0)
         self.guest_tags = [0] * self.msix.table_size
-        self.perform(self.engine.attach(VM, BDF, cfg, host=HostFacts(root[0], root[1])))
+        self.perform(self.engine.attach(VM, BDF, cfg, HostFacts(root[0], root[1])))
 
     # --- the oracle ------------------------------------------------------------------------
     def check_device(self, where: str) -> None:

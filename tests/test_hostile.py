@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from fuzzlib import (
     POLICY,
+    POLICY_PATH,
     REPO,
     check_audit,
     check_reply,
@@ -27,6 +28,7 @@ from fuzzlib import (
     time_limit,
 )
 
+from tphtrap.cli import main
 from tphtrap.device import load_device
 from tphtrap.errors import DeviceError, TraceError, WireError
 from tphtrap.policyfile import RULES, read_policy, read_policy_text
@@ -121,19 +123,27 @@ def test_wire_corpus_through_serve() -> None:
 
 # --- native traces ----------------------------------------------------------------------------
 @pytest.mark.parametrize("path", corpus("native"))
-def test_native(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native(
+    path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(REPO)  # the traces name fixtures by relative paths, as recorded ones do
     want = expected(path)
     rp = Replayer(POLICY, check_expect=True)
     with time_limit():
         records = list(rp.native(str(path)))
     s = rp.summary
-    assert (s.records, s.malformed, s.mismatches) == (
+    assert (s.records, s.buckets["malformed"].count, s.mismatches) == (
         want["records"],
         want["malformed"],
         want["mismatches"],
     ), s.malformed_lines
+    assert s.accounted == s.lines  # every line in one bucket
     assert all(r.decision.reason != "internal-error" for r in records)
+    # the command: malformed lines are lines not judged (5), a mismatch takes precedence (4)
+    with time_limit():
+        rc = main(["replay", str(path), "--policy", str(POLICY_PATH), "--expect"])
+    capsys.readouterr()
+    assert rc == want["exit"]
     strict = Replayer(POLICY, strict=True)
     with time_limit():
         try:
@@ -142,6 +152,20 @@ def test_native(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         except TraceError as exc:
             line = int(exc.where.rsplit(":", 1)[1])
     assert line == want["strict_line"]
+
+
+def test_native_summary_text_escapes_what_the_trace_holds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """**Bug**: the text summary printed a malformed line's path as it was: a lone surrogate
+    stopped it (exit 3: standard output cannot encode it), a NUL or escape reached the terminal."""
+    monkeypatch.chdir(REPO)
+    path = HOSTILE / "native" / "attach-hostile-paths.jsonl"
+    assert main(["replay", str(path), "--policy", str(POLICY_PATH)]) == 5
+    out = capsys.readouterr().out
+    assert "attach: fixtures/\\x00devices/nic-st-in-cap.lspci: cannot read" in out
+    assert "attach: \\ud800: cannot read" in out
+    assert all(line.isprintable() for line in out.splitlines())
 
 
 # --- QEMU traces ------------------------------------------------------------------------------
@@ -191,23 +215,37 @@ def test_qemu(path: Path) -> None:
         if p.name != "many-devices.log.gz"
     ],
 )
-def test_qemu_replay(path: Path) -> None:
-    """``Replayer.qemu`` end to end: one decision per access, never an internal error."""
+def test_qemu_replay(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``Replayer.qemu`` end to end: every access judged or unjudged (the devices are learned
+    from the trace: an access whose capabilities the guest never read is not judged), never
+    an internal error; the command fails (5) on what it did not judge."""
+    want = expected(path)
     rp = Replayer(POLICY, vm_of=lambda name: "tenant-a")
     with time_limit():
         records = list(rp.qemu(str(path)))
-    assert len(records) == expected(path)["accesses"]
+    s = rp.summary
+    assert (len(records), s.buckets["unjudged"].count) == (want["judged"], want["unjudged"])
+    assert len(records) + s.buckets["unjudged"].count == want["accesses"]
+    assert s.accounted == s.lines == want["lines"]
     assert all(r.decision.reason != "internal-error" for r in records)
+    with time_limit():
+        rc = main(["replay", str(path), "--policy", str(POLICY_PATH), "--vm", "tenant-a"])
+    capsys.readouterr()
+    assert rc == want["exit"]
 
 
 def test_qemu_replay_many_devices() -> None:
     """``many-devices.log.gz`` names 5000 vfio devices (4096 are followed): 1000 of them must
-    replay within the time limit."""
+    be attached within the time limit. The guest read none of their config space, so none of
+    their accesses is judged."""
     lines = list(open_trace(HOSTILE / "qemu" / "many-devices.log.gz"))[:1000]
     rp = Replayer(POLICY, vm_of=lambda name: "tenant-a")
     with time_limit():
         records = list(rp.qemu("many-devices.log", lines))
-    assert len(records) == 1000
+    assert records == []
+    assert len(rp.engine.sessions()) == len(rp.summary.implicit_devices) == 1000
+    unjudged = rp.summary.buckets["unjudged"]
+    assert unjudged.count == 1000 and len(unjudged.devices) == 1000
 
 
 # --- config-space dumps -----------------------------------------------------------------------

@@ -53,6 +53,7 @@ from tphtrap.synth import MsixSpec, TphSpec, build_config
 
 TRACES = Path(__file__).resolve().parent.parent / "fixtures" / "traces"
 NIC = "0000:00:03.0"
+FIXTURE_IDS = {"vendor_id": 0x15B3, "device_id": 0x101D}  # what qemu-msix-bar.log's guest reads
 HOST = "0000:3b:00.0"
 
 
@@ -60,6 +61,7 @@ HOST = "0000:3b:00.0"
 def nic_config() -> ConfigSpace:
     """TPH with the ST table in MSI-X; MSI-X table of 32 entries in BAR 2 at 0x4000."""
     data = build_config(
+        **FIXTURE_IDS,
         tph=TphSpec(location=StLocation.MSIX, table_size=32),
         msix=MsixSpec(table_size=32, bir=2, table_offset=0x4000),
     )
@@ -443,10 +445,31 @@ def test_inferred_reads_learn_only_certain_bytes() -> None:
 
 
 # --- devices, VMs, overlays -----------------------------------------------------------------
+def test_bound_device_id_read_keeps_its_inferred_width() -> None:
+    """Found by the garbled-trace test: the identity check of a bound device compares only the
+    bytes an inferred read certainly returned, and used to shrink the access to them too (a
+    32-bit read of 0x1 at offset 0 became a 1-byte read)."""
+    _, records = read(["pci_cfg_read e1000e 03:0 @0x0 -> 0x1"], devices={NIC: nic_config()})
+    (rec,) = records
+    assert rec.access == ConfigRead("web", NIC, 0, 4)
+    reader = QemuTraceReader(
+        iter(["pci_cfg_read e1000e 00:03.0 @0x0 -> 0x1"]),
+        name="t.log",
+        devices={NIC: nic_config()},
+        vm_of=lambda bdf: "web",
+    )
+    list(reader)
+    mismatch, _ = reader.not_judgeable(NIC)
+    assert mismatch is not None and "identity mismatch" in mismatch
+
+
 def test_device_without_vm_is_not_replayed() -> None:
     _, records = read(open_trace(TRACES / "qemu-msix-bar.log"), vm=None)
-    assert accesses(records) == []
-    assert "device 0000:00:03.0 is not bound to a VM" in records[0].note
+    unbound = [r for r in records if r.bucket == "unbound"]
+    assert len(unbound) == 11 and all(r.access is not None and r.access.vm == "" for r in unbound)
+    assert [r for r in records if r.access is not None and r.bucket != "unbound"] == []
+    assert "device 0000:00:03.0 is not bound to a VM" in unbound[0].note
+    assert unbound[0].reason == "no VM for the device"
 
 
 def test_tph_overlay_on_a_learned_device() -> None:
@@ -626,7 +649,9 @@ def test_open_trace_errors(tmp_path: Path) -> None:
 
 # --- no TPH anywhere: every record passes unchanged ---------------------------------------
 def test_trace_without_tph_passes_every_record_unchanged() -> None:
-    plain = ConfigSpace.from_bytes(build_config(msix=MsixSpec(bir=2, table_offset=0x4000)), "p")
+    plain = ConfigSpace.from_bytes(
+        build_config(**FIXTURE_IDS, msix=MsixSpec(bir=2, table_offset=0x4000)), "p"
+    )
     devices = {NIC: plain}
     reader = QemuTraceReader(
         itertools.chain(
@@ -702,7 +727,7 @@ def test_garbled_traces_only_raise_trace_errors(lines: list[str]) -> None:
     assert [r.lineno for r in records] == sorted(r.lineno for r in records)
     assert reader.stats.malformed == sum(r.note.startswith("t.log:") for r in records)
     try:
-        _, strict_records = read(lines, strict=True)
+        _, strict_records = read(lines, devices={NIC: nic_config()}, strict=True)
     except TraceError as exc:
         bad_line = int(exc.where.rpartition(":")[2])
         assert 1 <= bad_line <= len(lines)

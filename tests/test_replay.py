@@ -17,6 +17,7 @@ from tphtrap.errors import TraceError
 from tphtrap.events import ConfigWrite, MsixWrite
 from tphtrap.policyfile import load_policy
 from tphtrap.replay import Replayer, detect_format
+from tphtrap.replay_summary import BUCKETS
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "fixtures" / "traces"
@@ -33,8 +34,10 @@ def replay_json(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, di
 def test_demo_session_replays_identically(capsys: pytest.CaptureFixture[str]) -> None:
     rc, s = replay_json(str(TRACES / "demo-session.jsonl"), "--expect", capsys=capsys)
     assert rc == 0
-    assert s["mismatches"] == 0 and s["malformed"] == 0
-    assert s["records"] == 54
+    assert s["mismatches"] == 0 and s["malformed"]["count"] == 0
+    assert s["records"]["count"] == 54 and s["expected"] == 54
+    assert s["skipped"]["reasons"] == {"attach request (no access)": 2}
+    assert s["lines"] == 56 == sum(s[b]["count"] for b in BUCKETS)
     assert s["vms"] == {"tenant-a": 35, "tenant-b": 19}
     assert s["verdicts"] == {"pass": 39, "rewrite": 12, "drop": 3}
     assert s["reasons"]["foreign-tag"] == 5
@@ -48,7 +51,11 @@ def test_demo_session_replays_identically(capsys: pytest.CaptureFixture[str]) ->
         "config@0x150/4=0x101]"
     )
     assert s["notable"][-1].endswith("-> drop unknown-device []")
-    assert len(s["notable"]) == 9
+    # writes only, and never a pass: a widened write (line 31) is a change, a read is not
+    assert len(s["notable"]) == 10
+    widened = s["notable"][4]
+    assert widened.startswith(f"{trace}:31: ") and " -> rewrite control-granted " in widened
+    assert not [n for n in s["notable"] if " -> pass " in n]
 
 
 def test_qemu_msix_writes_are_attributed_through_bar_mappings(tmp_path: Path) -> None:
@@ -67,7 +74,7 @@ def test_qemu_msix_writes_are_attributed_through_bar_mappings(tmp_path: Path) ->
             str(decisions),
         ]
     )
-    assert rc == 0
+    assert rc == 5  # 00:04.0 has no dump and the guest never read its config space
     rows = [json.loads(x) for x in decisions.read_text().splitlines()]
     msix = [
         (
@@ -97,8 +104,8 @@ def test_qemu_msix_writes_are_attributed_through_bar_mappings(tmp_path: Path) ->
             "foreign-tag",
             [(2, 0x405C, 0x2_0000)],
         ),
-        # another device's table (BAR 1 of 00:04.0, no TPH): untouched
-        (16, "0000:00:04.0", 1, 0x00C, 0x0, "pass", "not-tph", [(1, 0x00C, 0)]),
+        # line 16, another device's table (BAR 1 of 00:04.0): its capabilities were never
+        # seen, so whether it has TPH is not known: unjudged, not "pass not-tph"
         # line 18 falls while BAR 2 is unmapped: not attributed; line 20 after the remap
         (20, "0000:00:03.0", 2, 0x40DC, 0x10000, "rewrite", "foreign-tag", [(2, 0x40DC, 0x2_0000)]),
     ]
@@ -125,9 +132,9 @@ def test_trace_without_tph_passes_every_record_unchanged(tmp_path: Path) -> None
                 str(decisions),
             ]
         )
-        assert rc == 0
+        assert rc == 5  # three accesses beyond the extended capabilities the guest read
         rows = [json.loads(x) for x in decisions.read_text().splitlines()]
-        assert len(rows) == 71
+        assert len(rows) == 68
         for r in rows:
             d = r["decision"]
             assert d["verdict"] == "pass", r
@@ -147,9 +154,15 @@ def test_gzip_trace_reads_like_the_plain_one(capsys: pytest.CaptureFixture[str])
     args = ["--vm", "tenant-b", "--device", f"0000:00:03.0={MSIX_DEV}"]
     rc1, plain = replay_json(str(TRACES / "qemu-msix-bar.log"), *args, capsys=capsys)
     rc2, gz = replay_json(str(TRACES / "qemu-msix-bar.log.gz"), *args, capsys=capsys)
-    assert rc1 == rc2 == 0
-    for key in ("records", "verdicts", "reasons", "devices", "skipped", "malformed"):
+    assert rc1 == rc2 == 5
+    for key in ("verdicts", "reasons", "lines"):
         assert plain[key] == gz[key]
+    assert {k: v["accesses"] for k, v in plain["devices"].items()} == {
+        k: v["accesses"] for k, v in gz["devices"].items()
+    }
+    for key in BUCKETS:
+        assert plain[key]["count"] == gz[key]["count"]
+        assert plain[key]["reasons"] == gz[key]["reasons"]
 
 
 def test_malformed_lines_are_counted_with_positions_and_strict_stops(
@@ -157,14 +170,26 @@ def test_malformed_lines_are_counted_with_positions_and_strict_stops(
 ) -> None:
     trace = str(TRACES / "qemu-garbage.log")
     rc, s = replay_json(trace, "--vm", "tenant-a", capsys=capsys)
-    assert rc == 0
-    assert s["malformed"] == 6 and s["records"] == 3
+    assert rc == 5  # malformed lines were not judged either
+    assert s["malformed"]["count"] == 6 and s["records"]["count"] == 2
+    # line 1 writes TPH control of a device whose config space the trace never showed
+    assert s["unjudged"]["count"] == 1 and s["unjudged"]["first_lines"][0].startswith(
+        f"{trace}:1: 0000:00:03.0 capabilities never seen"
+    )
     assert [m.split(": ")[0] for m in s["malformed_lines"]] == [
         f"{trace}:{n}" for n in (2, 5, 8, 9, 10, 12)
     ]
-    rc = main(["replay", trace, "--policy", POLICY, "--vm", "tenant-a", "--strict"])
+    # --strict stops at the first line not judged: line 1, not judged (exit 5) ...
+    base = ["replay", trace, "--policy", POLICY, "--vm", "tenant-a", "--strict"]
+    assert main(base) == 5
     err = capsys.readouterr().err
-    assert rc == 1
+    assert err == (
+        f"tphtrap: error: {trace}:1: not judged (unjudged): 0000:00:03.0 capabilities never "
+        "seen: the guest read none of its config space\n"
+    )
+    # ... or, when unjudged accesses are expected, at the first malformed line (exit 1)
+    assert main([*base, "--allow-unjudged"]) == 1
+    err = capsys.readouterr().err
     assert err.startswith(f"tphtrap: error: {trace}:2: pci_cfg_write does not match")
     assert err.count("\n") == 1
 
@@ -203,7 +228,7 @@ def test_native_malformed_lines_do_not_stop_the_replay(tmp_path: Path) -> None:
     rp = Replayer(load_policy(POLICY))
     records = list(rp.native(str(trace)))
     assert [(r.line, r.decision.reason) for r in records] == [(4, "tag-fallback")]
-    assert rp.summary.malformed == 2
+    assert rp.summary.buckets["malformed"].count == 2
     assert rp.summary.malformed_lines == [
         f"{trace}:2: bad-json: not JSON: Expecting value at column 1",
         f"{trace}:3: out-of-range: 'width': 3 is not one of 1, 2, 4",
@@ -220,7 +245,7 @@ def test_overlay_asks_what_if_a_learned_device_had_tph(tmp_path: Path) -> None:
     lines = [
         f"pci_cfg_read e1000e 00:05.0 @0x{off:x} -> 0x{base.u32(off):x}"
         for off in range(0, 0x1000, 4)
-        if base.u32(off)
+        if base.u32(off) or off == 0x100  # the guest reads 0x100 even when it is empty
     ]
     overlaid = base.with_tph_overlay(load_device(ROOT / "fixtures/devices/nic-st-in-cap.lspci"))
     assert overlaid.tph is not None
@@ -315,4 +340,4 @@ def test_gzip_native_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     gz = tmp_path / "demo.jsonl.gz"
     gz.write_bytes(gzip.compress(src))
     rc, s = replay_json(str(gz), "--expect", capsys=capsys)
-    assert rc == 0 and s["records"] == 54 and s["mismatches"] == 0
+    assert rc == 0 and s["records"]["count"] == 54 and s["mismatches"] == 0

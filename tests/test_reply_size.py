@@ -86,7 +86,7 @@ def test_a_width_change_on_2048_vectors_fits(tmp_path: Path) -> None:
 
 def test_identical_entries_travel_as_one_run(tmp_path: Path) -> None:
     s = Lines()
-    # The VMM's emulated table at power-on: every vector masked (so the mask bits are known).
+    # the hypervisor's table at power-on: every vector masked
     s.send("attach", **A, path=str(big_device(tmp_path)), vector_ctrl=[1] * N)
     s.largest = 0
     reply = s.send("cfg_write", **A, offset=CTRL, width=4, value=0x301)

@@ -698,7 +698,11 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
     )
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
     summary = json.loads(proc.stdout)
-    assert summary["records"] == 6 and summary["mismatches"] == 0
+    assert summary["records"]["count"] == summary["expected"] == 6
+    assert summary["mismatches"] == 0 and summary["not_judged"] == 0
+    assert summary["lines"] == 7 and summary["skipped"]["reasons"] == {
+        "attach request (no access)": 1
+    }
     # Change one expectation: replay --expect must notice, name the line, and exit 4.
     tampered = tmp_path / "tampered.jsonl"
     rows = record.read_text().splitlines()

@@ -145,7 +145,7 @@ def sessions(draw: st.DrawFn) -> tuple[str, bool, list[tuple[bool, Step]]]:
 def run(name: str, host: bool, steps: list[Step]) -> list[Decision]:
     engine = Engine(POLICY)
     facts = HostFacts(3) if host else None
-    out = [engine.attach(*A, CONFIGS[name], host=facts)]
+    out = [engine.attach(*A, CONFIGS[name], facts)]
     for step in steps:
         if isinstance(step, tuple):
             out.append(engine.host_vectors(*A, step[1], step[2]))

@@ -189,7 +189,7 @@ class Hypervisor:
 
     def outcome(self, reply: Line) -> Outcome:
         """The decision of a reply (an error reply's decision is a drop)."""
-        return Outcome.from_json(reply["decision"])
+        return Outcome.from_json(_expanded(reply["decision"]))
 
     # --- the hypervisor's own operations ------------------------------------------------------
     def attach(self, size: int = 4096) -> Line:
@@ -274,3 +274,14 @@ class Hypervisor:
         """Mode and Requester Enable bits of TPH capability ``cap`` on the device."""
         c = self.device.tph_caps[cap]
         return self.rig.sim.u32(c.ctrl_at) & 0x307
+
+
+def _expanded(decision: Line) -> Line:
+    """The decision with every run of writes listed one by one (docs/protocol.md: a run is one
+    write object with ``count`` and ``stride``, meaning ``count`` writes ``stride`` apart)."""
+    writes: list[Line] = []
+    for w in decision.get("writes", []):
+        base = {k: v for k, v in w.items() if k not in ("count", "stride")}
+        for k in range(w.get("count", 1)):
+            writes.append({**base, "offset": base["offset"] + k * w.get("stride", 0)})
+    return {**decision, "writes": writes}

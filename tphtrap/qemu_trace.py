@@ -609,14 +609,38 @@ def _lines(text: io.TextIOWrapper, closing: IO[bytes] | None, name: str) -> Iter
 
 # --- the attributor -------------------------------------------------------------------------
 class QemuRecord(NamedTuple):
-    """One relevant trace line: its access for the engine (None when it carries none) and why."""
+    """One relevant trace line: its access for the engine (None when it carries none) and why.
+
+    ``bucket`` is empty for an access to judge; otherwise it says where the line ends:
+    ``unbound`` (an access of a device with no VM: ``access.vm`` is empty), ``unattributed``
+    (an access no device can be named for), ``malformed`` or ``skipped`` (a line that carries
+    no access by nature: a BAR mapping, another view of an access). ``reason`` is the same for
+    every line of one kind (one of the ``REASON_*`` texts, or the event of a malformed line);
+    ``note`` is the line's own detail.
+    """
 
     lineno: int
     access: Access | None
     note: str
+    bucket: str
+    reason: str
 
 
-_record: Final[Callable[[tuple[int, Access | None, str]], QemuRecord]] = QemuRecord._make
+_record: Final[Callable[[tuple[int, Access | None, str, str, str]], QemuRecord]] = QemuRecord._make
+
+# Why a line was not judged (the same text for every line of one kind, so they can be counted).
+REASON_NO_VM: Final = "no VM for the device"
+REASON_NO_MAPPING: Final = "MSI-X write no traced BAR mapping explains"
+REASON_AMBIGUOUS: Final = "MSI-X access on an address several devices map"
+REASON_LONE_HINT: Final = "config access-size line without its pci_cfg line"
+REASON_NO_DEVICE: Final = "config access of an address with no device (QEMU traced no pci_cfg line)"
+REASON_TOO_MANY: Final = f"more than {MAX_DEVICES} devices"
+REASON_MAPPING: Final = "BAR mapping event (context)"
+REASON_VIEW: Final = "another line of an access counted once"
+REASON_NOT_BAR: Final = "vfio region that is not a BAR"
+REASON_UNRELATED: Final = "not one of the events read"
+REASON_OTHER_REGION: Final = "memory region not involved in config or MSI-X"
+WIDTH_INFERRED: Final = "width inferred from the offset"  # the note of such an access starts so
 
 
 @dataclass
@@ -628,6 +652,7 @@ class QemuTraceStats:
     other_regions: int = 0  # memory_region_ops_* on regions that matter to no one here
     malformed: int = 0
     unattributed: int = 0  # relevant lines that could not become an access
+    unbound: int = 0  # accesses of devices with no VM
 
 
 class _Dev:
@@ -643,6 +668,7 @@ class _Dev:
         "image",
         "key",
         "known",
+        "mismatch",
         "msix_gen",
         "msix_span",
         "tph_table",
@@ -669,6 +695,7 @@ class _Dev:
         self.key: str | None = None
         self.vm: str | None = None
         self.vm_done = False
+        self.mismatch: str | None = None  # a bound dump that is not the device the guest read
 
     def forget(self) -> None:
         self.cfg_gen = -1
@@ -717,6 +744,75 @@ def _norm(name: str) -> str:
         return normalize_bdf(name)
     except ValueError:
         return name.strip()
+
+
+_ID_END: Final = 4  # vendor and device ID
+_LEARNED: Final = 1  # a byte of a learned config space the trace showed
+_LEARNED_BYTE: Final = bytes([_LEARNED])
+_SEEN: Final = 2  # a byte an inferred-width read covered above its top non-zero byte (0)
+_EXT_START: Final = 0x100
+_PCI_CAP_ID_EXP: Final = 0x10
+_PCI_CAP_ID_MSIX: Final = 0x11
+_EXT_CAP_ID_TPH: Final = 0x17
+_MAX_CAPS: Final = 1024 // 4  # more links than this is a loop
+
+
+def _ids(data: bytes | bytearray) -> str:
+    return f"{int.from_bytes(data[0:2], 'little'):04x}:{int.from_bytes(data[2:4], 'little'):04x}"
+
+
+class _CapWalk:
+    """Walks the capability lists of a learned config space, byte by byte as far as it is
+    known (``known`` non-zero). Offsets follow the PCI and PCIe list formats."""
+
+    def __init__(self, image: bytearray, known: bytearray) -> None:
+        self.image = image
+        self.known = known
+
+    def has(self, off: int, n: int) -> bool:
+        return off + n <= len(self.known) and all(self.known[off : off + n])
+
+    def standard(self) -> dict[int, int] | None:
+        """Capability ID -> offset (first of each), or None where the list is not all known."""
+        img = self.image
+        if not self.has(0x06, 1):
+            return None
+        if not img[0x06] & 0x10:  # Status: Capabilities List
+            return {}
+        if not self.has(0x34, 1):
+            return None
+        found: dict[int, int] = {}
+        pos = img[0x34] & 0xFC
+        for _ in range(_MAX_CAPS):
+            if pos == 0:
+                return found
+            if pos < 0x40 or not self.has(pos, 2):
+                return None
+            found.setdefault(img[pos], pos)
+            pos = img[pos + 1] & 0xFC
+        return None
+
+    def extended(self) -> tuple[dict[int, int], frozenset[int], str | None]:
+        """(extended capability ID -> offset, the header offsets read, why the list is not
+        all known or None)."""
+        img = self.image
+        found: dict[int, int] = {}
+        pos = _EXT_START
+        walked: set[int] = set()
+        for _ in range(_MAX_CAPS):
+            if not self.has(pos, 4):
+                where = "offset 0x100" if pos == _EXT_START else f"the header at {pos:#x}"
+                why = f"extended capability list: the guest never read {where}"
+                return found, frozenset(walked), why
+            walked.add(pos)
+            header = int.from_bytes(img[pos : pos + 4], "little")
+            if header in (0, 0xFFFFFFFF):
+                break
+            found.setdefault(header & 0xFFFF, pos)
+            pos = (header >> 20) & 0xFFC
+            if pos < _EXT_START or pos in walked:
+                break  # the end (0), or a broken list: ConfigSpace ends its walk there too
+        return found, frozenset(walked), None
 
 
 def _alignment(offset: int) -> int:
@@ -779,6 +875,7 @@ class QemuTraceReader:
         self._mr_owner: dict[int, _Dev] = {}
         self._old_bus: dict[tuple[int, int], str] = {}
         self._groups: dict[int | None, _Group] = {}  # pending config access, per thread
+        self._cfg_traced = {True: False, False: False}  # pci_cfg_write / _read seen so far
         self._out: list[QemuRecord] = []
         self._started = False
         self._ndevs = 0
@@ -828,6 +925,36 @@ class QemuTraceReader:
         dev = self._find(name)
         return 0 if dev is None else dev.gen
 
+    def not_judgeable(self, name: str) -> tuple[str | None, str | None]:
+        """Why the device's accesses cannot be judged: (all of them, those in extended config
+        space and the MSI-X table); None where nothing is missing. The first is an identity
+        mismatch between a bound dump and what the guest read, the second a learned device
+        whose extended capabilities (or the TPH registers on them) the guest never read."""
+        dev = self._find(name)
+        if dev is None:
+            return None, None
+        return dev.mismatch, self._unseen(dev)
+
+    def ext_headers(self, name: str) -> frozenset[int]:
+        """Offsets of the extended capability headers read so far (a learned device)."""
+        dev = self._find(name)
+        if dev is None or dev.image is None or dev.known is None:
+            return frozenset()
+        return _CapWalk(dev.image, dev.known).extended()[1]
+
+    def knows(self, name: str) -> bool:
+        """Whether the trace named this device (by guest address or vfio name) so far."""
+        return self._find(name) is not None
+
+    def overlaid(self, name: str) -> str | None:
+        """The overlay name that applies to the device, if any."""
+        dev = self._find(name)
+        names = (name,) if dev is None else (dev.vfio, dev.guest)
+        for n in names:
+            if n is not None and _norm(n) in self._overlays:
+                return _norm(n)
+        return None
+
     def config_error(self, name: str) -> str | None:
         """Why the device's learned config space could not be built, if it could not."""
         dev = self._find(name)
@@ -860,7 +987,9 @@ class QemuTraceReader:
                 except _Malformed as exc:
                     self._malformed(lineno, str(exc))
                 except _Overflow:
-                    self._emit(lineno, None, f"more than {MAX_DEVICES} devices: not followed")
+                    self._unattributed(
+                        lineno, REASON_TOO_MANY, f"more than {MAX_DEVICES} devices: not followed"
+                    )
                 if self._fatal is not None:
                     break
                 if out:
@@ -876,7 +1005,9 @@ class QemuTraceReader:
                 try:
                     self._flush(tid)
                 except _Overflow:
-                    self._emit(lineno, None, f"more than {MAX_DEVICES} devices: not followed")
+                    self._unattributed(
+                        lineno, REASON_TOO_MANY, f"more than {MAX_DEVICES} devices: not followed"
+                    )
             ready = self._drain(lineno)
             fatal = self._fatal
             if fatal is not None:  # strict: what came before the first malformed line, then it
@@ -898,7 +1029,11 @@ class QemuTraceReader:
                     try:
                         self._flush(tid)
                     except _Overflow:
-                        self._emit(g.first, None, f"more than {MAX_DEVICES} devices: not followed")
+                        self._unattributed(
+                            g.first,
+                            REASON_TOO_MANY,
+                            f"more than {MAX_DEVICES} devices: not followed",
+                        )
         if len(out) > 1:
             out.sort(key=_LINENO)
         if groups:
@@ -911,16 +1046,23 @@ class QemuTraceReader:
         out.clear()
         return ready
 
-    def _emit(self, lineno: int, access: Access | None, note: str) -> None:
-        if access is None:
-            self.stats.unattributed += 1
-        else:
-            self.stats.accesses += 1
-        self._out.append(_record((lineno, access, note)))
+    def _emit(self, lineno: int, access: Access, note: str) -> None:
+        self.stats.accesses += 1
+        self._out.append(_record((lineno, access, note, "", "")))
 
-    def _info(self, lineno: int, note: str) -> None:
+    def _unbound(self, lineno: int, access: Access, note: str) -> None:
+        """An access of a device that has no VM (``access.vm`` is empty)."""
+        self.stats.unbound += 1
+        text = f"device {access.bdf} is not bound to a VM" + (f"; {note}" if note else "")
+        self._out.append(_record((lineno, access, text, "unbound", REASON_NO_VM)))
+
+    def _unattributed(self, lineno: int, reason: str, note: str) -> None:
+        self.stats.unattributed += 1
+        self._out.append(_record((lineno, None, note, "unattributed", reason)))
+
+    def _info(self, lineno: int, reason: str, note: str) -> None:
         """A relevant line that carries no access by nature (a mapping, a merged view)."""
-        self._out.append(_record((lineno, None, note)))
+        self._out.append(_record((lineno, None, note, "skipped", reason)))
 
     @property
     def errors(self) -> list[TraceError]:
@@ -936,7 +1078,7 @@ class QemuTraceReader:
         self.stats.malformed += 1
         if len(self._errors) < MAX_KEPT_ERRORS:
             self._errors.append((lineno, err))
-        self._out.append(_record((lineno, None, str(err))))
+        self._out.append(_record((lineno, None, str(err), "malformed", message.split(" ", 1)[0])))
 
     # --- devices ---------------------------------------------------------------------------
     def _find(self, name: str) -> _Dev | None:
@@ -1053,20 +1195,84 @@ class QemuTraceReader:
         return cached, " (QEMU before 7.0 prints no bus number: bus taken from the other names)"
 
     def _learn(self, dev: _Dev, off: int, width: int, value: int, *, exact: bool) -> None:
-        if not exact:
-            # Only the bytes an inferred read certainly returned: up to the top non-zero byte.
-            width = min(width, max(1, (value.bit_length() + 7) // 8))
-        end = off + width
-        if end > PCI_CFG_SPACE_EXP_SIZE:
-            return
         if dev.image is None or dev.known is None:
             dev.image = bytearray(PCI_CFG_SPACE_EXP_SIZE)
             dev.known = bytearray(PCI_CFG_SPACE_EXP_SIZE)
-        new = value.to_bytes(width, "little")
-        if dev.image[off:end] != new or dev.known[off:end].count(1) != width:
-            dev.image[off:end] = new
-            dev.known[off:end] = b"\x01" * width
+        known = dev.known
+        changed = False
+        if not exact:
+            # Only the bytes an inferred read certainly returned: up to the top non-zero byte.
+            # The zero bytes above it were read too if the inferred width is right: they are
+            # marked as seen (_SEEN, they read as 0), which a later read may still correct.
+            full = min(off + width, PCI_CFG_SPACE_EXP_SIZE)
+            width = min(width, max(1, (value.bit_length() + 7) // 8))
+            for i in range(off + width, full):
+                if not known[i]:
+                    known[i] = _SEEN
+                    changed = True
+        end = off + width
+        if end <= PCI_CFG_SPACE_EXP_SIZE:
+            new = value.to_bytes(width, "little")
+            if dev.image[off:end] != new or known[off:end].count(_LEARNED) != width:
+                dev.image[off:end] = new
+                known[off:end] = _LEARNED_BYTE * width
+                changed = True
+        if changed:
             dev.gen += 1
+
+    def _check_identity(self, dev: _Dev, off: int, width: int, value: int, line: int) -> None:
+        """Compare a read of the ID registers with the bound dump; a difference marks the
+        device as not the one the dump describes (its accesses cannot be judged on it)."""
+        cfg = self._bound_config(dev)
+        if cfg is None:
+            return
+        end = min(off + width, _ID_END)
+        got = value.to_bytes(width, "little")[: end - off]
+        if cfg.data[off:end] == got:
+            return
+        seen = f"{_ids(got)}" if (off, end) == (0, _ID_END) else f"{got[::-1].hex()} at {off:#x}"
+        dev.mismatch = (
+            f"device identity mismatch: the --device dump {cfg.source} is "
+            f"{_ids(cfg.data)}, the guest read {seen} ({self.name}:{line})"
+        )
+        dev.gen += 1  # consumers re-check the device
+        dev.msix_gen = -1  # its MSI-X table position is the dump's, so not known
+
+    def _bound_config(self, dev: _Dev) -> ConfigSpace | None:
+        for name in (dev.vfio, dev.guest):
+            if name is not None and name in self._devices:
+                return self._devices[name]
+        return None
+
+    def _unseen(self, dev: _Dev) -> str | None:
+        """Why a learned device's TPH registers cannot be known from what the guest read
+        (None: its extended capability list, and the TPH registers on it, were all read)."""
+        if self._is_bound(dev):
+            return None
+        img, known = dev.image, dev.known
+        if img is None or known is None:
+            return "capabilities never seen: the guest read none of its config space"
+        walk = _CapWalk(img, known)
+        std = walk.standard()
+        if std is not None and _PCI_CAP_ID_EXP not in std and not walk.has(_EXT_START, 4):
+            return None  # conventional PCI: no extended config space
+        ext, _, problem = walk.extended()
+        if problem is not None:
+            return f"capabilities never seen: {problem}"
+        tph = ext.get(_EXT_CAP_ID_TPH)
+        if tph is None:
+            return None
+        if not walk.has(tph + 4, 4):
+            return f"capabilities never seen: TPH capability register at {tph + 4:#x} never read"
+        location = (int.from_bytes(img[tph + 4 : tph + 8], "little") >> 9) & 3
+        if location == int(StLocation.MSIX):
+            msix = None if std is None else std.get(_PCI_CAP_ID_MSIX)
+            if msix is None or not walk.has(msix + 2, 6):
+                return (
+                    "capabilities never seen: the ST table is in the MSI-X table, whose "
+                    "position (MSI-X capability) the guest never read"
+                )
+        return None
 
     def _config(self, dev: _Dev) -> ConfigSpace | None:
         if dev.cfg_gen == dev.gen:
@@ -1111,7 +1317,7 @@ class QemuTraceReader:
         return dev.tph_table
 
     def _msix_span(self, dev: _Dev) -> None:
-        cfg = self._config(dev)
+        cfg = self._config(dev) if dev.mismatch is None else None
         mx = cfg.msix if cfg is not None else None
         dev.msix_span = None
         if mx is not None:
@@ -1201,15 +1407,18 @@ class QemuTraceReader:
         kind = "write" if g.write else "read"
         if cfg is None and vfio is None:
             assert hint is not None
-            self._emit(
-                g.hint_line,
-                None,
-                f"config {kind} of {hint.size} bytes on '{hint.name}' at {hint.addr:#x} with no "
-                f"matching pci_cfg_{kind} line (enable pci_cfg_* events)",
-            )
+            what = f"config {kind} of {hint.size} bytes on '{hint.name}' at {hint.addr:#x}"
+            if self._cfg_traced[g.write]:
+                # QEMU traces pci_cfg_* for every access that reaches a device; this trace has
+                # them, so this access reached none (a probe of an empty slot or function).
+                self._info(g.hint_line, REASON_NO_DEVICE, f"{what}: no device answered")
+            else:
+                why = f"{what} with no matching pci_cfg_{kind} line (enable pci_cfg_* events)"
+                self._unattributed(g.hint_line, REASON_LONE_HINT, why)
             return
         note = ""
         if cfg is not None:
+            self._cfg_traced[g.write] = True
             bdf, note = self._guest_bdf(cfg)
             dev = self._pair(bdf, vfio.name) if vfio is not None else self._guest_dev(bdf)
             offset, value, line = cfg.offset, cfg.value, g.cfg_line
@@ -1238,7 +1447,7 @@ class QemuTraceReader:
                     width = 2
             while value >> (8 * width) and width < limit:
                 width *= 2
-            how = "width inferred from the offset"
+            how = WIDTH_INFERRED
             if value >> (8 * width):
                 self._bad_access(
                     g,
@@ -1252,17 +1461,25 @@ class QemuTraceReader:
                 g, line, f"value {value:#x} at offset {offset:#x} does not fit {width} bytes"
             )
             return
-        if not g.write and not self._is_bound(dev):
-            self._learn(dev, offset, width, value, exact=exact)
+        if not g.write:
+            if not self._is_bound(dev):
+                self._learn(dev, offset, width, value, exact=exact)
+            elif offset < _ID_END and dev.mismatch is None:
+                # compare only the bytes the read certainly returned (the access keeps its width)
+                known = width if exact else min(width, max(1, (value.bit_length() + 7) // 8))
+                self._check_identity(dev, offset, known, value, line)
         vm = self._vm(dev)
         key = self._key(dev)
         note = how + note
+        access: Access = (
+            ConfigWrite(vm or "", key, offset, width, value)
+            if g.write
+            else ConfigRead(vm or "", key, offset, width)
+        )
         if vm is None:
-            self._emit(line, None, f"device {key} is not bound to a VM; {note}")
-        elif g.write:
-            self._emit(line, ConfigWrite(vm, key, offset, width, value), note)
+            self._unbound(line, access, note)
         else:
-            self._emit(line, ConfigRead(vm, key, offset, width), note)
+            self._emit(line, access, note)
         self._merged(g, line)
 
     def _merged(self, g: _Group, line: int) -> None:
@@ -1273,7 +1490,7 @@ class QemuTraceReader:
             (g.cfg_line, "guest view"),
         )
         extra = [
-            QemuRecord(n, None, f"{what} of the access on line {line}")
+            QemuRecord(n, None, f"{what} of the access on line {line}", "skipped", REASON_VIEW)
             for n, what in views
             if n and n != line
         ]
@@ -1291,7 +1508,7 @@ class QemuTraceReader:
 
     # --- BARs and MSI-X --------------------------------------------------------------------
     def _on_mapping(self, lineno: int, ev: QemuEvent) -> None:
-        assert isinstance(ev, PciMappingAdd | PciMappingDel)
+        assert isinstance(ev, (PciMappingAdd, PciMappingDel))
         dev = self._guest_dev(ev.bdf)
         span = f"BAR {ev.bar} at {ev.addr:#x}+{ev.size:#x}"
         if isinstance(ev, PciMappingAdd):
@@ -1309,10 +1526,10 @@ class QemuTraceReader:
             for bar, (base, size) in d.bars.items()
             if bar < VFIO_BAR_REGIONS
         ]
-        self._info(lineno, note)
+        self._info(lineno, REASON_MAPPING, note)
 
     def _on_mr(self, lineno: int, ev: QemuEvent) -> None:
-        assert isinstance(ev, MemoryRegionWrite | MemoryRegionRead)
+        assert isinstance(ev, (MemoryRegionWrite, MemoryRegionRead))
         name = ev.name
         if name in CONFIG_REGIONS:
             g = self._groups[ev.tid] = _Group(isinstance(ev, MemoryRegionWrite), ev.tid, lineno)
@@ -1350,14 +1567,15 @@ class QemuTraceReader:
             why = f"no traced BAR mapping holds the MSI-X table address {addr:#x}"
             if not self._windows:
                 why += " (enable pci_update_mappings_* before the guest programs its BARs)"
-            self._emit(lineno, None, why)
+            self._unattributed(lineno, REASON_NO_MAPPING, why)
             return
         else:
             owner = self._mr_owner.get(ev.mr)
             mine = [p for p in picks if p[0] is owner]
             if len(mine) != 1:
                 who = ", ".join(sorted(self._key(d) for d, _, _ in picks))
-                self._emit(lineno, None, f"MSI-X table address {addr:#x} is mapped by {who}")
+                why = f"MSI-X table address {addr:#x} is mapped by {who}"
+                self._unattributed(lineno, REASON_AMBIGUOUS, why)
                 return
             dev, bar, base = mine[0]
         owners = self._mr_owner
@@ -1366,31 +1584,34 @@ class QemuTraceReader:
         note = "" if strong else "MSI-X capability not known: table position not checked"
         key = dev.key or self._key(dev)
         vm = dev.vm if dev.vm_done else self._vm(dev)
+        if type(ev) is MemoryRegionWrite:
+            access: Access = MsixWrite(vm or "", key, bar, addr - base, ev.size, ev.value)
+        else:
+            access = MsixRead(vm or "", key, bar, addr - base, ev.size)
         if vm is None:
-            self._emit(lineno, None, f"device {key} is not bound to a VM")
+            self._unbound(lineno, access, note)
             return
         self.stats.accesses += 1
-        if type(ev) is MemoryRegionWrite:
-            access: Access = MsixWrite(vm, key, bar, addr - base, ev.size, ev.value)
-        else:
-            access = MsixRead(vm, key, bar, addr - base, ev.size)
-        self._out.append(_record((lineno, access, note)))
+        self._out.append(_record((lineno, access, note, "", "")))
 
     # --- vfio ------------------------------------------------------------------------------
     def _on_vfio_region(self, lineno: int, ev: QemuEvent) -> None:
-        assert isinstance(ev, VfioRegionWrite | VfioRegionRead)
+        assert isinstance(ev, (VfioRegionWrite, VfioRegionRead))
         dev = self._vfio_dev(ev.name)
         key = self._key(dev)
         if ev.region >= VFIO_BAR_REGIONS:
-            self._emit(lineno, None, f"vfio region {ev.region} of {key} is not a BAR")
+            self._info(lineno, REASON_NOT_BAR, f"vfio region {ev.region} of {key} is not a BAR")
             return
         vm = self._vm(dev)
+        access: Access = (
+            MsixWrite(vm or "", key, ev.region, ev.offset, ev.size, ev.value)
+            if isinstance(ev, VfioRegionWrite)
+            else MsixRead(vm or "", key, ev.region, ev.offset, ev.size)
+        )
         if vm is None:
-            self._emit(lineno, None, f"device {key} is not bound to a VM")
-        elif isinstance(ev, VfioRegionWrite):
-            self._emit(lineno, MsixWrite(vm, key, ev.region, ev.offset, ev.size, ev.value), "")
+            self._unbound(lineno, access, "")
         else:
-            self._emit(lineno, MsixRead(vm, key, ev.region, ev.offset, ev.size), "")
+            self._emit(lineno, access, "")
 
     def _on_vfio_reset(self, lineno: int, ev: QemuEvent) -> None:
         assert isinstance(ev, VfioReset)
@@ -1398,6 +1619,6 @@ class QemuTraceReader:
         vm = self._vm(dev)
         key = self._key(dev)
         if vm is None:
-            self._emit(lineno, None, f"device {key} is not bound to a VM")
+            self._unbound(lineno, Reset("", key), "")
         else:
             self._emit(lineno, Reset(vm, key), "")

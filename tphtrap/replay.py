@@ -16,18 +16,19 @@ shows progress on a terminal. Everything streams: memory does not grow with the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from .cli import EXIT_MISMATCH
+from .cli import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, EXIT_UNJUDGED, EXIT_USER
 from .device import ConfigSpace, load_device, normalize_bdf, parse_hex_config
 from .engine import AttachRefused, Engine
+from .engine.reasons import VIOLATIONS
 from .errors import DeviceError, TphtrapError, TraceError, WireError
 from .events import (
     VERDICT_NAMES,
@@ -37,19 +38,45 @@ from .events import (
     Decision,
     MsixRead,
     MsixWrite,
+    Reset,
+    Verdict,
 )
 from .policy import DeviceSettings, Policy
-from .qemu_trace import QemuTraceReader, open_trace
+from .qemu_trace import (
+    REASON_OTHER_REGION,
+    REASON_UNRELATED,
+    WIDTH_INFERRED,
+    QemuTraceReader,
+    open_trace,
+)
+from .replay_summary import (
+    MAX_FIRST,
+    MAX_LISTED,
+    MAX_NOTABLE,
+    NOT_JUDGED,
+    ReplaySummary,
+    TphView,
+    format_summary,
+)
 from .wire import ACCESS_OPS, Request, decision_json, parse_request, to_access
 
-__all__ = ["Record", "ReplaySummary", "Replayer", "add_parser", "detect_format"]
+__all__ = [
+    "NotJudged",
+    "Record",
+    "ReplaySummary",
+    "Replayer",
+    "add_parser",
+    "detect_format",
+    "sniff_format",
+]
 
-MAX_LISTED = 50  # malformed lines and mismatches listed in the summary (all are counted)
-MAX_NOTABLE = 20  # refused or changed accesses listed in the summary
 # Decisions that need no reviewer's attention: the guest got what it asked for.
-_ROUTINE = frozenset(
-    {"not-tph", "control-granted", "tag-allowed", "tph-disabled", "tph-virtualized", "reset"}
-)
+_PASS = Verdict.PASS
+_EXT_START = 0x100  # config offsets from here on are extended config space
+
+
+class NotJudged(TphtrapError):
+    """``--strict``: an access that could not be judged (raised at its line)."""
 
 
 @dataclass(slots=True)
@@ -60,56 +87,38 @@ class Record:
     decision: Decision
     expected: dict[str, Any] | None = None
     mismatch: str | None = None
+    inferred: bool = False  # the access width was inferred (QEMU traces without size events)
 
 
-@dataclass
-class ReplaySummary:
-    records: int = 0
-    verdicts: Counter[str] = field(default_factory=Counter)
-    reasons: Counter[str] = field(default_factory=Counter)
-    vms: Counter[str] = field(default_factory=Counter)
-    devices: Counter[str] = field(default_factory=Counter)
-    skipped: int = 0  # unrelated lines (QEMU) and non-access requests (native)
-    malformed: int = 0
-    malformed_lines: list[str] = field(default_factory=list)
-    mismatches: int = 0
-    mismatch_lines: list[str] = field(default_factory=list)
-    unbound: int = 0  # accesses of devices with no VM
-    implicit_devices: list[str] = field(default_factory=list)
-    notable: list[str] = field(default_factory=list)  # first refused or changed accesses
-    attach_errors: list[str] = field(default_factory=list)
-    traces: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+def sniff_format(lines: Iterable[str]) -> tuple[str, Iterator[str]]:
+    """(``native`` if the first non-blank line is a JSON object, else ``qemu``; the lines).
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "traces": self.traces,
-            "records": self.records,
-            "verdicts": dict(self.verdicts),
-            "reasons": dict(self.reasons),
-            "vms": dict(self.vms),
-            "devices": dict(self.devices),
-            "skipped": self.skipped,
-            "unbound": self.unbound,
-            "malformed": self.malformed,
-            "malformed_lines": self.malformed_lines,
-            "mismatches": self.mismatches,
-            "mismatch_lines": self.mismatch_lines,
-            "implicit_devices": self.implicit_devices,
-            "notable": self.notable,
-            "attach_errors": self.attach_errors,
-            "seconds": round(self.seconds, 3),
-            "records_per_second": round(self.records / self.seconds) if self.seconds else None,
-        }
+    A byte order mark before the object does not make it a QEMU log (the native reader then
+    reports that line as malformed). Reads only up to that first non-blank line and gives it
+    back: nothing is lost, so it works on standard input, and line numbers stay those of the
+    trace.
+    """
+    it = iter(lines)
+    head: list[str] = []
+    fmt = "native"
+    for line in it:
+        head.append(line)
+        text = line.strip().removeprefix("\ufeff")
+        if text:
+            fmt = "native" if text.startswith("{") else "qemu"
+            break
+    return fmt, itertools.chain(head, it)
 
 
 def detect_format(path: str) -> str:
-    """``native`` if the first non-blank line is a JSON object, else ``qemu``."""
-    for line in open_trace(path):
-        s = line.strip()
-        if s:
-            return "native" if s.startswith("{") else "qemu"
-    return "native"
+    """The format of the trace at ``path`` (see :func:`sniff_format`)."""
+    lines = open_trace(path)
+    try:
+        return sniff_format(lines)[0]
+    finally:
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()
 
 
 def _describe(d: dict[str, Any], limit: int | None = None) -> str:
@@ -168,8 +177,30 @@ def compare(expected: Any, actual: dict[str, Any]) -> str | None:
     return None
 
 
+class _QemuDevice:
+    """What replay keeps per QEMU trace device between its accesses (rebuilt when the
+    reader's view of the device changes)."""
+
+    __slots__ = ("block_all", "block_ext", "gen", "headers", "sig", "vm")
+
+    def __init__(self, vm: str, gen: int) -> None:
+        self.vm = vm
+        self.gen = gen
+        self.sig: tuple[Any, ...] | None = None
+        self.block_all: str | None = None  # no access of the device can be judged
+        self.block_ext: str | None = None  # nor those in extended config space and MSI-X
+        self.headers: frozenset[int] = frozenset()  # ext header reads judged all the same
+
+
 class Replayer:
-    """The replay core: feeds accesses to one engine and keeps the summary. No printing."""
+    """The replay core: feeds accesses to one engine and keeps the summary. No printing.
+
+    Every line of every trace ends in one bucket of :attr:`summary` (see
+    :mod:`tphtrap.replay_summary`). ``select`` narrows what the summary *shows* (tables,
+    per-device lines, notable writes), never what it counts. With ``strict``, the first
+    malformed line raises :class:`TraceError` and, unless ``allow_unjudged``, the first access
+    that cannot be judged raises :class:`NotJudged`.
+    """
 
     def __init__(
         self,
@@ -179,7 +210,10 @@ class Replayer:
         overlays: dict[str, ConfigSpace] | None = None,
         vm_of: Callable[[str], str | None] | None = None,
         strict: bool = False,
+        allow_unjudged: bool = False,
         check_expect: bool = False,
+        select: Callable[[Record], bool] | None = None,
+        filter_text: str | None = None,
     ) -> None:
         self.policy = policy
         self.engine = Engine(policy)
@@ -187,19 +221,34 @@ class Replayer:
         self.overlays = {normalize_bdf(k): v for k, v in (overlays or {}).items()}
         self.vm_of = vm_of or (lambda bdf: None)
         self.strict = strict
+        self.allow_unjudged = allow_unjudged
         self.check_expect = check_expect
-        self.summary = ReplaySummary()
+        self.select = select
+        self.summary = ReplaySummary(filter_text=filter_text)
         self._attached: dict[str, tuple[str, tuple[Any, ...], int]] = {}  # bdf -> (vm, sig, gen)
-        self._refused: set[str] = set()
+        self._qemu: dict[str, _QemuDevice] = {}
+        self._refused: dict[str, str] = {}  # bdf -> why the engine refused it
+        self._seen: set[str] = set()  # device names the traces named (for absent bindings)
+        self._readers: list[QemuTraceReader] = []
 
     # --- shared ----------------------------------------------------------------------------
-    def _malformed(self, where: str, message: str) -> None:
-        self.summary.malformed += 1
+    def _malformed(self, trace: str, line: int, message: str) -> None:
+        reason = message.split(":", 1)[0]
+        self.summary.buckets["malformed"].add(trace, line, None, reason, message)
+        where = f"{trace}:{line}"
         text = f"{where}: {message}"
         if self.strict:
             raise TraceError(where, message)
         if len(self.summary.malformed_lines) < MAX_LISTED:
             self.summary.malformed_lines.append(text)
+
+    def _not_judged(
+        self, bucket: str, trace: str, line: int, device: str | None, reason: str, note: str
+    ) -> None:
+        self.summary.buckets[bucket].add(trace, line, device, reason, note)
+        if self.strict and not self.allow_unjudged:
+            who = f" {device}" if device else ""
+            raise NotJudged(f"{trace}:{line}: not judged ({bucket}):{who} {note or reason}")
 
     def _assign(self, vm: str, bdf: str) -> bool:
         """Make sure the policy assigns ``bdf`` to ``vm`` (adding it for replay if free)."""
@@ -219,78 +268,143 @@ class Replayer:
         self.summary.implicit_devices.append(f"{bdf} -> {vm}")
         return True
 
-    def _attach(self, vm: str, bdf: str, cfg: ConfigSpace, where: str) -> None:
-        overlay = self.overlays.get(bdf)
-        if overlay is not None:
-            cfg = cfg.with_tph_overlay(overlay)
+    def _attach(
+        self, vm: str, bdf: str, cfg: ConfigSpace, where: str, overlay: str | None = None
+    ) -> str | None:
+        """Attach ``bdf`` to ``vm``; why the engine refused it, or None."""
+        ov = self.overlays.get(bdf)
+        if ov is not None:
+            cfg = cfg.with_tph_overlay(ov)
+            overlay = overlay or ov.source
         if not self._assign(vm, bdf):
-            self._refuse(bdf, where, f"device {bdf} belongs to another VM in the policy")
-            return
+            return self._refuse(bdf, where, f"device {bdf} belongs to another VM in the policy")
         if self.engine.session(vm, bdf) is not None:
             self.engine.detach(vm, bdf)
         try:
             self.engine.attach(vm, bdf, cfg)
-        except AttachRefused as exc:
-            self._refuse(bdf, where, exc.message)
-            return
-        self._refused.discard(bdf)
+        except AttachRefused as exc:  # e.g. bad-config: a snapshot too short to show TPH
+            return self._refuse(bdf, where, f"{exc.code}: {exc.message}")
+        self._refused.pop(bdf, None)
+        view = TphView.of(cfg, overlay)
+        old = self.summary.tph.get(bdf)
+        if view is not None and old is not None:  # re-attached: keep what was seen so far
+            view.enabled_at, view.enable_mode, view.enable_width = (
+                old.enabled_at,
+                old.enable_mode,
+                old.enable_width,
+            )
+            view.enables, view.usable, view.guest_writes = old.enables, old.usable, old.guest_writes
+            view.guest_enable_at, view.guest_tag_writes = old.guest_enable_at, old.guest_tag_writes
+            view.resets, view.first_reset_at = old.resets, old.first_reset_at
+            view.overlay_hits, view.overlay_first = old.overlay_hits, old.overlay_first
+        if view is not None:
+            self.summary.tph[bdf] = view
+        return None
 
-    def _refuse(self, bdf: str, where: str, message: str) -> None:
+    def _refuse(self, bdf: str, where: str, message: str) -> str:
         if bdf not in self._refused and len(self.summary.attach_errors) < MAX_LISTED:
             self.summary.attach_errors.append(f"{where}: {message}")
-        self._refused.add(bdf)
+        self._refused[bdf] = message
+        return message
 
-    def _decide(self, trace: str, line: int, access: Access, expect: Any = None) -> Record:
+    def _decide(
+        self, trace: str, line: int, access: Access, expect: Any = None, inferred: bool = False
+    ) -> Record:
         decision = self.engine.handle(access)
         s = self.summary
         s.records += 1
-        s.verdicts[VERDICT_NAMES[decision.verdict]] += 1
-        s.reasons[decision.reason] += 1
+        passed = decision.verdict is _PASS
+        verdict = VERDICT_NAMES[decision.verdict]
+        reason = decision.reason
+        s.verdicts[verdict] += 1
+        s.reasons[reason] += 1
         s.vms[access.vm] += 1
-        s.devices[access.bdf] += 1
-        rec = Record(trace, line, access, decision)
-        if decision.reason not in _ROUTINE and len(s.notable) < MAX_NOTABLE:
+        bdf = access.bdf
+        s.kinds[(bdf, type(access))] += 1
+        rec = Record(trace, line, access, decision, expect, None, inferred)
+        if inferred:
+            s.inferred[bdf] += 1
+        if s.records <= MAX_FIRST:
+            s.first_records.append(f"{trace}:{line}: {bdf} {verdict} {reason}")
+        if passed and not VIOLATIONS.isdisjoint(decision.reasons):
+            s.contradiction(f"{_notable(rec)} (reasons: {', '.join(decision.reasons)})")
+        view = s.tph.get(bdf)
+        # reads change nothing on the device: only an overlay counts the ones that hit it
+        if view is not None and (access.is_write or type(access) is Reset or view.overlay):
+            view.observe(trace, line, access, decision)
+        if expect is not None and self.check_expect:
+            self._check_expect(rec, expect)
+        select = self.select
+        if select is not None:
+            if not select(rec):
+                return rec
+            s.shown += 1
+            s.shown_verdicts[verdict] += 1
+            s.shown_reasons[reason] += 1
+        if not passed and access.is_write and len(s.notable) < MAX_NOTABLE:
             s.notable.append(_notable(rec))
-        if expect is not None:
-            rec.expected = expect
-            if self.check_expect:
-                rec.mismatch = compare(expect, decision_json(decision))
-                if rec.mismatch:
-                    s.mismatches += 1
-                    if len(s.mismatch_lines) < MAX_LISTED:
-                        s.mismatch_lines.append(f"{trace}:{line}: {rec.mismatch}")
         return rec
+
+    def _check_expect(self, rec: Record, expect: Any) -> None:
+        s = self.summary
+        s.expected += 1
+        rec.mismatch = compare(expect, decision_json(rec.decision))
+        if rec.mismatch:
+            s.mismatches += 1
+            if len(s.mismatch_lines) < MAX_LISTED:
+                s.mismatch_lines.append(f"{rec.trace}:{rec.line}: {rec.mismatch}")
+
+    def finish(self, bindings: dict[str, str]) -> None:
+        """Report every binding (name -> the option that gave it) that named no device of
+        the traces: what it asked was never answered."""
+        for name, option in bindings.items():
+            if name in self._seen or any(r.knows(name) for r in self._readers):
+                continue
+            self.summary.absent.append(
+                f"{option} {name}: target absent: no line of the trace(s) names this device"
+            )
 
     # --- native traces ---------------------------------------------------------------------
     def native(self, path: str, lines: Iterable[str] | None = None) -> Iterator[Record]:
         source = open_trace(path) if lines is None else lines
         engine = self.engine
-        for lineno, text in enumerate(source, 1):
-            if not text.strip():
-                continue
-            try:
-                req = parse_request(text.rstrip("\r\n"))
-            except WireError as exc:
-                self._malformed(f"{path}:{lineno}", f"{exc.code}: {exc.message}")
-                continue
-            if req.op in ACCESS_OPS:
-                access = to_access(req)
-                if engine.session(access.vm, access.bdf) is None:
-                    self._auto_attach(access.vm, access.bdf, f"{path}:{lineno}")
-                yield self._decide(path, lineno, access, req.args.get("expect"))
-                continue
-            where = f"{path}:{lineno}"
-            if req.op == "attach":
-                self._native_attach(req, where)
-            elif req.op == "detach":
-                self.engine.detach(req.args["vm"], req.args["bdf"])
-                self._attached.pop(req.args["bdf"], None)
-            elif req.op == "reload":
-                self._reload(req, where)
-            else:
-                self.summary.skipped += 1  # hello, stats, shutdown
+        seen = self._seen
+        skipped = self.summary.buckets["skipped"]
+        lineno = 0
+        try:
+            for lineno, text in enumerate(source, 1):
+                if not text.strip():
+                    skipped.add(path, lineno, None, "blank line")
+                    continue
+                try:
+                    req = parse_request(text.rstrip("\r\n"))
+                except WireError as exc:
+                    self._malformed(path, lineno, f"{exc.code}: {exc.message}")
+                    continue
+                if req.op in ACCESS_OPS:
+                    access = to_access(req)
+                    if engine.session(access.vm, access.bdf) is None:
+                        seen.add(access.bdf)
+                        self._auto_attach(access.vm, access.bdf, f"{path}:{lineno}")
+                    yield self._decide(path, lineno, access, req.args.get("expect"))
+                    continue
+                usable = True  # False: the request went to the malformed bucket instead
+                if req.op == "attach":
+                    seen.add(req.args["bdf"])
+                    usable = self._native_attach(req, path, lineno)
+                elif req.op == "detach":
+                    self.engine.detach(req.args["vm"], req.args["bdf"])
+                    self._attached.pop(req.args["bdf"], None)
+                elif req.op == "reload":
+                    usable = self._reload(req, path, lineno)
+                if usable:
+                    skipped.add(path, lineno, None, f"{req.op} request (no access)")
+        finally:
+            self.summary.lines += lineno
 
-    def _native_attach(self, req: Request, where: str) -> None:
+    def _native_attach(self, req: Request, path: str, lineno: int) -> bool:
+        """Attach as the trace says; False when its device cannot be read (malformed)."""
+        where = f"{path}:{lineno}"
         a = req.args
         bdf = a["bdf"]
         try:
@@ -301,11 +415,12 @@ class Replayer:
             else:
                 cfg = load_device(a["path"], a.get("source_bdf"))
         except DeviceError as exc:
-            self._malformed(where, f"attach: {exc}")
-            return
+            self._malformed(path, lineno, f"attach: {exc}")
+            return False
         cfg = ConfigSpace.from_bytes(cfg.data, cfg.source, bdf, cfg.line_map)
         self._attach(a["vm"], bdf, cfg, where)
         self._attached[bdf] = (a["vm"], (), 0)
+        return True
 
     def _auto_attach(self, vm: str, bdf: str, where: str) -> None:
         """Attach a ``--device``-bound device on its first access when the trace did not
@@ -316,19 +431,21 @@ class Replayer:
         if cfg is not None:
             self._attach(vm, bdf, ConfigSpace.from_bytes(cfg.data, cfg.source, bdf), where)
 
-    def _reload(self, req: Request, where: str) -> None:
+    def _reload(self, req: Request, path: str, lineno: int) -> bool:
+        """Reload as the trace says; False when its policy cannot be read (malformed)."""
         from .policyfile import load_policy
 
-        path = req.args.get("policy")
-        if path is None:
-            return
+        policy_path = req.args.get("policy")
+        if policy_path is None:
+            return True
         try:
-            policy = load_policy(path)
+            policy = load_policy(policy_path)
         except (TphtrapError, OSError) as exc:
-            self._malformed(where, f"reload: {exc}")
-            return
+            self._malformed(path, lineno, f"reload: {exc}")
+            return False
         self.policy = policy
         self.engine.reload(policy)
+        return True
 
     # --- QEMU traces -----------------------------------------------------------------------
     def qemu(self, path: str, lines: Iterable[str] | None = None) -> Iterator[Record]:
@@ -341,41 +458,97 @@ class Replayer:
             overlays=self.overlays,
             strict=self.strict,
         )
-        for rec in reader:
-            access = rec.access
-            if access is None:
-                if rec.note and rec.note.startswith(f"{path}:"):
-                    self.summary.malformed += 1
-                    if len(self.summary.malformed_lines) < MAX_LISTED:
-                        self.summary.malformed_lines.append(rec.note)
-                continue
-            if not access.vm:
-                self.summary.unbound += 1
-                continue
-            self._sync_qemu_device(reader, access.vm, access.bdf, f"{path}:{rec.lineno}")
-            yield self._decide(path, rec.lineno, access)
-        self.summary.skipped += reader.stats.skipped + reader.stats.other_regions
+        self._readers.append(reader)
+        s = self.summary
+        known = self._qemu
+        skipped = s.buckets["skipped"]
+        try:
+            for lineno, access, note, bucket, reason in reader:
+                if bucket:
+                    if bucket == "skipped":
+                        skipped.add(path, lineno, None, reason)
+                    elif bucket == "malformed":
+                        cut = len(f"{path}:{lineno}: ")
+                        s.buckets["malformed"].add(path, lineno, None, reason, note[cut:])
+                        if len(s.malformed_lines) < MAX_LISTED:
+                            s.malformed_lines.append(note)
+                    else:
+                        bdf = access.bdf if access is not None else None
+                        detail = "" if bucket == "unbound" else note
+                        self._not_judged(bucket, path, lineno, bdf, reason, detail)
+                    continue
+                assert access is not None
+                bdf = access.bdf
+                dev = known.get(bdf)
+                if dev is None or dev.gen != reader.config_generation(bdf) or dev.vm != access.vm:
+                    dev = self._sync_qemu_device(reader, access.vm, bdf, f"{path}:{lineno}")
+                if dev.block_all is not None or (
+                    dev.block_ext is not None and _in_ext_or_msix(access, dev.headers)
+                ):
+                    why = dev.block_all or dev.block_ext
+                    assert why is not None
+                    self._not_judged("unjudged", path, lineno, bdf, why, "")
+                    continue
+                yield self._decide(path, lineno, access, inferred=note.startswith(WIDTH_INFERRED))
+        finally:
+            st = reader.stats
+            for reason, n in (
+                (REASON_UNRELATED, st.skipped),
+                (REASON_OTHER_REGION, st.other_regions),
+            ):
+                if n:
+                    skipped.count += n
+                    skipped.reasons[reason] += n
+            s.lines += st.lines
 
-    def _sync_qemu_device(self, reader: QemuTraceReader, vm: str, bdf: str, where: str) -> None:
-        """(Re-)attach a trace device when its bound or learned config space changes shape."""
+    def _sync_qemu_device(
+        self, reader: QemuTraceReader, vm: str, bdf: str, where: str
+    ) -> _QemuDevice:
+        """(Re-)attach a trace device when its bound or learned config space changes shape,
+        and work out which of its accesses cannot be judged."""
         gen = reader.config_generation(bdf)
-        known = self._attached.get(bdf)
-        if known is not None and known[0] == vm and known[2] == gen:
-            return
+        old = self._qemu.get(bdf)
+        dev = self._qemu[bdf] = _QemuDevice(vm, gen)
+        mismatch, unseen = reader.not_judgeable(bdf)
+        dev.block_ext = unseen
+        if unseen is not None:
+            dev.headers = reader.ext_headers(bdf)
         cfg = reader.device_config(bdf)
         if cfg is None:
+            why = reader.config_error(bdf)
             cfg = ConfigSpace.from_bytes(bytes(4096), f"{bdf} (nothing learned yet)", bdf)
+            if why is not None:  # e.g. an overlay before the PCIe capability was read
+                dev.block_ext = f"learned config space not usable yet: {why}"
         sig = _geometry(cfg)
-        if known is not None and known[0] == vm and known[1] == sig:
-            self._attached[bdf] = (vm, sig, gen)
-            return
+        dev.sig = sig
+        if mismatch is not None:
+            dev.block_all = mismatch
+        if old is not None and old.vm == vm and old.sig == sig and bdf not in self._refused:
+            dev.block_all = dev.block_all or (
+                old.block_all if old.block_all and old.block_all.startswith("attach") else None
+            )
+            return dev
         cfg = ConfigSpace.from_bytes(cfg.data, cfg.source, bdf)
         overlays, self.overlays = self.overlays, {}  # the reader applied overlays already
         try:
-            self._attach(vm, bdf, cfg, where)
+            refused = self._attach(vm, bdf, cfg, where, overlay=reader.overlaid(bdf))
+        except DeviceError as exc:
+            refused = str(exc)
         finally:
             self.overlays = overlays
-        self._attached[bdf] = (vm, sig, gen)
+        if refused is not None:
+            dev.block_all = dev.block_all or f"attach refused: {refused}"
+        return dev
+
+
+def _in_ext_or_msix(access: Access, headers: frozenset[int]) -> bool:
+    """Whether a learned device's access needs its extended capabilities to be judged (the
+    reads of the capability headers the guest walked do not)."""
+    if isinstance(access, ConfigRead):
+        return access.offset + access.width > _EXT_START and access.offset not in headers
+    if isinstance(access, ConfigWrite):
+        return access.offset + access.width > _EXT_START
+    return not isinstance(access, Reset)
 
 
 def _geometry(cfg: ConfigSpace) -> tuple[Any, ...]:
@@ -426,24 +599,34 @@ def _bindings(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
+_EXIT_HELP = (
+    "exit status: 0 every access judged (and --expect matched); 1 bad input (or a malformed\n"
+    "  line with --strict); 2 usage error; 3 internal error; 4 decisions differ from --expect;\n"
+    "  5 accesses or lines not judged (unbound, unattributed, unjudged, malformed, a binding\n"
+    "  naming no device of the trace, or nothing judged at all) unless --allow-unjudged"
+)
+
+
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "replay",
         help="replay recorded guest accesses (native or QEMU traces) against a policy",
         description=(
             "Run every access of one or more traces through the engine and report what the "
-            "policy would have done. Traces are native JSON lines (what 'tphtrap serve "
-            "--record' writes) or QEMU 'log' trace-backend output; gzip is read transparently."
+            "policy would have done, and every line that was not judged and why. Traces are "
+            "native JSON lines (what 'tphtrap serve --record' writes) or QEMU 'log' "
+            "trace-backend output; gzip is read transparently, also on standard input."
         ),
         epilog=(
             "examples:\n"
             "  tphtrap replay fixtures/traces/demo-session.jsonl \\\n"
-            "      --policy policies/two-tenants.yaml\n"
-            "  tphtrap replay session.jsonl --policy p.yaml --expect\n"
+            "      --policy policies/two-tenants.yaml --expect\n"
+            "  tphtrap replay fixtures/traces/qemu-guest-boot.log.gz \\\n"
+            "      --policy policies/two-tenants.yaml --vm tenant-a\n"
             "  tphtrap replay qemu.log.gz --policy p.yaml --vm tenant-a \\\n"
             "      --device 0000:00:03.0=fixtures/devices/nic-st-in-msix.lspci --json\n"
-            "exit status: 0 ok, 1 bad input (or malformed lines with --strict), 2 usage "
-            "error, 4 decisions differ from --expect"
+            "  zcat qemu.log.gz | tphtrap replay - --policy p.yaml --vm tenant-a --only-tph\n"
+            f"{_EXIT_HELP}"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -454,8 +637,9 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--device",
         action="append",
         default=[],
-        metavar="BDF=FILE",
-        help="config space of a device (sysfs dir/config, lspci dump, hex)",
+        metavar="BDF[=FILE]",
+        help="BDF=FILE: config space of a device (sysfs dir/config, lspci dump, hex); "
+        "BDF alone: show only this device (repeatable; everything is still counted)",
     )
     p.add_argument(
         "--overlay",
@@ -471,6 +655,11 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="NAME|BDF=NAME",
         help="VM of the trace's devices (QEMU traces): one name for all, or per BDF",
     )
+    p.add_argument(
+        "--only-tph",
+        action="store_true",
+        help="show only the accesses the TPH rules decided on (reason other than not-tph)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--decisions", metavar="FILE", help="write one JSON decision per record")
     p.add_argument(
@@ -478,7 +667,16 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="compare with the decisions recorded in the trace; exit 4 on a difference",
     )
-    p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first malformed line (exit 1) or access not judged (exit 5)",
+    )
+    p.add_argument(
+        "--allow-unjudged",
+        action="store_true",
+        help="accesses that cannot be judged are expected: report them but exit 0",
+    )
     p.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
@@ -505,6 +703,31 @@ def _is_multi(path: str) -> bool:
         return False
 
 
+def _shown_devices(items: list[str]) -> set[str]:
+    out = set()
+    for item in items:
+        try:
+            out.add(normalize_bdf(item))
+        except ValueError as exc:
+            raise DeviceError(f"--device {item}", str(exc)) from None
+    return out
+
+
+def _selector(
+    shown: set[str], only_tph: bool
+) -> tuple[Callable[[Record], bool] | None, str | None]:
+    if not shown and not only_tph:
+        return None, None
+    parts = [f"--device {d}" for d in sorted(shown)] + (["--only-tph"] if only_tph else [])
+
+    def select(rec: Record) -> bool:
+        if shown and rec.access.bdf not in shown:
+            return False
+        return not only_tph or rec.decision.reason != "not-tph"
+
+    return select, " ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from .errors import PolicyError
     from .policyfile import load_policy
@@ -514,8 +737,10 @@ def run(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         for prob in exc.problems:
             print(prob.format(), file=sys.stderr)
-        return 1
-    devices = _load_bound(args.device, "device")
+        return EXIT_USER
+    shown = _shown_devices([d for d in args.device if "=" not in d])
+    device_items = [d for d in args.device if "=" in d]
+    devices = _load_bound(device_items, "device")
     overlays = _load_bound(args.overlay, "overlay")
     default_vm: str | None = None
     per_bdf: dict[str, str] = {}
@@ -528,6 +753,12 @@ def run(args: argparse.Namespace) -> int:
         if name not in policy.vms:
             known = ", ".join(sorted(policy.vms))
             raise DeviceError("--vm", f"no VM {name!r} in {args.policy} (have: {known})")
+    bindings = {
+        **{bdf: "--vm" for bdf in per_bdf},
+        **{bdf: "--device" for bdf in devices},
+        **{bdf: "--overlay" for bdf in overlays},
+        **{bdf: "--device (filter)" for bdf in shown},
+    }
 
     def vm_of(bdf: str) -> str | None:
         try:
@@ -541,13 +772,17 @@ def run(args: argparse.Namespace) -> int:
         owner = policy.vm_of_device(key)
         return owner.name if owner else None
 
+    select, filter_text = _selector(shown, args.only_tph)
     rp = Replayer(
         policy,
         devices=devices,
         overlays=overlays,
         vm_of=vm_of,
         strict=args.strict,
+        allow_unjudged=args.allow_unjudged,
         check_expect=args.expect,
+        select=select,
+        filter_text=filter_text,
     )
     progress = _Progress(
         sys.stderr,
@@ -558,26 +793,65 @@ def run(args: argparse.Namespace) -> int:
     try:
         for trace in args.traces:
             rp.summary.traces.append(trace)
-            fmt = args.format if args.format != "auto" else detect_format(trace)
-            records = rp.native(trace) if fmt == "native" else rp.qemu(trace)
+            lines: Iterable[str] = open_trace(trace)
+            fmt, lines = sniff_format(lines)
+            if args.format != "auto":
+                fmt = args.format
+            records = rp.native(trace, lines) if fmt == "native" else rp.qemu(trace, lines)
             for rec in records:
-                if out is not None:
+                if out is not None and (select is None or select(rec)):
                     out.write(_decision_line(rec))
                 if not rec.line % 1024:
                     progress.update(trace, rp.summary.records)
+    except NotJudged as exc:
+        progress.done()
+        print(f"tphtrap: error: {exc}", file=sys.stderr)
+        return EXIT_UNJUDGED
     finally:
         progress.done()
         if out is not None:
             out.close()
+    rp.finish(bindings)
     rp.summary.seconds = time.monotonic() - started
     s = rp.summary
     if args.json:
         print(json.dumps(s.to_json(), indent=2))
     else:
-        _print_summary(s)
+        print(format_summary(s, shown or None))
+    return _exit_status(s, args)
+
+
+def _exit_status(s: ReplaySummary, args: argparse.Namespace) -> int:
+    """The exit status, with a line on standard error whenever it is not a clean 0."""
+    if s.contradictions:
+        print(
+            f"tphtrap: internal error: {s.contradictions:,} decision(s) pass an access with a "
+            "violation reason (a bug: please report it with the summary)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     if args.expect and s.mismatches:
+        print(
+            f"tphtrap: {s.mismatches:,} decision(s) differ from the trace's expectations",
+            file=sys.stderr,
+        )
         return EXIT_MISMATCH
-    return 0
+    problems = [f"{s.buckets[b].count:,} {b}" for b in NOT_JUDGED if s.buckets[b].count]
+    if s.absent:
+        problems.append(f"{len(s.absent)} binding(s) naming no device of the trace")
+    if not s.records:
+        problems.append("no access judged at all")
+    if not problems:
+        return EXIT_OK
+    text = ", ".join(problems)
+    if args.allow_unjudged:
+        print(f"tphtrap: warning: not judged: {text} (accepted: --allow-unjudged)", file=sys.stderr)
+        return EXIT_OK
+    print(
+        f"tphtrap: not judged: {text}; the summary says why (--allow-unjudged accepts them)",
+        file=sys.stderr,
+    )
+    return EXIT_UNJUDGED
 
 
 def _decision_line(rec: Record) -> str:
@@ -585,44 +859,9 @@ def _decision_line(rec: Record) -> str:
 
     obj: dict[str, Any] = {"trace": rec.trace, "line": rec.line}
     obj.update(access_fields(rec.access))
+    if rec.inferred:
+        obj["width_inferred"] = True
     obj["decision"] = decision_json(rec.decision)
     if rec.mismatch:
         obj["mismatch"] = rec.mismatch
     return json.dumps(obj, separators=(",", ":")) + "\n"
-
-
-def _table(title: str, counts: Counter[str], total: int) -> list[str]:
-    if not counts:
-        return []
-    lines = [f"{title}:"]
-    width = max(len(k) for k in counts)
-    for key, n in counts.most_common():
-        pct = 100.0 * n / total if total else 0.0
-        lines.append(f"  {key:<{width}}  {n:>10,}  {pct:5.1f}%")
-    return lines
-
-
-def _print_summary(s: ReplaySummary) -> None:
-    out: list[str] = []
-    out.append(f"replayed {s.records:,} records from {len(s.traces)} trace(s) in {s.seconds:.2f}s")
-    out += _table("verdicts", s.verdicts, s.records)
-    out += _table("reasons", s.reasons, s.records)
-    out += _table("VMs", s.vms, s.records)
-    out += _table("devices", s.devices, s.records)
-    out.append(
-        f"skipped lines: {s.skipped:,}   unbound device accesses: {s.unbound:,}   "
-        f"malformed lines: {s.malformed:,}"
-    )
-    for line in s.malformed_lines:
-        out.append(f"  malformed: {line}")
-    if s.notable:
-        out.append(f"refused or changed (first {MAX_NOTABLE}):")
-        out += [f"  {line}" for line in s.notable]
-    for line in s.implicit_devices:
-        out.append(f"  not in the policy, replayed as assigned: {line}")
-    for line in s.attach_errors:
-        out.append(f"  attach refused: {line}")
-    if s.mismatches:
-        out.append(f"decisions differing from the trace's expectations: {s.mismatches:,}")
-        out += [f"  {m}" for m in s.mismatch_lines]
-    print("\n".join(out))

@@ -293,7 +293,7 @@ class Server:
             raise WireError("already-attached", message, request_id=req.id, field="bdf")
         host = self._host_facts(req, cfg)
         try:
-            decision = self.engine.attach(a["vm"], a["bdf"], cfg, a.get("vector_ctrl"), host)
+            decision = self.engine.attach(a["vm"], a["bdf"], cfg, host, a.get("vector_ctrl"))
         except AttachRefused as exc:
             self.audit.emit(
                 "device.refused",

@@ -177,6 +177,15 @@ def _flag(v: Any) -> bool:
     return v
 
 
+def _vector_ctrl(v: Any) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_MSIX_VECTORS:
+        raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} integers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 0xFFFFFFFF:
+            raise ValueError("every Vector Control word is an integer 0..0xffffffff")
+    return list(v)
+
+
 def _backend(v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError('"writes" or "host"')
@@ -186,12 +195,12 @@ def _backend(v: Any) -> str:
 
 
 def _vectors(v: Any) -> frozenset[int]:
-    if not isinstance(v, list) or len(v) > MAX_MSIX_VECTORS:
-        raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} vector indices")
+    if not isinstance(v, list) or len(v) > 2048:
+        raise TypeError("a list of at most 2048 vector indices")
     for x in v:
         if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} vector indices")
-        if not 0 <= x < MAX_MSIX_VECTORS:
+            raise TypeError("a list of at most 2048 vector indices")
+        if not 0 <= x < 2048:
             raise ValueError(f"vector {x} is out of range 0..2047")
     return frozenset(v)
 
@@ -210,7 +219,7 @@ def host_op(v: Any) -> HostOp:
     index = v.get("index", 0)
     if name == "st_set" and (isinstance(index, bool) or not isinstance(index, int)):
         raise TypeError('st_set needs its "index"')
-    if not 0 <= index < MAX_MSIX_VECTORS:
+    if not 0 <= index < 2048:
         raise ValueError(f"index {index} is out of range 0..2047")
     return HostOp(name, index=index)
 
@@ -221,15 +230,6 @@ def _errno(v: Any) -> int:
     if not -4095 <= v <= -1:
         raise ValueError(f"{v} is not a negative errno (-4095..-1)")
     return v
-
-
-def _vector_ctrl(v: Any) -> list[int]:
-    if not isinstance(v, list) or len(v) > MAX_MSIX_VECTORS:
-        raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} integers")
-    for x in v:
-        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 0xFFFFFFFF:
-            raise ValueError("every Vector Control word is an integer 0..0xffffffff")
-    return list(v)
 
 
 def _versions(v: Any) -> list[int]:
@@ -266,10 +266,10 @@ OPS: dict[str, tuple[_Fields, _Fields]] = {
             "path": _text(4096),
             "source_bdf": _bdf,
             "replace": _flag,
+            "vector_ctrl": _vector_ctrl,
             "backend": _backend,
             "completer": _choice(0, 1, 3),
             "rciep": _flag,
-            "vector_ctrl": _vector_ctrl,
         },
     ),
     "detach": (_DEVICE, {}),

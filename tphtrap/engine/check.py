@@ -88,6 +88,11 @@ def _put_byte(v: Value, shift: int, byte: int) -> Value:
 
 class Checker:
     def __init__(self, cfg: ConfigSpace) -> None:
+        self.completer: int | None = None  # host backend: the root port's completer field
+        self.rciep = False
+        self.allocated: frozenset[int] = frozenset()
+        self._host_marks: list[int] = []  # host backend: where each op of the last plan began
+        self._host_undo: list[tuple[list[Value], int, Value]] = []
         self.caps = [
             (t.offset, min(t.offset + ((t.length + 3) & ~3), cfg.size)) for t in cfg.tph_all
         ]
@@ -133,12 +138,6 @@ class Checker:
             [cfg.u16(self.table_at + 2 * i) for i in range(n)] if self.in_cap else [None] * n
         )
         self._undo: list[tuple[list[Value], int, Value]] = []
-        # the host backend: the root port's completer field, the host's MSI-X vectors, and
-        # per operation of the last plan what it changed (to take it back: host_result)
-        self.completer: int | None = None
-        self.rciep = False
-        self.allocated: frozenset[int] = frozenset()
-        self._host_trail: list[list[tuple[list[Value], int, Value]]] = []
 
     # --- the device -------------------------------------------------------------------------
     def _set(self, regs: list[Value], i: int, v: Value) -> None:
@@ -349,15 +348,11 @@ class Checker:
                 if problem is not None:
                     raise UnsafePlan(f"at the end of the plan: {problem}")
         except UnsafePlan:
-            self._rollback()
+            for regs, i, old in reversed(self._undo):
+                regs[i] = old
             raise
         finally:
             self._undo.clear()
-
-    def _rollback(self) -> None:
-        """Take back every change since the plan started (it was unsafe)."""
-        for regs, i, old in reversed(self._undo):
-            regs[i] = old
 
     # --- the host backend -------------------------------------------------------------------
     def host(self, completer: int, rciep: bool) -> None:
@@ -397,47 +392,49 @@ class Checker:
         full: bool,
         allocated: frozenset[int],
     ) -> None:
-        """Apply the host ``ops``, then the raw ``writes``, checking after each step of each;
-        undo them all if one is unsafe."""
-        trail: list[list[tuple[list[Value], int, Value]]] = []
+        """Apply the host ``ops``, then the raw ``writes``, checking each step; undo all of
+        them if one is unsafe. The ops stay undoable for :meth:`host_failed`."""
         self._undo.clear()
+        marks: list[int] = []
         try:
             if full and not ops:
                 problem = self._violation(rules, revoked, None)
                 if problem is not None:
                     raise UnsafePlan(f"with nothing to do: {problem}")
             for op in ops:
-                mark = len(self._undo)
-                for step in self._host_steps(op, allocated):
+                marks.append(len(self._undo))
+                for step in self._host_steps(op, rules, allocated):
                     problem = self._violation(rules, revoked, None if full else step)
                     if problem is not None:
                         raise UnsafePlan(f"after {_show_op(op)}: {problem}")
-                if op.op == "st_set" and op.cpu is not None:
-                    width = self._width()
-                    if rules.cpu_tags.get(width, {}).get(op.cpu) != op.tag:
-                        raise UnsafePlan(f"{_show_op(op)} names a CPU not the VM's with that tag")
-                trail.append(self._undo[mark:])
                 full = False
+            host_undo = list(self._undo)
+            reset = False
             for w in writes:
                 for b in range(w.width):
                     pos = w.offset + b
-                    if w.space == "config" and any(a <= pos < e for a, e in self.caps):
-                        raise UnsafePlan(f"raw write {_show(w)} to a TPH register (host backend)")
-                    if w.space == "bar" and self._tag_byte(w.bar, pos):
+                    if w.space == "config":
+                        if any(start <= pos < end for start, end in self.caps):
+                            raise UnsafePlan(
+                                f"raw write {_show(w)} to a TPH register (host backend)"
+                            )
+                    elif self._tag_byte(w.bar, pos):
                         raise UnsafePlan(f"raw write {_show(w)} to a steering tag (host backend)")
-                if w.space == "config":
-                    _, reset = self._config(w, set())
-                    if reset:
-                        self._fork()
-                        problem = self._violation(rules, revoked, None)
-                        if problem is not None:
-                            raise UnsafePlan(f"after the reset in {_show(w)}: {problem}")
+                if w.space == "config" and w.offset + w.width > self.watch_lo:
+                    reset |= self._config(w, set())[1]
+            if reset:
+                self._fork()
+                problem = self._violation(rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(f"after the reset in the writes: {problem}")
         except UnsafePlan:
-            self._rollback()
-            raise
-        finally:
+            for regs, i, old in reversed(self._undo):
+                regs[i] = old
             self._undo.clear()
-        self._host_trail = trail
+            raise
+        self._host_marks = marks
+        self._host_undo = host_undo
+        self._undo.clear()
 
     def _tag_byte(self, bar: int | None, pos: int) -> bool:
         if self.msix_start < 0 or bar != self.msix_bir:
@@ -445,25 +442,24 @@ class Checker:
         rel = pos - self.msix_start
         return 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and rel % PCI_MSIX_ENTRY_SIZE >= 14
 
-    def _width(self) -> TagWidth:
-        ctrls = _values(self.ctrl[0]) or (0,)
-        return TagWidth.ST16 if ((ctrls[0] & _EN_MASK) >> _EN_SHIFT) == 3 else TagWidth.ST8
-
-    def _host_steps(self, op: HostOp, allocated: frozenset[int]) -> list[set[int] | None]:
+    def _host_steps(
+        self, op: HostOp, rules: TagRules, allocated: frozenset[int]
+    ) -> list[set[int] | None]:
         """Apply ``op`` in the steps the kernel takes; after each, what to check (None:
         everything, a set: those entries; everything anyway on a full check)."""
         if not self.caps:
             raise UnsafePlan(f"{_show_op(op)} on a device without TPH")
-        ctrls = _values(self.ctrl[0])
+        possible = _values(self.ctrl[0])
+        if possible is None:
+            raise UnsafePlan(f"{_show_op(op)} while the control register is unknown")
+        ens = {(c & _EN_MASK) >> _EN_SHIFT for c in possible}
+        ctrl = possible[0]
         if op.op == "tph_disable":
             self._set(self.ctrl, 0, 0)
             return [None]
-        if ctrls is None:
-            raise UnsafePlan(f"{_show_op(op)} while the control register is unknown")
-        ens = {(c & _EN_MASK) >> _EN_SHIFT for c in ctrls}
         if op.op == "tph_enable":
             if ens != {0}:
-                raise UnsafePlan("tph_enable while TPH may be enabled (the kernel says -EBUSY)")
+                raise UnsafePlan("tph_enable while TPH may be enabled (the kernel returns -EBUSY)")
             mode = {"ns": 0, "iv": 1}.get(op.mode or "")
             if mode is None or not (self.cap_bits >> mode) & 1:
                 raise UnsafePlan(f"tph_enable in a mode the device lacks: {op.mode}")
@@ -472,47 +468,50 @@ class Checker:
                 raise UnsafePlan("tph_enable below a root port completing no TPH (-EINVAL)")
             if op.width != (16 if req == 3 else 8):
                 raise UnsafePlan(f"tph_enable says width {op.width}, the kernel enables {req}")
-            new = frozenset((c & ~_WRITABLE) | mode | (req << _EN_SHIFT) for c in ctrls)
-            self._set(self.ctrl, 0, next(iter(new)) if len(new) == 1 else new)
+            self._set(self.ctrl, 0, (ctrl & ~_WRITABLE) | mode | (req << _EN_SHIFT))
             return [None]
         if op.op != "st_set":
             raise UnsafePlan(f"unknown host operation {op.op!r}")
-        if 0 in ens:
-            raise UnsafePlan(f"{_show_op(op)} while TPH may be disabled (-EINVAL)")
-        if op.tag >> int(self._width()):
-            raise UnsafePlan(f"{_show_op(op)}: a tag wider than the width in force")
-        if any(c & _MODE_MASK == 0 for c in ctrls):
+        if len(possible) != 1 or not ens - {0} or 0 in ens:
+            raise UnsafePlan(f"{_show_op(op)} while TPH is not surely enabled (-EINVAL)")
+        en = ens.pop()
+        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
+        if op.cpu is not None and rules.cpu_tags.get(width, {}).get(op.cpu) != op.tag:
+            raise UnsafePlan(f"{_show_op(op)} names a CPU that is not the VM's with that tag")
+        if op.tag >> int(width):
+            raise UnsafePlan(f"{_show_op(op)}: a tag wider than {int(width)} bits")
+        if ctrl & _MODE_MASK == 0:
             return []  # No ST mode: pcie_tph_set_st_entry writes nothing
         i = op.index
         if not 0 <= i < self.n:
             raise UnsafePlan(f"{_show_op(op)} past the ST table (-ENXIO)")
         if self.msix_start >= 0 and i not in allocated:
             raise UnsafePlan(f"{_show_op(op)} for a vector the host has not allocated (-ENXIO)")
-        before = self.ctrl[0]
-        off = frozenset(c & ~_EN_MASK for c in ctrls)  # Requester Enable cleared, mode kept
-        self._set(self.ctrl, 0, next(iter(off)) if len(off) == 1 else off)
+        self._set(self.ctrl, 0, ctrl & ~_EN_MASK)  # Requester Enable cleared, mode kept
         if self.in_cap:
             self._set(self.ent, i, op.tag)
         else:
-            lows = _values(self.ent[i]) or (_VC_MASKBIT,)
+            old = self.ent[i]
+            lows = _values(old) or (_VC_MASKBIT,)
             words = frozenset((x & 0xFFFF) | (op.tag << 16) for x in lows)
             self._set(self.ent, i, next(iter(words)) if len(words) == 1 else words)
-        self._set(self.ctrl, 0, before)  # restored: only entry ``i`` differs from before
+        self._set(self.ctrl, 0, ctrl)  # restored: only entry ``i`` differs from before the op
         return [None, {i}, {i}]
 
     def host_failed(self, k: int, op: str, errno: int) -> None:
         """Op ``k`` of the last plan failed: ops ``k``.. are taken back, then the failure's
-        effect: a failed ``st_set`` leaves TPH disabled; a ``tph_enable`` refused with -EBUSY,
-        or a failed ``tph_disable``, leaves control unknown."""
-        for changes in reversed(self._host_trail[k:]):
-            for regs, i, old in reversed(changes):
+        effect: a failed ``st_set`` leaves TPH disabled; a ``tph_enable`` refused with -EBUSY
+        means the kernel had it enabled, in a state nobody knows."""
+        if 0 <= k < len(self._host_marks):
+            for regs, i, old in reversed(self._host_undo[self._host_marks[k] :]):
                 regs[i] = old
-        if self.caps:
-            if op == "st_set":
-                self.ctrl[0] = 0
-            elif op == "tph_disable" or (op == "tph_enable" and errno == -16):
-                self.ctrl[0] = None
-        self._host_trail = []
+        if op == "st_set":
+            self.ctrl[0] = 0
+        elif op == "tph_disable" or (op == "tph_enable" and errno == -16):
+            possible = _values(self.ctrl[0]) or (0,)
+            self.ctrl[0] = (possible[0] & ~_WRITABLE) | 1 | (3 << _EN_SHIFT)  # the worst
+        self._host_marks = []
+        self._host_undo = []
 
     def disable_host(self) -> None:
         """The poison path of the host backend: ``tph_disable``."""

@@ -76,15 +76,15 @@ class Engine:
         vm: str,
         bdf: str,
         config: ConfigSpace,
-        vector_ctrl: Sequence[int] | None = None,
         host: HostFacts | None = None,
+        vector_ctrl: Sequence[int] | None = None,
     ) -> Decision:
-        """Attach a device from its config snapshot. ``vector_ctrl``: the MSI-X Vector Control
-        words the guest's table holds now (a hypervisor emulating the table knows them;
-        power-on is all 1), without which an MSI-X steering tag cannot be written before the
-        guest has written that entry's word itself (its mask bits are the guest's).
-        ``host``: its decisions are host kernel operations (the root port's facts), else raw
-        device writes."""
+        """Attach a device from its config snapshot. ``host``: its decisions are host kernel
+        operations (the root port's facts), else raw device writes. ``vector_ctrl``: the MSI-X
+        Vector Control words the guest's table holds now (a hypervisor emulating the table
+        knows them; power-on is all 1), without which an MSI-X steering tag cannot be written
+        before the guest has written that entry's word itself (its mask bits are the
+        guest's)."""
         if vm not in self._policy.vms:
             raise AttachRefused("unknown-vm", f"VM {vm!r} is not in the policy")
         vm_policy = self._policy.vms[vm]
@@ -99,7 +99,7 @@ class Engine:
                 raise AttachRefused(
                     "unknown-device", f"device {bdf} is already attached to VM {other_vm!r}"
                 )
-        sess = Session(vm, bdf, config, self._policy.rules(vm, bdf), vector_ctrl, host)
+        sess = Session(vm, bdf, config, self._policy.rules(vm, bdf), host, vector_ctrl)
         self._sessions[(vm, bdf)] = sess
         reasons = ["attached"]
         enabled = sess.dev_enabled()
@@ -309,16 +309,13 @@ class Engine:
         reasons: list[str] = []
         steps = sess.plan(touched, False, reasons)
         r = sess.backend.access(sess, steps, through, own)
-        if (
-            r.ops is None
-            and touched
-            and r.writes != [own]  # (an unknown word's bytes go through as written)
-            and any(
-                not (off <= geo.vc_offsets[i] and geo.vc_offsets[i] + 4 <= off + width)
-                for i in touched
-            )
-        ):
-            reasons.append("msix-sub-dword")
+        partial = {
+            geo.vc_offsets[i]
+            for i in touched
+            if not (off <= geo.vc_offsets[i] and geo.vc_offsets[i] + 4 <= off + width)
+        }
+        if r.ops is None and any(w.offset in partial and w.width == 4 for w in r.writes):
+            reasons.append("msix-sub-dword")  # the guest's partial write went out whole
         return self._finish(sess, r, own, reasons, config=False)
 
     def _finish(

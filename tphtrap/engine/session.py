@@ -102,8 +102,8 @@ class Session:
         bdf: str,
         config: ConfigSpace,
         rules: TagRules,
-        vector_ctrl: Sequence[int] | None = None,
         host: HostFacts | None = None,
+        vector_ctrl: Sequence[int] | None = None,
     ) -> None:
         self.vm = vm
         self.bdf = bdf
@@ -419,7 +419,7 @@ class Session:
             if reg.cap == 0 and geo.trappable:
                 self.written[reg.index] = True
                 return [], [], False, {reg.index}, False
-            return [], [geo.refusal or "no-st-table"], False, set(), False
+            return [], [geo.refusal or "no-st-table"], False, set(), False  # kept from the device
         regs = geo.regs
         reasons: list[str] = []
         through: list[tuple[int, int]] = []  # (offset, byte) that go through as written
