@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  ?= $(BIN)/python -m pytest
 
-.PHONY: help deps setup test demo lint policy-check bench fuzz integration traces clean
+.PHONY: help deps setup test demo lint policy-check bench fuzz integration traces c-client clean
 # deps must finish before the virtual environment is made (it may install python3-venv).
 .NOTPARALLEL:
 
@@ -19,6 +19,7 @@ help:
 	@echo "make fuzz          a longer fuzzing campaign"
 	@echo "make integration   boot QEMU guests with the SSDT of tphtrap acpi guest (about a minute)"
 	@echo "make traces        record real QEMU guest traces into fixtures/traces (Debian kernel, TCG)"
+	@echo "make c-client      build the C client library and its test program into build/c"
 	@echo "make clean         remove .venv and caches"
 
 # Installs what is missing as root; otherwise stops with the one command to run.
@@ -61,6 +62,19 @@ integration: $(STAMP)
 
 traces:
 	tools/traces/record fixtures/traces
+
+# The C client library (clients/c): C11, no dependencies. `make test` builds and runs it too.
+CC      ?= cc
+CFLAGS_C := -std=c11 -Wall -Wextra -Werror -pedantic -O2
+c-client: build/c/libtphtrap.a build/c/test_tphtrap
+
+build/c/libtphtrap.a: clients/c/tphtrap.c clients/c/tphtrap.h
+	@mkdir -p build/c
+	$(CC) $(CFLAGS_C) -c -o build/c/tphtrap.o clients/c/tphtrap.c
+	ar rcs $@ build/c/tphtrap.o
+
+build/c/test_tphtrap: clients/c/test_tphtrap.c build/c/libtphtrap.a
+	$(CC) $(CFLAGS_C) -o $@ clients/c/test_tphtrap.c build/c/libtphtrap.a
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info .cache

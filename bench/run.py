@@ -57,6 +57,7 @@ class Sizes:
     qemu_big: int  # lines
     qemu_small: int
     replay_rounds: int  # decode/replay pairs on the small traces (one pair on the big ones)
+    c_pingpong: int  # round trips per C client measurement
 
 
 FULL = Sizes(
@@ -72,6 +73,7 @@ FULL = Sizes(
     qemu_big=1_000_000,
     qemu_small=100_000,
     replay_rounds=3,
+    c_pingpong=5_000,
 )
 QUICK = Sizes(
     rounds=1,
@@ -86,6 +88,7 @@ QUICK = Sizes(
     qemu_big=4_000,
     qemu_small=1_000,
     replay_rounds=1,
+    c_pingpong=100,
 )
 
 
@@ -154,19 +157,16 @@ class Child:
         self._stderr.close()
 
 
+def serve_argv(audit: Path) -> list[str]:
+    """``tphtrap serve`` with the benchmark policy, auditing to ``audit``."""
+    policy = str(workload.POLICY)
+    return [sys.executable, "-m", "tphtrap", "serve", "--policy", policy, "--audit", str(audit)]
+
+
 def start_children(workdir: Path) -> dict[str, Child]:
     py = sys.executable
     argv = {
-        "serve": [
-            py,
-            "-m",
-            "tphtrap",
-            "serve",
-            "--policy",
-            str(workload.POLICY),
-            "--audit",
-            str(workdir / "audit.jsonl"),
-        ],
+        "serve": serve_argv(workdir / "audit.jsonl"),
         "echo-json": [py, str(HERE / "echo_child.py"), "json"],
         "echo-bytes": [py, str(HERE / "echo_child.py"), "bytes"],
     }
@@ -298,6 +298,77 @@ def bench_pipelined(children: dict[str, Child], sizes: Sizes) -> dict[int, dict[
     return results
 
 
+# --- the C client: ping-pong against serve and against a C echo child -----------------------------
+C_KINDS = {
+    "tph-control": "TPH control of tenant-a, enable / disable alternating",
+    "st-entry": "ST table entry of tenant-a (allowed tag)",
+    "vector-control": "Vector Control of tenant-b (16-bit tag, mask bit toggled)",
+    "non-tph": "PCI Command register (outside TPH)",
+}
+
+
+@dataclass
+class CRow:
+    pinned: bool
+    backend: str  # "writes" | "host" | "" for the echo child
+    kind: str
+    p50: float
+    p99: float
+    mean: float
+
+
+def build_c(workdir: Path) -> tuple[Path, Path] | str:
+    """(pingpong, echo) built with cc, or why not."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return "no C compiler (cc): install gcc"
+    flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2"]
+    lib = ROOT / "clients" / "c"
+    pingpong, echo = workdir / "pingpong", workdir / "echo"
+    for out, srcs in (
+        (pingpong, [HERE / "c" / "pingpong.c", lib / "tphtrap.c"]),
+        (echo, [HERE / "c" / "echo.c"]),
+    ):
+        cmd = [cc, *flags, "-I", str(lib), "-o", str(out), *map(str, srcs)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            return f"building {out.name} failed: {done.stderr.strip()[:300]}"
+    return pingpong, echo
+
+
+def bench_c(sizes: Sizes, workdir: Path) -> list[CRow] | str:
+    """The C client library's ping-pong (one request in flight) against serve in both backends
+    and against the C echo child, unpinned and pinned to one CPU with taskset."""
+    built = build_c(workdir)
+    if isinstance(built, str):
+        return built
+    pingpong, echo = built
+    taskset = shutil.which("taskset")
+    serve = serve_argv(workdir / "audit-c.jsonl")
+    rows: list[CRow] = []
+    for pinned in (False, True):
+        if pinned and taskset is None:
+            continue
+        prefix = [taskset, "-c", "0"] if pinned and taskset else []
+        for kind in C_KINDS:
+            runs = [("writes", serve, False), ("host", serve, False), ("", [str(echo)], True)]
+            for backend, child, is_echo in runs:
+                argv = [*prefix, str(pingpong), kind, backend or "writes", str(sizes.c_pingpong)]
+                argv += [str(ROOT), *(["--echo"] if is_echo else []), "--", *child]
+                done = subprocess.run(
+                    argv, cwd=ROOT, capture_output=True, text=True, check=False, timeout=300
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(f"C ping-pong {kind} {backend} failed: {done.stderr}")
+                r = json.loads(done.stdout)
+                rows.append(CRow(pinned, backend, kind, r["p50_us"], r["p99_us"], r["mean_us"]))
+            progress(
+                f"C ping-pong {'pinned' if pinned else 'unpinned'} {kind}: p50 "
+                + ", ".join(f"{x.backend or 'echo'} {x.p50:.1f}us" for x in rows[-3:])
+            )
+    return rows
+
+
 # --- in-process costs: the server without pipes, the engine alone ------------------------------
 def bench_inprocess(sizes: Sizes, workdir: Path) -> dict[str, dict[str, float]]:
     """Microseconds per request of ``Server.handle_line`` (audit to a file, as in the latency
@@ -334,7 +405,8 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
     self-check on (``checked``, what tphtrap runs) and off (``unchecked``, measurement only),
     rounds alternating so both see the same machine."""
     from tphtrap.device import ConfigSpace, load_device
-    from tphtrap.engine import Engine, Session
+    from tphtrap.engine import Engine
+    from tphtrap.engine.render import RawWrites
     from tphtrap.policyfile import load_policy
     from tphtrap.wire import parse_request, to_access
 
@@ -353,12 +425,12 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
         for i, req in enumerate(workload.native_cycle())
     ]
     loops = max(1, sizes.engine // len(accesses))
-    check = Session.check
+    check = RawWrites.check
     rates: dict[str, list[float]] = {"checked": [], "unchecked": []}
     try:
         for _ in range(sizes.rounds + 2):
             for mode in rates:
-                Session.check = check if mode == "checked" else _no_check  # type: ignore[method-assign]
+                RawWrites.check = check if mode == "checked" else _no_check  # type: ignore[method-assign]
                 handle = fresh().handle
                 start = time.perf_counter()
                 for _ in range(loops):
@@ -366,12 +438,12 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
                         handle(access)
                 rates[mode].append(loops * len(accesses) / (time.perf_counter() - start))
     finally:
-        Session.check = check  # type: ignore[method-assign]
+        RawWrites.check = check  # type: ignore[method-assign]
     # the first rounds warm up
     return {mode: r[2:] if len(r) > 2 else r for mode, r in rates.items()}
 
 
-def _no_check(self: object, writes: object, full: bool) -> None:
+def _no_check(self: object, sess: object, rendering: object, full: bool) -> None:
     """Stands in for the self-check, to measure what it costs."""
 
 
@@ -508,6 +580,7 @@ def report(
     replay: list[ReplayRow],
     total_s: float,
     load_end: str,
+    c_rows: list[CRow] | str = "not run",
 ) -> str:
     out: list[str] = []
     w = out.append
@@ -678,6 +751,47 @@ def report(
         w(f"| {window} | {s:,.0f} | {j:,.0f} | {b:,.0f} | {rj:.2f}x | {rb:.2f}x |")
     w("")
 
+    # --- the C client
+    w("## C client ping-pong (the physical floor)")
+    w("")
+    w(
+        "The C client library (`clients/c`, built with `cc -std=c11 -O2`) in `bench/c/pingpong.c`: "
+        f"one request in flight, {sizes.c_pingpong:,} timed round trips per row after a "
+        "warm-up, `CLOCK_MONOTONIC` around each library call (format the request, write it, "
+        "read the reply, parse it with the library's JSON reader). Against `tphtrap serve` "
+        "with both devices attached in each backend, and against `bench/c/echo.c`, a C child on "
+        "the same pipes that answers every line with a fixed decision of the same size: the "
+        "floor of any plugin on pipes. Pinned: `taskset -c 0` on the client, which its child "
+        "inherits (both on one CPU); unpinned: the scheduler places them. Microseconds."
+    )
+    w("")
+    if isinstance(c_rows, str):
+        w(f"Not measured: {c_rows}.")
+    else:
+        w(
+            "| CPUs | request | serve writes p50 | serve writes p99 | serve host p50 | "
+            "serve host p99 | C echo p50 | C echo p99 | writes / echo p50 | host / echo p50 |"
+        )
+        w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for pinned in (False, True):
+            for kind in C_KINDS:
+                got = {r.backend: r for r in c_rows if r.pinned == pinned and r.kind == kind}
+                if len(got) < 3:
+                    continue
+                wr, ho, ec = got["writes"], got["host"], got[""]
+                w(
+                    f"| {'one (pinned)' if pinned else 'any'} | {kind} | {wr.p50:.1f} | "
+                    f"{wr.p99:.1f} | {ho.p50:.1f} | {ho.p99:.1f} | {ec.p50:.1f} | {ec.p99:.1f} | "
+                    f"{wr.p50 / ec.p50:.1f}x | {ho.p50 / ec.p50:.1f}x |"
+                )
+        if not any(r.pinned for r in c_rows):
+            w("")
+            w("Pinned rows missing: `taskset` (util-linux) was not found.")
+        w("")
+        for kind, text in C_KINDS.items():
+            w(f"- `{kind}`: {text}.")
+    w("")
+
     # --- engine
     w("## Engine alone")
     w("")
@@ -793,6 +907,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for child in children.values():
                 child.close()
+        progress("C client ping-pong")
+        c_rows = bench_c(sizes, workdir)
+        if isinstance(c_rows, str):
+            progress(f"C client ping-pong skipped: {c_rows}")
         progress("in-process request costs")
         inproc = bench_inprocess(sizes, workdir)
         progress("engine alone")
@@ -807,7 +925,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         load_end = "n/a"
     total = time.monotonic() - _T0
-    text = report(info, sizes, args.quick, latency, piped, inproc, engine, replay, total, load_end)
+    text = report(
+        info, sizes, args.quick, latency, piped, inproc, engine, replay, total, load_end, c_rows
+    )
     Path(args.output).write_text(text, encoding="utf-8")
     progress(f"done in {total:.0f}s; wrote {args.output}")
     return 0

@@ -3,15 +3,20 @@
 
 It does what a hypervisor integration does: start ``tphtrap serve`` as a child, say hello,
 attach a device, forward a guest's TPH programming (enable, steering-tag writes, an MSI-X
-Vector Control write) and perform, in order, the device writes each decision lists (here they
-are only printed). It stops at the first reply it does not understand: a real integration must
-treat any error reply as "drop the access".
+Vector Control write) and carry out, in order, the host operations and device writes each
+decision lists (here they are only printed). With ``--backend host`` it also reports the
+host's MSI-X vectors, as a VMM on a Linux host does. An error reply means "drop the access":
+the client prints it and goes on; a refused attach ends the session (exit status 1).
 
 Usage (from the repository root):
 
     .venv/bin/python examples/client.py
     .venv/bin/python examples/client.py --policy policies/two-tenants.yaml \\
         --device fixtures/devices/nic-st-in-cap.lspci --vm tenant-a --bdf 0000:3b:00.0
+    .venv/bin/python examples/client.py --device fixtures/devices/nic-st-in-msix.lspci \\
+        --vm tenant-b --bdf 0000:3b:00.1 --backend host --completer 3
+    .venv/bin/python examples/client.py --device fixtures/devices/multi.lspci \\
+        --source-bdf 0000:3b:00.0
 """
 
 from __future__ import annotations
@@ -75,20 +80,40 @@ def show(what: str, reply: dict[str, Any]) -> None:
         print(f"{what:<44} ERROR {err['code']}: {err['message']}")
         return
     d = reply["decision"]
-    writes = ", ".join(
-        f"{w['space']}{'[' + str(w['bar']) + ']' if 'bar' in w else ''}"
-        f"@{w['offset']:#x}/{w['width']}={w['value']:#x}"
-        for w in d["writes"]
-    )
-    print(f"{what:<44} {d['verdict']:<8} {d['reason']:<20} {writes or '-'}")
+    done = [_op_text(o) for o in d.get("ops", [])] + [_write_text(w) for w in d["writes"]]
+    print(f"{what:<44} {d['verdict']:<8} {d['reason']:<20} {', '.join(done) or '-'}")
+
+
+def _write_text(w: dict[str, Any]) -> str:
+    where = f"{w['space']}{'[' + str(w['bar']) + ']' if 'bar' in w else ''}"
+    run = f" x{w['count']} every {w['stride']}" if "count" in w else ""
+    return f"{where}@{w['offset']:#x}/{w['width']}={w['value']:#x}{run}"
+
+
+def _op_text(o: dict[str, Any]) -> str:
+    if o["op"] == "tph_enable":
+        return f"tph_enable({o['mode']}, {o['width']}-bit)"
+    if o["op"] == "st_set":
+        entries = f"{o['first']}..{o['first'] + o['count'] - 1}" if "first" in o else o["index"]
+        return f"st_set({entries}, cpu {o['cpu']}, tag {o['tag']:#x})"
+    return str(o["op"])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", default=str(ROOT / "policies" / "two-tenants.yaml"))
     ap.add_argument("--device", default=str(ROOT / "fixtures" / "devices" / "nic-st-in-cap.lspci"))
+    ap.add_argument("--source-bdf", help="the device to take from a dump of several")
     ap.add_argument("--vm", default="tenant-a")
     ap.add_argument("--bdf", default="0000:3b:00.0")
+    ap.add_argument("--backend", choices=("writes", "host"), default="writes")
+    ap.add_argument(
+        "--completer",
+        type=int,
+        choices=(0, 1, 3),
+        default=3,
+        help="with --backend host: the root port's TPH Completer field",
+    )
     ap.add_argument(
         "--own-tag",
         type=lambda s: int(s, 0),
@@ -107,34 +132,65 @@ def main() -> int:
     plugin = Plugin(args.policy, [args.tphtrap])
     hello = plugin.call("hello", versions=[2], client="examples/client.py")
     print(f"connected to {hello['server']}, protocol {hello['version']}")
-    attached = plugin.call("attach", vm=args.vm, bdf=args.bdf, path=args.device)
+    where: dict[str, Any] = {"path": args.device}
+    if args.source_bdf:
+        where["source_bdf"] = args.source_bdf
+    if args.backend == "host":
+        where.update(backend="host", completer=args.completer)
+    attached = plugin.call("attach", vm=args.vm, bdf=args.bdf, **where)
     show("attach", attached)
-    if not attached["ok"] or attached["device"]["tph"] is None:
+    if not attached["ok"]:
         plugin.close()
         return 1
     dev = attached["device"]
-    tph = dev["tph"]["offset"]
     vm, bdf = args.vm, args.bdf
+    if dev["tph"] is None:
+        print("no TPH capability: every access passes, nothing to forward")
+        print(f"verdicts: {plugin.call('stats')['verdicts']}")
+        return plugin.close()
+    tph = dev["tph"]
+    ctrl = tph["offset"] + 0x8
 
     def cfg_write(what: str, offset: int, width: int, value: int) -> None:
         show(
             what, plugin.call("cfg_write", vm=vm, bdf=bdf, offset=offset, width=width, value=value)
         )
 
-    if dev["tph"]["location"] == "cap":
-        cfg_write("ST entry 0 <- own CPU's tag", tph + 0xC, 2, args.own_tag)
-        cfg_write("ST entry 1 <- another tenant's tag", tph + 0xE, 2, args.foreign_tag)
-    cfg_write("control <- Interrupt Vector + TPH", tph + 0x8, 4, 0x101)
-    cfg_write("control <- Device Specific mode", tph + 0x8, 4, 0x102)
-    cfg_write("control <- Extended TPH", tph + 0x8, 4, 0x301)
-    if dev["msix"] is not None:
-        bar, table = dev["msix"]["bir"], dev["msix"]["offset"]
+    msix = dev["msix"]
+    in_msix = tph["location"] == "msix" and msix is not None
+    if in_msix and args.backend == "host":
+        # The host enables MSI-X with its first vectors: every tag it had is cleared.
+        show(
+            "host: MSI-X vectors 0-3 allocated",
+            plugin.call("vectors", vm=vm, bdf=bdf, allocated=[0, 1, 2, 3], tags_cleared=True),
+        )
+    if tph["location"] == "cap":
+        cfg_write("ST entry 0 <- own CPU's tag", tph["offset"] + 0xC, 2, args.own_tag)
+        if tph["table_size"] > 1:
+            cfg_write(
+                "ST entry 1 <- another tenant's tag", tph["offset"] + 0xE, 2, args.foreign_tag
+            )
+    cfg_write("control <- Interrupt Vector + TPH", ctrl, 4, 0x101)
+    cfg_write("control <- Device Specific mode", ctrl, 4, 0x102)
+    cfg_write("control <- Extended TPH", ctrl, 4, 0x301)
+    if msix is not None:
+        bar, vc = msix["bir"], msix["offset"] + 12
+        tag = args.foreign_tag << 16 if in_msix else 0
         show(
             "MSI-X entry 0 Vector Control (unmask)",
-            plugin.call("msix_write", vm=vm, bdf=bdf, bar=bar, offset=table + 12, width=4, value=0),
+            plugin.call("msix_write", vm=vm, bdf=bdf, bar=bar, offset=vc, width=4, value=tag),
         )
-    read = plugin.call("cfg_read", vm=vm, bdf=bdf, offset=tph + 0xE, width=2)
-    print(f"{'guest reads ST entry 1 back':<44} {read['decision']['guest_value']:#06x}")
+    # Read back what the guest wrote last: a tag where the ST table lives, else control.
+    if tph["location"] == "cap" and tph["table_size"] > 1:
+        what, read = "ST entry 1", plugin.call("cfg_read", vm=vm, bdf=bdf, offset=ctrl + 6, width=2)
+    elif in_msix:
+        read = plugin.call("msix_read", vm=vm, bdf=bdf, bar=bar, offset=vc, width=4)
+        what = "MSI-X entry 0 Vector Control"
+    else:
+        what, read = "control", plugin.call("cfg_read", vm=vm, bdf=bdf, offset=ctrl, width=4)
+    d = read["decision"]
+    seen = d["guest_value"] & d["read_mask"] if d.get("read_mask") else None
+    print(f"{'guest reads ' + what + ' back':<44} {'device value' if seen is None else hex(seen)}")
     show("reset (FLR)", plugin.call("reset", vm=vm, bdf=bdf))
     stats = plugin.call("stats")
     print(f"verdicts: {stats['verdicts']}")

@@ -1,9 +1,12 @@
 /*
- * tphtrap plugin protocol, version 1: message layout for C integrations.
+ * tphtrap plugin protocol, version 2: message layout for C integrations with their own JSON
+ * code. A complete client library (spawn, handshake, a JSON reader, replies into structs) is
+ * in clients/c/tphtrap.h.
  *
  * The wire format is JSON lines (docs/protocol.md); this header names the operations, fields,
  * verdicts and limits, and shows the structures a hypervisor typically decodes replies into.
- * Parse integers as unsigned 64-bit (strtoull): BAR values may exceed 2^53.
+ * Parse integers as unsigned 64-bit (strtoull): BAR values may exceed 2^53. Writes and st_set
+ * ops may come as runs ("count"/"stride", "first"/"count"): expand them in order.
  *
  * Request examples (one line each, '\n' terminated):
  *   {"id":0,"op":"hello","versions":[2]}
@@ -17,18 +20,27 @@
 #include <stdint.h>
 
 #define TPHTRAP_PROTO_VERSION 2
-#define TPHTRAP_MAX_LINE      65536 /* bytes, newline excluded */
-#define TPHTRAP_MAX_WRITES    4104  /* upper bound of writes in one decision (2048 MSI-X entries x2 + ctrl) */
+#define TPHTRAP_MAX_LINE      65536  /* request bytes, newline excluded */
+#define TPHTRAP_MAX_REPLY     262144 /* reply and event line bytes, newline excluded */
+#define TPHTRAP_MAX_WRITES    4104   /* upper bound of writes in one decision, runs expanded */
 
 /* "op" values */
 #define TPHTRAP_OP_HELLO      "hello"
-#define TPHTRAP_OP_ATTACH     "attach"     /* vm, bdf, config (hex) | path [, source_bdf] [, replace] */
+#define TPHTRAP_OP_ATTACH     "attach"     /* vm, bdf, config (hex) | path [, source_bdf] [, replace]
+                                              [, backend "writes"|"host", completer 0|1|3 | rciep] */
 #define TPHTRAP_OP_DETACH     "detach"     /* vm, bdf */
 #define TPHTRAP_OP_CFG_WRITE  "cfg_write"  /* vm, bdf, offset 0..4095, width 1|2|4, value */
 #define TPHTRAP_OP_CFG_READ   "cfg_read"   /* vm, bdf, offset, width */
 #define TPHTRAP_OP_MSIX_WRITE "msix_write" /* vm, bdf, bar 0..5, offset, width 1|2|4|8, value */
 #define TPHTRAP_OP_MSIX_READ  "msix_read"  /* vm, bdf, bar, offset, width */
 #define TPHTRAP_OP_RESET      "reset"      /* vm, bdf */
+#define TPHTRAP_OP_VECTORS    "vectors"    /* vm, bdf, allocated [, tags_cleared] (backend host) */
+#define TPHTRAP_OP_HOST_RESULT "host_result" /* vm, bdf, failed {op[, index]}, errno (host) */
+
+/* "ops" of a decision with the host backend */
+#define TPHTRAP_HOST_TPH_ENABLE  "tph_enable"  /* mode "iv"|"ns", width 8|16 */
+#define TPHTRAP_HOST_TPH_DISABLE "tph_disable"
+#define TPHTRAP_HOST_ST_SET      "st_set"      /* index (or first, count), cpu (or null), tag */
 #define TPHTRAP_OP_RELOAD     "reload"     /* [policy] */
 #define TPHTRAP_OP_STATS      "stats"
 #define TPHTRAP_OP_SHUTDOWN   "shutdown"

@@ -21,7 +21,7 @@ from tphtrap.errors import WireError
 from tphtrap.policy import Policy
 from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
-from tphtrap.wire import ACCESS_OPS, parse_request
+from tphtrap.wire import ACCESS_OPS, MAX_REPLY, parse_request
 
 __all__ = [
     "ATTACHED",
@@ -82,6 +82,7 @@ ERROR_CODES = PARSE_ERROR_CODES | frozenset(
         "unknown-device",
         "bad-config",
         "policy-invalid",
+        "wrong-backend",
         "internal-error",
     }
 )
@@ -189,17 +190,27 @@ def _check_decision(d: Any, *, error: bool) -> None:
             assert w["offset"] >= 0 and w["offset"] + w["width"] <= 4096, w
         else:
             assert w["space"] == "bar" and 0 <= w["bar"] <= 5 and w["offset"] >= 0, w
+    for o in d.get("ops", []):
+        assert o["op"] in ("tph_enable", "tph_disable", "st_set"), o
 
 
 def check_reply(line: bytes, reply: bytes) -> dict[str, Any]:
     """The protocol's promises about the one reply to ``line``; returns the decoded reply.
 
-    Exactly one line of JSON with ``id`` and ``ok``; an error carries a known code (never
-    ``internal-error``, which means a bug) and a ``drop`` decision with no writes; a line that
-    parses as a request is answered under its id; an access is answered with a decision.
+    Exactly one line of JSON with ``id`` and ``ok`` (after the event lines of a ``reload``,
+    each with ``"id": null``); no line longer than ``MAX_REPLY``; an error carries a known code
+    (never ``internal-error``, which means a bug) and a ``drop`` decision with no writes; a
+    line that parses as a request is answered under its id; an access is answered with a
+    decision.
     """
-    assert reply.endswith(b"\n") and reply.count(b"\n") == 1, reply[:200]
-    obj = json.loads(reply)
+    assert reply.endswith(b"\n"), reply[:200]
+    *events, last = reply.splitlines()
+    for raw in events:
+        ev = json.loads(raw)
+        assert ev["id"] is None and ev["event"] == "corrections", raw[:200]
+        assert b'"op":"reload"' in last, last[:200]
+    assert all(len(x) <= MAX_REPLY for x in reply.splitlines())
+    obj = json.loads(last)
     assert isinstance(obj, dict) and "id" in obj and isinstance(obj.get("ok"), bool), obj
     try:
         req = parse_request(line)

@@ -15,6 +15,7 @@ from tphtrap.events import (
     ConfigWrite,
     Decision,
     DeviceWrite,
+    HostOp,
     MsixRead,
     MsixWrite,
     Reset,
@@ -47,6 +48,22 @@ _REASONS = (
     )
     | TEXT
 )
+HOST_OPS = st.one_of(
+    st.builds(HostOp, op=st.just("tph_disable")),
+    st.builds(
+        HostOp,
+        op=st.just("tph_enable"),
+        mode=st.sampled_from(["iv", "ns"]),
+        width=st.sampled_from([8, 16]),
+    ),
+    st.builds(
+        HostOp,
+        op=st.just("st_set"),
+        index=st.integers(0, 3),
+        cpu=st.none() | st.integers(0, 2),
+        tag=st.integers(0, 2),
+    ),
+)
 DECISIONS = st.builds(
     Decision,
     verdict=st.sampled_from(list(Verdict)),
@@ -57,4 +74,5 @@ DECISIONS = st.builds(
     read_mask=st.sampled_from([0, 0xFF, 0xFFFF, 0xFFFF_0000, 0xFFFF_FFFF]),
     reasons=st.lists(_REASONS, max_size=3).map(tuple),
     rule=st.none() | st.just("") | TEXT,
+    ops=st.none() | st.lists(HOST_OPS, max_size=5).map(tuple),
 )

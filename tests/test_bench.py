@@ -28,6 +28,7 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
         "## Goals",
         "## Plugin latency (ping-pong)",
         "## Pipelined throughput",
+        "## C client ping-pong (the physical floor)",
         "## Engine alone",
         "Self-check share of a decision",
         "## Replay",
@@ -54,8 +55,12 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
         assert latency, kind
     assert re.search(r"\| mixed, self-check on \| [\d,]+ \| [\d.]+ \|", text)
     assert re.search(r"\| mixed, self-check off \| [\d,]+ \| [\d.]+ \|", text)
-    share = r"Self-check share of a decision's time: -?[\d.]+% \(goal under 20%: \*\*"
-    assert re.search(share, text)
+    assert re.search(
+        r"Self-check share of a decision's time: -?[\d.]+% \(goal under 20%: \*\*", text
+    )
+    # the C client against serve (both backends) and the C echo child, every request kind
+    for kind in ("tph-control", "st-entry", "vector-control", "non-tph"):
+        assert re.search(rf"\| any \| {kind} \|( [\d.]+x? \|){{8}}", text), kind
     replay = [r for r in rows if r.startswith("| native |") or r.startswith("| qemu |")]
     assert len(replay) == 4
     for r in replay:

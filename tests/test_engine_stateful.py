@@ -1,80 +1,126 @@
-"""The security invariant, proven by a hypothesis state machine.
+"""The security invariant, attacked by a hypothesis state machine with an independent oracle.
 
-Random sequences of guest writes and reads of every width and offset (aligned or not) over the
-TPH capability, the MSI-X table and neighbouring registers, resets and policy reloads, against
-random devices and policies. Each decision's device writes are applied, one by one, to a
-simulated device, and after *every single device write* the test checks, with its own oracle
-(not the engine's rules):
+Random devices (one or two TPH capabilities, every ST table location, tables that overflow or
+are overlapped, capabilities without No ST, Advanced Features FLR, PM with and without
+No_Soft_Reset), random policies, and random sequences of guest config and BAR accesses of every
+width and offset (straddling control + entry 0, entries + padding + the next capability), guest
+resets (FLR, AF FLR, D3hot -> D0), hypervisor resets with every device behaviour of
+:class:`devsim.ResetKind`, policy reloads (new, tighter, unchanged, revoking the device, giving it
+back) and re-attaches from a fresh snapshot (4096, 256 and 64 bytes).
 
-* every steering tag the device can use, given its Requester Enable and mode, is allowed for
-  the VM at the width in force (strict ownership or neutral);
-* TPH is never enabled where policy or device forbids it (no standard ST table, Device Specific
-  or reserved mode, reserved Requester Enable, Extended TPH without device support or 16-bit
-  tags, ``tph: false``);
-* the engine never writes the read-only TPH registers or the bytes past the ST table.
-
-After every step: every non-TPH byte (config space and MSI-X table) holds what the guest wrote,
-and guest read-back (device value patched with the decision's mask) equals the guest's own view.
+The oracle (tests/devsim.py, tests/oracle.py) shares nothing with the engine: it applies every
+decision's writes in order to a byte-level device and checks the invariant after each one (see
+:mod:`oracle`), and it checks what the guest reads against what the guest itself wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass, replace
 
+from devsim import (
+    AF_CTRL,
+    CTRL,
+    DEVCTL,
+    ENTRY,
+    LOC_CAP,
+    LOC_MSIX,
+    LOC_NONE,
+    LOC_RESERVED,
+    PMCSR,
+    ResetKind,
+    Shape,
+    SimDevice,
+    TphShape,
+    build_device,
+)
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from oracle import Grant, Outcome, Rig, check, describe
 
 from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
-from tphtrap.events import (
-    ConfigRead,
-    ConfigWrite,
-    Decision,
-    DeviceWrite,
-    MsixRead,
-    MsixWrite,
-    Reset,
-    Verdict,
-)
+from tphtrap.errors import TphtrapError
+from tphtrap.events import ConfigRead, ConfigWrite, Decision, MsixRead, MsixWrite, Reset
 from tphtrap.policy import CpuTags, DeviceSettings, HostPolicy, OnViolation, Policy, VmPolicy
-from tphtrap.spec import StLocation
-from tphtrap.synth import MsixSpec, TphSpec, build_config
 
 LONG = os.environ.get("TPHTRAP_FUZZ") == "long"
 EXAMPLES = int(os.environ.get("TPHTRAP_EXAMPLES", 20_000 if LONG else 2_000))
 STEPS = 60 if LONG else 30
 
-VM = "guest"
-BDF = "0000:3b:00.0"
+VM, OTHER, BDF = "guest", "other", "0000:3b:00.0"
 NCPU = 8
-BIR = 2
-TABLE_OFF = 0x1000
-# Bits of the control register, written out independently of the layouts (PCIe / pci_regs.h).
-CTRL_MODE = 0x7
-CTRL_REQ = 0x300
-CTRL_WRITABLE = CTRL_MODE | CTRL_REQ
+FULL = 4096
+BAD_REASONS = ("internal-error", "unsafe-plan")
+
+
+class Hex(int):
+    """An int that hypothesis prints in hex (the failing sequences stay readable)."""
+
+    def __repr__(self) -> str:
+        return hex(self)
+
+
+# Host tags are 0-5 and 0x100-0x105 (hosts()), virtual tags 0-3 (guest_vms()).
+TAGS = st.sampled_from([0, 1, 2, 3, 5, 0x100, 0x101, 0x103, 0x105, 0x201, 0xFFFF]).map(Hex)
 
 
 # --- random worlds ---------------------------------------------------------------------------
+@st.composite
+def tph_shapes(draw: st.DrawFn) -> TphShape:
+    location = draw(st.sampled_from([LOC_CAP] * 4 + [LOC_MSIX] * 3 + [LOC_NONE, LOC_RESERVED]))
+    size = draw(st.sampled_from([1, 2, 3, 4, 5, 8]) | st.sampled_from([16, 64, 65]))
+    # Mostly what a reset leaves (control 0, entries 0); sometimes a device left enabled.
+    ctrl = draw(
+        st.just(0)
+        | st.just(0)
+        | st.integers(0, 7).map(lambda m: m | 0x100)
+        | st.integers(0, 2**32 - 1)
+    )
+    entries = st.lists(st.integers(0, 0xFFFF) | TAGS, min_size=size, max_size=size)
+    return TphShape(
+        no_st=draw(st.booleans()) or draw(st.booleans()),
+        iv=draw(st.booleans()) or draw(st.booleans()),
+        ds=draw(st.booleans()),
+        ext=draw(st.booleans()),
+        location=location,
+        size=size,
+        entries=tuple(draw(st.just([0] * size) | entries)),
+        ctrl=ctrl,
+    )
+
+
+@st.composite
+def shapes(draw: st.DrawFn) -> Shape:
+    tph = draw(tph_shapes())
+    overflow = tph.location == LOC_CAP and tph.size == 64 and draw(st.booleans())
+    return Shape(
+        tph=tph,
+        tph_at=0xF80 if overflow else draw(st.sampled_from([0x148, 0x140, 0x160])),
+        second_tph=draw(tph_shapes()) if draw(st.integers(0, 7)) == 0 else None,
+        neighbour=draw(st.sampled_from(["none", "adjacent", "adjacent", "overlap"])),
+        msix_size=draw(st.integers(1, 4)),
+        bir=draw(st.sampled_from([0, 2])),
+        af=draw(st.booleans()),
+        no_soft_reset=draw(st.integers(0, 3)) == 0,
+    )
+
+
 @st.composite
 def hosts(draw: st.DrawFn) -> HostPolicy:
     tags = {}
     for cpu in range(NCPU):
         st8 = draw(st.one_of(st.none(), st.integers(0, 5))) if draw(st.booleans()) else cpu // 2
-        st16 = draw(st.one_of(st.none(), st.integers(0, 0x105)))
+        st16 = draw(st.one_of(st.none(), st.integers(0, 5), st.integers(0x100, 0x105)))
         tags[cpu] = CpuTags(cpu, st8, st16)
-    neutral = draw(st.frozensets(st.sampled_from([0, 1, 0x100]), max_size=2))
+    neutral = draw(st.just(frozenset({0})) | st.frozensets(st.sampled_from([0, 1, 0x100])))
     return HostPolicy(tags, neutral)
 
 
 @st.composite
-def vms(draw: st.DrawFn) -> VmPolicy:
+def guest_vms(draw: st.DrawFn) -> VmPolicy:
     cpus = draw(st.frozensets(st.integers(0, NCPU - 1), min_size=1, max_size=NCPU))
     vcpus = None
     if draw(st.booleans()):
@@ -84,6 +130,7 @@ def vms(draw: st.DrawFn) -> VmPolicy:
         tph=draw(st.booleans()) or draw(st.booleans()),
         extended_tph=draw(st.booleans()) or draw(st.booleans()),
         on_violation=draw(st.one_of(st.none(), st.sampled_from(list(OnViolation)))),
+        fallback_cpu=draw(st.none() | st.sampled_from(sorted(cpus))),
     )
     return VmPolicy(
         VM,
@@ -91,376 +138,373 @@ def vms(draw: st.DrawFn) -> VmPolicy:
         on_violation=draw(st.sampled_from(list(OnViolation))),
         vcpus=vcpus,
         devices={BDF: dev},
+        tph=draw(st.booleans()) or draw(st.booleans()) or draw(st.booleans()),
+        extended_tph=draw(st.booleans()) or draw(st.booleans()),
     )
 
 
-@st.composite
-def devices(draw: st.DrawFn) -> tuple[TphSpec, int]:
-    """A TPH capability (and where it sits); built into a config space in setup."""
-    location = draw(
-        st.sampled_from([StLocation.CAP] * 3 + [StLocation.MSIX] * 3 + [StLocation.NONE])
-        | st.just(StLocation.RESERVED)
-    )
-    size = draw(st.sampled_from([1, 2, 3, 4, 5, 8]))
-    tph = TphSpec(
-        no_st=draw(st.booleans()) or draw(st.booleans()),
-        interrupt_vector=draw(st.booleans()) or draw(st.booleans()),
-        device_specific=draw(st.booleans()),
-        extended=draw(st.booleans()),
-        location=location,
-        table_size=size,
-        entries=tuple(draw(st.lists(st.integers(0, 0xFFFF), min_size=size, max_size=size))),
-        st_mode=draw(st.integers(0, 7)),
-        req_enable=draw(st.integers(0, 3)),
-        cap_reserved=draw(st.sampled_from([0, 0xF8000000, 0x0000F800])),
-        ctrl_reserved=draw(st.sampled_from([0, 0x80000000, 0x400])),
-    )
-    return tph, draw(st.sampled_from([0x148, 0x160, 0x1C4]))
+@dataclass(frozen=True)
+class Change:
+    """One policy reload: ``kind`` and what it needs."""
+
+    # unchanged | revoke | new | tph-off | dev-tph-off | ext-off | dev-ext-off | fewer-cpus |
+    # on-violation
+    kind: str
+    host: HostPolicy | None = None
+    vm: VmPolicy | None = None
+    cpus: frozenset[int] = frozenset()
+    on_violation: OnViolation = OnViolation.DROP
 
 
-def build_device(tph: TphSpec, tph_at: int, msix_size: int) -> ConfigSpace:
-    size = tph.table_size if tph.location is StLocation.MSIX else msix_size
-    msix = MsixSpec(table_size=size, bir=BIR, table_offset=TABLE_OFF)
-    data = build_config(tph=tph, msix=msix, tph_at=tph_at, with_dsn=tph_at != 0x1C4)
-    return ConfigSpace.from_bytes(data, "<sim>", BDF)
+CHANGES = st.one_of(
+    st.sampled_from([Change("unchanged"), Change("revoke")]),
+    st.sampled_from([Change(k) for k in ("tph-off", "dev-tph-off", "ext-off", "dev-ext-off")]),
+    st.builds(Change, st.just("fewer-cpus"), cpus=st.frozensets(st.integers(0, NCPU - 1))),
+    st.builds(Change, st.just("on-violation"), on_violation=st.sampled_from(list(OnViolation))),
+    st.builds(Change, st.just("new"), host=hosts(), vm=guest_vms()),
+)
+BYTES = [0x00, 0x01, 0x02, 0x03, 0x05, 0x07, 0x80, 0xFF]
+VALUES = st.one_of(
+    st.lists(st.sampled_from(BYTES), min_size=8, max_size=8).map(
+        lambda bs: Hex(int.from_bytes(bytes(bs), "little"))
+    ),
+    st.integers(0, 2**64 - 1).map(Hex),
+)
+# What each byte of the TPH control register and of an ST entry is worth writing.
+CTRL_BYTES = ([0, 1, 1, 2, 3, 7], [1, 1, 3, 0, 2], [0, 0, 1, 0x80], [0, 0, 1, 0x80])
+TAG_BYTES = ([0, 1, 2, 3, 5, 0xFF], [0, 0, 1, 2])
+PICKS = st.lists(st.integers(0, 255), min_size=4, max_size=4)
+RESET_KINDS = st.sampled_from(list(ResetKind))
+DELTAS = st.integers(-4, 0x24) | st.integers(-4, 0x9C)
+# Register boundaries a straddling access starts at: (anchor, offset from it).
+STRADDLES = st.sampled_from(
+    [("ctrl", d) for d in (-2, -1, 1, 2, 3)]
+    + [("last-entry", d) for d in (-1, 0, 1)]
+    + [("end", d) for d in (-3, -2, -1, 0, 1)]
+)
 
 
-def allowed(host: HostPolicy, vm: VmPolicy, bits: int) -> set[int]:
-    """Independent oracle: tags whose every owner is in the VM's CPUs, or neutral."""
-    owners: dict[int, set[int]] = {}
-    for cpu, tags in host.steering_tags.items():
-        t = tags.st8 if bits == 8 else tags.st16
-        if t is not None:
-            owners.setdefault(t, set()).add(cpu)
-    ok = {t for t, cpus in owners.items() if cpus <= vm.cpus}
-    ok |= {t for t in host.neutral_tags if t < (1 << bits)}
-    return ok
-
-
-class SimDevice:
-    """A device that stores what it is written (config space and the MSI-X BAR)."""
-
-    def __init__(self, cfg: ConfigSpace, msix_st: bytes) -> None:
-        self.cfg = bytearray(cfg.data)
-        self.bar = bytearray(TABLE_OFF + 0x200)
-        msix = cfg.msix
-        assert msix is not None
-        for i in range(msix.table_size):
-            base = TABLE_OFF + 16 * i
-            self.bar[base + 12] = 1  # Mask bit set at reset
-            self.bar[base + 14 : base + 16] = msix_st[2 * i : 2 * i + 2]
-
-    def apply(self, w: DeviceWrite) -> None:
-        blob = w.value.to_bytes(w.width, "little")
-        if w.space == "config":
-            self.cfg[w.offset : w.offset + w.width] = blob
-        else:
-            assert w.bar == BIR, w
-            self.bar[w.offset : w.offset + w.width] = blob
-
-    def read(self, space: str, off: int, width: int) -> int:
-        mem = self.cfg if space == "config" else self.bar
-        return int.from_bytes(mem[off : off + width], "little")
+def other_cpus(vm: VmPolicy) -> frozenset[int]:
+    """The other VM's CPUs: the host's rest (a CPU of the guest's when it has them all)."""
+    return frozenset(range(NCPU)) - vm.cpus or frozenset({min(vm.cpus)})
 
 
 class TphMachine(RuleBasedStateMachine):
+    """The guest (VM ``guest``) attacks one device; ``other`` is where a reload may move it."""
+
     @initialize(
-        device=devices(),
-        msix_size=st.integers(1, 4),
-        host=hosts(),
-        vm=vms(),
-        msix_st=st.binary(min_size=16, max_size=16),
+        shape=shapes(), host=hosts(), vm=guest_vms(), size=st.sampled_from([FULL] * 6 + [256, 64])
     )
-    def setup(
-        self,
-        device: tuple[TphSpec, int],
-        msix_size: int,
-        host: HostPolicy,
-        vm: VmPolicy,
-        msix_st: bytes,
+    def setup(self, shape: Shape, host: HostPolicy, vm: VmPolicy, size: int) -> None:
+        self.device = build_device(shape)
+        self.reset_kind = ResetKind.ZEROED  # what the device does on a guest-initiated reset
+        sim = SimDevice(self.device, lambda: self.reset_kind)
+        self.host, self.vm = host, vm
+        self.settings = vm.devices[BDF]
+        self.other = VmPolicy(OTHER, other_cpus(vm))
+        self.revoked = False
+        self.engine = Engine(self.policy())
+        self.rig = Rig(self.device, self.grant(), sim)
+        self.attach(size)
+
+    # --- helpers --------------------------------------------------------------------------
+    def policy(self) -> Policy:
+        return Policy(self.host, {VM: self.vm, OTHER: self.other})
+
+    def grant(self) -> Grant:
+        return Grant(self.host, self.vm, BDF, self.revoked)
+
+    def owns(self) -> bool:
+        return BDF in self.vm.devices
+
+    def decided(self, d: Decision, label: str) -> Outcome:
+        check(d.reason not in BAD_REASONS, "engine-fault", f"{label}: {d.reason}: {d.detail}")
+        return Outcome.of(d)
+
+    def attach(self, size: int) -> None:
+        """Attach from a fresh ``size``-byte snapshot; a short one must be refused, and then
+        the hypervisor attaches the full 4096 bytes."""
+        if size != FULL:
+            self.attach_short(size)
+        cfg = ConfigSpace.from_bytes(self.rig.sim.snapshot(FULL), "<sim>", BDF)
+        d = self.engine.attach(VM, BDF, cfg)
+        self.rig.resync()
+        self.rig.apply(self.decided(d, "attach"), label="attach", strict=False)
+
+    def attach_short(self, size: int) -> None:
+        try:
+            cfg = ConfigSpace.from_bytes(self.rig.sim.snapshot(size), "<sim>", BDF)
+            d = self.engine.attach(VM, BDF, cfg)
+        except TphtrapError:
+            return
+        check(
+            d.verdict.value == "drop",
+            "snapshot-accepted",
+            f"attach of a {size}-byte snapshot of a PCI Express function was accepted "
+            f"({d.reason}): its TPH capability at {self.device.tph_caps[0].offset:#x} "
+            "would go unfiltered",
+        )
+        self.rig.apply(Outcome.of(d), label=f"refused attach ({size})", strict=False)
+        with contextlib.suppress(TphtrapError):
+            self.engine.detach(VM, BDF)  # whatever a refusal may have left behind
+
+    def clamp(self, off: int, width: int) -> int:
+        return max(0, min(off, FULL - width))
+
+    def write_config(self, off: int, width: int, value: int) -> None:
+        access = ConfigWrite(VM, BDF, off, width, value & ((1 << (8 * width)) - 1))
+        self.rig.guest_write(access, lambda: self.decide(access))
+
+    def write_bar(self, bar: int, off: int, width: int, value: int) -> None:
+        access = MsixWrite(VM, BDF, bar, off, width, value & ((1 << (8 * width)) - 1))
+        self.rig.guest_write(access, lambda: self.decide(access))
+
+    def read(self, access: ConfigRead | MsixRead) -> None:
+        self.rig.guest_read(access, lambda: self.decide(access))
+
+    def decide(self, access: ConfigWrite | MsixWrite | ConfigRead | MsixRead) -> Outcome:
+        return self.decided(self.engine.handle(access), describe(access))
+
+    def tph_base(self, which: str) -> int:
+        caps = self.device.tph_caps
+        return caps[1 if which == "tph2" and len(caps) > 1 else 0].offset
+
+    def bar_offset(self, entry: int, field: int, width: int, aligned: bool) -> int:
+        off = self.device.shape.table_off + 16 * entry + field
+        return off - off % width if aligned else off
+
+    # --- guest accesses ---------------------------------------------------------------------
+    @rule(
+        tags=st.lists(st.tuples(st.integers(0, 7), TAGS), max_size=3),
+        mode=st.sampled_from([1, 1, 0]),
+        enable=st.sampled_from([1, 1, 3]),
+        linux=st.booleans(),
+    )
+    def driver_enables(
+        self, tags: list[tuple[int, int]], mode: int, enable: int, linux: bool
     ) -> None:
-        cfg = build_device(*device, msix_size)
-        self.config = cfg
-        self.host = host
-        self.vm = vm
-        self.policy = Policy(host, {VM: vm})
-        self.engine = Engine(self.policy)
-        self.dev = SimDevice(cfg, msix_st)
-        tph = cfg.tph
-        msix = cfg.msix
-        assert tph is not None and msix is not None
-        self.tph = tph
-        self.msix = msix
-        self.t0 = tph.offset
-        self.t_end = tph.offset + tph.region_length
-        self.cap_table = tph.location is StLocation.CAP and tph.table_ok
-        self.n_cap = tph.table_size if self.cap_table else 0
-        self.msix_st = tph.location is StLocation.MSIX
-        self.latched_possible = False
-        # The guest's own view.
-        self.guest_cfg = bytearray(cfg.data)  # non-TPH bytes: what the guest wrote
-        self.guest_bar = bytearray(self.dev.bar)
-        decision = self.engine.attach(VM, BDF, cfg)
-        self.apply(decision)
-        # The guest's view starts at power-on, never at what the snapshot (a host) left there.
-        ctrl = self.dev.read("config", self.t0 + 8, 4)
-        self.guest_ctrl = ctrl & ~CTRL_WRITABLE
-        self.guest_entries = [0] * self.n_cap
-        self.guest_vc_st = [0] * msix.table_size
-
-    # --- oracle -----------------------------------------------------------------------
-    def tph_forbidden(self) -> bool:
-        dev_settings = self.vm.devices[BDF]
-        return (
-            self.tph.location not in (StLocation.CAP, StLocation.MSIX)
-            or not self.tph.table_ok
-            or not (self.vm.tph and dev_settings.tph)
-        )
-
-    def check_device(self, where: str) -> None:
-        ctrl = self.dev.read("config", self.t0 + 8, 4)
-        en = (ctrl & CTRL_REQ) >> 8
-        mode = ctrl & CTRL_MODE
-        if en == 0:
-            return
-        ctx = f"{where}: ctrl={ctrl:#x}"
-        assert en in (1, 3), f"{ctx}: reserved Requester Enable on the device"
-        assert mode in (0, 1), f"{ctx}: mode {mode} enabled (device-specific or reserved)"
-        assert not self.tph_forbidden(), f"{ctx}: TPH enabled where forbidden"
-        if mode == 1:
-            assert self.tph.interrupt_vector_mode, f"{ctx}: IV mode without IV support"
-        else:
-            assert self.tph.no_st_mode, f"{ctx}: No ST mode without support"
-        bits = 16 if en == 3 else 8
-        if bits == 16:
-            dev_settings = self.vm.devices[BDF]
-            assert self.tph.extended_tph, f"{ctx}: Extended TPH on a device without it"
-            assert self.vm.extended_tph and dev_settings.extended_tph, f"{ctx}: ext forbidden"
-            assert allowed(self.host, self.vm, 16), f"{ctx}: ext granted without 16-bit tags"
-        ok = allowed(self.host, self.vm, bits)
-        mask = (1 << bits) - 1
-        if mode == 0:
-            assert 0 in ok, f"{ctx}: No ST mode (tag 0) enabled but 0 is not allowed"
-            return
-        for i, tag in enumerate(self.device_tags()):
-            assert tag & mask in ok, f"{ctx}: entry {i} holds {tag:#x}, allowed {sorted(ok)}"
-
-    def device_tags(self) -> list[int]:
-        if self.cap_table:
-            base = self.t0 + 0xC
-            return [self.dev.read("config", base + 2 * i, 2) for i in range(self.n_cap)]
-        if self.msix_st:
-            return [
-                self.dev.read("bar", TABLE_OFF + 16 * i + 14, 2)
-                for i in range(self.msix.table_size)
-            ]
-        return []
-
-    def apply(self, decision: Decision, access: object = None) -> None:
-        if decision.verdict is Verdict.PASS and isinstance(access, (ConfigWrite, MsixWrite)):
-            assert len(decision.writes) == 1
-            w = decision.writes[0]
-            assert (w.offset, w.width, w.value) == (access.offset, access.width, access.value)
-        if decision.verdict is Verdict.DROP:
-            assert decision.writes == ()
-        for w in decision.writes:
-            if w.space == "config":
-                self.check_not_read_only(w)
-            if decision.verdict is Verdict.REWRITE:
-                assert w.width in (1, 2, 4, 8) and w.offset % w.width == 0, w
-            self.dev.apply(w)
-            self.check_device(f"after {w}")
-
-    def check_not_read_only(self, w: DeviceWrite) -> None:
-        lo, hi = w.offset, w.offset + w.width
-        ro_end = self.t0 + 8
-        assert hi <= self.t0 or lo >= ro_end, f"write {w} touches the RO TPH header/capability"
-        table_end = self.t0 + 0xC + 2 * self.n_cap
-        past = lo < self.t_end and hi > table_end and table_end < self.t_end
-        assert not past, f"write {w} touches bytes past the ST table"
-
-    # --- the guest's view ---------------------------------------------------------------
-    def guest_cfg_byte(self, off: int) -> int:
-        if not self.t0 <= off < self.t_end:
-            return self.guest_cfg[off]
-        rel = off - self.t0
-        if 8 <= rel < 12:
-            return (self.guest_ctrl >> (8 * (rel - 8))) & 0xFF
-        if 12 <= rel < 12 + 2 * self.n_cap:
-            entry = self.guest_entries[(rel - 12) // 2]
-            return (entry >> (8 * ((rel - 12) % 2))) & 0xFF
-        return self.config.data[off]
-
-    def guest_bar_byte(self, off: int) -> int:
-        table_end = TABLE_OFF + 16 * self.msix.table_size
-        if self.msix_st and TABLE_OFF <= off < table_end and (off - TABLE_OFF) % 16 >= 14:
-            i = (off - TABLE_OFF) // 16
-            return (self.guest_vc_st[i] >> (8 * ((off - TABLE_OFF) % 16 - 14))) & 0xFF
-        return self.guest_bar[off]
-
-    def record_cfg_write(self, off: int, width: int, value: int) -> None:
-        for k in range(width):
-            pos = off + k
-            byte = (value >> (8 * k)) & 0xFF
-            if not self.t0 <= pos < self.t_end:
-                self.guest_cfg[pos] = byte
+        """A driver enables TPH and programs the entries of the vectors it uses: entries first,
+        or (``linux``) as ``pcie_enable_tph`` + ``pcie_tph_set_st_entry`` do it."""
+        cap = self.device.tph_caps[0]
+        ctrl = mode | enable << 8
+        if linux:
+            self.write_config(cap.ctrl_at, 4, ctrl)
+        for index, tag in tags:
+            if cap.location == LOC_MSIX:
+                vc = self.bar_offset(index % self.device.shape.msix_size, 12, 4, True)
+                self.write_bar(self.device.shape.bir, vc, 4, tag << 16)
                 continue
-            rel = pos - self.t0
-            if 8 <= rel < 12:
-                shift = 8 * (rel - 8)
-                keep = self.guest_ctrl & ~(0xFF << shift)
-                merged = keep | (byte << shift)
-                # Only writable bits stick; reserved bits read as the device reports them.
-                self.guest_ctrl = (self.guest_ctrl & ~CTRL_WRITABLE) | (merged & CTRL_WRITABLE)
-            elif 12 <= rel < 12 + 2 * self.n_cap:
-                i, half = divmod(rel - 12, 2)
-                e = self.guest_entries[i] & ~(0xFF << (8 * half))
-                self.guest_entries[i] = e | (byte << (8 * half))
+            if cap.entry_count == 0:
+                break
+            if linux:
+                self.write_config(cap.ctrl_at, 4, mode)  # Requester Enable off, mode kept
+            self.write_config(cap.entries_at + 2 * (index % cap.entry_count), 2, tag)
+            if linux:
+                self.write_config(cap.ctrl_at, 4, ctrl)
+        if not linux:
+            self.write_config(cap.ctrl_at, 4, ctrl)
 
-    def record_bar_write(self, off: int, width: int, value: int) -> None:
-        table_end = TABLE_OFF + 16 * self.msix.table_size
-        for k in range(width):
-            pos = off + k
-            byte = (value >> (8 * k)) & 0xFF
-            if self.msix_st and TABLE_OFF <= pos < table_end and (pos - TABLE_OFF) % 16 >= 14:
-                i = (pos - TABLE_OFF) // 16
-                half = (pos - TABLE_OFF) % 16 - 14
-                e = self.guest_vc_st[i] & ~(0xFF << (8 * half))
-                self.guest_vc_st[i] = e | (byte << (8 * half))
-            else:
-                self.guest_bar[pos] = byte
+    @rule(
+        mode=st.sampled_from([0, 1, 1, 2, 3, 7]),
+        enable=st.sampled_from([1, 1, 3, 3, 0, 2]),
+        width=st.sampled_from([4, 4, 2, 1]),
+        reserved=st.sampled_from([0] * 5 + [0x400, 0x10000, 0x8000_0000]).map(Hex),
+        second=st.integers(0, 3).map(lambda n: n == 0),
+    )
+    def tph_control(self, mode: int, enable: int, width: int, reserved: int, second: bool) -> None:
+        """ST Mode and Requester Enable (width 1: the mode byte alone)."""
+        at = self.tph_base("tph2" if second else "tph") + 8
+        self.write_config(at, width, mode | enable << 8 | reserved)
 
-    # --- rules ---------------------------------------------------------------------------
-    def interesting_value(self, data: st.DataObject, width: int) -> int:
-        tags = [0, 1, 2, 3, 5, 0x100, 0x101, 0x103, 0x105, 0xFFFF]
-        choice = data.draw(st.integers(0, 3))
-        if choice == 0:
-            return data.draw(st.integers(0, (1 << (8 * width)) - 1))
-        if choice == 1:
-            ctrl = data.draw(st.integers(0, 7)) | (data.draw(st.integers(0, 3)) << 8)
-            return ctrl & ((1 << (8 * width)) - 1)
-        t1, t2 = data.draw(st.sampled_from(tags)), data.draw(st.sampled_from(tags))
-        return (t1 | (t2 << 16) | (t1 << 32) | (t2 << 48)) & ((1 << (8 * width)) - 1)
+    @rule(index=st.integers(0, 7), tag=TAGS, width=st.sampled_from([2, 2, 1, 4]))
+    def tph_entry(self, index: int, tag: int, width: int) -> None:
+        """An ST entry in the capability (width 4: two entries)."""
+        cap = self.device.tph_caps[0]
+        index = min(index, max(cap.entry_count - 1, 0))
+        value = tag | tag << 16 if width == 4 else tag
+        self.write_config(self.clamp(cap.entries_at + 2 * index, width), width, value)
 
-    @rule(data=st.data(), width=st.sampled_from([1, 2, 4]))
-    def config_write(self, data: st.DataObject, width: int) -> None:
-        off = data.draw(
-            st.integers(self.t0 - 6, self.t_end + 6) | st.integers(0, 4096 - width), label="off"
+    @rule(where=STRADDLES, width=st.sampled_from([4, 2, 4]), picks=PICKS)
+    def config_straddle(self, where: tuple[str, int], width: int, picks: list[int]) -> None:
+        """An access across a register boundary: control and entry 0, the last entry and
+        the padding, the end of the capability and the next one. Each byte's value is one
+        that means something to the register it lands in (``picks`` choose which)."""
+        anchor, delta = where
+        cap = self.device.tph_caps[0]
+        base = {
+            "ctrl": cap.ctrl_at,
+            "last-entry": cap.entries_at + 2 * max(cap.entry_count - 1, 0),
+            "end": cap.end,
+        }[anchor]
+        off = self.clamp(base + delta, width)
+        self.write_config(off, width, self.meaningful(off, picks[:width]))
+
+    def meaningful(self, off: int, picks: list[int]) -> int:
+        """A value whose byte ``k`` is ``picks[k]``-th of the values that matter at ``off+k``."""
+        value = 0
+        for k, pick in enumerate(picks):
+            role = self.device.tph_bytes.get(off + k)
+            pool = BYTES
+            if role is not None and role[0] == CTRL:
+                pool = CTRL_BYTES[role[2]]
+            elif role is not None and role[0] == ENTRY:
+                pool = TAG_BYTES[(off + k - self.device.tph_caps[role[1]].entries_at) % 2]
+            value |= pool[pick % len(pool)] << (8 * k)
+        return value
+
+    @rule(
+        where=st.sampled_from(["tph", "tph", "tph2", "anywhere"]),
+        delta=DELTAS,
+        anywhere=st.integers(0, FULL - 1),
+        width=st.sampled_from([1, 2, 4]),
+        value=VALUES,
+    )
+    def config_write(self, where: str, delta: int, anywhere: int, width: int, value: int) -> None:
+        """Any config write near a TPH capability, or anywhere."""
+        off = anywhere if where == "anywhere" else self.tph_base(where) + delta
+        self.write_config(self.clamp(off, width), width, value)
+
+    @rule(which=st.sampled_from(["tph", "tph2"]), delta=DELTAS, width=st.sampled_from([1, 2, 4]))
+    def config_read(self, which: str, delta: int, width: int) -> None:
+        self.read(ConfigRead(VM, BDF, self.clamp(self.tph_base(which) + delta, width), width))
+
+    @rule(
+        entry=st.integers(0, 4),
+        field=st.integers(-8, 23),
+        width=st.sampled_from([4, 8, 4, 8, 1, 2]),
+        aligned=st.booleans(),
+        other_bar=st.integers(0, 7).map(lambda n: n == 0),
+        value=VALUES,
+    )
+    def msix_write(
+        self, entry: int, field: int, width: int, aligned: bool, other_bar: bool, value: int
+    ) -> None:
+        bar = self.device.shape.bir ^ (2 if other_bar else 0)
+        self.write_bar(bar, self.bar_offset(entry, field, width, aligned), width, value)
+
+    @rule(
+        entry=st.integers(0, 4),
+        tag=TAGS,
+        masked=st.booleans(),
+        with_data=st.booleans(),
+        data=st.integers(0, 2**32 - 1).map(Hex),
+    )
+    def msix_vector(self, entry: int, tag: int, masked: bool, with_data: bool, data: int) -> None:
+        """A driver programs one MSI-X vector: Vector Control (tag, mask), maybe with data."""
+        vc = tag << 16 | int(masked)
+        if with_data:
+            self.write_bar(
+                self.device.shape.bir, self.bar_offset(entry, 8, 8, True), 8, vc << 32 | data
+            )
+        else:
+            self.write_bar(self.device.shape.bir, self.bar_offset(entry, 12, 4, True), 4, vc)
+
+    @rule(entry=st.integers(0, 4), field=st.integers(-4, 19), width=st.sampled_from([4, 8, 2, 1]))
+    def msix_read(self, entry: int, field: int, width: int) -> None:
+        off = self.bar_offset(entry, field, width, True)
+        self.read(MsixRead(VM, BDF, self.device.shape.bir, off, width))
+
+    @rule(how=st.sampled_from(["flr", "af-flr", "pm"]), kind=RESET_KINDS)
+    def guest_reset(self, how: str, kind: ResetKind) -> None:
+        """The guest resets its device through config space (vfio performs the reset)."""
+        self.reset_kind = kind
+        ref = self.rig.ref.cfg
+        if how == "af-flr" and self.device.shape.af:
+            self.write_config(AF_CTRL, 1, 0x01)
+        elif how == "pm":
+            pmcsr = int.from_bytes(ref[PMCSR : PMCSR + 2], "little") & ~3
+            self.write_config(PMCSR, 2, pmcsr | 3)  # D3hot
+            self.write_config(PMCSR, 2, pmcsr)  # D0: a reset unless No_Soft_Reset
+        else:
+            devctl = int.from_bytes(ref[DEVCTL : DEVCTL + 2], "little")
+            self.write_config(DEVCTL, 2, devctl | 0x8000)
+        self.reset_kind = ResetKind.ZEROED
+
+    # --- the hypervisor -------------------------------------------------------------------
+    @rule(kind=RESET_KINDS)
+    def hypervisor_reset(self, kind: ResetKind) -> None:
+        self.rig.hypervisor_reset(kind)
+        d = self.engine.handle(Reset(VM, BDF))
+        self.rig.apply(self.decided(d, "reset"), label="reset")
+
+    @rule(change=CHANGES)
+    def reload(self, change: Change) -> None:
+        """A reload: of the policy in force (nothing may change), or a stricter, different or
+        brand new one."""
+        if change.kind == "revoke" and not self.owns():
+            return
+        if change.kind != "unchanged":
+            self.apply_change(change)
+        before = self.rig.sim.state()
+        decisions = self.reload_policy(change.kind)
+        check(
+            change.kind != "unchanged" or self.rig.sim.state() == before,
+            "reload-not-noop",
+            "a reload of the unchanged policy changed the device:\n  " + "\n  ".join(decisions),
         )
-        off = max(0, min(off, 4096 - width))
-        value = self.interesting_value(data, width)
-        access = ConfigWrite(VM, BDF, off, width, value)
-        decision = self.engine.handle(access)
-        assert decision.reason != "internal-error", decision.detail
-        self.record_cfg_write(off, width, value)
-        self.apply(decision, access)
-        self.check_write_view(decision, "config", off, width)
 
-    @rule(data=st.data(), width=st.sampled_from([1, 2, 4, 8]))
-    def msix_write(self, data: st.DataObject, width: int) -> None:
-        table_end = TABLE_OFF + 16 * self.msix.table_size
-        off = data.draw(st.integers(TABLE_OFF - 8, table_end + 8), label="off")
-        if data.draw(st.booleans()):
-            off -= off % width  # mostly aligned, as guests do
-        value = self.interesting_value(data, width)
-        access = MsixWrite(VM, BDF, BIR, off, width, value)
-        decision = self.engine.handle(access)
-        assert decision.reason != "internal-error", decision.detail
-        self.record_bar_write(off, width, value)
-        self.apply(decision, access)
-        self.check_write_view(decision, "bar", off, width)
+    @precondition(lambda self: not self.owns())
+    @rule()
+    def give_back(self) -> None:
+        """A reload gives the device back: it stays revoked until detached and attached."""
+        self.other = replace(self.other, devices={})
+        self.vm = replace(self.vm, devices={BDF: self.settings})
+        self.reload_policy("give back")
 
-    @rule(data=st.data(), width=st.sampled_from([1, 2, 4]))
-    def config_read(self, data: st.DataObject, width: int) -> None:
-        off = data.draw(st.integers(self.t0 - 4, self.t_end + 4) | st.integers(0, 4096 - width))
-        off = max(0, min(off, 4096 - width))
-        d = self.engine.handle(ConfigRead(VM, BDF, off, width))
-        seen = self.seen("config", off, width, d)
-        want = sum(self.guest_cfg_byte(off + k) << (8 * k) for k in range(width))
-        assert seen == want, f"config read @{off:#x}/{width}: guest sees {seen:#x}, wants {want:#x}"
+    def reload_policy(self, what: str) -> list[str]:
+        """Reload the machine's policy; perform every correction. The decisions, as text."""
+        results = self.engine.reload(self.policy())
+        self.rig.grant = self.grant()
+        for _, d in results:
+            self.rig.apply(self.decided(d, "reload"), label=f"reload ({what})", strict=False)
+        self.rig.check_untouched_bytes(f"reload ({what})")
+        return self.rig.log[len(self.rig.log) - len(results) :]
 
-    @rule(data=st.data(), width=st.sampled_from([1, 2, 4, 8]))
-    def msix_read(self, data: st.DataObject, width: int) -> None:
-        table_end = TABLE_OFF + 16 * self.msix.table_size
-        off = data.draw(st.integers(TABLE_OFF - 4, table_end + 4))
-        d = self.engine.handle(MsixRead(VM, BDF, BIR, off, width))
-        seen = self.seen("bar", off, width, d)
-        want = sum(self.guest_bar_byte(off + k) << (8 * k) for k in range(width))
-        assert seen == want, f"msix read @{off:#x}/{width}: guest sees {seen:#x}, wants {want:#x}"
-
-    def seen(self, space: str, off: int, width: int, d: Decision) -> int:
-        assert d.verdict is not Verdict.DROP
-        raw = self.dev.read(space, off, width)
-        if not d.read_mask:
-            return raw
-        assert d.guest_value is not None
-        return (raw & ~d.read_mask) | (d.guest_value & d.read_mask)
-
-    def check_write_view(self, d: Decision, space: str, off: int, width: int) -> None:
-        if not d.read_mask:
+    def apply_change(self, c: Change) -> None:
+        """Update the machine's policy for ``c``."""
+        vm, dev = self.vm, self.settings
+        if c.kind == "revoke":  # the device moves to the other VM
+            self.vm = replace(vm, devices={})
+            self.other = replace(self.other, devices={BDF: DeviceSettings(BDF)})
+            self.revoked = True
+            self.rig.owned = False
             return
-        assert d.guest_value is not None
-        for k in range(width):
-            if d.read_mask >> (8 * k) & 0xFF:
-                got = (d.guest_value >> (8 * k)) & 0xFF
-                want = (
-                    self.guest_cfg_byte(off + k)
-                    if space == "config"
-                    else self.guest_bar_byte(off + k)
-                )
-                assert got == want, f"write view byte {off + k:#x}: {got:#x} != {want:#x}"
+        if c.kind == "new":
+            assert c.host is not None and c.vm is not None
+            self.host, self.settings = c.host, c.vm.devices[BDF]
+            vm = c.vm
+            self.other = replace(self.other, cpus=other_cpus(vm))
+        elif c.kind == "tph-off":
+            vm = replace(vm, tph=False)
+        elif c.kind == "ext-off":
+            vm = replace(vm, extended_tph=False)
+        elif c.kind in ("dev-tph-off", "dev-ext-off"):
+            key = "tph" if c.kind == "dev-tph-off" else "extended_tph"
+            self.settings = replace(dev, **{key: False})
+        elif c.kind == "fewer-cpus":
+            fewer = (vm.cpus & c.cpus) or frozenset({min(vm.cpus)})
+            vcpus = tuple(x for x in vm.vcpus or () if x in fewer) or None
+            vm = replace(vm, cpus=fewer, vcpus=vcpus)
+            fb = self.settings.fallback_cpu
+            if fb is not None and fb not in fewer:
+                self.settings = replace(self.settings, fallback_cpu=None)
+        elif c.kind == "on-violation":
+            vm = replace(vm, on_violation=c.on_violation)
+        self.vm = replace(vm, devices={BDF: self.settings} if self.owns() else {})
 
-    @rule(st_bytes=st.binary(min_size=16, max_size=16), ctrl_byte=st.integers(0, 255))
-    def reset(self, st_bytes: bytes, ctrl_byte: int) -> None:
-        # The device resets (the hypervisor reports it after the fact): control writable bits
-        # to 0; ST contents unknown (random here). The decision's writes come after.
-        ctrl = self.dev.read("config", self.t0 + 8, 4) & ~CTRL_WRITABLE
-        self.dev.apply(DeviceWrite("config", self.t0 + 8, 4, ctrl))
-        for i in range(self.n_cap):
-            self.dev.apply(DeviceWrite("config", self.t0 + 0xC + 2 * i, 2, st_bytes[i % 16]))
-        for i in range(self.msix.table_size):
-            base = TABLE_OFF + 16 * i
-            # Vector Control resets to Mask=1, reserved bits 0. With the ST table in MSI-X the
-            # tags left behind are unknown to tphtrap (random here); otherwise bits 31:16 are
-            # reserved and read 0.
-            self.dev.bar[base + 12 : base + 14] = b"\x01\x00"
-            self.guest_bar[base + 12 : base + 14] = b"\x01\x00"
-            if self.msix_st:
-                self.dev.bar[base + 14 : base + 16] = st_bytes[2 * (i % 8) : 2 * (i % 8) + 2]
-            else:
-                self.dev.bar[base + 14 : base + 16] = b"\x00\x00"
-                self.guest_bar[base + 14 : base + 16] = b"\x00\x00"
-        self.guest_ctrl = ctrl
-        self.guest_entries = [0] * self.n_cap
-        self.guest_vc_st = [0] * self.msix.table_size
-        self.check_device("after reset")
-        self.apply(self.engine.handle(Reset(VM, BDF)))
-        self.check_device("after the reset's writes")
-
-    @rule(vm=vms(), host=hosts())
-    def reload(self, vm: VmPolicy, host: HostPolicy) -> None:
-        self.vm = vm
-        self.host = host
-        self.policy = Policy(host, {VM: vm})
-        results = self.engine.reload(self.policy)
-        assert len(results) == 1
-        self.apply(results[0][1])
-
-    @invariant()
-    def non_tph_bytes_are_the_guests(self) -> None:
-        if not hasattr(self, "dev"):
-            return
-        cfg, gcfg = self.dev.cfg, self.guest_cfg
-        assert cfg[: self.t0] == gcfg[: self.t0]
-        assert cfg[self.t_end :] == gcfg[self.t_end :]
-        table_end = TABLE_OFF + 16 * self.msix.table_size
-        bar, gbar = self.dev.bar, self.guest_bar
-        assert bar[:TABLE_OFF] == gbar[:TABLE_OFF]
-        assert bar[table_end:] == gbar[table_end:]
-        for i in range(self.msix.table_size):
-            base = TABLE_OFF + 16 * i
-            n = 14 if self.msix_st else 16
-            assert bar[base : base + n] == gbar[base : base + n], f"MSI-X entry {i}"
+    @precondition(lambda self: self.owns())
+    @rule(size=st.sampled_from([FULL, FULL, FULL, 256, 64]))
+    def reattach(self, size: int) -> None:
+        """Detach, then attach from a fresh snapshot of the (simulated) device."""
+        try:
+            d = self.engine.detach(VM, BDF)
+        except TphtrapError:
+            pass
+        else:
+            self.rig.apply(Outcome.of(d), label="detach", strict=False)
+        self.revoked = False
+        self.rig.grant = self.grant()
+        self.attach(size)
 
 
 TphMachine.TestCase.settings = settings(

@@ -253,8 +253,24 @@ def _field(op: str, name: str) -> SearchStrategy[Any]:
         return st.sampled_from(DUMP_PATHS)
     if name == "policy":
         return st.sampled_from(POLICY_PATHS)
-    if name == "replace":
+    if name in ("replace", "rciep", "tags_cleared"):
         return st.one_of(st.booleans(), json_values)
+    if name == "backend":
+        return st.one_of(st.sampled_from(["writes", "host", "kernel"]), json_values)
+    if name == "completer":
+        return st.one_of(st.sampled_from([0, 1, 3]), st.integers(-1, 4), json_values)
+    if name == "allocated":
+        return st.one_of(st.lists(st.integers(-1, 2048), max_size=8), json_values)
+    if name == "failed":
+        return st.one_of(
+            st.fixed_dictionaries(
+                {"op": st.sampled_from(["st_set", "tph_enable", "tph_disable", "x"])},
+                optional={"index": st.integers(-1, 2048)},
+            ),
+            json_values,
+        )
+    if name == "errno":
+        return st.one_of(st.sampled_from([-22, -6, -16]), st.integers(-5000, 1), json_values)
     return json_values
 
 
@@ -280,6 +296,9 @@ def requests(draw: DrawFn, ops: list[str] | None = None) -> Obj:
             pairs.append(("source_bdf", draw(_field(op, "source_bdf"))))
         if draw(st.booleans()):
             pairs.append(("replace", draw(_field(op, "replace"))))
+        if draw(st.booleans()):
+            pairs.append(("backend", draw(_field(op, "backend"))))
+            pairs.append(("completer", draw(_field(op, "completer"))))
     else:
         for name in optional:
             if draw(st.booleans()):
@@ -451,6 +470,10 @@ def test_wire_valid_requests_round_trip(pairs: Obj) -> None:
     for key, value in fields.items():
         if key in ("offset", "value") and isinstance(value, str):
             assert req.args[key] == int(value, 16)
+        elif key == "allocated":
+            assert req.args[key] == frozenset(value)
+        elif key == "failed":
+            assert req.args[key].op == value["op"]
         elif key not in ("bdf", "source_bdf"):
             assert req.args[key] == value, key
 
@@ -509,7 +532,49 @@ def _all_valid(obj: dict[str, Any], fields: dict[str, Any]) -> bool:
     versions = fields.get("versions")
     if versions is not None and (not versions or len(versions) > 16):
         return False
+    if not _host_fields_valid(op, fields):
+        return False
     return len(fields.get("client", "")) <= 128
+
+
+def _host_fields_valid(op: str, fields: dict[str, Any]) -> bool:
+    """The fields of the host backend (attach's backend facts, vectors, host_result)."""
+    for flag in ("rciep", "tags_cleared"):
+        if flag in fields and not isinstance(fields[flag], bool):
+            return False
+    if op == "attach":
+        host = fields.get("backend", "writes")
+        if host not in ("writes", "host"):
+            return False
+        completer = fields.get("completer")
+        if "completer" in fields and (type(completer) is not int or completer not in (0, 1, 3)):
+            return False
+        rciep = fields.get("rciep", False)
+        given = "completer" in fields or "rciep" in fields
+        if host == "writes" and given:
+            return False
+        if host == "host" and ("completer" in fields) == bool(rciep):
+            return False
+    allocated = fields.get("allocated")
+    if allocated is not None and not (
+        isinstance(allocated, list) and all(type(x) is int and 0 <= x < 2048 for x in allocated)
+    ):
+        return False
+    failed = fields.get("failed")
+    if failed is not None:
+        if not isinstance(failed, dict) or failed.get("op") not in (
+            "st_set",
+            "tph_enable",
+            "tph_disable",
+        ):
+            return False
+        index = failed.get("index", 0)
+        if type(index) is not int or not 0 <= index < 2048:
+            return False
+        if failed["op"] == "st_set" and "index" not in failed:
+            return False
+    errno = fields.get("errno")
+    return errno is None or (type(errno) is int and -4095 <= errno <= -1)
 
 
 @fuzz(300, 20_000)

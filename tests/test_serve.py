@@ -19,7 +19,7 @@ from tphtrap.cli import EXIT_MISMATCH
 from tphtrap.errors import PolicyError
 from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
-from tphtrap.wire import hex_values
+from tphtrap.wire import expand_runs, hex_values
 
 ROOT = Path(__file__).resolve().parent.parent
 TPHTRAP = [sys.executable, "-m", "tphtrap"]
@@ -100,8 +100,13 @@ def test_full_session_exact_replies() -> None:
     session = [
         req(0, "hello", versions=[2, 7], client="tests"),
         req(1, "attach", path="fixtures/devices/nic-st-in-cap.lspci", **A),
-        req(
-            2, "attach", vm="tenant-b", bdf="3b:00.1", path="fixtures/devices/nic-st-in-msix.lspci"
+        req(  # the hypervisor's emulated MSI-X table: every vector at power-on (masked)
+            2,
+            "attach",
+            vm="tenant-b",
+            bdf="3b:00.1",
+            path="fixtures/devices/nic-st-in-msix.lspci",
+            vector_ctrl=[1] * 32,
         ),
         req(3, "cfg_write", offset=ctrl, width=4, value=0x101, **A),
         req(4, "cfg_write", offset=entry0, width=2, value=0x01, **A),
@@ -145,9 +150,37 @@ def test_full_session_exact_replies() -> None:
     # Enabling Extended TPH on B: its MSI-X tags are unknown to tphtrap, so every entry the
     # guest did not program (1..31) gets tenant-b's fallback tag, with the power-on mask bit,
     # before the control.
-    corrections_b = [bar(table + 16 * i + 12, 4, 0x0202_0001) for i in range(1, 32)]
+    # Identical writes at a constant stride travel as one run (count, stride).
+    corrections_b = [{**bar(table + 16 + 12, 4, 0x0202_0001), "count": 31, "stride": 16}]
     # Enabling on A: the 8 entries the guest never wrote get tenant-a's fallback tag first.
-    fallback_a = [cfg(0x148 + 0xC + 2 * i, 2, 0x01) for i in range(8)]
+    fallback_a = [{**cfg(0x148 + 0xC, 2, 0x01), "count": 8, "stride": 2}]
+    trap_a = {
+        "config": [
+            {"offset": 0x40 + 4, "length": 2, "what": "pmcsr", "reads": False},  # PM cap at 0x40
+            {
+                "offset": 0xA0 + 8,
+                "length": 2,
+                "what": "pcie-devctl",
+                "reads": False,
+            },  # PCIe at 0xa0
+            {"offset": 0x148, "length": 0x1C, "what": "tph", "reads": True},
+        ],
+        "bar": [],
+    }
+    trap_b = {
+        "config": [*trap_a["config"][:2], {**trap_a["config"][2], "length": 0xC}],
+        "bar": [
+            {
+                "bar": 2,
+                "offset": table + 12,
+                "length": 4,
+                "stride": 16,
+                "count": 32,
+                "what": "msix-vector-control",
+                "reads": True,
+            }
+        ],
+    }
     expected: list[dict[str, Any]] = [
         {
             "id": 0,
@@ -156,18 +189,24 @@ def test_full_session_exact_replies() -> None:
             "version": 2,
             "server": "tphtrap 0.1.0",
             "max_line": 65536,
+            "max_reply": 262144,
+            "backends": ["writes", "host"],
         },
         {
             "id": 1,
             "ok": True,
             "decision": decision("pass", "attached", attached, [], RULE_A),
             "device": device_a,
+            "backend": {"name": "writes"},
+            "trap": trap_a,
         },
         {
             "id": 2,
             "ok": True,
             "decision": decision("pass", "attached", attached, [], RULE_B),
             "device": device_b,
+            "backend": {"name": "writes"},
+            "trap": trap_b,
         },
         {
             "id": 3,
@@ -301,15 +340,24 @@ def test_full_session_exact_replies() -> None:
                 RULE_A,
             ),
         },
+        # A reload's corrections come as one event line per device, then the reply.
         {
-            "id": 13,
-            "ok": True,
+            "id": None,
+            "event": "corrections",
             "policy": POLICY,
             "corrections": [
-                {**A, "decision": decision("pass", "policy-reloaded", RELOADED, [], RULE_A)},
-                {**B, "decision": decision("pass", "policy-reloaded", RELOADED, [], RULE_B)},
+                {**A, "decision": decision("pass", "policy-reloaded", RELOADED, [], RULE_A)}
             ],
         },
+        {
+            "id": None,
+            "event": "corrections",
+            "policy": POLICY,
+            "corrections": [
+                {**B, "decision": decision("pass", "policy-reloaded", RELOADED, [], RULE_B)}
+            ],
+        },
+        {"id": 13, "ok": True, "op": "reload", "policy": POLICY, "devices": 2},
     ]
     assert replies[: len(expected)] == expected
     stats = replies[len(expected)]
@@ -351,7 +399,7 @@ def test_full_session_exact_replies() -> None:
         "policy_rejects": 0,
     }
     assert replies[-1] == {"id": 14, "ok": True, "op": "shutdown"}
-    assert len(replies) == len(session)
+    assert len(replies) == len(session) + 2  # and the two event lines of the reload
     # The audit trail went to stderr: one JSON object per line, with the foreign tag in it.
     events = [json.loads(line) for line in stderr.splitlines()]
     foreign = [e for e in events if e.get("reason") == "foreign-tag"]
@@ -640,7 +688,8 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
         "reset",
         "cfg_read",
     ]
-    assert [r["expect"] for r in recorded[1:]] == [r["decision"] for r in replies[2:]]
+    # A record lists every write (replies carry runs of identical ones compactly).
+    assert [r["expect"] for r in recorded[1:]] == [expand_runs(r["decision"]) for r in replies[2:]]
     proc = subprocess.run(
         [*TPHTRAP, "replay", str(record), "--policy", POLICY, "--expect", "--json"],
         cwd=ROOT,
@@ -925,7 +974,7 @@ def test_every_error_code_is_in_the_protocol_document() -> None:
     from fuzzlib import ERROR_CODES
 
     text = (ROOT / "docs" / "protocol.md").read_text()
-    section = text[text.index("## 6. Errors") : text.index("## 7.")]
+    section = text[text.index("## 8. Errors") : text.index("## 9.")]
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", section, re.M))
     assert documented == ERROR_CODES
 

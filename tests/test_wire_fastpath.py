@@ -206,7 +206,8 @@ def test_encode_matches_json_dumps() -> None:
 @settings(max_examples=400)
 @given(IDS, DECISIONS)
 def test_access_reply_is_the_generic_reply(rid: int | str, d: Decision) -> None:
-    assert wire.access_reply(rid, d) == wire.reply(rid, decision=wire.decision_json(d))
+    assert wire.access_reply(rid, d) == wire.reply(rid, decision=wire.decision_wire(d))
+    assert wire.expand_runs(wire.decision_wire(d)) == wire.decision_json(d)
     assert wire.decision_text(d) == json.dumps(
-        wire.decision_json(d), separators=(",", ":"), ensure_ascii=True
+        wire.decision_wire(d), separators=(",", ":"), ensure_ascii=True
     )

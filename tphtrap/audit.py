@@ -34,7 +34,7 @@ from .events import (
     Reset,
     Verdict,
 )
-from .wire import cache_put, compact_encoder, id_text, json_string, write_text
+from .wire import cache_put, compact_encoder, id_text, json_string, op_text, write_text
 
 __all__ = ["Auditor", "access_fields", "decision_fields"]
 
@@ -79,6 +79,8 @@ def decision_fields(decision: Decision) -> dict[str, Any]:
         # The value the device got for the guest's own access, when it is one write.
         if len(writes) == 1:
             d["device_value"] = writes[0].value
+    if decision.ops:
+        d["host_ops"] = [o.to_json() for o in decision.ops]
     if decision.read_mask:
         d["guest_view"] = decision.guest_value
         d["read_mask"] = decision.read_mask
@@ -225,6 +227,8 @@ class _DecidedLine:
             done = f',"device_writes":[{",".join([write_text(w) for w in writes])}]'
             if len(writes) == 1:
                 done += f',"device_value":{int(writes[0].value)}'
+        if decision.ops:
+            done += f',"host_ops":[{",".join([op_text(o) for o in decision.ops])}]'
         view = ""
         if decision.read_mask:
             gv = "null" if decision.guest_value is None else str(int(decision.guest_value))

@@ -23,6 +23,7 @@ __all__ = [
     "ConfigWrite",
     "Decision",
     "DeviceWrite",
+    "HostOp",
     "MsixRead",
     "MsixWrite",
     "Region",
@@ -134,6 +135,32 @@ class DeviceWrite:
 
 
 @dataclass(slots=True)
+class HostOp:
+    """One host kernel operation (the ``host`` backend), in decision order.
+
+    ``tph_enable``: what Linux ``pcie_enable_tph(pdev, mode)`` does, ``mode`` "iv" or "ns",
+    ``width`` the request type the host will choose (8: TPH only, 16: Extended TPH);
+    ``tph_disable``: ``pcie_disable_tph``; ``st_set``: ``pcie_tph_set_st_entry(pdev, index,
+    tag)``, ``cpu`` the host CPU of the VM whose tag it is (None: a neutral tag no CPU of the
+    VM owns), ``tag`` at the width in force.
+    """
+
+    op: Literal["tph_enable", "tph_disable", "st_set"]
+    mode: Literal["iv", "ns"] | None = None
+    width: int | None = None
+    index: int = 0
+    cpu: int | None = None
+    tag: int = 0
+
+    def to_json(self) -> dict[str, int | str | None]:
+        if self.op == "tph_enable":
+            return {"op": self.op, "mode": self.mode, "width": self.width}
+        if self.op == "st_set":
+            return {"op": self.op, "index": self.index, "cpu": self.cpu, "tag": self.tag}
+        return {"op": self.op}
+
+
+@dataclass(slots=True)
 class Decision:
     """The engine's answer for one access.
 
@@ -142,7 +169,9 @@ class Decision:
     wrote. For reads: the guest sees ``(device_value & ~read_mask) | (guest_value & read_mask)``
     where ``device_value`` is what the hypervisor reads from the device (needless when
     ``read_mask`` covers the whole width). ``reason`` is the most significant reason code;
-    ``reasons`` lists every distinct one in order.
+    ``reasons`` lists every distinct one in order. ``ops`` is None for a device attached with
+    the ``writes`` backend; with the ``host`` backend it holds the host kernel operations, which
+    come before ``writes`` (then never a raw write to a TPH register or a steering tag).
     """
 
     verdict: Verdict
@@ -153,3 +182,4 @@ class Decision:
     read_mask: int = 0
     reasons: tuple[str, ...] = ()
     rule: str | None = None
+    ops: tuple[HostOp, ...] | None = None

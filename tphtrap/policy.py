@@ -213,6 +213,22 @@ class TagRules:
     tph_allowed: bool
     ext_allowed: bool  # policy lets Extended TPH be granted (the device must support it too)
     rule: str  # breadcrumb of the policy entry these rules come from
+    #: the VM's host CPUs with their tag at each width (what a host interface taking a CPU
+    #: per ST entry is given: the host backend names one of these, never another CPU)
+    cpu_tags: Mapping[TagWidth, Mapping[int, int]] = field(default_factory=dict)
+
+    @cached_property
+    def cpu_of_tag(self) -> Mapping[TagWidth, Mapping[int, int]]:
+        """tag -> the lowest CPU of the VM whose tag it is, per width (allowed tags only)."""
+        out: dict[TagWidth, dict[int, int]] = {}
+        for w, cpus in self.cpu_tags.items():
+            row: dict[int, int] = {}
+            for cpu in sorted(cpus):
+                tag = cpus[cpu]
+                if tag in self.allowed[w]:
+                    row.setdefault(tag, cpu)
+            out[w] = row
+        return out
 
     @cached_property
     def rule_violation(self) -> str:
@@ -239,6 +255,15 @@ class TagRules:
                     row.append(t if t is not None and t in allowed[w] else None)
                 translate[w] = tuple(row)
         ext_allowed = vm.extended_tph and dev.extended_tph and bool(allowed[TagWidth.ST16])
+        cpu_tags: dict[TagWidth, dict[int, int]] = {}
+        for w in TagWidth:
+            row2: dict[int, int] = {}
+            for cpu in sorted(vm.cpus):
+                tags = host.steering_tags.get(cpu)
+                t = tags.tag(w) if tags is not None else None
+                if t is not None:
+                    row2[cpu] = t
+            cpu_tags[w] = row2
         return cls(
             vm=vm.name,
             bdf=dev.bdf,
@@ -249,6 +274,7 @@ class TagRules:
             tph_allowed=vm.tph and dev.tph,
             ext_allowed=ext_allowed,
             rule=f"vms.{vm.name}.devices.{dev.bdf}",
+            cpu_tags=cpu_tags,
         )
 
     def resolve(self, guest_tag: int, width: TagWidth) -> int | None:

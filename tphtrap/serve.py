@@ -26,16 +26,22 @@ from . import __version__
 from .audit import Auditor
 from .device import ConfigSpace, load_device, parse_hex_config
 from .engine import AttachRefused, Engine, describe_reason
+from .engine.core import WrongBackend
+from .engine.render import HostFacts
+from .engine.trapmap import trap_map
 from .errors import DeviceError, PolicyError, Problem, TphtrapError, WireError
 from .events import VERDICT_NAMES, Decision
 from .policy import Policy
+from .spec import PcieType
 from .wire import (
     ACCESS_OPS,
     MAX_LINE,
+    MAX_REPLY,
     PROTOCOL_VERSIONS,
     Request,
     access_reply,
     decision_json,
+    decision_wire,
     encode,
     error_reply,
     hex_reply,
@@ -187,6 +193,8 @@ class Server:
             version=self.version,
             server=f"tphtrap {__version__}",
             max_line=MAX_LINE,
+            max_reply=MAX_REPLY,
+            backends=["writes", "host"],
         )
 
     def _access(self, req: Request) -> bytes:
@@ -199,9 +207,44 @@ class Server:
         if decision.reason in ("unknown-vm", "unknown-device"):
             field = "vm" if decision.reason == "unknown-vm" else "bdf"
             return error_reply(
-                req.id, decision.reason, decision.detail, field, decision=decision_json(decision)
+                req.id, decision.reason, decision.detail, field, decision=decision_wire(decision)
             )
         return access_reply(req.id, decision)
+
+    def _host_feedback(self, req: Request) -> bytes:
+        """``vectors`` and ``host_result``: the host's facts, and the follow-up decision."""
+        a = req.args
+        try:
+            if req.op == "vectors":
+                decision = self.engine.host_vectors(
+                    a["vm"], a["bdf"], a["allocated"], a.get("tags_cleared", False)
+                )
+            else:
+                decision = self.engine.host_result(a["vm"], a["bdf"], a["failed"], a["errno"])
+        except WrongBackend as exc:
+            raise WireError("wrong-backend", str(exc), request_id=req.id, field="bdf") from None
+        except ValueError as exc:
+            raise WireError(
+                "out-of-range", str(exc), request_id=req.id, field="allocated"
+            ) from None
+        self._count(decision)
+        fields: dict[str, Any] = {k: v for k, v in a.items() if k not in ("vm", "bdf", "failed")}
+        if req.op == "host_result":
+            fields["failed"] = a["failed"].to_json()
+        else:
+            fields["allocated"] = sorted(a["allocated"])
+            fields["tags_cleared"] = a.get("tags_cleared", False)
+        self.audit.emit(
+            f"host.{req.op}", vm=a["vm"], bdf=a["bdf"], **fields, **decision_json(decision)
+        )
+        if decision.reason in ("unknown-vm", "unknown-device"):
+            field = "vm" if decision.reason == "unknown-vm" else "bdf"
+            return error_reply(
+                req.id, decision.reason, decision.detail, field, decision=decision_wire(decision)
+            )
+        return access_reply(req.id, decision)
+
+    _op_vectors = _op_host_result = _host_feedback
 
     def _count(self, decision: Decision) -> None:
         self.verdicts[VERDICT_NAMES[decision.verdict]] += 1
@@ -248,8 +291,9 @@ class Server:
                 message=message,
             )
             raise WireError("already-attached", message, request_id=req.id, field="bdf")
+        host = self._host_facts(req, cfg)
         try:
-            decision = self.engine.attach(a["vm"], a["bdf"], cfg)
+            decision = self.engine.attach(a["vm"], a["bdf"], cfg, host, a.get("vector_ctrl"))
         except AttachRefused as exc:
             self.audit.emit(
                 "device.refused",
@@ -264,7 +308,15 @@ class Server:
         sess = self.engine.session(a["vm"], a["bdf"])
         assert sess is not None
         device = _device_summary(cfg, sess.untrappable)
-        extra: dict[str, Any] = {"device": device, **({"replaced": True} if replacing else {})}
+        backend: dict[str, Any] = {"name": sess.backend.name}
+        if host is not None:
+            width = getattr(sess.backend, "width", None)
+            backend["width"] = int(width) if width is not None else None
+        extra: dict[str, Any] = {
+            "device": device,
+            "backend": backend,
+            **({"replaced": True} if replacing else {}),
+        }
         self.audit.emit(
             "device.attached",
             vm=a["vm"],
@@ -273,7 +325,33 @@ class Server:
             **decision_json(decision) | extra,
         )
         self._record(req, decision_json(decision))
-        return reply(req.id, decision=decision_json(decision), device=device)
+        return reply(
+            req.id,
+            decision=decision_wire(decision),
+            device=device,
+            backend=backend,
+            trap=trap_map(sess.geo),
+        )
+
+    @staticmethod
+    def _host_facts(req: Request, cfg: ConfigSpace) -> HostFacts | None:
+        """The root port's facts for ``backend: host``, checked against the snapshot: Linux
+        skips the completer check for exactly the functions whose PCI Express capability
+        says root-complex integrated endpoint."""
+        a = req.args
+        if a.get("backend", "writes") != "host":
+            return None
+        rciep = bool(a.get("rciep", False))
+        if cfg.pcie_type is not None and rciep != (cfg.pcie_type == PcieType.RC_END):
+            said = "a root-complex integrated endpoint" if rciep else "behind a root port"
+            raise WireError(
+                "out-of-range",
+                f"the request says the device is {said}, its PCI Express capability says "
+                f"Device/Port Type {cfg.pcie_type:#x}",
+                request_id=req.id,
+                field="rciep" if rciep else "completer",
+            )
+        return HostFacts(a.get("completer"), rciep)
 
     def _op_detach(self, req: Request) -> bytes:
         decision = self.engine.detach(req.args["vm"], req.args["bdf"])
@@ -281,7 +359,7 @@ class Server:
             raise WireError(decision.reason, decision.detail, request_id=req.id, field="bdf")
         self.audit.emit("device.detached", vm=req.args["vm"], bdf=req.args["bdf"])
         self._record(req, decision_json(decision))
-        return reply(req.id, decision=decision_json(decision))
+        return reply(req.id, decision=decision_wire(decision))
 
     def _op_reload(self, req: Request) -> bytes:
         path = req.args.get("policy", self.policy_path)
@@ -301,7 +379,10 @@ class Server:
             )
         if isinstance(result, TphtrapError):
             raise WireError("policy-invalid", str(result), request_id=req.id, field="policy")
-        return reply(req.id, policy=path, corrections=result)
+        # One event line per device (each within max_reply), then the reply.
+        return _correction_events(path, result) + reply(
+            req.id, op="reload", policy=path, devices=len(result)
+        )
 
     def reload(self, path: str) -> list[dict[str, Any]] | TphtrapError:
         """Load ``path`` and swap it in; on any problem keep the old policy (audited)."""
@@ -332,7 +413,7 @@ class Server:
         self.policy_loads += 1
         corrections = []
         for sess, decision in applied:
-            entry = {"vm": sess.vm, "bdf": sess.bdf, "decision": decision_json(decision)}
+            entry = {"vm": sess.vm, "bdf": sess.bdf, "decision": decision_wire(decision)}
             corrections.append(entry)
             self.audit.emit("policy.applied", vm=sess.vm, bdf=sess.bdf, **decision_json(decision))
         self.audit.emit(
@@ -341,12 +422,12 @@ class Server:
         return corrections
 
     def reload_event(self, path: str) -> bytes:
-        """Reload ``path`` for a signal: the unsolicited ``corrections`` event line (b"" when
-        the policy was refused: nothing changed)."""
+        """Reload ``path`` for a signal: the unsolicited ``corrections`` event lines, one per
+        attached device (b"" when the policy was refused: nothing changed)."""
         result = self.reload(path)
         if isinstance(result, TphtrapError):
             return b""
-        return encode({"id": None, "event": "corrections", "policy": path, "corrections": result})
+        return _correction_events(path, result)
 
     def _reload_failed(self, path: str, exc: Exception) -> TphtrapError:
         self.policy_rejects += 1
@@ -412,6 +493,17 @@ class HexServer(Server):
     def reload_event(self, path: str) -> bytes:
         line = super().reload_event(path)
         return hex_reply(line) if line else line
+
+
+def _correction_events(path: str, corrections: list[dict[str, Any]]) -> bytes:
+    """The ``corrections`` event lines of a reload: one per device (one with an empty list
+    when no device is attached, so that a client sees the reload happen)."""
+    if not corrections:
+        return encode({"id": None, "event": "corrections", "policy": path, "corrections": []})
+    return b"".join(
+        encode({"id": None, "event": "corrections", "policy": path, "corrections": [c]})
+        for c in corrections
+    )
 
 
 def _device_summary(cfg: ConfigSpace, untrappable: str | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from .events import (
     ConfigWrite,
     Decision,
     DeviceWrite,
+    HostOp,
     MsixRead,
     MsixWrite,
     Reset,
@@ -32,19 +33,27 @@ from .events import (
 _V = TypeVar("_V")
 
 __all__ = [
+    "ERRNOS",
+    "ERRORS",
     "HEX_FIELDS",
     "MAX_LINE",
+    "MAX_REPLY",
     "OPS",
     "PROTOCOL_VERSIONS",
     "Request",
     "access_reply",
     "decision_json",
     "decision_text",
+    "decision_wire",
     "did_you_mean",
     "encode",
     "error_reply",
+    "expand_runs",
     "hex_reply",
     "hex_values",
+    "host_op",
+    "op_runs",
+    "op_text",
     "parse_request",
     "reply",
     "to_access",
@@ -54,6 +63,10 @@ PROTOCOL_VERSIONS = (2,)  # 2: unsolicited event lines (reload corrections); 1 i
 # A 4096-byte config space as hex is 8192 characters; 64 KiB leaves ample room and bounds the
 # memory one line can take (the reader refuses longer lines without buffering them).
 MAX_LINE = 65536
+#: Every line the server writes is at most this long (newline excluded): the largest decision,
+#: a 2048-vector MSI-X device whose every entry differs from its neighbours being re-written
+#: for a width change, is about 152 KiB (tests/test_reply_size.py builds and measures it).
+MAX_REPLY = 262144
 MAX_ID_LEN = 128
 MAX_NAME_LEN = 64
 
@@ -63,6 +76,41 @@ class Request:
     id: int | str
     op: str
     args: Mapping[str, Any]
+
+
+#: Every error code a reply can carry: code -> (when, the ``field`` it names). The
+#: decision of an error reply is a ``drop`` whose reason is the code. docs/protocol.md lists
+#: this table (``python -m tphtrap.protodoc``); tests check that every code raised is here.
+ERRORS: dict[str, tuple[str, str]] = {
+    "bad-json": ("the line is not JSON, is nested too deeply, or repeats a key", "-"),
+    "bad-utf8": ("the line is not UTF-8", "-"),
+    "line-too-long": ("longer than `max_line`", "-"),
+    "not-an-object": ("JSON, but not an object", "-"),
+    "missing-field": ("a required field is absent (including `id` and `op`)", "the field"),
+    "bad-type": ("a field has the wrong JSON type (booleans are not integers)", "the field"),
+    "out-of-range": (
+        "a value outside its range, a value wider than `width`, a config access past 4096, "
+        "a BAR access past 2^64, backend facts that contradict each other or the snapshot",
+        "the field",
+    ),
+    "unknown-op": ("`op` names no operation", "`op`"),
+    "unknown-field": ("a field the operation does not take", "the field"),
+    "handshake-required": ("a request before `hello`", "`op`"),
+    "unsupported-version": ("no common protocol version", "`versions`"),
+    "unknown-vm": ("the VM is not in the policy", "`vm`"),
+    "unknown-device": ("the device is not attached for this VM, or not assigned to it", "`bdf`"),
+    "bad-config": ("`attach` got a config space that does not decode", "`config`/`path`"),
+    "already-attached": (
+        '`attach` of a device attached to this VM, without `"replace": true`',
+        "`bdf`",
+    ),
+    "wrong-backend": (
+        "`vectors` or `host_result` for a device attached with the writes backend",
+        "`bdf`",
+    ),
+    "policy-invalid": ("`reload` got a policy with problems (the old one stays)", "`policy`"),
+    "internal-error": ("a bug; the access is dropped and the server keeps serving", "-"),
+}
 
 
 # --- field validators: (raw value) -> value, raising ValueError(reason) ----------------------
@@ -129,6 +177,61 @@ def _flag(v: Any) -> bool:
     return v
 
 
+def _vector_ctrl(v: Any) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_MSIX_VECTORS:
+        raise TypeError(f"a list of at most {MAX_MSIX_VECTORS} integers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 0xFFFFFFFF:
+            raise ValueError("every Vector Control word is an integer 0..0xffffffff")
+    return list(v)
+
+
+def _backend(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError('"writes" or "host"')
+    if v not in ("writes", "host"):
+        raise ValueError(f'{v!r} is not "writes" or "host"')
+    return v
+
+
+def _vectors(v: Any) -> frozenset[int]:
+    if not isinstance(v, list) or len(v) > 2048:
+        raise TypeError("a list of at most 2048 vector indices")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError("a list of at most 2048 vector indices")
+        if not 0 <= x < 2048:
+            raise ValueError(f"vector {x} is out of range 0..2047")
+    return frozenset(v)
+
+
+#: The errors a host operation may report (what Linux drivers/pci/tph.c returns).
+ERRNOS = {-22: "EINVAL", -6: "ENXIO", -16: "EBUSY"}
+
+
+def host_op(v: Any) -> HostOp:
+    """A host operation as a VMM reports it back: ``{"op": "st_set", "index": 3, ...}``."""
+    if not isinstance(v, dict):
+        raise TypeError('an operation object, e.g. {"op": "st_set", "index": 3}')
+    name = v.get("op")
+    if name not in ("tph_enable", "tph_disable", "st_set"):
+        raise ValueError(f"op {name!r} is not tph_enable, tph_disable or st_set")
+    index = v.get("index", 0)
+    if name == "st_set" and (isinstance(index, bool) or not isinstance(index, int)):
+        raise TypeError('st_set needs its "index"')
+    if not 0 <= index < 2048:
+        raise ValueError(f"index {index} is out of range 0..2047")
+    return HostOp(name, index=index)
+
+
+def _errno(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError("a negative errno, e.g. -22 (EINVAL)")
+    if not -4095 <= v <= -1:
+        raise ValueError(f"{v} is not a negative errno (-4095..-1)")
+    return v
+
+
 def _versions(v: Any) -> list[int]:
     if not isinstance(v, list) or not v or len(v) > 16:
         raise TypeError("a non-empty list of integers")
@@ -139,6 +242,7 @@ def _versions(v: Any) -> list[int]:
 
 
 _U64 = (1 << 64) - 1
+MAX_MSIX_VECTORS = 2048  # PCI_MSIX_FLAGS_QSIZE + 1
 _CFG_WIDTHS = (1, 2, 4)
 _BAR_WIDTHS = (1, 2, 4, 8)
 _BAR_MAX = 5
@@ -157,7 +261,16 @@ OPS: dict[str, tuple[_Fields, _Fields]] = {
     "hello": ({"versions": _versions}, {"client": _text(128)}),
     "attach": (
         _DEVICE,
-        {"config": _text(MAX_LINE), "path": _text(4096), "source_bdf": _bdf, "replace": _flag},
+        {
+            "config": _text(MAX_LINE),
+            "path": _text(4096),
+            "source_bdf": _bdf,
+            "replace": _flag,
+            "vector_ctrl": _vector_ctrl,
+            "backend": _backend,
+            "completer": _choice(0, 1, 3),
+            "rciep": _flag,
+        },
     ),
     "detach": (_DEVICE, {}),
     "cfg_write": ({**_CFG, "value": _int_in(0, 0xFFFFFFFF)}, {}),
@@ -165,6 +278,8 @@ OPS: dict[str, tuple[_Fields, _Fields]] = {
     "msix_write": ({**_BAR, "value": _int_in(0, _U64)}, {}),
     "msix_read": (_BAR, {}),
     "reset": (_DEVICE, {}),
+    "vectors": ({**_DEVICE, "allocated": _vectors}, {"tags_cleared": _flag}),
+    "host_result": ({**_DEVICE, "failed": host_op, "errno": _errno}, {}),
     "reload": ({}, {"policy": _text(4096)}),
     "stats": ({}, {}),
     "shutdown": ({}, {}),
@@ -312,6 +427,13 @@ def _validate(obj: Any) -> Request:
             request_id=rid,
             field="offset",
         )
+    if op.startswith("msix_") and args["offset"] + args["width"] > _U64 + 1:
+        raise WireError(
+            "out-of-range",
+            f"offset {args['offset']:#x} + width {args['width']} runs past 2^64",
+            request_id=rid,
+            field="offset",
+        )
     if op == "attach" and ("config" in args) == ("path" in args):
         raise WireError(
             "missing-field" if "config" not in args else "bad-type",
@@ -319,9 +441,42 @@ def _validate(obj: Any) -> Request:
             request_id=rid,
             field="config",
         )
+    if op == "attach":
+        _check_backend(args, rid)
     if "expect" in obj:
         args["expect"] = obj["expect"]
     return Request(rid, op, args)
+
+
+def _check_backend(args: Mapping[str, Any], rid: int | str) -> None:
+    """``backend: host`` needs the root port's completer, or ``rciep: true`` (not both);
+    the writes backend takes neither."""
+    host = args.get("backend", "writes") == "host"
+    completer, rciep = "completer" in args, args.get("rciep", False)
+    if not host and (completer or "rciep" in args):
+        field = "completer" if completer else "rciep"
+        raise WireError(
+            "out-of-range",
+            f'{field!r} is a fact about the host: only with "backend": "host"',
+            request_id=rid,
+            field=field,
+        )
+    if host and not completer and not rciep:
+        raise WireError(
+            "missing-field",
+            'backend host needs "completer" (the root port\'s TPH Completer field: 0, 1 or 3) '
+            'or "rciep": true (a root-complex integrated endpoint)',
+            request_id=rid,
+            field="completer",
+        )
+    if host and completer and rciep:
+        raise WireError(
+            "out-of-range",
+            'a root-complex integrated endpoint has no root port: give "completer" or '
+            '"rciep": true, not both',
+            request_id=rid,
+            field="rciep",
+        )
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -405,11 +560,11 @@ def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
         type(bar) is not int
         or not 0 <= bar <= _BAR_MAX
         or type(offset) is not int
-        or not 0 <= offset <= _U64
         or type(width) is not int
         or width not in _BAR_WIDTHS
+        or not 0 <= offset <= _U64 + 1 - width
     ):
-        return None
+        return None  # the slow path names the field at fault
     rid, vm, bdf = head
     args: dict[str, Any] = {"vm": vm, "bdf": bdf, "bar": bar, "offset": offset, "width": width}
     return _fast_finish(obj, op, rid, args, width)
@@ -479,6 +634,7 @@ ACCESS_OPS = frozenset({"cfg_write", "cfg_read", "msix_write", "msix_read", "res
 
 
 def decision_json(d: Decision) -> dict[str, Any]:
+    """A decision as data, every write and op listed one by one (audit, records, replay)."""
     out: dict[str, Any] = {
         "verdict": VERDICT_NAMES[d.verdict],
         "reason": d.reason,
@@ -486,11 +642,124 @@ def decision_json(d: Decision) -> dict[str, Any]:
         "detail": d.detail,
         "writes": [w.to_json() for w in d.writes],
     }
+    if d.ops is not None:
+        out["ops"] = [o.to_json() for o in d.ops]
     if d.read_mask:
         out["guest_value"] = d.guest_value
         out["read_mask"] = d.read_mask
     if d.rule:
         out["rule"] = d.rule
+    return out
+
+
+def decision_wire(d: Decision) -> dict[str, Any]:
+    """A decision as the protocol sends it: :func:`decision_json` with runs of identical
+    writes and ``st_set`` ops in their compact form (:func:`write_runs`, :func:`op_runs`)."""
+    out = decision_json(d)
+    out["writes"] = write_runs(d.writes)
+    if d.ops is not None:
+        out["ops"] = op_runs(d.ops)
+    return out
+
+
+def expand_runs(decision: Mapping[str, Any]) -> dict[str, Any]:
+    """A protocol decision (``decision`` of a reply) with every run listed one by one: the
+    inverse of :func:`decision_wire`, what :func:`decision_json` gives."""
+    out = dict(decision)
+    writes: list[dict[str, Any]] = []
+    for w in decision.get("writes", []):
+        count, stride = w.get("count", 1), w.get("stride", 0)
+        base = {k: v for k, v in w.items() if k not in ("count", "stride")}
+        writes.extend({**base, "offset": base["offset"] + k * stride} for k in range(count))
+    out["writes"] = writes
+    if "ops" in decision:
+        ops: list[dict[str, Any]] = []
+        for o in decision["ops"]:
+            if "first" in o:
+                ops.extend(
+                    {"op": "st_set", "index": o["first"] + k, "cpu": o["cpu"], "tag": o["tag"]}
+                    for k in range(o["count"])
+                )
+            else:
+                ops.append(dict(o))
+        out["ops"] = ops
+    return out
+
+
+def _write_groups(writes: Sequence[DeviceWrite]) -> list[tuple[DeviceWrite, int, int]]:
+    """Consecutive writes of the same value, space, BAR and width at a constant positive
+    stride, as (first, count, stride); a lone write is (it, 1, 0)."""
+    out: list[tuple[DeviceWrite, int, int]] = []
+    i, n = 0, len(writes)
+    while i < n:
+        w = writes[i]
+        j, stride = i + 1, 0
+        if j < n:
+            x = writes[j]
+            if _same_but_offset(w, x) and x.offset > w.offset:
+                stride = x.offset - w.offset
+                j += 1
+                while (
+                    j < n
+                    and _same_but_offset(w, writes[j])
+                    and writes[j].offset - writes[j - 1].offset == stride
+                ):
+                    j += 1
+        out.append((w, j - i, stride))
+        i = j
+    return out
+
+
+def _same_but_offset(a: DeviceWrite, b: DeviceWrite) -> bool:
+    return a.value == b.value and a.width == b.width and a.space == b.space and a.bar == b.bar
+
+
+def write_runs(writes: Sequence[DeviceWrite]) -> list[dict[str, Any]]:
+    """Writes as the protocol lists them: a run of ``count`` >= 2 identical writes at
+    ``offset``, ``offset + stride``, ... is one object with ``count`` and ``stride``."""
+    out: list[dict[str, Any]] = []
+    for w, count, stride in _write_groups(writes):
+        item: dict[str, Any] = w.to_json()
+        if count > 1:
+            item["count"] = count
+            item["stride"] = stride
+        out.append(item)
+    return out
+
+
+def _op_groups(ops: Sequence[HostOp]) -> list[tuple[HostOp, int]]:
+    """Consecutive ``st_set`` ops of the same CPU and tag on consecutive entries, as
+    (first, count); any other op is (it, 1)."""
+    out: list[tuple[HostOp, int]] = []
+    i, n = 0, len(ops)
+    while i < n:
+        o = ops[i]
+        j = i + 1
+        if o.op == "st_set":
+            while (
+                j < n
+                and ops[j].op == "st_set"
+                and ops[j].cpu == o.cpu
+                and ops[j].tag == o.tag
+                and ops[j].index == o.index + (j - i)
+            ):
+                j += 1
+        out.append((o, j - i))
+        i = j
+    return out
+
+
+def op_runs(ops: Sequence[HostOp]) -> list[dict[str, Any]]:
+    """Ops as the protocol lists them: ``count`` >= 2 ``st_set`` of one CPU and tag on
+    entries ``first``.. ``first + count - 1`` are one object with ``first`` and ``count``."""
+    out: list[dict[str, Any]] = []
+    for o, count in _op_groups(ops):
+        if count > 1:
+            out.append(
+                {"op": "st_set", "first": o.index, "count": count, "cpu": o.cpu, "tag": o.tag}
+            )
+        else:
+            out.append(o.to_json())
     return out
 
 
@@ -558,18 +827,41 @@ def cache_put(cache: dict[Any, Any], key: Any, value: _V) -> _V:
     return value
 
 
-def write_text(w: DeviceWrite) -> str:
-    """``encode(w.to_json())`` without its newline."""
+def write_text(w: DeviceWrite, count: int = 1, stride: int = 0) -> str:
+    """``encode(w.to_json())`` without its newline (with ``count``/``stride``: a run)."""
     space = _SPACES.get(w.space) or _ESC(w.space)
     bar = "" if w.bar is None else f',"bar":{int(w.bar)}'
+    run = "" if count == 1 else f',"count":{count},"stride":{stride}'
     return (
         f'{{"space":{space}{bar},"offset":{int(w.offset)},"width":{int(w.width)},'
-        f'"value":{int(w.value)}}}'
+        f'"value":{int(w.value)}{run}}}'
     )
 
 
+def _cpu_text(cpu: int | None) -> str:
+    return "null" if cpu is None else str(int(cpu))
+
+
+def op_text(o: HostOp, count: int = 1) -> str:
+    """``encode(op_runs([o] * ...)[0])`` without its newline."""
+    if o.op == "st_set":
+        if count > 1:
+            return (
+                f'{{"op":"st_set","first":{int(o.index)},"count":{count},'
+                f'"cpu":{_cpu_text(o.cpu)},"tag":{int(o.tag)}}}'
+            )
+        return (
+            f'{{"op":"st_set","index":{int(o.index)},"cpu":{_cpu_text(o.cpu)},"tag":{int(o.tag)}}}'
+        )
+    if o.op == "tph_enable":
+        mode = "null" if o.mode is None else _ESC(o.mode)
+        width = "null" if o.width is None else str(int(o.width))
+        return f'{{"op":"tph_enable","mode":{mode},"width":{width}}}'
+    return f'{{"op":{_ESC(o.op)}}}'
+
+
 def decision_text(d: Decision) -> str:
-    """``encode(decision_json(d))`` without its newline."""
+    """``encode(decision_wire(d))`` without its newline."""
     key = (d.verdict, d.reason, d.reasons, d.detail)
     head = _HEADS.get(key)
     if head is None:
@@ -579,7 +871,13 @@ def decision_text(d: Decision) -> str:
             f'{{"verdict":{_ESC(VERDICT_NAMES[d.verdict])},"reason":{_ESC(d.reason)},'
             f'"reasons":[{",".join(_ESC(r) for r in d.reasons)}],"detail":{_ESC(d.detail)}',
         )
-    writes = ",".join([write_text(w) for w in d.writes])
+    if len(d.writes) < 2:
+        writes = ",".join([write_text(w) for w in d.writes])
+    else:
+        writes = ",".join([write_text(w, c, st) for w, c, st in _write_groups(d.writes)])
+    ops = ""
+    if d.ops is not None:
+        ops = ',"ops":[' + ",".join([op_text(o, c) for o, c in _op_groups(d.ops)]) + "]"
     view = ""
     if d.read_mask:
         gv = "null" if d.guest_value is None else str(int(d.guest_value))
@@ -587,7 +885,7 @@ def decision_text(d: Decision) -> str:
     rule = _RULES.get(d.rule)
     if rule is None:
         rule = cache_put(_RULES, d.rule, f',"rule":{_ESC(d.rule)}' if d.rule else "")
-    return f'{head},"writes":[{writes}]{view}{rule}}}'
+    return f'{head},"writes":[{writes}]{ops}{view}{rule}}}'
 
 
 def id_text(rid: int | str | None) -> str:
@@ -600,7 +898,7 @@ def id_text(rid: int | str | None) -> str:
 
 
 def access_reply(rid: int | str | None, d: Decision) -> bytes:
-    """``reply(rid, decision=decision_json(d))``, written directly (the per-access reply)."""
+    """``reply(rid, decision=decision_wire(d))``, written directly (the per-access reply)."""
     return f'{{"id":{id_text(rid)},"ok":true,"decision":{decision_text(d)}}}\n'.encode()
 
 
@@ -636,6 +934,6 @@ def hex_values(obj: Any) -> Any:
     return obj
 
 
-def hex_reply(line: bytes) -> bytes:
-    """A reply line with its values in hex (:func:`hex_values`)."""
-    return encode(hex_values(json.loads(line)))
+def hex_reply(lines: bytes) -> bytes:
+    """Reply (and event) lines with their values in hex (:func:`hex_values`)."""
+    return b"".join(encode(hex_values(json.loads(line))) for line in lines.splitlines())

@@ -18,12 +18,20 @@ snapshot's TPH capability registers, and it holds, per register, every value the
 have: a reset (seen in a write of Initiate FLR or of PMCSR D3hot -> D0, or told by the
 hypervisor) leaves each control register and each ST entry either kept or zeroed,
 independently. The invariant must hold for every combination.
+
+With the host backend the plan is a list of host kernel operations, applied to the same copy
+with the effects the Linux functions have (written out here from ``drivers/pci/tph.c``, not
+taken from the renderer): ``tph_enable`` refused while enabled, the request type chosen from
+the capability and the root port; ``st_set`` only while enabled and for an allocated vector,
+clearing Requester Enable around the entry write; ``tph_disable`` control 0. The invariant is
+evaluated after each of those steps, and no raw write may touch a TPH register or a steering
+tag.
 """
 
 from __future__ import annotations
 
 from ..device import ConfigSpace
-from ..events import DeviceWrite
+from ..events import DeviceWrite, HostOp
 from ..policy import TagRules
 from ..spec import (
     PCI_CAP_ID_AF,
@@ -80,6 +88,11 @@ def _put_byte(v: Value, shift: int, byte: int) -> Value:
 
 class Checker:
     def __init__(self, cfg: ConfigSpace) -> None:
+        self.completer: int | None = None  # host backend: the root port's completer field
+        self.rciep = False
+        self.allocated: frozenset[int] = frozenset()
+        self._host_marks: list[int] = []  # host backend: where each op of the last plan began
+        self._host_undo: list[tuple[list[Value], int, Value]] = []
         self.caps = [
             (t.offset, min(t.offset + ((t.length + 3) & ~3), cfg.size)) for t in cfg.tph_all
         ]
@@ -130,6 +143,35 @@ class Checker:
     def _set(self, regs: list[Value], i: int, v: Value) -> None:
         self._undo.append((regs, i, regs[i]))
         regs[i] = v
+
+    def _whole_config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
+        """:meth:`_config`, with the writes drivers issue (a whole control register or ST
+        entry) applied in one step."""
+        if self.caps:
+            start = self.caps[0][0]
+            if w.offset == start + PCI_TPH_CTRL and w.width == 4:
+                for c in _values(self.ctrl[0]) or ():
+                    if (w.value ^ c) & ~_WRITABLE:
+                        raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
+                self._set(self.ctrl, 0, w.value)
+                return True, False
+            rel = w.offset - self.table_at
+            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
+                self._set(self.ent, rel // 2, w.value)
+                touched.add(rel // 2)
+                return False, False
+        return self._config(w, touched)
+
+    def _whole_bar(self, w: DeviceWrite, touched: set[int]) -> None:
+        """:meth:`_bar`, with a whole Vector Control write applied in one step."""
+        rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
+        if w.width == 4 and 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
+            i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
+            if not field:
+                self._set(self.ent, i, w.value)
+                touched.add(i)
+                return
+        self._bar(w, touched)
 
     def _config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
         """Apply a config write; returns (control touched, reset)."""
@@ -195,9 +237,18 @@ class Checker:
         self.pm = 0
 
     # --- the invariant -----------------------------------------------------------------------
-    def _violation(self, rules: TagRules, revoked: bool, entries: set[int] | None) -> str | None:
-        """What is unsafe now (None: nothing). ``entries``: only those changed."""
+    def _violation(
+        self,
+        rules: TagRules,
+        revoked: bool,
+        entries: set[int] | None,
+        pending: frozenset[int] | set[int] = frozenset(),
+    ) -> str | None:
+        """What is unsafe now (None: nothing). ``entries``: only those changed; ``pending``:
+        capabilities that were unsafe before the plan and that it has not written yet."""
         for k, c in enumerate(self.ctrl):
+            if k in pending:
+                continue
             possible = _values(c)
             if possible is None:
                 return "control register unknown"
@@ -206,6 +257,10 @@ class Checker:
                 if problem is not None:
                     return problem
         return None
+
+    def _others(self, k: int) -> set[int]:
+        """Every capability but ``k``."""
+        return set(range(len(self.caps))) - {k}
 
     def _unsafe(
         self, k: int, ctrl: int, rules: TagRules, revoked: bool, entries: set[int] | None
@@ -254,35 +309,214 @@ class Checker:
         """
         self._undo.clear()
         try:
-            if full and not writes:
-                problem = self._violation(rules, revoked, None)
-                if problem is not None:
-                    raise UnsafePlan(problem)
+            # A plan made after a change outside it (attach, reset, reload) may start from an
+            # unsafe device: each capability that is unsafe now must be written by the plan,
+            # and every other part must stay safe at every step.
+            pending: set[int] = set()
+            if full:
+                pending = {
+                    k
+                    for k in range(len(self.caps))
+                    if self._violation(rules, revoked, None, self._others(k)) is not None
+                }
             for w in writes:
                 touched: set[int] = set()
                 ctrl = reset = False
                 if w.space == "config":
                     if w.offset + w.width > self.watch_lo and w.offset < self.watch_hi:
-                        ctrl, reset = self._config(w, touched)
+                        ctrl, reset = self._whole_config(w, touched)
+                        pending -= {
+                            k
+                            for k, (start, _) in enumerate(self.caps)
+                            if w.offset < start + PCI_TPH_CTRL + 4
+                            and start + PCI_TPH_CTRL < w.offset + w.width
+                        }
                 elif w.bar == self.msix_bir:
-                    self._bar(w, touched)
+                    self._whole_bar(w, touched)
                 if reset:
                     self._fork()
                 if full or ctrl or reset:
-                    problem = self._violation(rules, revoked, None)
+                    problem = self._violation(rules, revoked, None, pending)
                 elif touched:
                     problem = self._violation(rules, revoked, touched)
                 else:
                     problem = None
                 if problem is not None:
                     raise UnsafePlan(f"after {_show(w)}: {problem}")
-                full = False
+            if full:
+                problem = self._violation(rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(f"at the end of the plan: {problem}")
         except UnsafePlan:
             for regs, i, old in reversed(self._undo):
                 regs[i] = old
             raise
         finally:
             self._undo.clear()
+
+    # --- the host backend -------------------------------------------------------------------
+    def host(self, completer: int, rciep: bool) -> None:
+        """Plans are host operations from now on, below a root port completing ``completer``."""
+        self.completer = completer
+        self.rciep = rciep
+
+    def _host_req(self) -> int:
+        """Requester Enable ``pcie_enable_tph`` writes (0: it returns -EINVAL)."""
+        req = 3 if self.cap_bits & 0x100 else 1
+        if not self.rciep:
+            req = min(req, self.completer or 0)
+        return req
+
+    def entries_allowed(self, width: TagWidth, rules: TagRules) -> bool:
+        """Does every entry hold a known tag allowed at ``width``, whatever the device did?"""
+        allowed = rules.allowed[width]
+        shift = 0 if self.in_cap else 16
+        for v in self.ent:
+            values = _values(v)
+            if values is None or any((x >> shift) & width.mask not in allowed for x in values):
+                return False
+        return True
+
+    def host_vectors(self, allocated: frozenset[int], cleared: bool) -> None:
+        """The host's MSI-X vectors; ``cleared``: every Vector Control is the mask bit now."""
+        self.allocated = allocated
+        if cleared and self.msix_start >= 0:
+            self.ent = [_VC_MASKBIT] * self.n
+
+    def verify_host(
+        self,
+        ops: tuple[HostOp, ...],
+        writes: tuple[DeviceWrite, ...],
+        rules: TagRules,
+        revoked: bool,
+        full: bool,
+        allocated: frozenset[int],
+    ) -> None:
+        """Apply the host ``ops``, then the raw ``writes``, checking each step; undo all of
+        them if one is unsafe. The ops stay undoable for :meth:`host_failed`."""
+        self._undo.clear()
+        marks: list[int] = []
+        try:
+            if full and not ops:
+                problem = self._violation(rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(f"with nothing to do: {problem}")
+            for op in ops:
+                marks.append(len(self._undo))
+                for step in self._host_steps(op, rules, allocated):
+                    problem = self._violation(rules, revoked, None if full else step)
+                    if problem is not None:
+                        raise UnsafePlan(f"after {_show_op(op)}: {problem}")
+                full = False
+            host_undo = list(self._undo)
+            reset = False
+            for w in writes:
+                for b in range(w.width):
+                    pos = w.offset + b
+                    if w.space == "config":
+                        if any(start <= pos < end for start, end in self.caps):
+                            raise UnsafePlan(
+                                f"raw write {_show(w)} to a TPH register (host backend)"
+                            )
+                    elif self._tag_byte(w.bar, pos):
+                        raise UnsafePlan(f"raw write {_show(w)} to a steering tag (host backend)")
+                if w.space == "config" and w.offset + w.width > self.watch_lo:
+                    reset |= self._config(w, set())[1]
+            if reset:
+                self._fork()
+                problem = self._violation(rules, revoked, None)
+                if problem is not None:
+                    raise UnsafePlan(f"after the reset in the writes: {problem}")
+        except UnsafePlan:
+            for regs, i, old in reversed(self._undo):
+                regs[i] = old
+            self._undo.clear()
+            raise
+        self._host_marks = marks
+        self._host_undo = host_undo
+        self._undo.clear()
+
+    def _tag_byte(self, bar: int | None, pos: int) -> bool:
+        if self.msix_start < 0 or bar != self.msix_bir:
+            return False
+        rel = pos - self.msix_start
+        return 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and rel % PCI_MSIX_ENTRY_SIZE >= 14
+
+    def _host_steps(
+        self, op: HostOp, rules: TagRules, allocated: frozenset[int]
+    ) -> list[set[int] | None]:
+        """Apply ``op`` in the steps the kernel takes; after each, what to check (None:
+        everything, a set: those entries; everything anyway on a full check)."""
+        if not self.caps:
+            raise UnsafePlan(f"{_show_op(op)} on a device without TPH")
+        possible = _values(self.ctrl[0])
+        if possible is None:
+            raise UnsafePlan(f"{_show_op(op)} while the control register is unknown")
+        ens = {(c & _EN_MASK) >> _EN_SHIFT for c in possible}
+        ctrl = possible[0]
+        if op.op == "tph_disable":
+            self._set(self.ctrl, 0, 0)
+            return [None]
+        if op.op == "tph_enable":
+            if ens != {0}:
+                raise UnsafePlan("tph_enable while TPH may be enabled (the kernel returns -EBUSY)")
+            mode = {"ns": 0, "iv": 1}.get(op.mode or "")
+            if mode is None or not (self.cap_bits >> mode) & 1:
+                raise UnsafePlan(f"tph_enable in a mode the device lacks: {op.mode}")
+            req = self._host_req()
+            if req == 0:
+                raise UnsafePlan("tph_enable below a root port completing no TPH (-EINVAL)")
+            if op.width != (16 if req == 3 else 8):
+                raise UnsafePlan(f"tph_enable says width {op.width}, the kernel enables {req}")
+            self._set(self.ctrl, 0, (ctrl & ~_WRITABLE) | mode | (req << _EN_SHIFT))
+            return [None]
+        if op.op != "st_set":
+            raise UnsafePlan(f"unknown host operation {op.op!r}")
+        if len(possible) != 1 or not ens - {0} or 0 in ens:
+            raise UnsafePlan(f"{_show_op(op)} while TPH is not surely enabled (-EINVAL)")
+        en = ens.pop()
+        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
+        if op.cpu is not None and rules.cpu_tags.get(width, {}).get(op.cpu) != op.tag:
+            raise UnsafePlan(f"{_show_op(op)} names a CPU that is not the VM's with that tag")
+        if op.tag >> int(width):
+            raise UnsafePlan(f"{_show_op(op)}: a tag wider than {int(width)} bits")
+        if ctrl & _MODE_MASK == 0:
+            return []  # No ST mode: pcie_tph_set_st_entry writes nothing
+        i = op.index
+        if not 0 <= i < self.n:
+            raise UnsafePlan(f"{_show_op(op)} past the ST table (-ENXIO)")
+        if self.msix_start >= 0 and i not in allocated:
+            raise UnsafePlan(f"{_show_op(op)} for a vector the host has not allocated (-ENXIO)")
+        self._set(self.ctrl, 0, ctrl & ~_EN_MASK)  # Requester Enable cleared, mode kept
+        if self.in_cap:
+            self._set(self.ent, i, op.tag)
+        else:
+            old = self.ent[i]
+            lows = _values(old) or (_VC_MASKBIT,)
+            words = frozenset((x & 0xFFFF) | (op.tag << 16) for x in lows)
+            self._set(self.ent, i, next(iter(words)) if len(words) == 1 else words)
+        self._set(self.ctrl, 0, ctrl)  # restored: only entry ``i`` differs from before the op
+        return [None, {i}, {i}]
+
+    def host_failed(self, k: int, op: str, errno: int) -> None:
+        """Op ``k`` of the last plan failed: ops ``k``.. are taken back, then the failure's
+        effect: a failed ``st_set`` leaves TPH disabled; a ``tph_enable`` refused with -EBUSY
+        means the kernel had it enabled, in a state nobody knows."""
+        if 0 <= k < len(self._host_marks):
+            for regs, i, old in reversed(self._host_undo[self._host_marks[k] :]):
+                regs[i] = old
+        if op == "st_set":
+            self.ctrl[0] = 0
+        elif op == "tph_disable" or (op == "tph_enable" and errno == -16):
+            possible = _values(self.ctrl[0]) or (0,)
+            self.ctrl[0] = (possible[0] & ~_WRITABLE) | 1 | (3 << _EN_SHIFT)  # the worst
+        self._host_marks = []
+        self._host_undo = []
+
+    def disable_host(self) -> None:
+        """The poison path of the host backend: ``tph_disable``."""
+        if self.caps:
+            self.ctrl[0] = 0
 
     def disable_all(self) -> tuple[DeviceWrite, ...]:
         """Writes that clear Requester Enable on every TPH capability (the poison path)."""
@@ -293,6 +527,14 @@ class Checker:
             writes.append(DeviceWrite("config", start + PCI_TPH_CTRL, 4, value))
             self.ctrl[k] = _either(frozenset(c & ~_EN_MASK for c in possible), value)
         return tuple(writes)
+
+
+def _show_op(op: HostOp) -> str:
+    if op.op == "st_set":
+        return f"st_set[{op.index}]={op.tag:#x} (cpu {op.cpu})"
+    if op.op == "tph_enable":
+        return f"tph_enable {op.mode} at {op.width} bits"
+    return op.op
 
 
 def _show(w: DeviceWrite) -> str:

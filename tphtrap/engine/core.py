@@ -6,6 +6,7 @@ the exact device writes in order, and what the guest reads back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from ..device import ConfigSpace
@@ -15,6 +16,7 @@ from ..events import (
     ConfigWrite,
     Decision,
     DeviceWrite,
+    HostOp,
     MsixRead,
     MsixWrite,
     Reset,
@@ -25,15 +27,20 @@ from ..spec import PCI_CFG_SPACE_EXP_SIZE, ReqEnable
 from .check import UnsafePlan
 from .geometry import K_ENTRY, AttachRefused
 from .reasons import BENIGN, summarize
+from .render import HostFacts, HostOps, HostResultRefused, Rendering
 from .session import Session, Step
 from .target import MODE, REQ, control_value
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "WrongBackend"]
 
 _PASS, _REWRITE, _DROP = Verdict.PASS, Verdict.REWRITE, Verdict.DROP
 _CONFIG_WIDTHS = (1, 2, 4)
 _BAR_WIDTHS = (1, 2, 4, 8)
 _BAR_LIMIT = 1 << 64
+
+
+class WrongBackend(ValueError):
+    """Host feedback for a device attached with the writes backend."""
 
 
 def _valid(off: int, width: int, widths: tuple[int, ...], limit: int, value: int) -> bool:
@@ -64,7 +71,20 @@ class Engine:
         return list(self._sessions.values())
 
     # --- lifecycle -------------------------------------------------------------------------
-    def attach(self, vm: str, bdf: str, config: ConfigSpace) -> Decision:
+    def attach(
+        self,
+        vm: str,
+        bdf: str,
+        config: ConfigSpace,
+        host: HostFacts | None = None,
+        vector_ctrl: Sequence[int] | None = None,
+    ) -> Decision:
+        """Attach a device from its config snapshot. ``host``: its decisions are host kernel
+        operations (the root port's facts), else raw device writes. ``vector_ctrl``: the MSI-X
+        Vector Control words the guest's table holds now (a hypervisor emulating the table
+        knows them; power-on is all 1), without which an MSI-X steering tag cannot be written
+        before the guest has written that entry's word itself (its mask bits are the
+        guest's)."""
         if vm not in self._policy.vms:
             raise AttachRefused("unknown-vm", f"VM {vm!r} is not in the policy")
         vm_policy = self._policy.vms[vm]
@@ -79,7 +99,7 @@ class Engine:
                 raise AttachRefused(
                     "unknown-device", f"device {bdf} is already attached to VM {other_vm!r}"
                 )
-        sess = Session(vm, bdf, config, self._policy.rules(vm, bdf))
+        sess = Session(vm, bdf, config, self._policy.rules(vm, bdf), host, vector_ctrl)
         self._sessions[(vm, bdf)] = sess
         reasons = ["attached"]
         enabled = sess.dev_enabled()
@@ -144,6 +164,63 @@ class Engine:
                 out.append((sess, self._poison(sess, f"{type(exc).__name__}: {exc}")))
         return out
 
+    # --- feedback from the host (the host backend) ----------------------------------------------
+    def host_vectors(self, vm: str, bdf: str, allocated: frozenset[int], cleared: bool) -> Decision:
+        """The MSI-X vectors the host has allocated now (``cleared``: it (re)enabled MSI-X,
+        which cleared every steering tag). The decision (re)applies the tags it can."""
+        sess = self._host_session(vm, bdf)
+        if isinstance(sess, Decision):
+            return sess
+        assert isinstance(sess.backend, HostOps)
+        n = sess.geo.n_entries if sess.geo.in_msix else 0
+        beyond = sorted(i for i in allocated if i >= n)
+        if beyond and sess.geo.in_msix:
+            raise ValueError(f"vector {beyond[0]} is past the device's {n} MSI-X vectors")
+        try:
+            sess.backend.set_allocated(sess, allocated, cleared)
+            return self._settle(sess, ["host-vectors"], full=True)
+        except UnsafePlan as exc:
+            return self._poison(sess, f"unsafe plan: {exc}", "unsafe-plan")
+        except Exception as exc:
+            return self._poison(sess, f"internal error: {type(exc).__name__}: {exc}")
+
+    def host_result(self, vm: str, bdf: str, op: HostOp, errno: int) -> Decision:
+        """The host reports that ``op`` of the device's last decision failed with ``errno``
+        (the ops before it were performed, the ones after it were not). tphtrap takes its
+        state back to what the host has and answers with the follow-up. A report that names
+        no op of that decision, or a failed ``tph_disable``, freezes the device."""
+        sess = self._host_session(vm, bdf)
+        if isinstance(sess, Decision):
+            return sess
+        assert isinstance(sess.backend, HostOps)
+        try:
+            sess.backend.failed(sess, op, errno)
+        except HostResultRefused as exc:
+            return self._poison(sess, f"host result refused: {exc}", "host-state-unknown")
+        if op.op == "tph_disable":
+            return self._poison(
+                sess, "the host could not disable TPH: stop the device", "host-op-failed"
+            )
+        try:
+            return self._settle(sess, ["host-op-failed"], full=True)
+        except UnsafePlan as exc:
+            return self._poison(sess, f"unsafe plan: {exc}", "unsafe-plan")
+        except Exception as exc:
+            return self._poison(sess, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _host_session(self, vm: str, bdf: str) -> Session | Decision:
+        """The attached host-backend session, or the decision that refuses the request."""
+        sess = self._sessions.get((vm, bdf))
+        if sess is None:
+            return self._unknown(vm, bdf)
+        if not isinstance(sess.backend, HostOps):
+            raise WrongBackend(f"device {bdf} of VM {vm!r} is attached with backend writes")
+        if sess.poisoned is not None:
+            return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
+        if sess.revoked:
+            return self._decision(sess, _DROP, ["device-revoked"])
+        return sess
+
     # --- accesses ------------------------------------------------------------------------------
     def handle(self, access: Access) -> Decision:
         sess = self._sessions.get((access.vm, access.bdf))
@@ -193,21 +270,18 @@ class Engine:
         if not tph:
             return self._pass(sess, own)
         steps = sess.plan(touched, False, reasons, ctrl)
-        writes = _as_guest_wrote(sess, steps, sess.render(steps) + through, own)
-        return self._finish(sess, steps, writes, own, reasons, config=True)
+        done = sess.backend.access(sess, steps, through, own)
+        return self._finish(sess, done, own, reasons, config=True)
 
     def _reset_write(
         self, sess: Session, through: list[DeviceWrite], reasons: list[str]
     ) -> Decision:
         """A guest write that resets the function: disable TPH first, then let it through."""
-        pre = self._disable_steps(sess)
-        sess.commit(pre)
-        sess.reset_state()
-        post = sess.plan(set(), True, reasons)
-        writes = sess.render(pre) + through + sess.render(post)
-        sess.check(writes, full=False)
-        sess.commit(post)
-        return self._decision(sess, _REWRITE, ["reset", *reasons], tuple(writes))
+        r = sess.backend.reset_write(sess, self._disable_steps(sess), through, reasons)
+        sess.backend.check(sess, r, full=False)
+        sess.backend.commit(sess, r)
+        verdict = _REWRITE if r.writes or r.ops else _DROP
+        return self._decision(sess, verdict, ["reset", *reasons], tuple(r.writes), ops=r.ops)
 
     @staticmethod
     def _disable_steps(sess: Session) -> list[Step]:
@@ -234,32 +308,34 @@ class Engine:
             return self._pass(sess, own)
         reasons: list[str] = []
         steps = sess.plan(touched, False, reasons)
-        writes = _as_guest_wrote(sess, steps, sess.render(steps) + through, own)
-        if touched and any(
-            not (off <= geo.vc_offsets[i] and geo.vc_offsets[i] + 4 <= off + width) for i in touched
-        ):
-            reasons.append("msix-sub-dword")
-        return self._finish(sess, steps, writes, own, reasons, config=False)
+        r = sess.backend.access(sess, steps, through, own)
+        partial = {
+            geo.vc_offsets[i]
+            for i in touched
+            if not (off <= geo.vc_offsets[i] and geo.vc_offsets[i] + 4 <= off + width)
+        }
+        if r.ops is None and any(w.offset in partial and w.width == 4 for w in r.writes):
+            reasons.append("msix-sub-dword")  # the guest's partial write went out whole
+        return self._finish(sess, r, own, reasons, config=False)
 
     def _finish(
-        self,
-        sess: Session,
-        steps: list[Step],
-        writes: list[DeviceWrite],
-        own: DeviceWrite,
-        reasons: list[str],
-        *,
-        config: bool,
+        self, sess: Session, r: Rendering, own: DeviceWrite, reasons: list[str], *, config: bool
     ) -> Decision:
-        sess.check(writes, full=False)
-        sess.commit(steps)
-        verdict = _PASS if len(writes) == 1 and writes[0] == own else _REWRITE if writes else _DROP
+        sess.backend.check(sess, r, full=False)
+        sess.backend.commit(sess, r)
+        writes = r.writes
+        if not r.ops and len(writes) == 1 and writes[0] == own:
+            verdict = _PASS
+        else:
+            verdict = _REWRITE if writes or r.ops else _DROP
         if config:
             mask, patch = sess.config_view(own.offset, own.width)
         else:
             mask, patch = sess.msix_view(own.offset, own.width)
         if verdict is _PASS:
             reasons = [r for r in reasons if r in BENIGN] or reasons
+        elif not reasons and r.ops is not None:
+            reasons = ["tph-unchanged"]  # the guest's TPH bytes are not written raw
         return self._decision(
             sess,
             verdict,
@@ -267,6 +343,7 @@ class Engine:
             tuple(writes),
             guest_value=patch if mask else None,
             read_mask=mask,
+            ops=r.ops,
         )
 
     def _config_read(self, sess: Session, a: ConfigRead) -> Decision:
@@ -305,32 +382,41 @@ class Engine:
         reload): every entry re-resolved, the whole device re-checked."""
         plan_reasons: list[str] = []
         steps = sess.plan(set(), full, plan_reasons)
-        writes = sess.render(steps)
-        sess.check(writes, full=True)
-        sess.commit(steps)
-        if writes:  # a decision with nothing to do says only what happened
+        r = sess.backend.settle(sess, steps)
+        sess.backend.check(sess, r, full=True)
+        sess.backend.commit(sess, r)
+        busy = bool(r.writes or r.ops)
+        if busy:  # a decision with nothing to do says only what happened
             if extra:
                 reasons.append(extra)
             reasons.extend(r for r in plan_reasons if r not in BENIGN and r not in reasons)
-        return self._decision(sess, _REWRITE if writes else _PASS, reasons, tuple(writes))
+        verdict = _REWRITE if busy else _PASS
+        return self._decision(sess, verdict, reasons, tuple(r.writes), ops=r.ops)
 
     def _poison(self, sess: Session, message: str, code: str = "internal-error") -> Decision:
         """Freeze ``sess``: TPH off on every capability, every later access dropped."""
         sess.poisoned = message
         try:
-            writes = sess.checker.disable_all()
+            r = sess.backend.poison(sess)
+            for _, k, v in r.effects:
+                sess.dev_ctrl[k] = v
+            writes, ops = tuple(r.writes), r.ops
         except Exception:
             writes = tuple(
                 DeviceWrite("config", cap.ctrl, 4, control_value(cap.reserved, 0))
                 for cap in sess.geo.caps
             )
-        sess.dev_ctrl = [w.value for w in writes]
-        verdict = _REWRITE if writes else _DROP
-        return self._decision(sess, verdict, [code], writes, detail=message)
+            ops = None
+            if isinstance(sess.backend, HostOps):
+                writes, ops = (), [HostOp("tph_disable")] if sess.geo.caps else []
+            sess.dev_ctrl = [None] * len(sess.geo.caps)
+        verdict = _REWRITE if writes or ops else _DROP
+        return self._decision(sess, verdict, [code], writes, detail=message, ops=ops)
 
     def _pass(self, sess: Session, write: DeviceWrite) -> Decision:
         sess.counts["pass"] = sess.counts.get("pass", 0) + 1
-        return Decision(_PASS, "not-tph", _NOT_TPH, (write,), reasons=("not-tph",))
+        ops = None if sess.backend.name == "writes" else ()
+        return Decision(_PASS, "not-tph", _NOT_TPH, (write,), reasons=("not-tph",), ops=ops)
 
     def _unknown(self, vm: str, bdf: str) -> Decision:
         code = "unknown-vm" if vm not in self._policy.vms else "unknown-device"
@@ -347,52 +433,17 @@ class Engine:
         guest_value: int | None = None,
         read_mask: int = 0,
         detail: str | None = None,
+        ops: list[HostOp] | None = None,
     ) -> Decision:
         uniq, main, text, violation = summarize(tuple(reasons))
         sess.counts[verdict] = sess.counts.get(verdict, 0) + 1
         rule = sess.rules.rule_violation if violation else sess.rules.rule
-        return Decision(verdict, main, detail or text, writes, guest_value, read_mask, uniq, rule)
+        if ops is None and isinstance(sess.backend, HostOps):
+            ops = []  # a host-backend decision always says which operations (none here)
+        host = tuple(ops) if ops is not None else None
+        return Decision(
+            verdict, main, detail or text, writes, guest_value, read_mask, uniq, rule, host
+        )
 
 
 _NOT_TPH = summarize(("not-tph",))[2]
-
-
-def _as_guest_wrote(
-    sess: Session, steps: list[Step], writes: list[DeviceWrite], own: DeviceWrite
-) -> list[DeviceWrite]:
-    """The guest's own access shape when it puts exactly the planned values on the device.
-
-    Two shapes qualify: one register write whose value is the device's old value with the
-    guest's bytes merged in (a partial write), and entry writes plus pass-through bytes that
-    tile the guest's access exactly (an 8-byte MSI-X write stays one write).
-    """
-    if len(writes) == 1 and _merges(sess, writes[0], own):
-        return [own]
-    if not writes or any(what == 0 for what, _, _ in steps) or own.offset % own.width:
-        return writes  # a control step orders the writes, or the access is unaligned
-    lo, hi = own.offset, own.offset + own.width
-    inside = all(
-        w.space == own.space and lo <= w.offset and w.offset + w.width <= hi for w in writes
-    )
-    if not inside or sum(w.width for w in writes) != own.width:
-        return writes
-    value = 0
-    for w in writes:
-        value |= w.value << (8 * (w.offset - lo))
-    return [replace(own, value=value)]
-
-
-def _merges(sess: Session, w: DeviceWrite, own: DeviceWrite) -> bool:
-    """Is ``w`` (one register write) what the guest's ``own`` write leaves in the device?"""
-    if w.space != own.space or w.bar != own.bar:
-        return False
-    if not (w.offset <= own.offset and own.offset + own.width <= w.offset + w.width):
-        return False
-    if (w.offset, w.width) == (own.offset, own.width):
-        return w.value == own.value
-    old = sess.prior(w)
-    if old is None:
-        return False
-    shift = 8 * (own.offset - w.offset)
-    bmask = ((1 << (8 * own.width)) - 1) << shift
-    return (old & ~bmask) | (own.value << shift) == w.value

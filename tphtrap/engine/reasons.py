@@ -26,10 +26,17 @@ class Reason(NamedTuple):
 
 REASONS: dict[str, Reason] = {
     # accesses that went through as the guest asked
-    "not-tph": Reason("outside the TPH capability and MSI-X steering tags: passed", "pass"),
-    "control-granted": Reason("TPH control write allowed as requested", "pass rewrite"),
-    "tph-disabled": Reason("TPH Requester Enable cleared as requested", "pass rewrite"),
-    "tag-allowed": Reason("steering tag allowed for this VM", "pass rewrite"),
+    "not-tph": Reason(
+        "outside the TPH capability and MSI-X steering tags: passed", "pass rewrite drop"
+    ),
+    "control-granted": Reason("TPH control write allowed as requested", "pass rewrite drop"),
+    "tph-disabled": Reason("TPH Requester Enable cleared as requested", "pass rewrite drop"),
+    "tag-allowed": Reason("steering tag allowed for this VM", "pass rewrite drop"),
+    "tph-unchanged": Reason(
+        "host backend: a write of TPH bytes that changes nothing on the device (the guest's "
+        "other bytes go through)",
+        "rewrite drop",
+    ),
     "tph-virtualized": Reason("TPH register read served from the guest's own view", "rewrite"),
     # the device got something else than the guest asked for
     "tag-translated": Reason(
@@ -46,18 +53,20 @@ REASONS: dict[str, Reason] = {
     ),
     "reserved-bits": Reason("reserved bits keep the device's value", "rewrite drop"),
     "read-only": Reason("read-only register of the TPH capability", "rewrite drop"),
-    "beyond-st-table": Reason("past the end of the ST table inside the TPH capability", "drop"),
+    "beyond-st-table": Reason(
+        "past the end of the ST table inside the TPH capability", "rewrite drop"
+    ),
     "msix-sub-dword": Reason(
-        "partial Vector Control write completed to the whole dword", "rewrite"
+        "partial Vector Control write completed to the whole dword", "rewrite drop"
     ),
     # violations: the guest asked for a tag or an enable the policy forbids
     "foreign-tag": Reason(
         "steering tag not allowed for this VM (owned by a CPU outside its set)",
-        "rewrite drop",
+        "rewrite drop pass",
         True,
     ),
     "unknown-virtual-tag": Reason(
-        "virtual steering tag names no vCPU with an allowed host tag", "rewrite drop", True
+        "virtual steering tag names no vCPU with an allowed host tag", "rewrite drop pass", True
     ),
     "no-st-tag-foreign": Reason(
         "No ST mode emits tag 0, which is not allowed for this VM", "rewrite drop", True
@@ -103,6 +112,41 @@ REASONS: dict[str, Reason] = {
         "rewrite drop",
     ),
     "tph-forbidden": Reason("policy forbids TPH for this device", "rewrite drop"),
+    # the host backend: what the host kernel allows
+    "host-width": Reason(
+        "the host kernel chooses the request type (Extended TPH only with device support and a "
+        "root port completing it): enabled at its width, the tags resolved at that width",
+        "rewrite drop",
+    ),
+    "host-no-tph": Reason(
+        "the host kernel refuses to enable TPH on this device (the root port completes no "
+        "TPH): kept disabled",
+        "rewrite drop",
+    ),
+    "host-width-forbidden": Reason(
+        "the host kernel would enable Extended TPH, which this VM may not use (no 16-bit tags, "
+        "or extended_tph: false): kept disabled",
+        "rewrite drop",
+    ),
+    "host-entries-unsafe": Reason(
+        "the host kernel sets ST entries only while TPH is enabled, and the device holds an "
+        "entry that is unknown or not an allowed tag: Interrupt Vector mode kept disabled",
+        "rewrite drop",
+    ),
+    "host-vectors": Reason(
+        "the host's MSI-X vectors changed: steering tags (re)applied where the host has a vector",
+        "pass rewrite",
+    ),
+    "host-op-failed": Reason(
+        "a host operation failed: tphtrap follows the host's state, TPH stays off until the "
+        "device is reset or attached again (an MSI-X vector the host lacks waits for it)",
+        "pass rewrite drop",
+    ),
+    "host-state-unknown": Reason(
+        "a host result names no operation of the device's last decision: the host's state is "
+        "unknown, TPH disabled and the device frozen until re-attached",
+        "rewrite drop",
+    ),
     # lifecycle
     "reset": Reason(
         "device reset: TPH control and steering tags back to power-on state", "pass rewrite"
@@ -146,11 +190,15 @@ _SUMMARY: dict[tuple[str, ...], tuple[tuple[str, ...], str, str, bool]] = {}
 
 
 def summarize(reasons: tuple[str, ...]) -> tuple[tuple[str, ...], str, str, bool]:
-    """Distinct reasons in order, the main one (the first not benign), its text, violation."""
+    """Distinct reasons in order, the main one (the first violation, else the first that is
+    not benign), its text, and whether any is a violation."""
     got = _SUMMARY.get(reasons)
     if got is None:
         uniq = tuple(dict.fromkeys(reasons)) or ("not-tph",)
-        main = next((r for r in uniq if r not in BENIGN), uniq[0])
+        main = next(
+            (r for r in uniq if r in VIOLATIONS),
+            next((r for r in uniq if r not in BENIGN), uniq[0]),
+        )
         text = "; ".join(describe_reason(r) for r in uniq if r not in BENIGN or r == main)
         got = (uniq, main, text, any(r in VIOLATIONS for r in uniq))
         if len(_SUMMARY) < 4096:

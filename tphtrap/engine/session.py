@@ -10,13 +10,19 @@ Every decision follows the same four steps, whatever the access looked like:
 3. **plan**: the ordered steps from the device's current state to the target, every prefix
    safe: Requester Enable cleared first when entries in use must change or the device's state
    is unknown, tags before the enable that makes them usable, a disable before the tags;
-4. **check**: the plan, rendered as device writes, is tried on the self-check's copy of the
-   device (:mod:`tphtrap.engine.check`); a plan it refuses is a bug, and turns the decision
-   into "TPH off, device frozen".
+4. **check**: the plan, rendered by the device's backend (:mod:`tphtrap.engine.render`: raw
+   device writes, or host kernel operations), is tried on the self-check's copy of the device
+   (:mod:`tphtrap.engine.check`); a plan it refuses is a bug, and turns the decision into
+   "TPH off, device frozen".
+
+The host backend constrains the target through two hooks (:meth:`Session._grant`): the tag
+width is the host kernel's, and Interrupt Vector mode is enabled only where the entries the
+device holds are safe before the kernel's entry writes (it makes them only while enabled).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from ..device import ConfigSpace
@@ -44,6 +50,8 @@ from .geometry import (
     K_RO,
     Geometry,
 )
+from .reasons import VIOLATIONS
+from .render import HostFacts, HostOps, RawWrites
 from .target import (
     KEEP,
     LATCH,
@@ -52,6 +60,7 @@ from .target import (
     REQ,
     WIDTH_OF_ENABLE,
     Grant,
+    HostLimit,
     control_value,
     grant_control,
     resolve_entry,
@@ -68,6 +77,7 @@ _D0, _D3HOT = 0, 3
 
 Step = tuple[int, int, int]  # (what, index, value): what 0 = control of cap ``index``, 1 = entry
 _CTRL_STEP, _ENTRY_STEP = 0, 1
+_REFUSALS = frozenset({"enable-refused", "msix-state-unknown"})
 
 
 def _chunks(start: int, end: int) -> list[tuple[int, int]]:
@@ -86,7 +96,15 @@ def _chunks(start: int, end: int) -> list[tuple[int, int]]:
 class Session:
     """Guest view, device state and latches of one (VM, device)."""
 
-    def __init__(self, vm: str, bdf: str, config: ConfigSpace, rules: TagRules) -> None:
+    def __init__(
+        self,
+        vm: str,
+        bdf: str,
+        config: ConfigSpace,
+        rules: TagRules,
+        host: HostFacts | None = None,
+        vector_ctrl: Sequence[int] | None = None,
+    ) -> None:
         self.vm = vm
         self.bdf = bdf
         self.config = config
@@ -115,16 +133,25 @@ class Session:
         self.dev_ctrl: list[int | None] = [cap.info.ctrl_raw for cap in geo.caps]
         if geo.in_msix:
             self.dev_ent: list[int | None] = [None] * n  # not part of a config snapshot
-            # A live MSI-X table's mask bits are the guest's (or the previous user's): unknown.
-            low = None if geo.msix_enabled else _VC_POWER_ON
-            self.dev_low: list[int | None] = [low] * n
-            if low is not None:
-                self.guest_low = [low] * n
+            # The MSI-X table's mask bits are the guest's: unknown until the guest writes them,
+            # or until the hypervisor says what its (emulated) table holds.
+            self.dev_low: list[int | None] = [None] * n
+            if vector_ctrl is not None:
+                self.guest_low = [v & _VC_LOW for v in vector_ctrl[:n]] + [None] * (
+                    n - len(vector_ctrl)
+                )
+                self.dev_low = list(self.guest_low)
         else:
             info = geo.caps[0].info if geo.caps else None
             self.dev_ent = list(info.entries) if info is not None and n else [None] * n
             self.dev_low = []
         self.pm_state = _PM_STATE.get(config.u16(geo.pm_offset)) if geo.pm_offset >= 0 else 0
+        self.backend: RawWrites | HostOps = RawWrites() if host is None else HostOps(self, host)
+        if host is not None and geo.in_msix:
+            # The VMM emulates the mask bits (the host kernel owns the physical ones): they
+            # never block or take part in a host operation.
+            self.guest_low = [_VC_POWER_ON] * n
+            self.dev_low = [_VC_POWER_ON] * n
         # Entries outside ``dirty`` hold their in-use target at ``settled``: an enable at that
         # width re-resolves only the dirty ones (a pure optimisation, the check sees all).
         self.settled: TagWidth | None = None
@@ -174,10 +201,22 @@ class Session:
         self.prospective = TagWidth.ST8
         self.settled = None
         self.dirty = set(range(n))
+        self.backend.reset()
 
     # --- target and plan ------------------------------------------------------------------------
-    def _grant(self) -> Grant:
-        return grant_control(self.guest_ctrl(), self.geo, self.rules, self.latched, self.revoked)
+    def _grant(self, full: bool = True) -> Grant:
+        limit = self.backend.limit(self)
+        ctrl = self.guest_ctrl()
+        grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked, limit)
+        if (
+            limit is not None
+            and grant.uses_entries
+            and grant.width is not None
+            and not self.backend.window_safe(self, grant.width, full)
+        ):
+            limit = HostLimit(limit.width, "host-entries-unsafe")
+            grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked, limit)
+        return grant
 
     def plan(
         self,
@@ -203,7 +242,7 @@ class Session:
             if steps or any(REQ.get(self.guest_ctrl(k)) for k in range(len(geo.caps))):
                 reasons.append(geo.refusal or "no-st-table")
             return steps
-        grant = self._grant()
+        grant = self._grant(full)
         if ctrl_touched or full:
             reasons.extend(grant.reasons)
         changes: dict[int, int] = {}
@@ -215,12 +254,16 @@ class Session:
                 if full or width is not self.settled
                 else sorted(self.dirty | set(touched))
             )
-            refused = self._resolve(check, width, True, changes, reasons, touched)
+            trial: list[str] = []
+            refused = self._resolve(check, width, True, changes, trial, touched)
             if refused:
+                # Only why the enable failed: the entries it would have written were not.
+                reasons.extend(r for r in trial if r in VIOLATIONS or r in _REFUSALS)
                 changes.clear()
                 grant = Grant(MODE.put(0, grant.mode), None, [], grant.width, True)
-                self._resolve(sorted(touched), width, False, changes, [], touched)
+                self._resolve(sorted(touched), width, False, changes, reasons, touched)
             else:
+                reasons.extend(trial)
                 self.settled = width
                 self.dirty.clear()
         else:
@@ -278,8 +321,8 @@ class Session:
                     else:
                         value = rules.fallback[width] or 0  # never a tag the rules refused
                 if low is None:
+                    reasons.append("msix-state-unknown")
                     if in_use:
-                        reasons.append("msix-state-unknown")
                         return True
                     continue
                 if value != dev or low != self.dev_low[i] or i in touched:
@@ -342,41 +385,6 @@ class Session:
             return False
         return all(self.rules.host_ok(v, width) for v in changes.values())
 
-    # --- rendering (the raw-writes backend) ------------------------------------------------
-    def render(self, steps: list[Step]) -> list[DeviceWrite]:
-        geo = self.geo
-        out = []
-        for what, index, value in steps:
-            if what == _CTRL_STEP:
-                out.append(DeviceWrite("config", geo.caps[index].ctrl, CTRL_SIZE, value))
-            elif geo.in_msix:
-                low = self.guest_low[index]
-                if low is None:
-                    low = self.dev_low[index]
-                assert low is not None
-                word = (low & _VC_LOW) | (value << _VC_ST.shift)
-                out.append(DeviceWrite("bar", geo.vc_offsets[index], 4, word, geo.msix_bir))
-            else:
-                out.append(DeviceWrite("config", geo.entry_offset(index), ENTRY_SIZE, value))
-        return out
-
-    def prior(self, w: DeviceWrite) -> int | None:
-        """What the device holds, before this decision, in the register ``w`` writes."""
-        geo = self.geo
-        for k, cap in enumerate(geo.caps):
-            if w.space == "config" and w.offset == cap.ctrl:
-                return self.dev_ctrl[k]
-        if geo.in_msix:
-            if w.space != "bar" or w.offset not in geo.vc_index:
-                return None
-            i = geo.vc_index[w.offset]
-            low, tag = self.dev_low[i], self.dev_ent[i]
-            return None if low is None or tag is None else low | tag << _VC_ST.shift
-        reg = geo.regs[w.offset] if w.space == "config" else None
-        if reg is not None and reg.kind == K_ENTRY and reg.cap == 0:
-            return self.dev_ent[reg.index]
-        return None
-
     def commit(self, steps: list[Step]) -> None:
         """The device now holds what ``steps`` wrote."""
         for what, index, value in steps:
@@ -398,6 +406,20 @@ class Session:
         write resets the function, the ST entries it wrote and whether it wrote control.
         """
         geo = self.geo
+        reg = geo.exact.get(off)
+        if reg is not None and reg.size == width and (reg.kind == K_ENTRY or reg.cap == 0):
+            # Exactly the control register or one ST entry (what drivers write).
+            if reg.kind == K_CTRL:
+                old = int.from_bytes(self.image[off : off + width], "little")
+                self._put_image(off, width, (old & ~CTRL_WRITABLE) | (value & CTRL_WRITABLE))
+                self.ctrl_written = True
+                bits = ["reserved-bits"] if (value ^ old) & ~CTRL_WRITABLE else []
+                return [], bits, False, set(), True
+            self._put_image(off, width, value)
+            if reg.cap == 0 and geo.trappable:
+                self.written[reg.index] = True
+                return [], [], False, {reg.index}, False
+            return [], [], False, set(), False
         regs = geo.regs
         reasons: list[str] = []
         through: list[tuple[int, int]] = []  # (offset, byte) that go through as written
@@ -424,6 +446,8 @@ class Session:
                 if reg.cap == 0 and geo.trappable:
                     self.written[reg.index] = True
                     touched.add(reg.index)
+                else:
+                    reasons.append(geo.refusal or "no-st-table")  # kept from the device
             elif kind == K_RO:
                 reasons.append("read-only")
             elif kind == K_PAD:
@@ -431,7 +455,7 @@ class Session:
             else:
                 through.append((pos, byte))
                 reset |= self._resets(kind, pos - reg.start, byte)
-        return self._pieces("config", through, None), reasons, reset, touched, ctrl
+        return self.pieces("config", through, None), reasons, reset, touched, ctrl
 
     def _resets(self, kind: int, rel: int, byte: int) -> bool:
         """Does this byte of a reset register start a reset of the function?"""
@@ -449,6 +473,15 @@ class Session:
     ) -> tuple[list[DeviceWrite], set[int]]:
         """Merge a write to the MSI-X table BAR into the view; returns (passthrough, touched)."""
         geo = self.geo
+        i = geo.vc_index.get(off, -1)
+        if width == 4 and i >= 0:
+            # A whole Vector Control word (what drivers write): mask bits and tag at once.
+            tag = value >> _VC_ST.shift
+            if tag != self.guest_tag[i]:
+                self.guest_tag[i] = tag
+                self.written[i] = True
+            self.guest_low[i] = value & _VC_LOW
+            return [], {i}
         through: list[tuple[int, int]] = []
         touched: set[int] = set()
         low_bytes: dict[int, dict[int, int]] = {}
@@ -486,10 +519,10 @@ class Session:
             for k, byte in parts.items():
                 low = (low & ~(0xFF << 8 * k)) | (byte << 8 * k)
             self.guest_low[i] = low
-        return self._pieces("bar", through, bar), touched
+        return self.pieces("bar", through, bar), touched
 
     @staticmethod
-    def _pieces(
+    def pieces(
         space: Literal["config", "bar"], through: list[tuple[int, int]], bar: int | None
     ) -> list[DeviceWrite]:
         """Runs of guest bytes as naturally aligned writes."""
@@ -509,10 +542,6 @@ class Session:
                 v = int.from_bytes(data[p - start : p - start + size], "little")
                 out.append(DeviceWrite(space, p, size, v, bar))
         return out
-
-    def check(self, writes: list[DeviceWrite], full: bool) -> None:
-        """The self-check: raises :class:`UnsafePlan` if any prefix of ``writes`` is unsafe."""
-        self.checker.verify(tuple(writes), self.rules, self.revoked, full)
 
     # --- reads --------------------------------------------------------------------------------
     def config_view(self, off: int, width: int) -> tuple[int, int]:

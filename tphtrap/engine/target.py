@@ -7,14 +7,23 @@ looks at how the guest's bytes arrived: the session merges them into the guest's
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
 from ..layouts import TPH_CTRL
 from ..policy import OnViolation, TagRules
 from ..spec import ReqEnable, StMode, TagWidth
 from .geometry import CTRL_WRITABLE, Geometry
 
-__all__ = ["KEEP", "LATCH", "REFUSE", "Grant", "control_value", "grant_control", "resolve_entry"]
+__all__ = [
+    "KEEP",
+    "LATCH",
+    "REFUSE",
+    "Grant",
+    "HostLimit",
+    "control_value",
+    "grant_control",
+    "resolve_entry",
+]
 
 MODE = TPH_CTRL["st_mode_select"]
 REQ = TPH_CTRL["tph_requester_enable"]
@@ -54,10 +63,31 @@ class Grant:
         return self.width is not None and self.mode == StMode.INT_VEC
 
 
+class HostLimit(NamedTuple):
+    """What the host kernel allows an enable (the ``host`` backend).
+
+    ``width``: the request type ``pcie_enable_tph`` will choose (None: it refuses every
+    enable); ``refusal``: a reason code that keeps TPH off whatever is asked (a failed host
+    operation, entries that cannot be made safe before the enable).
+    """
+
+    width: TagWidth | None
+    refusal: str | None = None
+
+
 def grant_control(
-    requested: int, geo: Geometry, rules: TagRules, latched: bool, revoked: bool
+    requested: int,
+    geo: Geometry,
+    rules: TagRules,
+    latched: bool,
+    revoked: bool,
+    host: HostLimit | None = None,
 ) -> Grant:
-    """The control bits the device may get for the guest's ``requested`` control value."""
+    """The control bits the device may get for the guest's ``requested`` control value.
+
+    With ``host``, the tag width is the host kernel's, not the guest's: an enable is granted at
+    that width or not at all.
+    """
     mode = MODE.get(requested)
     en = REQ.get(requested)
     supported = (mode == StMode.NO_ST and geo.ns_ok) or (mode == StMode.INT_VEC and geo.iv_ok)
@@ -70,6 +100,8 @@ def grant_control(
         return Grant(off, None, ["req-enable-reserved"], None, True)
     want_ext = en == ReqEnable.EXT_TPH
     ext = want_ext and geo.ext_ok and rules.ext_allowed
+    if host is not None and host.width is not None:
+        ext = host.width is TagWidth.ST16
     width = TagWidth.ST16 if ext else TagWidth.ST8
     refusal = None
     if revoked:
@@ -84,11 +116,20 @@ def grant_control(
         refusal = "device-specific-mode"
     elif not supported:
         refusal = "mode-unsupported"
+    elif host is not None and host.refusal is not None:
+        refusal = host.refusal
+    elif host is not None and host.width is None:
+        refusal = "host-no-tph"
+    elif ext and not rules.ext_allowed:
+        refusal = "host-width-forbidden"  # the host enables Extended TPH: 16-bit tags only
     elif mode == StMode.NO_ST and not rules.host_ok(0, width):
         refusal = "no-st-tag-foreign"
     if refusal:
         return Grant(off, None, [refusal], width, True)
-    reasons = ["ext-downgraded"] if want_ext and not ext else ["control-granted"]
+    if host is not None:
+        reasons = ["host-width"] if want_ext != ext else ["control-granted"]
+    else:
+        reasons = ["ext-downgraded"] if want_ext and not ext else ["control-granted"]
     bits = REQ.put(off, ReqEnable.EXT_TPH if ext else ReqEnable.TPH)
     return Grant(bits, width, reasons, width)
 
