@@ -727,7 +727,7 @@ def test_garbled_traces_only_raise_trace_errors(lines: list[str]) -> None:
     assert [r.lineno for r in records] == sorted(r.lineno for r in records)
     assert reader.stats.malformed == sum(r.note.startswith("t.log:") for r in records)
     try:
-        _, strict_records = read(lines, strict=True)
+        _, strict_records = read(lines, devices={NIC: nic_config()}, strict=True)
     except TraceError as exc:
         bad_line = int(exc.where.rpartition(":")[2])
         assert 1 <= bad_line <= len(lines)
