@@ -18,8 +18,8 @@ help:
 	@echo "make bench         benchmarks; writes bench/results.md"
 	@echo "make fuzz          a longer fuzzing campaign"
 	@echo "make integration   boot QEMU guests with the SSDT of tphtrap acpi guest (about a minute)"
-	@echo "make c-client      build the C client library and its test program into build/c"
 	@echo "make traces        record real QEMU guest traces into fixtures/traces (Debian kernel, TCG)"
+	@echo "make c-client      build the C client library and its test program into build/c"
 	@echo "make clean         remove .venv and caches"
 
 # Installs what is missing as root; otherwise stops with the one command to run.
@@ -60,6 +60,9 @@ fuzz: $(STAMP)
 integration: $(STAMP)
 	TPHTRAP_INTEGRATION=1 $(PYTEST) -q -s -p no:cacheprovider tests/test_acpi_integration.py
 
+traces:
+	tools/traces/record fixtures/traces
+
 # The C client library (clients/c): C11, no dependencies. `make test` builds and runs it too.
 CC      ?= cc
 CFLAGS_C := -std=c11 -Wall -Wextra -Werror -pedantic -O2
@@ -72,8 +75,6 @@ build/c/libtphtrap.a: clients/c/tphtrap.c clients/c/tphtrap.h
 
 build/c/test_tphtrap: clients/c/test_tphtrap.c build/c/libtphtrap.a
 	$(CC) $(CFLAGS_C) -o $@ clients/c/test_tphtrap.c build/c/libtphtrap.a
-traces:
-	tools/traces/record fixtures/traces
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info .cache

@@ -181,8 +181,27 @@ class TphView:
     def _config_write(self, trace: str, line: int, w: DeviceWrite) -> None:
         """A write the device gets in its TPH capability: the control register, ST entries."""
         was_enabled = self.dev_ctrl >> 8 & 3
-        off, end, value, ctrl = w.offset, w.offset + w.width, w.value, self.ctrl
-        if off <= ctrl and ctrl + 4 <= end:  # the whole control register: the usual case
+        off, width, value = w.offset, w.width, w.value
+        rel = off - self.table_start
+        if off == self.ctrl and width == 4:  # the usual cases: the whole control register,
+            self.dev_ctrl = value
+        elif (
+            width == 2
+            and self.location is StLocation.CAP
+            and 0 <= rel < 2 * self.table_entries
+            and not rel & 1
+        ):  # or one ST entry of the capability's table
+            self._set_entry(rel >> 1, value)
+        else:
+            self._config_parts(off, off + width, value)
+        enabled = self.dev_ctrl >> 8 & 3
+        if enabled and not was_enabled:
+            self._enabled(f"{trace}:{line}", enabled)
+
+    def _config_parts(self, off: int, end: int, value: int) -> None:
+        """Any other write to [off, end) of the capability."""
+        ctrl = self.ctrl
+        if off <= ctrl and ctrl + 4 <= end:
             self.dev_ctrl = (value >> (8 * (ctrl - off))) & 0xFFFF_FFFF
         else:
             for pos in range(max(off, ctrl), min(end, ctrl + 4)):
@@ -193,14 +212,16 @@ class TphView:
             ts = self.table_start
             for i in range(max(0, (off - ts) // 2), min(self.table_entries, (end - ts + 1) // 2)):
                 self._entry_write(i, ts + 2 * i, off, value, end)
-        enabled = self.dev_ctrl >> 8 & 3
-        if enabled and not was_enabled:
-            self._enabled(f"{trace}:{line}", enabled)
 
     def _vector_control_write(self, w: DeviceWrite) -> None:
         """A write the device gets in its MSI-X table: entry i's tag is the upper half of its
         Vector Control, bytes 14-15 of the table's entry i."""
         ts, off, end = self.table_start, w.offset, w.offset + w.width
+        rel = off - ts
+        if end - off == 4 and rel & 15 == 12:  # the usual case: one whole Vector Control
+            if 0 <= rel < 16 * self.table_entries:
+                self._set_entry(rel >> 4, w.value >> 16)
+            return
         for i in range(max(0, (off - ts) // 16), min(self.table_entries, (end - ts + 1) // 16)):
             self._entry_write(i, ts + 16 * i + 14, off, w.value, end)
 
