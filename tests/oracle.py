@@ -348,6 +348,7 @@ class Rig:
         self.view = GuestView(device)
         self.owned = True
         self.log: list[str] = []  # what happened, for failure messages
+        self.enabled_writes = 0  # device writes after which some TPH Requester was enabled
 
     # --- the guest's side --------------------------------------------------------------------
     def guest_writes(self, access: ConfigWrite | MsixWrite) -> None:
@@ -425,6 +426,7 @@ class Rig:
             self.check_not_read_only(w, label, composed)
             self.sim.apply(w)
             found = violations(self.sim, self.grant)
+            self.enabled_writes += self._enabled()
             if found and safe:
                 self.fail(
                     found[0][0],
@@ -434,6 +436,9 @@ class Rig:
         self.assert_safe(f"{label}: at the end")
         if self.owned and isinstance(access, ConfigWrite | MsixWrite):
             self.check_write_view(outcome, access, label)
+
+    def _enabled(self) -> bool:
+        return any(self.sim.u32(c.ctrl_at) & 0x300 for c in self.device.tph_caps)
 
     def assert_safe(self, where: str) -> None:
         found = violations(self.sim, self.grant)

@@ -35,10 +35,10 @@ from devsim import (
     TphShape,
     build_device,
 )
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings, target
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
-from oracle import Grant, Outcome, Rig, check, describe
+from oracle import Grant, Outcome, Rig, allowed_tags, check, describe
 
 from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
@@ -65,6 +65,12 @@ class Hex(int):
 
 # Host tags are 0-5 and 0x100-0x105 (hosts()), virtual tags 0-3 (guest_vms()).
 TAGS = st.sampled_from([0, 1, 2, 3, 5, 0x100, 0x101, 0x103, 0x105, 0x201, 0xFFFF]).map(Hex)
+# What a guest writes as a tag: mostly one this VM may use ("own", as a driver would), or one
+# it may not ("foreign"), resolved against the policy in force; or a raw value.
+TagChoice = tuple[str, int] | int
+TAG_CHOICES: st.SearchStrategy[TagChoice] = (
+    st.tuples(st.sampled_from(["own", "own", "own", "foreign", "zero"]), st.integers(0, 3)) | TAGS
+)
 
 
 # --- random worlds ---------------------------------------------------------------------------
@@ -115,7 +121,10 @@ def hosts(draw: st.DrawFn) -> HostPolicy:
         st8 = draw(st.one_of(st.none(), st.integers(0, 5))) if draw(st.booleans()) else cpu // 2
         st16 = draw(st.one_of(st.none(), st.integers(0, 5), st.integers(0x100, 0x105)))
         tags[cpu] = CpuTags(cpu, st8, st16)
-    neutral = draw(st.just(frozenset({0})) | st.frozensets(st.sampled_from([0, 1, 0x100])))
+    neutral = draw(
+        st.sampled_from([frozenset({0}), frozenset()])
+        | st.frozensets(st.sampled_from([0, 1, 0x100]))
+    )
     return HostPolicy(tags, neutral)
 
 
@@ -178,9 +187,9 @@ RESET_KINDS = st.sampled_from(list(ResetKind))
 DELTAS = st.integers(-4, 0x24) | st.integers(-4, 0x9C)
 # Register boundaries a straddling access starts at: (anchor, offset from it).
 STRADDLES = st.sampled_from(
-    [("ctrl", d) for d in (-2, -1, 1, 2, 3)]
+    [("ctrl", d) for d in (1, 1, 2, 3, -2, -1)]
     + [("last-entry", d) for d in (-1, 0, 1)]
-    + [("end", d) for d in (-3, -2, -1, 0, 1)]
+    + [("end", d) for d in (-2, -1, 0, 1)]
 )
 
 
@@ -190,12 +199,21 @@ def other_cpus(vm: VmPolicy) -> frozenset[int]:
 
 
 class TphMachine(RuleBasedStateMachine):
-    """The guest (VM ``guest``) attacks one device; ``other`` is where a reload may move it."""
+    """The guest (VM ``guest``) attacks one device; ``other`` is where a reload may move it.
+
+    ``PINNED`` (set by the subclasses that are run) fixes the VM's ``on_violation`` at setup,
+    so that each mode gets its share of the search (a reload may still change it).
+    """
+
+    PINNED: OnViolation | None = None
 
     @initialize(
         shape=shapes(), host=hosts(), vm=guest_vms(), size=st.sampled_from([FULL] * 6 + [256, 64])
     )
     def setup(self, shape: Shape, host: HostPolicy, vm: VmPolicy, size: int) -> None:
+        if self.PINNED is not None:
+            settings = replace(vm.devices[BDF], on_violation=None)
+            vm = replace(vm, on_violation=self.PINNED, devices={BDF: settings})
         self.device = build_device(shape)
         self.reset_kind = ResetKind.ZEROED  # what the device does on a guest-initiated reset
         sim = SimDevice(self.device, lambda: self.reset_kind)
@@ -203,6 +221,7 @@ class TphMachine(RuleBasedStateMachine):
         self.settings = vm.devices[BDF]
         self.other = VmPolicy(OTHER, other_cpus(vm))
         self.revoked = False
+        self.reasons: set[str] = set()
         self.engine = Engine(self.policy())
         self.rig = Rig(self.device, self.grant(), sim)
         self.attach(size)
@@ -219,7 +238,15 @@ class TphMachine(RuleBasedStateMachine):
 
     def decided(self, d: Decision, label: str) -> Outcome:
         check(d.reason not in BAD_REASONS, "engine-fault", f"{label}: {d.reason}: {d.detail}")
+        self.reasons.add(d.reason)
         return Outcome.of(d)
+
+    def teardown(self) -> None:
+        """Steer the search towards runs that get TPH enabled and see many kinds of decision
+        (guidance only: what passes or fails is the oracle's)."""
+        if hasattr(self, "rig"):
+            target(float(self.rig.enabled_writes), label="device writes with TPH enabled")
+            target(float(len(self.reasons)), label="distinct decision reasons")
 
     def attach(self, size: int) -> None:
         """Attach from a fresh ``size``-byte snapshot; a short one must be refused, and then
@@ -259,11 +286,35 @@ class TphMachine(RuleBasedStateMachine):
         access = MsixWrite(VM, BDF, bar, off, width, value & ((1 << (8 * width)) - 1))
         self.rig.guest_write(access, lambda: self.decide(access))
 
-    def read(self, access: ConfigRead | MsixRead) -> None:
+    def guest_read(self, access: ConfigRead | MsixRead) -> None:
         self.rig.guest_read(access, lambda: self.decide(access))
 
     def decide(self, access: ConfigWrite | MsixWrite | ConfigRead | MsixRead) -> Outcome:
         return self.decided(self.engine.handle(access), describe(access))
+
+    def tag(self, choice: TagChoice, bits: int) -> int:
+        """The tag value for ``choice`` under the policy in force (virtual with ``vcpus``)."""
+        if isinstance(choice, int):
+            return choice
+        kind, n = choice
+        if kind == "zero":
+            return 0
+        allowed = allowed_tags(self.host, self.vm, bits)
+        if self.vm.vcpus is not None:
+            own = [i for i, cpu in enumerate(self.vm.vcpus) if self.host_tag(cpu, bits) in allowed]
+            foreign = [len(self.vm.vcpus)]
+        else:
+            own = sorted(allowed)
+            every = {self.host_tag(cpu, bits) for cpu in self.host.steering_tags}
+            foreign = sorted(t for t in every - allowed if t is not None) or [(1 << bits) - 1]
+        pool = own if kind == "own" and own else foreign
+        return Hex(pool[n % len(pool)])
+
+    def host_tag(self, cpu: int, bits: int) -> int | None:
+        tags = self.host.steering_tags.get(cpu)
+        if tags is None:
+            return None
+        return tags.st8 if bits == 8 else tags.st16
 
     def tph_base(self, which: str) -> int:
         caps = self.device.tph_caps
@@ -275,13 +326,13 @@ class TphMachine(RuleBasedStateMachine):
 
     # --- guest accesses ---------------------------------------------------------------------
     @rule(
-        tags=st.lists(st.tuples(st.integers(0, 7), TAGS), max_size=3),
+        tags=st.lists(st.tuples(st.integers(0, 7), TAG_CHOICES), max_size=3),
         mode=st.sampled_from([1, 1, 0]),
         enable=st.sampled_from([1, 1, 3]),
         linux=st.booleans(),
     )
     def driver_enables(
-        self, tags: list[tuple[int, int]], mode: int, enable: int, linux: bool
+        self, tags: list[tuple[int, TagChoice]], mode: int, enable: int, linux: bool
     ) -> None:
         """A driver enables TPH and programs the entries of the vectors it uses: entries first,
         or (``linux``) as ``pcie_enable_tph`` + ``pcie_tph_set_st_entry`` do it."""
@@ -289,7 +340,8 @@ class TphMachine(RuleBasedStateMachine):
         ctrl = mode | enable << 8
         if linux:
             self.write_config(cap.ctrl_at, 4, ctrl)
-        for index, tag in tags:
+        for index, choice in tags:
+            tag = self.tag(choice, 16 if enable == 3 else 8)
             if cap.location == LOC_MSIX:
                 vc = self.bar_offset(index % self.device.shape.msix_size, 12, 4, True)
                 self.write_bar(self.device.shape.bir, vc, 4, tag << 16)
@@ -305,9 +357,9 @@ class TphMachine(RuleBasedStateMachine):
             self.write_config(cap.ctrl_at, 4, ctrl)
 
     @rule(
-        mode=st.sampled_from([0, 1, 1, 2, 3, 7]),
+        mode=st.sampled_from([0, 1, 1, 2, 2, 3, 7]),
         enable=st.sampled_from([1, 1, 3, 3, 0, 2]),
-        width=st.sampled_from([4, 4, 2, 1]),
+        width=st.sampled_from([4, 2, 1, 1]),
         reserved=st.sampled_from([0] * 5 + [0x400, 0x10000, 0x8000_0000]).map(Hex),
         second=st.integers(0, 3).map(lambda n: n == 0),
     )
@@ -316,10 +368,11 @@ class TphMachine(RuleBasedStateMachine):
         at = self.tph_base("tph2" if second else "tph") + 8
         self.write_config(at, width, mode | enable << 8 | reserved)
 
-    @rule(index=st.integers(0, 7), tag=TAGS, width=st.sampled_from([2, 2, 1, 4]))
-    def tph_entry(self, index: int, tag: int, width: int) -> None:
+    @rule(index=st.integers(0, 7), choice=TAG_CHOICES, width=st.sampled_from([2, 2, 1, 4]))
+    def tph_entry(self, index: int, choice: TagChoice, width: int) -> None:
         """An ST entry in the capability (width 4: two entries)."""
         cap = self.device.tph_caps[0]
+        tag = self.tag(choice, 8)
         index = min(index, max(cap.entry_count - 1, 0))
         value = tag | tag << 16 if width == 4 else tag
         self.write_config(self.clamp(cap.entries_at + 2 * index, width), width, value)
@@ -364,9 +417,20 @@ class TphMachine(RuleBasedStateMachine):
         off = anywhere if where == "anywhere" else self.tph_base(where) + delta
         self.write_config(self.clamp(off, width), width, value)
 
-    @rule(which=st.sampled_from(["tph", "tph2"]), delta=DELTAS, width=st.sampled_from([1, 2, 4]))
-    def config_read(self, which: str, delta: int, width: int) -> None:
-        self.read(ConfigRead(VM, BDF, self.clamp(self.tph_base(which) + delta, width), width))
+    @rule(
+        where=st.sampled_from(["tph", "tph", "tph2", "msix"]),
+        delta=DELTAS,
+        width=st.sampled_from([1, 2, 4, 8]),
+    )
+    def read(self, where: str, delta: int, width: int) -> None:
+        """A config read near a TPH capability, or a BAR read around the MSI-X table."""
+        if where == "msix":
+            off = self.bar_offset(0, delta - 4, width, True)
+            self.guest_read(MsixRead(VM, BDF, self.device.shape.bir, off, width))
+            return
+        width = min(width, 4)
+        off = self.clamp(self.tph_base(where) + delta, width)
+        self.guest_read(ConfigRead(VM, BDF, off, width))
 
     @rule(
         entry=st.integers(0, 4),
@@ -384,25 +448,22 @@ class TphMachine(RuleBasedStateMachine):
 
     @rule(
         entry=st.integers(0, 4),
-        tag=TAGS,
+        choice=TAG_CHOICES,
         masked=st.booleans(),
         with_data=st.booleans(),
         data=st.integers(0, 2**32 - 1).map(Hex),
     )
-    def msix_vector(self, entry: int, tag: int, masked: bool, with_data: bool, data: int) -> None:
+    def msix_vector(
+        self, entry: int, choice: TagChoice, masked: bool, with_data: bool, data: int
+    ) -> None:
         """A driver programs one MSI-X vector: Vector Control (tag, mask), maybe with data."""
-        vc = tag << 16 | int(masked)
+        vc = self.tag(choice, 8) << 16 | int(masked)
         if with_data:
             self.write_bar(
                 self.device.shape.bir, self.bar_offset(entry, 8, 8, True), 8, vc << 32 | data
             )
         else:
             self.write_bar(self.device.shape.bir, self.bar_offset(entry, 12, 4, True), 4, vc)
-
-    @rule(entry=st.integers(0, 4), field=st.integers(-4, 19), width=st.sampled_from([4, 8, 2, 1]))
-    def msix_read(self, entry: int, field: int, width: int) -> None:
-        off = self.bar_offset(entry, field, width, True)
-        self.read(MsixRead(VM, BDF, self.device.shape.bir, off, width))
 
     @rule(how=st.sampled_from(["flr", "af-flr", "pm"]), kind=RESET_KINDS)
     def guest_reset(self, how: str, kind: ResetKind) -> None:
@@ -507,10 +568,18 @@ class TphMachine(RuleBasedStateMachine):
         self.attach(size)
 
 
-TphMachine.TestCase.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=STEPS,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-test_tph_invariant = TphMachine.TestCase
+def pinned(mode: OnViolation) -> type[TphMachine]:
+    """The machine with ``on_violation: MODE``, given a third of the examples."""
+    machine = type(f"{mode.value.capitalize()}Machine", (TphMachine,), {"PINNED": mode})
+    machine.TestCase.settings = settings(
+        max_examples=max(1, EXAMPLES // len(OnViolation)),
+        stateful_step_count=STEPS,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    return machine
+
+
+test_invariant_on_violation_drop = pinned(OnViolation.DROP).TestCase
+test_invariant_on_violation_rewrite = pinned(OnViolation.REWRITE).TestCase
+test_invariant_on_violation_disable = pinned(OnViolation.DISABLE).TestCase
