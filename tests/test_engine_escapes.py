@@ -248,6 +248,41 @@ def test_escape6_guest_initiated_reset_is_a_reset(
     hv = hypervisor(tmp_path, replace(DEFAULT, af=True))
     program(hv, dict.fromkeys(range(8), OWN))
     hv.reset_kind = kind
+    guest_reset(hv, how)
+    hv.cfg_read(CTRL, 4)  # power-on: 0
+    hv.cfg_read(E0, 4)
+    hv.reload(write_policy(tmp_path, "no-tph", dev="{tph: false}"))  # the device may be on
+    hv.reload(tmp_path / "policy.yaml")
+    hv.cfg_write(CTRL, 4, EN_IV)  # entries were not written since the reset
+
+
+@pytest.mark.parametrize("how", GUEST_RESETS)
+def test_escape6_enable_byte_after_a_guest_reset(tmp_path: Path, how: str) -> None:
+    """After the guest's reset the mode is No ST again (0), which this device (IV only) does
+    not support: the Requester Enable byte alone must not enable it."""
+    hv = hypervisor(tmp_path, replace(DEFAULT, af=True, tph=replace(DEFAULT.tph, no_st=False)))
+    program(hv, dict.fromkeys(range(8), OWN))
+    guest_reset(hv, how)
+    hv.cfg_write(0x151, 4, 0x00000001)
+
+
+@pytest.mark.parametrize("how", ["hypervisor", *GUEST_RESETS])
+def test_escape6_mode_byte_after_a_reset_that_kept_control(tmp_path: Path, how: str) -> None:
+    """A device that keeps its control register over a reset is still enabled: writing the
+    mode byte alone must not select Device Specific mode."""
+    hv = hypervisor(tmp_path, replace(DEFAULT, af=True))
+    program(hv, dict.fromkeys(range(8), OWN))
+    hv.reset_kind = ResetKind.KEPT
+    if how == "hypervisor":
+        hv.reset(ResetKind.KEPT)
+    else:
+        guest_reset(hv, how)
+    hv.cfg_write(CTRL, 1, 0x02)
+    hv.cfg_write(CTRL, 2, 0x0002)
+
+
+def guest_reset(hv: Hypervisor, how: str) -> None:
+    """The guest resets its function through config space."""
     if how == "flr":
         hv.cfg_write(DEVCTL, 2, 0x8000)
     elif how == "af-flr":
@@ -256,11 +291,6 @@ def test_escape6_guest_initiated_reset_is_a_reset(
         hv.cfg_write(PMCSR, 2, 0x0003)
         hv.cfg_write(PMCSR, 2, 0x0000)
     assert hv.rig.sim.resets == 1, "the guest's reset never reached the device"
-    hv.cfg_read(CTRL, 4)  # power-on: 0
-    hv.cfg_read(E0, 4)
-    hv.reload(write_policy(tmp_path, "no-tph", dev="{tph: false}"))  # the device may be on
-    hv.reload(tmp_path / "policy.yaml")
-    hv.cfg_write(CTRL, 4, EN_IV)  # entries were not written since the reset
 
 
 def test_escape6_d3hot_d0_with_no_soft_reset_keeps_state(tmp_path: Path) -> None:
