@@ -611,6 +611,7 @@ def test_internal_error_drops_and_freezes_the_device(monkeypatch: pytest.MonkeyP
         raise RuntimeError("simulated fault")
 
     monkeypatch.setattr(sess, "plan", boom)
+    monkeypatch.setattr(sess, "steady_entry", boom)  # the whole-entry path plans there
     base = tph_base(cfg)
     d = engine.handle(ConfigWrite("a", A, base + 0xC, 2, 0x10))
     # Fail closed: the guest's write is dropped and TPH is disabled on the device.

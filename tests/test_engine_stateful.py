@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from devsim import (
@@ -210,6 +211,8 @@ class TphMachine(RuleBasedStateMachine):
     """
 
     PINNED: OnViolation | None = None
+    #: What decides (tests/test_engine_fastpath.py drives two engines in lockstep here).
+    ENGINE: Callable[[Policy], Engine] = Engine
 
     @initialize(
         shape=shapes(), host=hosts(), vm=guest_vms(), size=st.sampled_from([FULL] * 6 + [256, 64])
@@ -226,7 +229,7 @@ class TphMachine(RuleBasedStateMachine):
         self.other = VmPolicy(OTHER, other_cpus(vm))
         self.revoked = False
         self.reasons: set[str] = set()
-        self.engine = Engine(self.policy())
+        self.engine = self.ENGINE(self.policy())
         self.rig = Rig(self.device, self.grant(), sim)
         self.attach(size)
 

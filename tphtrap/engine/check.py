@@ -162,6 +162,42 @@ class Checker:
                 return False, False
         return self._config(w, touched)
 
+    def _verify_whole(self, w: DeviceWrite, rules: TagRules, revoked: bool) -> bool:
+        """:meth:`verify` of a plan that is one write of a whole ST entry, Vector Control word
+        or control register (what drivers write), in one step; False: not such a write."""
+        if self.caps and w.offset == self.caps[0][0] + PCI_TPH_CTRL and w.space == "config":
+            if w.width != 4:
+                return False
+            for c in _values(self.ctrl[0]) or ():
+                if (w.value ^ c) & ~_WRITABLE:
+                    raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
+            regs, i, entries = self.ctrl, 0, None
+        else:
+            i = self._whole_entry(w)
+            if i < 0:
+                return False
+            regs, entries = self.ent, {i}
+        old = regs[i]
+        regs[i] = w.value
+        problem = self._violation(rules, revoked, entries)
+        if problem is not None:
+            regs[i] = old
+            raise UnsafePlan(f"after {_show(w)}: {problem}")
+        return True
+
+    def _whole_entry(self, w: DeviceWrite) -> int:
+        """The entry ``w`` writes whole and alone (an ST entry of the capability's table, or
+        the Vector Control word of an MSI-X table entry), else -1."""
+        if w.space == "config":
+            rel = w.offset - self.table_at
+            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
+                return rel // 2
+        elif w.bar == self.msix_bir and w.width == 4:
+            rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
+            if 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and not rel % PCI_MSIX_ENTRY_SIZE:
+                return rel // PCI_MSIX_ENTRY_SIZE
+        return -1
+
     def _whole_bar(self, w: DeviceWrite, touched: set[int]) -> None:
         """:meth:`_bar`, with a whole Vector Control write applied in one step."""
         rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
@@ -284,12 +320,20 @@ class Checker:
         if mode == 0:
             return None if 0 in allowed else "No ST mode enabled where tag 0 is not allowed"
         shift = 0 if self.in_cap else 16
+        mask = width.mask
+        ent = self.ent
         for i in range(self.n) if entries is None else entries:
-            values = _values(self.ent[i])
+            v = ent[i]
+            if type(v) is int:  # one known value (the usual case)
+                if (v >> shift) & mask in allowed:
+                    continue
+                values: tuple[int, ...] | None = (v,)
+            else:
+                values = _values(v)
             if values is None:
                 return f"entry {i} is unknown while in use"
             for v in values:
-                if (v >> shift) & width.mask not in allowed:
+                if (v >> shift) & mask not in allowed:
                     return f"entry {i} holds a tag not allowed at {int(width)} bits: {v:#x}"
         return None
 
@@ -307,6 +351,8 @@ class Checker:
         ``full``: check everything after the first write (the rules or the device changed
         outside this plan); otherwise only what each write touches, on a state already checked.
         """
+        if not full and len(writes) == 1 and self._verify_whole(writes[0], rules, revoked):
+            return
         self._undo.clear()
         try:
             # A plan made after a change outside it (attach, reset, reload) may start from an

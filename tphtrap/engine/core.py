@@ -22,13 +22,14 @@ from ..events import (
     Reset,
     Verdict,
 )
+from ..layouts import MSIX_VECTOR_CTRL
 from ..policy import Policy, TagRules
 from ..spec import PCI_CFG_SPACE_EXP_SIZE, ReqEnable
 from .check import UnsafePlan
 from .geometry import K_ENTRY, AttachRefused
 from .reasons import BENIGN, summarize
-from .render import HostFacts, HostOps, HostResultRefused, Rendering
-from .session import Session, Step
+from .render import HostFacts, HostOps, HostResultRefused, RawWrites, Rendering
+from .session import _ENTRY_STEP, Session, Step
 from .target import MODE, REQ, control_value
 
 __all__ = ["Engine", "WrongBackend"]
@@ -37,6 +38,7 @@ _PASS, _REWRITE, _DROP = Verdict.PASS, Verdict.REWRITE, Verdict.DROP
 _CONFIG_WIDTHS = (1, 2, 4)
 _BAR_WIDTHS = (1, 2, 4, 8)
 _BAR_LIMIT = 1 << 64
+_VC_TAG_SHIFT = MSIX_VECTOR_CTRL["st"].shift
 
 
 class WrongBackend(ValueError):
@@ -55,6 +57,10 @@ class Engine:
     malformed accesses get ``drop``. An unexpected exception, or a plan the self-check
     refuses, disables TPH on the device and freezes it until it is detached and re-attached.
     """
+
+    #: Whole-register writes in the usual state take a shorter path to the same decision
+    #: (tests/test_engine_fastpath.py runs engines with and without it side by side).
+    fast_paths = True
 
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
@@ -261,9 +267,18 @@ class Engine:
         own = DeviceWrite("config", off, width, value)
         if off + width <= geo.watch_lo or off >= geo.watch_hi:
             return self._pass(sess, own)
-        tph = any(
-            (r := geo.regs[p]) is not None and r.kind <= K_ENTRY for p in range(off, off + width)
-        )
+        reg = geo.exact.get(off)
+        if reg is not None and reg.size == width:
+            tph = True  # exactly the control register or an ST entry
+            if reg.kind == K_ENTRY and self.fast_paths:
+                fast = self._steady_entry(sess, reg.index, value, True, own)
+                if fast is not None:
+                    return fast
+        else:
+            tph = any(
+                (r := geo.regs[p]) is not None and r.kind <= K_ENTRY
+                for p in range(off, off + width)
+            )
         through, reasons, reset, touched, ctrl = sess.config_write(off, width, value)
         if reset:
             return self._reset_write(sess, through, reasons)
@@ -303,6 +318,13 @@ class Engine:
             return self._pass(sess, own)
         if off >= geo.msix_end:
             return self._pass(sess, own)
+        i = geo.vc_index.get(off, -1)
+        if width == 4 and i >= 0 and self.fast_paths:
+            tag = value >> _VC_TAG_SHIFT
+            written = sess.written[i] or tag != sess.guest_tag[i]
+            fast = self._steady_entry(sess, i, tag, written, own)
+            if fast is not None:
+                return fast
         through, touched = sess.msix_write(off, width, value, bar)
         if not touched:
             return self._pass(sess, own)
@@ -318,13 +340,45 @@ class Engine:
             reasons.append("msix-sub-dword")  # the guest's partial write went out whole
         return self._finish(sess, r, own, reasons, config=False)
 
+    def _steady_entry(
+        self, sess: Session, i: int, tag: int, written: bool, own: DeviceWrite
+    ) -> Decision | None:
+        """A write of one whole ST entry or Vector Control word in the usual state
+        (:meth:`Session.steady_entry`): the general path's decision, in fewer steps. None: not
+        the usual state, nothing changed."""
+        raw = sess.backend
+        if not isinstance(raw, RawWrites):
+            return None
+        got = sess.steady_entry(i, tag, written)
+        if got is None:
+            return None
+        value, code, grant = got
+        if own.space == "config":
+            sess.config_write(own.offset, own.width, own.value)
+            mask, patch = sess.config_view(own.offset, own.width)
+        else:
+            sess.msix_write(own.offset, own.width, own.value, own.bar or 0)
+            mask, patch = sess.msix_view(own.offset, own.width)
+        steps: list[Step] = [(_ENTRY_STEP, i, value)]
+        sess.settle_entry(i, grant)
+        writes = raw.writes(sess, steps)
+        if writes[0].value == own.value:  # the same register: the guest's own write passes
+            writes[0] = own
+        r = Rendering(writes, None, steps)
+        raw.check(sess, r, full=False)
+        raw.commit(sess, r)
+        verdict = _PASS if writes[0] is own else _REWRITE
+        return self._decision(
+            sess, verdict, [code], tuple(writes), guest_value=patch, read_mask=mask
+        )
+
     def _finish(
         self, sess: Session, r: Rendering, own: DeviceWrite, reasons: list[str], *, config: bool
     ) -> Decision:
         sess.backend.check(sess, r, full=False)
         sess.backend.commit(sess, r)
         writes = r.writes
-        if not r.ops and len(writes) == 1 and writes[0] == own:
+        if not r.ops and len(writes) == 1 and (writes[0] is own or writes[0] == own):
             verdict = _PASS
         else:
             verdict = _REWRITE if writes or r.ops else _DROP

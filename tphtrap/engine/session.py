@@ -78,6 +78,7 @@ _D0, _D3HOT = 0, 3
 Step = tuple[int, int, int]  # (what, index, value): what 0 = control of cap ``index``, 1 = entry
 _CTRL_STEP, _ENTRY_STEP = 0, 1
 _REFUSALS = frozenset({"enable-refused", "msix-state-unknown"})
+_GRANTS_KEPT = 16
 
 
 def _chunks(start: int, end: int) -> list[tuple[int, int]]:
@@ -157,6 +158,8 @@ class Session:
         self.settled: TagWidth | None = None
         self.dirty: set[int] = set(range(n))
         self.prospective = TagWidth.ST8  # the width of the guest's last enable request
+        self._grants: dict[tuple[int, bool, bool], Grant] = {}  # see _grant
+        self._grants_rules: TagRules | None = None
 
     # --- the guest's view -------------------------------------------------------------------
     def _put_image(self, off: int, size: int, value: int) -> None:
@@ -207,6 +210,17 @@ class Session:
     def _grant(self, full: bool = True) -> Grant:
         limit = self.backend.limit(self)
         ctrl = self.guest_ctrl()
+        if limit is None:
+            # A pure function of these and the rules: kept (every ST entry write asks).
+            if self._grants_rules is not self.rules or len(self._grants) >= _GRANTS_KEPT:
+                self._grants.clear()
+                self._grants_rules = self.rules
+            key = (ctrl, self.latched, self.revoked)
+            grant = self._grants.get(key)
+            if grant is None:
+                grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked)
+                self._grants[key] = grant
+            return grant
         grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked, limit)
         if (
             limit is not None
@@ -249,13 +263,15 @@ class Session:
         if grant.uses_entries:
             width = grant.width
             assert width is not None
-            check = (
+            check: range | list[int] = (
                 range(geo.n_entries)
                 if full or width is not self.settled
                 else sorted(self.dirty | set(touched))
+                if self.dirty or touched
+                else []
             )
             trial: list[str] = []
-            refused = self._resolve(check, width, True, changes, trial, touched)
+            refused = bool(check) and self._resolve(check, width, True, changes, trial, touched)
             if refused:
                 # Only why the enable failed: the entries it would have written were not.
                 reasons.extend(r for r in trial if r in VIOLATIONS or r in _REFUSALS)
@@ -268,7 +284,8 @@ class Session:
                 self.dirty.clear()
         else:
             width = grant.requested_width or self.prospective
-            self._resolve(sorted(touched), width, False, changes, reasons, touched)
+            if touched:
+                self._resolve(sorted(touched), width, False, changes, reasons, touched)
             if self.latched and grant.width is not None:
                 grant = Grant(MODE.put(0, grant.mode), None, [], grant.width, True)
             for i in touched:
@@ -351,7 +368,7 @@ class Session:
         ):
             target = dev  # disabled, and the guest got nothing it asked for: leave it alone
         steps: list[Step] = []
-        if grant.uses_entries and any(i not in touched for i in changes):
+        if changes and grant.uses_entries and any(i not in touched for i in changes):
             reasons.append("entries-corrected")
         # The guest wrote the control register: write it even if unchanged (it may pass).
         rewrite_ctrl = ctrl_touched and dev == target and not grant.refused
@@ -368,11 +385,63 @@ class Session:
             if dev != off:
                 steps.append((_CTRL_STEP, 0, off))
                 dev = off
-        for i in sorted(changes):
-            steps.append((_ENTRY_STEP, i, changes[i]))
+        if changes:
+            steps.extend((_ENTRY_STEP, i, changes[i]) for i in sorted(changes))
         if dev != target or (rewrite_ctrl and not any(s[0] == _CTRL_STEP for s in steps)):
             steps.append((_CTRL_STEP, 0, target))
         return steps
+
+    def steady_entry(self, i: int, guest: int, written: bool) -> tuple[int, str, Grant] | None:
+        """What :meth:`plan` makes of a write of the whole entry ``i`` (new guest tag
+        ``guest``; ``written``: the entry counts as written), in the usual state; None
+        otherwise (then the caller takes the general path). Changes nothing.
+
+        The usual state: one capability, no latch, the device's control register is what the
+        guest's request grants, and either Interrupt Vector mode is in force at the width the
+        other entries were settled at and the new tag is allowed at it (the plan is this one
+        entry), or the entries are not in use and the tag resolves to a value. Returns that
+        value (the plan's only step), its reason and the grant, for :meth:`settle_entry`.
+        """
+        if self.latched or not self.geo.trappable:
+            return None
+        dev = self.dev_ctrl[0]
+        if dev is None:
+            return None
+        grant = self._grant(False)
+        cap = self.geo.caps[0]
+        if grant.uses_entries:
+            width = grant.width
+            if width is None or width is not self.settled or (self.dirty and self.dirty != {i}):
+                return None
+            if dev != control_value(cap.reserved, grant.bits):
+                return None
+            value, code = resolve_entry(guest, written, self.dev_ent[i], width, True, self.rules)
+            if value < 0 or code is None or code == "tag-fallback":
+                return None
+            if not self.rules.host_ok(value, width):
+                return None
+            return value, code, grant
+        if grant.width is not None:
+            return None
+        target = control_value(cap.reserved, grant.bits)
+        if (grant.refused or not self.ctrl_written) and REQ.get(dev) == ReqEnable.DISABLED:
+            target = dev
+        if dev != target:
+            return None
+        width = grant.requested_width or self.prospective
+        value, code = resolve_entry(guest, written, self.dev_ent[i], width, False, self.rules)
+        if value < 0 or code is None:
+            return None
+        return value, code, grant
+
+    def settle_entry(self, i: int, grant: Grant) -> None:
+        """The bookkeeping :meth:`plan` does for the plan :meth:`steady_entry` returned."""
+        if grant.uses_entries:
+            self.settled = grant.width
+            self.dirty.clear()
+        else:
+            self.dirty.add(i)
+        self.prospective = grant.requested_width or self.prospective
 
     @staticmethod
     def _uses(ctrl: int) -> bool:
@@ -546,19 +615,24 @@ class Session:
     # --- reads --------------------------------------------------------------------------------
     def config_view(self, off: int, width: int) -> tuple[int, int]:
         """(mask, value): the bytes of [off, off+width) served from the guest's view."""
+        reg = self.geo.exact.get(off)
+        if reg is not None and reg.size == width:  # one whole register of a capability
+            return (1 << (8 * width)) - 1, int.from_bytes(self.image[off : off + width], "little")
         mask = patch = 0
         for cap in self.geo.caps:
             lo, hi = max(off, cap.start), min(off + width, cap.end)
-            for pos in range(lo, hi):
-                k = pos - off
-                mask |= 0xFF << (8 * k)
-                patch |= self.image[pos] << (8 * k)
+            if lo < hi:
+                shift = 8 * (lo - off)
+                mask |= ((1 << (8 * (hi - lo))) - 1) << shift
+                patch |= int.from_bytes(self.image[lo:hi], "little") << shift
         return mask, patch
 
     def msix_view(self, off: int, width: int) -> tuple[int, int]:
         geo = self.geo
         if not geo.in_msix or off + width <= geo.msix_start or off >= geo.msix_end:
             return 0, 0
+        if width == 4 and off in geo.vc_index:  # one whole Vector Control word
+            return _VC_ST.mask, self.guest_tag[geo.vc_index[off]] << _VC_ST.shift
         mask = patch = 0
         for k in range(width):
             rel = off + k - geo.msix_start

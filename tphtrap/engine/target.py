@@ -41,7 +41,7 @@ LATCH: Final = -3
 class Grant:
     """The granted control register: writable bits, tag width in force, reasons."""
 
-    __slots__ = ("bits", "mode", "reasons", "refused", "requested_width", "width")
+    __slots__ = ("bits", "mode", "reasons", "refused", "requested_width", "uses_entries", "width")
 
     def __init__(
         self,
@@ -57,10 +57,8 @@ class Grant:
         self.reasons = reasons
         self.requested_width = requested_width  # the width an enable asked for (after downgrade)
         self.refused = refused  # the guest asked for an enable it does not get
-
-    @property
-    def uses_entries(self) -> bool:
-        return self.width is not None and self.mode == StMode.INT_VEC
+        #: enabled in Interrupt Vector mode: the device uses its ST entries
+        self.uses_entries = width is not None and self.mode == StMode.INT_VEC
 
 
 class HostLimit(NamedTuple):

@@ -1,0 +1,135 @@
+"""The engine's whole-register fast paths decide exactly as its general path.
+
+``Engine.fast_paths`` sends a write of one whole ST entry or Vector Control word, in the usual
+state, through a shorter path (``Session.steady_entry``). Here two engines, one with the fast
+paths and one without, are driven in lockstep by the attacker of
+tests/test_engine_stateful.py (its device simulator and oracle check the fast engine as
+always): after every call, both must have answered the same and hold the same state, down to
+the self-check's copy of the device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from test_engine import CAP, MSIX, A, B, fixture, policy, tph_base
+from test_engine_stateful import TphMachine
+
+from tphtrap.engine import Engine
+from tphtrap.engine.session import Session
+from tphtrap.events import ConfigWrite, MsixWrite, Verdict
+from tphtrap.policy import Policy
+
+EXAMPLES = int(os.environ.get("TPHTRAP_EXAMPLES", 2_000)) // 4
+
+# Everything a session decides from, and the self-check's copy of the device (``_grants`` is
+# a cache of a pure function and left out).
+SESSION_STATE = (
+    "image", "ctrl_written", "written", "guest_tag", "guest_low", "dev_ctrl", "dev_ent",
+    "dev_low", "pm_state", "latched", "revoked", "poisoned", "settled", "dirty", "prospective",
+    "counts", "rules",
+)  # fmt: skip
+CHECKER_STATE = ("ctrl", "ent", "pm")
+
+
+def state(engine: Engine) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for key, sess in engine._sessions.items():
+        assert isinstance(sess, Session)
+        out[key] = (
+            [getattr(sess, name) for name in SESSION_STATE],
+            [getattr(sess.checker, name) for name in CHECKER_STATE],
+        )
+    return out
+
+
+class TwinEngine:
+    """Two engines answering every call; anything that differs fails the test."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.fast = Engine(policy)
+        self.slow = Engine(policy)
+        self.slow.fast_paths = False
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        fast, slow = getattr(self.fast, name), getattr(self.slow, name)
+
+        def both(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            got = [_outcome(fast, args, kwargs), _outcome(slow, args, kwargs)]
+            what = f"{name}{args}"
+            assert _comparable(got[0]) == _comparable(got[1]), f"{what}: the answers differ"
+            assert state(self.fast) == state(self.slow), f"{what}: the states differ"
+            if isinstance(got[0], BaseException):
+                raise got[0]
+            return got[0]
+
+        return both
+
+
+def _outcome(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:
+        return exc
+
+
+def _comparable(result: Any) -> Any:
+    """A call's result with the sessions it names replaced by their (vm, bdf)."""
+    if isinstance(result, BaseException):
+        return (type(result), str(result))
+    if isinstance(result, list):
+        return [_comparable(r) for r in result]
+    if isinstance(result, tuple):
+        return tuple(_comparable(r) for r in result)
+    if isinstance(result, Session):
+        return ("session", result.vm, result.bdf)
+    return result
+
+
+class TwinMachine(TphMachine):
+    ENGINE = TwinEngine
+
+
+TwinMachine.TestCase.settings = settings(
+    max_examples=max(1, EXAMPLES),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_fast_paths_decide_as_the_general_path = TwinMachine.TestCase
+
+
+@pytest.mark.parametrize("where", ["cap", "msix"])
+def test_the_fast_path_is_taken(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver's ST entry / Vector Control write while enabled takes the fast path (or the
+    machine above compares the general path with itself)."""
+    taken: list[bool] = []
+    original = Engine._steady_entry
+
+    def spy(self: Engine, *args: Any) -> Any:
+        result = original(self, *args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(Engine, "_steady_entry", spy)
+    engine = Engine(policy())
+    if where == "cap":
+        cfg = fixture(CAP)
+        engine.attach("a", A, cfg)
+        base = tph_base(cfg)
+        engine.handle(ConfigWrite("a", A, base + 0xC, 2, 0x10))
+        engine.handle(ConfigWrite("a", A, base + 8, 4, 0x101))  # Interrupt Vector, enabled
+        d = engine.handle(ConfigWrite("a", A, base + 0xE, 2, 0x11))
+    else:
+        cfg = fixture(MSIX)
+        engine.attach("b", B, cfg, vector_ctrl=[1] * 32)
+        engine.handle(ConfigWrite("b", B, tph_base(cfg) + 8, 4, 0x101))
+        d = engine.handle(MsixWrite("b", B, 2, 0x4000 + 12, 4, 0x0002_0000))  # vCPU 2, unmasked
+    assert d.verdict in (Verdict.PASS, Verdict.REWRITE), d
+    assert taken and taken[-1], f"{d.reasons}: the general path decided"
