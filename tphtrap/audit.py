@@ -129,12 +129,11 @@ class _UtcClock:
         self._prefix = ""
 
     def now(self) -> str:
-        t = time.time()
-        second = int(t)
+        second, micro = divmod(time.time_ns() // 1000, 1_000_000)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
+        return f"{self._prefix}.{micro:06d}Z"
 
 
 def _stamp(clock: _UtcClock) -> Callable[[Any, str, EventDict], EventDict]:
@@ -223,10 +222,11 @@ class _DecidedLine:
             )
         writes = decision.writes
         done = ""
-        if writes:
+        if len(writes) == 1:
+            w = writes[0]
+            done = f',"device_writes":[{write_text(w)}],"device_value":{int(w.value)}'
+        elif writes:
             done = f',"device_writes":[{",".join([write_text(w) for w in writes])}]'
-            if len(writes) == 1:
-                done += f',"device_value":{int(writes[0].value)}'
         if decision.ops:
             done += f',"host_ops":[{",".join([op_text(o) for o in decision.ops])}]'
         view = ""
@@ -330,7 +330,9 @@ class Auditor:
         """One ``access.decided`` event (``engine.failed`` for an internal error)."""
         if decision.reason == "not-tph" and not self.include_passes:
             return
-        if decision.reason != "internal-error" and (not extra or extra.keys() == {"id"}):
+        if decision.reason != "internal-error" and (
+            not extra or (len(extra) == 1 and "id" in extra)
+        ):
             self.events += 1
             rid = extra["id"] if extra else _NO_ID
             self._writer.msg(self._line.render(access, decision, rid, self._clock.now()))

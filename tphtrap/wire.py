@@ -886,8 +886,10 @@ def decision_text(d: Decision) -> str:
             f'{{"verdict":{_ESC(VERDICT_NAMES[d.verdict])},"reason":{_ESC(d.reason)},'
             f'"reasons":[{",".join(_ESC(r) for r in d.reasons)}],"detail":{_ESC(d.detail)}',
         )
-    if len(d.writes) < 2:
-        writes = ",".join([write_text(w) for w in d.writes])
+    if len(d.writes) == 1:
+        writes = write_text(d.writes[0])
+    elif not d.writes:
+        writes = ""
     else:
         writes = ",".join([write_text(w, c, st) for w, c, st in _write_groups(d.writes)])
     ops = ""

@@ -165,38 +165,35 @@ class Checker:
     def _verify_whole(self, w: DeviceWrite, rules: TagRules, revoked: bool) -> bool:
         """:meth:`verify` of a plan that is one write of a whole ST entry, Vector Control word
         or control register (what drivers write), in one step; False: not such a write."""
-        if self.caps and w.offset == self.caps[0][0] + PCI_TPH_CTRL and w.space == "config":
-            if w.width != 4:
+        if w.space == "config":
+            rel = w.offset - self.table_at
+            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
+                regs, i, entries = self.ent, rel // 2, {rel // 2}  # one ST entry
+            elif self.caps and w.offset == self.caps[0][0] + PCI_TPH_CTRL and w.width == 4:
+                for c in _values(self.ctrl[0]) or ():
+                    if (w.value ^ c) & ~_WRITABLE:
+                        raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
+                regs, i, entries = self.ctrl, 0, None
+            else:
                 return False
-            for c in _values(self.ctrl[0]) or ():
-                if (w.value ^ c) & ~_WRITABLE:
-                    raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
-            regs, i, entries = self.ctrl, 0, None
+        elif w.bar == self.msix_bir and w.width == 4:
+            rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
+            if not (0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and not rel % PCI_MSIX_ENTRY_SIZE):
+                return False
+            i = rel // PCI_MSIX_ENTRY_SIZE
+            regs, entries = self.ent, {i}  # one Vector Control word
         else:
-            i = self._whole_entry(w)
-            if i < 0:
-                return False
-            regs, entries = self.ent, {i}
+            return False
         old = regs[i]
         regs[i] = w.value
-        problem = self._violation(rules, revoked, entries)
+        if regs is self.ctrl and len(regs) == 1:  # the only capability: its one value now
+            problem = self._unsafe(0, w.value, rules, revoked, None)
+        else:
+            problem = self._violation(rules, revoked, entries)
         if problem is not None:
             regs[i] = old
             raise UnsafePlan(f"after {_show(w)}: {problem}")
         return True
-
-    def _whole_entry(self, w: DeviceWrite) -> int:
-        """The entry ``w`` writes whole and alone (an ST entry of the capability's table, or
-        the Vector Control word of an MSI-X table entry), else -1."""
-        if w.space == "config":
-            rel = w.offset - self.table_at
-            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
-                return rel // 2
-        elif w.bar == self.msix_bir and w.width == 4:
-            rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
-            if 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and not rel % PCI_MSIX_ENTRY_SIZE:
-                return rel // PCI_MSIX_ENTRY_SIZE
-        return -1
 
     def _whole_bar(self, w: DeviceWrite, touched: set[int]) -> None:
         """:meth:`_bar`, with a whole Vector Control write applied in one step."""
@@ -285,7 +282,7 @@ class Checker:
         for k, c in enumerate(self.ctrl):
             if k in pending:
                 continue
-            possible = _values(c)
+            possible = (c,) if type(c) is int else _values(c)
             if possible is None:
                 return "control register unknown"
             for ctrl in possible:
@@ -322,6 +319,12 @@ class Checker:
         shift = 0 if self.in_cap else 16
         mask = width.mask
         ent = self.ent
+        if entries is None:
+            try:  # every entry one known value (the usual case), all allowed: in one pass
+                if allowed.issuperset([(v >> shift) & mask for v in ent]):  # type: ignore[operator]
+                    return None
+            except TypeError:  # an unknown entry, or one with several possible values
+                pass
         for i in range(self.n) if entries is None else entries:
             v = ent[i]
             if type(v) is int:  # one known value (the usual case)

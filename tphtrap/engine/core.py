@@ -347,18 +347,13 @@ class Engine:
         (:meth:`Session.steady_entry`): the general path's decision, in fewer steps. None: not
         the usual state, nothing changed."""
         raw = sess.backend
-        if not isinstance(raw, RawWrites):
+        if type(raw) is not RawWrites:
             return None
         got = sess.steady_entry(i, tag, written)
         if got is None:
             return None
         value, code, grant = got
-        if own.space == "config":
-            sess.config_write(own.offset, own.width, own.value)
-            mask, patch = sess.config_view(own.offset, own.width)
-        else:
-            sess.msix_write(own.offset, own.width, own.value, own.bar or 0)
-            mask, patch = sess.msix_view(own.offset, own.width)
+        mask, patch = sess.put_entry(i, own)
         steps: list[Step] = [(_ENTRY_STEP, i, value)]
         sess.settle_entry(i, grant)
         writes = raw.writes(sess, steps)
@@ -369,7 +364,7 @@ class Engine:
         raw.commit(sess, r)
         verdict = _PASS if writes[0] is own else _REWRITE
         return self._decision(
-            sess, verdict, [code], tuple(writes), guest_value=patch, read_mask=mask
+            sess, verdict, (code,), tuple(writes), guest_value=patch, read_mask=mask
         )
 
     def _finish(
@@ -386,7 +381,7 @@ class Engine:
             mask, patch = sess.config_view(own.offset, own.width)
         else:
             mask, patch = sess.msix_view(own.offset, own.width)
-        if verdict is _PASS:
+        if verdict is _PASS and not (len(reasons) == 1 and reasons[0] in BENIGN):
             reasons = [r for r in reasons if r in BENIGN] or reasons
         elif not reasons and r.ops is not None:
             reasons = ["tph-unchanged"]  # the guest's TPH bytes are not written raw
@@ -481,7 +476,7 @@ class Engine:
         self,
         sess: Session,
         verdict: Verdict,
-        reasons: list[str],
+        reasons: list[str] | tuple[str, ...],
         writes: tuple[DeviceWrite, ...] = (),
         *,
         guest_value: int | None = None,
@@ -489,7 +484,9 @@ class Engine:
         detail: str | None = None,
         ops: list[HostOp] | None = None,
     ) -> Decision:
-        uniq, main, text, violation = summarize(tuple(reasons))
+        uniq, main, text, violation = summarize(
+            reasons if type(reasons) is tuple else tuple(reasons)
+        )
         sess.counts[verdict] = sess.counts.get(verdict, 0) + 1
         rule = sess.rules.rule_violation if violation else sess.rules.rule
         if ops is None and isinstance(sess.backend, HostOps):

@@ -142,6 +142,11 @@ class Geometry:
             for i in range(self.n_entries if self.in_msix else 0)
         )
         self.vc_index = {off: i for i, off in enumerate(self.vc_offsets)}
+        #: config offset of each ST entry in the (only) capability's table
+        self.entry_offsets = tuple(
+            self.caps[0].start + PCI_TPH_BASE_SIZEOF + ENTRY_SIZE * i
+            for i in range(self.n_entries if not self.in_msix and self.caps else 0)
+        )
         self.no_soft_reset = False
         self.pm_offset = -1  # PMCSR
         self.regs: list[Reg | None] = [None] * PCI_CFG_SPACE_EXP_SIZE
@@ -191,10 +196,6 @@ class Geometry:
                 self.no_soft_reset = bool(PM_CTRL["no_soft_reset"].get(pmcsr))
                 self.pm_offset = c.offset + PCI_PM_CTRL
                 self._put(Reg(K_PMCSR, c.offset + PCI_PM_CTRL, 2))
-
-    def entry_offset(self, i: int) -> int:
-        """Config offset of ST entry ``i`` in the (only) capability."""
-        return self.caps[0].start + PCI_TPH_BASE_SIZEOF + ENTRY_SIZE * i
 
 
 def _check_snapshot(cfg: ConfigSpace) -> None:

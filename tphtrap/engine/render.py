@@ -104,13 +104,16 @@ class RawWrites:
                 word = (low & _VC_LOW) | (value << _VC_ST.shift)
                 out.append(DeviceWrite("bar", geo.vc_offsets[index], 4, word, geo.msix_bir))
             else:
-                out.append(DeviceWrite("config", geo.entry_offset(index), ENTRY_SIZE, value))
+                out.append(DeviceWrite("config", geo.entry_offsets[index], ENTRY_SIZE, value))
         return out
 
     def access(
         self, sess: Session, steps: list[Step], through: list[DeviceWrite], own: DeviceWrite
     ) -> Rendering:
-        writes = _as_guest_wrote(sess, steps, self.writes(sess, steps) + through, own)
+        writes = self.writes(sess, steps)
+        if through:
+            writes += through
+        writes = _as_guest_wrote(sess, steps, writes, own)
         return Rendering(writes, None, steps)
 
     def settle(self, sess: Session, steps: list[Step]) -> Rendering:

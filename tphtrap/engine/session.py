@@ -172,7 +172,7 @@ class Session:
     def guest_entry(self, i: int) -> int:
         if self.geo.in_msix:
             return self.guest_tag[i]
-        off = self.geo.entry_offset(i)
+        off = self.geo.entry_offsets[i]
         return int.from_bytes(self.image[off : off + ENTRY_SIZE], "little")
 
     def dev_enabled(self) -> bool:
@@ -189,7 +189,7 @@ class Session:
         for cap in geo.caps:
             self._put_image(cap.ctrl, CTRL_SIZE, cap.reserved)
         for i in range(geo.n_entries if not geo.in_msix else 0):
-            self._put_image(geo.entry_offset(i), ENTRY_SIZE, 0)
+            self._put_image(geo.entry_offsets[i], ENTRY_SIZE, 0)
         n = geo.n_entries
         self.ctrl_written = False
         self.written = [False] * n
@@ -209,7 +209,8 @@ class Session:
     # --- target and plan ------------------------------------------------------------------------
     def _grant(self, full: bool = True) -> Grant:
         limit = self.backend.limit(self)
-        ctrl = self.guest_ctrl()
+        off = self.geo.caps[0].ctrl
+        ctrl = int.from_bytes(self.image[off : off + CTRL_SIZE], "little")  # guest_ctrl()
         if limit is None:
             # A pure function of these and the rules: kept (every ST entry write asks).
             if self._grants_rules is not self.rules or len(self._grants) >= _GRANTS_KEPT:
@@ -484,10 +485,10 @@ class Session:
                 self.ctrl_written = True
                 bits = ["reserved-bits"] if (value ^ old) & ~CTRL_WRITABLE else []
                 return [], bits, False, set(), True
-            self._put_image(off, width, value)
             if reg.cap == 0 and geo.trappable:
-                self.written[reg.index] = True
+                self.put_entry(reg.index, DeviceWrite("config", off, width, value))
                 return [], [], False, {reg.index}, False
+            self._put_image(off, width, value)
             return [], [geo.refusal or "no-st-table"], False, set(), False  # kept from the device
         regs = geo.regs
         reasons: list[str] = []
@@ -545,11 +546,7 @@ class Session:
         i = geo.vc_index.get(off, -1)
         if width == 4 and i >= 0:
             # A whole Vector Control word (what drivers write): mask bits and tag at once.
-            tag = value >> _VC_ST.shift
-            if tag != self.guest_tag[i]:
-                self.guest_tag[i] = tag
-                self.written[i] = True
-            self.guest_low[i] = value & _VC_LOW
+            self.put_entry(i, DeviceWrite("bar", off, width, value, bar))
             return [], {i}
         through: list[tuple[int, int]] = []
         touched: set[int] = set()
@@ -589,6 +586,22 @@ class Session:
                 low = (low & ~(0xFF << 8 * k)) | (byte << 8 * k)
             self.guest_low[i] = low
         return self.pieces("bar", through, bar), touched
+
+    def put_entry(self, i: int, w: DeviceWrite) -> tuple[int, int]:
+        """The guest's write ``w`` of the whole entry ``i`` (an ST entry of the capability's
+        table, or entry i's Vector Control word) merged into the view. Returns what a read of
+        ``w``'s bytes sees from the view then: (mask, value), as :meth:`config_view` and
+        :meth:`msix_view` give it."""
+        if self.geo.in_msix:
+            tag = w.value >> _VC_ST.shift
+            if tag != self.guest_tag[i]:
+                self.guest_tag[i] = tag
+                self.written[i] = True
+            self.guest_low[i] = w.value & _VC_LOW  # mask bits and tag at once
+            return _VC_ST.mask, tag << _VC_ST.shift
+        self.image[w.offset : w.offset + w.width] = w.value.to_bytes(w.width, "little")
+        self.written[i] = True
+        return (1 << (8 * w.width)) - 1, w.value
 
     @staticmethod
     def pieces(
