@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tphtrap.device import ConfigSpace, load_device
 from tphtrap.engine import REASONS, Engine
 from tphtrap.engine.render import HostFacts
-from tphtrap.engine.trapmap import trap_map
+from tphtrap.engine.trapmap import trap_map, trapped
 from tphtrap.events import (
     Access,
     ConfigRead,
@@ -183,3 +183,27 @@ def test_no_access_outside_the_map_changes_a_decision(
             space = "config" if isinstance(step, ConfigWrite) else "bar"
             bar = step.bar if isinstance(step, MsixWrite) else None
             assert d.writes == (DeviceWrite(space, step.offset, step.width, step.value, bar),)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    name=st.sampled_from(FIXTURES),
+    space=st.sampled_from(["config", "bar"]),
+    offset=st.integers(0, 4095) | st.integers(0x3F00, 0x4300),
+    width=st.sampled_from([1, 2, 4, 8]),
+    write=st.booleans(),
+    bar=st.integers(0, 5),
+)
+def test_trapped_reads_the_map_as_written(
+    name: str, space: str, offset: int, width: int, write: bool, bar: int
+) -> None:
+    """``trapped`` (for VMMs and the benchmarks) says what this file's own reading says."""
+    from tphtrap.engine.geometry import Geometry
+
+    tm = trap_map(Geometry(CONFIGS[name]))
+    cfg, bars = ranges(tm, reads=not write)
+    if space == "config":
+        want = overlaps(offset, width, cfg)
+    else:
+        want = bool(tm["bar"]) and bar == tm["bar"][0]["bar"] and overlaps(offset, width, bars)
+    assert trapped(tm, space, offset, width, write=write, bar=bar) == want

@@ -22,7 +22,7 @@ from typing import Any
 from ..spec import PCI_MSIX_ENTRY_SIZE
 from .geometry import K_FLR_AF, K_FLR_EXP, K_PMCSR, Geometry
 
-__all__ = ["trap_map"]
+__all__ = ["trap_map", "trapped"]
 
 _RESET_REGS = {K_FLR_EXP: "pcie-devctl", K_FLR_AF: "af-ctrl", K_PMCSR: "pmcsr"}
 
@@ -60,3 +60,37 @@ def trap_map(geo: Geometry) -> dict[str, list[dict[str, Any]]]:
             }
         )
     return {"config": config, "bar": bar}
+
+
+def trapped(
+    tmap: dict[str, list[dict[str, Any]]],
+    space: str,
+    offset: int,
+    width: int,
+    *,
+    write: bool,
+    bar: int | None = None,
+) -> bool:
+    """Must a VMM forward this guest access (``space`` ``"config"`` or ``"bar"``) to tphtrap,
+    by the trap map ``tmap`` of its device? True when it overlaps a range of the map that
+    covers it (``reads`` false: writes only)."""
+    end = offset + width
+    if space == "config":
+        return any(
+            offset < r["offset"] + r["length"] and r["offset"] < end
+            for r in tmap["config"]
+            if write or r["reads"]
+        )
+    for r in tmap["bar"]:
+        if r["bar"] != bar or not (write or r["reads"]):
+            continue
+        first, stride, length = r["offset"], r["stride"], r["length"]
+        # the copies of the range that can overlap [offset, end): k from lo to hi
+        lo = max(0, (offset - first - length) // stride + 1)
+        hi = min(r["count"] - 1, (end - 1 - first) // stride)
+        if any(
+            offset < first + k * stride + length and first + k * stride < end
+            for k in range(lo, hi + 1)
+        ):
+            return True
+    return False
