@@ -34,7 +34,15 @@ from .events import (
     Reset,
     Verdict,
 )
-from .wire import cache_put, compact_encoder, id_text, json_string, op_text, write_text
+from .wire import (
+    cache_put,
+    compact_encoder,
+    id_text,
+    json_string,
+    one_write_text,
+    op_text,
+    write_text,
+)
 
 __all__ = ["Auditor", "access_fields", "decision_fields"]
 
@@ -224,7 +232,7 @@ class _DecidedLine:
         done = ""
         if len(writes) == 1:
             w = writes[0]
-            done = f',"device_writes":[{write_text(w)}],"device_value":{int(w.value)}'
+            done = f',"device_writes":[{one_write_text(w)}],"device_value":{int(w.value)}'
         elif writes:
             done = f',"device_writes":[{",".join([write_text(w) for w in writes])}]'
         if decision.ops:

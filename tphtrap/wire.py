@@ -853,6 +853,21 @@ def write_text(w: DeviceWrite, count: int = 1, stride: int = 0) -> str:
     )
 
 
+_LAST_WRITE: list[Any] = [None, ""]
+
+
+def one_write_text(w: DeviceWrite) -> str:
+    """:func:`write_text` of ``w``, kept for the next call with the same write: the audit line
+    and the reply of one decision each write its only device write (writes are never changed
+    once made, and the reference kept here keeps the object from being reused)."""
+    if _LAST_WRITE[0] is w:
+        text: str = _LAST_WRITE[1]
+        return text
+    text = write_text(w)
+    _LAST_WRITE[0], _LAST_WRITE[1] = w, text
+    return text
+
+
 def _cpu_text(cpu: int | None) -> str:
     return "null" if cpu is None else str(int(cpu))
 
@@ -887,7 +902,7 @@ def decision_text(d: Decision) -> str:
             f'"reasons":[{",".join(_ESC(r) for r in d.reasons)}],"detail":{_ESC(d.detail)}',
         )
     if len(d.writes) == 1:
-        writes = write_text(d.writes[0])
+        writes = one_write_text(d.writes[0])
     elif not d.writes:
         writes = ""
     else:
