@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  ?= $(BIN)/python -m pytest
 
-.PHONY: help deps setup test demo lint policy-check bench fuzz integration traces c-client clean
+.PHONY: help deps setup test demo lint policy-check bench bench-compare fuzz integration traces c-client clean
 # deps must finish before the virtual environment is made (it may install python3-venv).
 .NOTPARALLEL:
 
@@ -16,6 +16,7 @@ help:
 	@echo "make lint          ruff and mypy"
 	@echo "make policy-check  check every example policy"
 	@echo "make bench         benchmarks; writes bench/results.md"
+	@echo "make bench-compare BASE=COMMIT   serve latency of this tree against COMMIT, side by side"
 	@echo "make fuzz          a longer fuzzing campaign"
 	@echo "make integration   boot QEMU guests with the SSDT of tphtrap acpi guest (about a minute)"
 	@echo "make traces        record real QEMU guest traces into fixtures/traces (Debian kernel, TCG)"
@@ -53,6 +54,10 @@ policy-check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --output bench/results.md
+
+BASE ?= 31d353d
+bench-compare: $(STAMP)
+	$(BIN)/python bench/compare.py $(BASE)
 
 fuzz: $(STAMP)
 	TPHTRAP_FUZZ=long $(PYTEST) -q tests/test_fuzz.py tests/test_engine_stateful.py -p no:cacheprovider

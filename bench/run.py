@@ -388,9 +388,10 @@ def bench_inprocess(sizes: Sizes, workdir: Path) -> dict[str, dict[str, float]]:
     from tphtrap.audit import Auditor
     from tphtrap.policyfile import load_policy
     from tphtrap.serve import Server
+    from tphtrap.wire import access_reply, parse_request, to_access
 
-    audit = open(workdir / "audit-inprocess.jsonl", "w", buffering=1, encoding="utf-8")  # noqa: SIM115
-    server = Server(load_policy(str(workload.POLICY)), str(workload.POLICY), Auditor(audit))
+    auditor = Auditor.to_file(str(workdir / "audit-inprocess.jsonl"))  # as serve --audit does
+    server = Server(load_policy(str(workload.POLICY)), str(workload.POLICY), auditor)
     for req in workload.setup_requests():
         server.handle_line(json.dumps(req).encode())
     n = max(200, sizes.engine // 20)
@@ -398,15 +399,28 @@ def bench_inprocess(sizes: Sizes, workdir: Path) -> dict[str, dict[str, float]]:
     for kind in workload.LATENCY_KINDS:
         lines = [line.rstrip(b"\n") for line in workload.latency_requests(kind)]
         k = len(lines)
-        costs: dict[str, list[float]] = {"serve": [], "echo-json": []}
+        accesses = [to_access(parse_request(line)) for line in lines]
+        decisions = [server.engine.handle(a) for a in accesses]  # one cycle of the same states
+        steps: dict[str, Any] = {
+            "serve": server.handle_line,
+            "echo-json": echo_child.reply_json,
+            "parse": parse_request,
+            "engine": lambda i, acc=accesses: server.engine.handle(acc[i]),
+            "audit": lambda i, acc=accesses, dec=decisions: auditor.decided(
+                acc[i], dec[i], {"id": i}
+            ),
+            "reply": lambda i, dec=decisions: access_reply(i, dec[i]),
+        }
+        costs: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(sizes.rounds):
-            for name, fn in (("serve", server.handle_line), ("echo-json", echo_child.reply_json)):
+            for name, fn in steps.items():
+                by_index = name in ("engine", "audit", "reply")
                 start = time.perf_counter()
                 for i in range(n):
-                    fn(lines[i % k])
+                    fn(i % k if by_index else lines[i % k])
                 costs[name].append((time.perf_counter() - start) / n * 1e6)
         out[kind] = {name: median(v) for name, v in costs.items()}
-    audit.close()
+    auditor.close()
     return out
 
 
@@ -858,11 +872,25 @@ def report(
         "Microseconds per request, median of rounds."
     )
     w("")
-    w("| request | Server.handle_line | echo-json reply | difference |")
-    w("|---|---:|---:|---:|")
+    w(
+        "| request | Server.handle_line | echo-json reply | difference | of it: parse | "
+        "engine | audit line | reply |"
+    )
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind, costs in inproc.items():
         diff = costs["serve"] - costs["echo-json"]
-        w(f"| {kind} | {costs['serve']:.1f} | {costs['echo-json']:.1f} | {diff:+.1f} |")
+        w(
+            f"| {kind} | {costs['serve']:.1f} | {costs['echo-json']:.1f} | {diff:+.1f} | "
+            f"{costs['parse']:.1f} | {costs['engine']:.1f} | {costs['audit']:.1f} | "
+            f"{costs['reply']:.1f} |"
+        )
+    w("")
+    w(
+        "The parts: `parse_request` of the line, `Engine.handle` of its access, the "
+        "`access.decided` line written to the audit file, the reply encoded, each timed alone "
+        "over the same requests (the audit line is not written for a `not-tph` pass); what "
+        "is left of `Server.handle_line` is the dispatch between them."
+    )
     w("")
 
     # --- pipelined

@@ -1,5 +1,5 @@
-"""Random worlds for the host backend's state machine: hosts, VMs, devices, and the oracle's
-own notion of the tags a VM may use (written from the policy's data, not from TagRules)."""
+"""Random worlds for the host backend's state machine: hosts, VMs, devices (the tags a VM may
+use are the oracle's, tests/oracle.py's ``allowed_tags``)."""
 
 from __future__ import annotations
 
@@ -83,15 +83,3 @@ def build_device(tph: TphSpec, tph_at: int, msix_size: int) -> ConfigSpace:
     msix = MsixSpec(table_size=size, bir=BIR, table_offset=TABLE_OFF)
     data = build_config(tph=tph, msix=msix, tph_at=tph_at, with_dsn=tph_at != 0x1C4)
     return ConfigSpace.from_bytes(data, "<sim>", BDF)
-
-
-def allowed(host: HostPolicy, vm: VmPolicy, bits: int) -> set[int]:
-    """Independent oracle: tags whose every owner is in the VM's CPUs, or neutral."""
-    owners: dict[int, set[int]] = {}
-    for cpu, tags in host.steering_tags.items():
-        t = tags.st8 if bits == 8 else tags.st16
-        if t is not None:
-            owners.setdefault(t, set()).add(cpu)
-    ok = {t for t, cpus in owners.items() if cpus <= vm.cpus}
-    ok |= {t for t in host.neutral_tags if t < (1 << bits)}
-    return ok

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,3 +68,44 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
     assert len(replay) == 4
     for r in replay:
         assert re.search(r"\| [\d.]+x \|", r)
+    # the fast-path goals: every request kind in both backends, pipelined, the worst decision,
+    # the trap map on the real guest trace
+    assert "## Fast path: the guest's cost of a decision" in text
+    for backend in ("writes", "host"):
+        for kind in ("TPH control", "ST entry", "non-TPH", "Vector Control"):
+            assert re.search(
+                rf"\| added p50 over the C echo, pinned, {backend} backend, cfg_write {kind}"
+                rf"|\| added p50 over the C echo, pinned, {backend} backend, msix_write {kind}",
+                text,
+            ), (backend, kind)
+    assert re.search(r"\| TPH decisions/s, 64 in flight .* \| [\d,]+ \| >= 150,000 \|", text)
+    assert re.search(r"\| worst single decision \(2048 vectors.*\| [\d.]+ ms \| <= 2 ms \|", text)
+    assert re.search(r"\| \.\.\. its reply \| [\d,]+ bytes \| <= max_reply 262,144 \|", text)
+    share = re.search(r"keeps away \(0 µs each\) \| ([\d,]+) of ([\d,]+) ", text)
+    assert share and 0 < int(share[1].replace(",", "")) < int(share[2].replace(",", ""))
+    assert "| 0000:01:00.0 (TPH) |" in text
+
+
+def test_compare_against_a_commit_runs() -> None:
+    """``bench/compare.py`` (``make bench-compare``) against this very commit: both trees
+    answer, every request kind is measured (a smoke run: no timing is checked)."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare.py"), head.stdout.strip(),
+         "--rounds", "1", "--block", "10", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert [r["kind"] for r in rows] == [
+        "cfg_write TPH control",
+        "cfg_write ST entry",
+        "cfg_write non-TPH",
+        "msix_write Vector Control",
+    ]
+    for r in rows:
+        assert r["this"]["p50"] > 0 and r["other"]["p50"] > 0 and r["p50_ratio"] > 0

@@ -31,7 +31,6 @@ from host_worlds import (
     CTRL_WRITABLE,
     TABLE_OFF,
     VM,
-    allowed,
     build_device,
     devices,
     hosts,
@@ -40,6 +39,7 @@ from host_worlds import (
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+from oracle import allowed_tags
 
 from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
@@ -252,7 +252,7 @@ class HostMachine(RuleBasedStateMachine):
         assert (k.in_cap or k.in_msix) and self.vm.tph and dev.tph, f"{ctx}: TPH where forbidden"
         assert (self.tph.cap_raw >> mode) & 1, f"{ctx}: a mode the device lacks"
         bits = 16 if en == 3 else 8
-        ok = allowed(self.host, self.vm, bits)
+        ok = allowed_tags(self.host, self.vm, bits)
         if bits == 16:
             assert self.vm.extended_tph and dev.extended_tph and ok, f"{ctx}: ext forbidden"
         if mode == 0:

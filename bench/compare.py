@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Serve latency of this tree against another commit, side by side in one run.
+
+    .venv/bin/python bench/compare.py 31d353d                # the commit before the engine rebuild
+    .venv/bin/python bench/compare.py v0.1 --rounds 9 --cpu 1 --json
+
+The other commit is checked out into a temporary git worktree (removed afterwards). Both
+trees run ``tphtrap serve`` under this tree's interpreter, each with its own benchmark policy
+and request lines (its ``bench/workload.py``), pinned to one CPU with the driver (the
+children inherit it), and answer the same ping-pong: per request kind, one block of warm-up
+round trips each, then ``--rounds`` rounds of 10 blocks of ``--block`` (500) round trips per
+child, the children alternating block by block. Reported: medians over rounds of p50 and
+p99, and of the per-round ratios (this tree / the other), which cancel the machine's drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run inside a tree: its benchmark set-up, as JSON.
+_DUMP = r"""
+import json, sys
+sys.path.insert(0, "bench"); sys.path.insert(0, ".")
+import workload
+print(json.dumps({
+    "setup": [json.dumps(r, separators=(",", ":")) for r in workload.setup_requests()],
+    "kinds": {k: [x.decode() for x in workload.latency_requests(k)]
+              for k in workload.LATENCY_KINDS},
+    "policy": str(workload.POLICY),
+}))
+"""
+
+
+class Serve:
+    def __init__(self, name: str, tree: Path, audit: Path) -> None:
+        self.name = name
+        dump = subprocess.run(
+            [sys.executable, "-c", _DUMP], cwd=tree, capture_output=True, text=True, check=True
+        )
+        self.setup: dict[str, Any] = json.loads(dump.stdout)
+        argv = [sys.executable, "-m", "tphtrap", "serve", "--policy", self.setup["policy"]]
+        self.proc = subprocess.Popen(
+            [*argv, "--audit", str(audit)],
+            cwd=tree,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.w, self.r = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        for line in self.setup["setup"]:
+            reply = self.roundtrip(line.encode() + b"\n")
+            if b'"ok":true' not in reply:
+                raise SystemExit(f"compare: {name} refused its set-up: {reply[:200]!r}")
+
+    def roundtrip(self, line: bytes) -> bytes:
+        os.write(self.w, line)
+        data = os.read(self.r, 1 << 16)
+        while not data.endswith(b"\n"):
+            more = os.read(self.r, 1 << 16)
+            if not more:
+                raise SystemExit(f"compare: {self.name} exited")
+            data += more
+        return data
+
+    def pingpong(self, lines: list[bytes], n: int, offset: int) -> list[float]:
+        out = []
+        for i in range(offset, offset + n):
+            t0 = time.perf_counter_ns()
+            self.roundtrip(lines[i % len(lines)])
+            out.append((time.perf_counter_ns() - t0) / 1000)
+        return out
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+def measure(children: list[Serve], rounds: int, block: int) -> list[dict[str, Any]]:
+    rows = []
+    for kind in children[0].setup["kinds"]:
+        lines = {c.name: [x.encode() for x in c.setup["kinds"].get(kind, [])] for c in children}
+        if not all(lines.values()):
+            continue  # a request kind one of the trees does not have
+        for c in children:
+            c.pingpong(lines[c.name], block, 0)
+        per: dict[str, list[tuple[float, float]]] = {c.name: [] for c in children}
+        for _ in range(rounds):
+            samples: dict[str, list[float]] = {c.name: [] for c in children}
+            for b in range(10):
+                for c in children if b % 2 else children[::-1]:
+                    samples[c.name] += c.pingpong(lines[c.name], block, b * block)
+            for name, s in samples.items():
+                s.sort()
+                per[name].append((s[len(s) // 2], s[int(len(s) * 0.99)]))
+        new, old = (per[c.name] for c in children)
+        rows.append(
+            {
+                "kind": kind,
+                "this": {"p50": statistics.median(x[0] for x in new),
+                         "p99": statistics.median(x[1] for x in new)},
+                "other": {"p50": statistics.median(x[0] for x in old),
+                          "p99": statistics.median(x[1] for x in old)},
+                "p50_ratio": statistics.median(a[0] / b[0] for a, b in zip(new, old, strict=True)),
+                "p99_ratio": statistics.median(a[1] / b[1] for a, b in zip(new, old, strict=True)),
+            }
+        )  # fmt: skip
+        print(f"compare: {kind} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("commit", help="the commit to compare against (anything git rev-parse takes)")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds per request kind (default 7)")
+    ap.add_argument("--block", type=int, default=500, help="round trips per block (default 500)")
+    ap.add_argument("--cpu", type=int, default=0, help="the CPU to pin to (default 0)")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args(argv)
+    os.sched_setaffinity(0, {args.cpu})
+    with tempfile.TemporaryDirectory(prefix="tphtrap-compare-") as tmp:
+        other = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--quiet", str(other), args.commit],
+            cwd=ROOT,
+            check=True,
+        )
+        try:
+            children = [
+                Serve("this", ROOT, Path(tmp) / "this.jsonl"),
+                Serve(args.commit, other, Path(tmp) / "other.jsonl"),
+            ]
+            try:
+                rows = measure(children, args.rounds, args.block)
+            finally:
+                for c in children:
+                    c.close()
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, check=False
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"serve round trip, this tree vs {args.commit}, pinned to CPU {args.cpu}, µs")
+    print(f"{'request':28s} {'this p50':>9s} {'other p50':>9s} {'ratio':>6s}   "
+          f"{'this p99':>9s} {'other p99':>9s} {'ratio':>6s}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['kind']:28s} {r['this']['p50']:9.1f} {r['other']['p50']:9.1f} "
+            f"{r['p50_ratio']:6.3f}   {r['this']['p99']:9.1f} {r['other']['p99']:9.1f} "
+            f"{r['p99_ratio']:6.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
