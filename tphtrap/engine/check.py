@@ -30,6 +30,8 @@ tag.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..device import ConfigSpace
 from ..events import DeviceWrite, HostOp
 from ..policy import TagRules
@@ -56,6 +58,10 @@ _VC_MASKBIT = 0x1  # power-on value of Vector Control
 
 #: a register's possible values: one value, several (after a reset), or None (anything)
 Value = int | frozenset[int] | None
+
+
+#: What a control value asks of the entries: a problem, nothing, or (allowed tags, width).
+_Rule = str | tuple[frozenset[int], TagWidth] | None
 
 
 class UnsafePlan(Exception):
@@ -138,6 +144,9 @@ class Checker:
             [cfg.u16(self.table_at + 2 * i) for i in range(n)] if self.in_cap else [None] * n
         )
         self._undo: list[tuple[list[Value], int, Value]] = []
+        # _unsafe's kept answers of _control_rule, for the rules they were made with
+        self._control_rules: dict[tuple[int, int, bool], _Rule] = {}
+        self._rules_seen: TagRules | None = None
 
     # --- the device -------------------------------------------------------------------------
     def _set(self, regs: list[Value], i: int, v: Value) -> None:
@@ -164,30 +173,41 @@ class Checker:
 
     def _verify_whole(self, w: DeviceWrite, rules: TagRules, revoked: bool) -> bool:
         """:meth:`verify` of a plan that is one write of a whole ST entry, Vector Control word
-        or control register (what drivers write), in one step; False: not such a write."""
+        or control register (what drivers write, also as the upper half of an aligned 8-byte
+        MSI-X write), in one step; False: not such a write."""
+        value = w.value
         if w.space == "config":
             rel = w.offset - self.table_at
             if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
                 regs, i, entries = self.ent, rel // 2, {rel // 2}  # one ST entry
             elif self.caps and w.offset == self.caps[0][0] + PCI_TPH_CTRL and w.width == 4:
                 for c in _values(self.ctrl[0]) or ():
-                    if (w.value ^ c) & ~_WRITABLE:
+                    if (value ^ c) & ~_WRITABLE:
                         raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
                 regs, i, entries = self.ctrl, 0, None
             else:
                 return False
-        elif w.bar == self.msix_bir and w.width == 4:
-            rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
-            if not (0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE and not rel % PCI_MSIX_ENTRY_SIZE):
-                return False
-            i = rel // PCI_MSIX_ENTRY_SIZE
-            regs, entries = self.ent, {i}  # one Vector Control word
+        elif w.bar == self.msix_bir and (w.width == 4 or w.width == 8) and not w.offset % 4:
+            # dword-aligned: each dword of the table is a whole Vector Control word or no part
+            # of one, and a 4- or 8-byte write holds at most one such word
+            i = -1
+            for k in range(0, w.width, 4):
+                rel = w.offset + k - self.msix_start
+                if (
+                    0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE
+                    and rel % PCI_MSIX_ENTRY_SIZE == PCI_MSIX_ENTRY_VECTOR_CTRL
+                ):
+                    i, value = rel // PCI_MSIX_ENTRY_SIZE, (w.value >> (8 * k)) & 0xFFFF_FFFF
+            if i < 0:
+                return True  # no filtered byte: nothing changes, nothing to check
+            regs, entries = self.ent, {i}
         else:
             return False
         old = regs[i]
-        regs[i] = w.value
-        if regs is self.ctrl and len(regs) == 1:  # the only capability: its one value now
-            problem = self._unsafe(0, w.value, rules, revoked, None)
+        regs[i] = value
+        ctrl = self.ctrl
+        if len(ctrl) == 1 and type(ctrl[0]) is int:  # one capability, its one known value
+            problem = self._unsafe(0, ctrl[0], rules, revoked, entries)
         else:
             problem = self._violation(rules, revoked, entries)
         if problem is not None:
@@ -196,14 +216,17 @@ class Checker:
         return True
 
     def _whole_bar(self, w: DeviceWrite, touched: set[int]) -> None:
-        """:meth:`_bar`, with a whole Vector Control write applied in one step."""
-        rel = w.offset - self.msix_start - PCI_MSIX_ENTRY_VECTOR_CTRL
-        if w.width == 4 and 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
-            i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
-            if not field:
-                self._set(self.ent, i, w.value)
-                touched.add(i)
-                return
+        """:meth:`_bar`, a dword at a time for an aligned 4- or 8-byte write: a dword of the
+        table is either a whole Vector Control word (applied in one step) or no part of one."""
+        if (w.width == 4 or w.width == 8) and not w.offset % 4:
+            for k in range(0, w.width, 4):
+                rel = w.offset + k - self.msix_start
+                if 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
+                    i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
+                    if field == PCI_MSIX_ENTRY_VECTOR_CTRL:
+                        self._set(self.ent, i, (w.value >> (8 * k)) & 0xFFFF_FFFF)
+                        touched.add(i)
+            return
         self._bar(w, touched)
 
     def _config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
@@ -291,6 +314,14 @@ class Checker:
                     return problem
         return None
 
+    def _all_disabled(self) -> bool:
+        """Is every control register known, with Requester Enable clear in every value?"""
+        for c in self.ctrl:
+            possible = _values(c)
+            if possible is None or any((v & _EN_MASK) for v in possible):
+                return False
+        return True
+
     def _others(self, k: int) -> set[int]:
         """Every capability but ``k``."""
         return set(range(len(self.caps))) - {k}
@@ -298,24 +329,19 @@ class Checker:
     def _unsafe(
         self, k: int, ctrl: int, rules: TagRules, revoked: bool, entries: set[int] | None
     ) -> str | None:
-        en = (ctrl & _EN_MASK) >> _EN_SHIFT
-        if en == 0:
-            return None
-        if en == 2:
-            return "Requester Enable 2 (reserved) on the device"
-        if not self.trappable or k:
-            return "TPH enabled on a device that cannot be trapped"
-        if revoked or not rules.tph_allowed:
-            return "TPH enabled where the policy forbids it"
-        mode = ctrl & _MODE_MASK
-        if mode > 1 or not (self.cap_bits >> mode) & 1:
-            return f"TPH enabled in ST mode {mode}, which is not allowed on this device"
-        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
-        if width is TagWidth.ST16 and not (self.cap_bits & 0x100 and rules.ext_allowed):
-            return "Extended TPH enabled without device support or 16-bit tags"
-        allowed = rules.allowed[width]
-        if mode == 0:
-            return None if 0 in allowed else "No ST mode enabled where tag 0 is not allowed"
+        if self._rules_seen is not rules:
+            self._rules_seen = rules
+            self._control_rules.clear()
+        key = (k, ctrl, revoked)
+        if key in self._control_rules:
+            rule = self._control_rules[key]
+        else:
+            if len(self._control_rules) >= 64:
+                self._control_rules.clear()
+            rule = self._control_rules[key] = self._control_rule(k, ctrl, rules, revoked)
+        if rule is None or isinstance(rule, str):
+            return rule
+        allowed, width = rule
         shift = 0 if self.in_cap else 16
         mask = width.mask
         ent = self.ent
@@ -340,6 +366,30 @@ class Checker:
                     return f"entry {i} holds a tag not allowed at {int(width)} bits: {v:#x}"
         return None
 
+    def _control_rule(self, k: int, ctrl: int, rules: TagRules, revoked: bool) -> _Rule:
+        """What control value ``ctrl`` of capability ``k`` asks of the device: a problem, None
+        (safe whatever the entries hold), or the tags its entries must hold at a width (a pure
+        function of these and the device's capability, kept by :meth:`_unsafe`)."""
+        en = (ctrl & _EN_MASK) >> _EN_SHIFT
+        if en == 0:
+            return None
+        if en == 2:
+            return "Requester Enable 2 (reserved) on the device"
+        if not self.trappable or k:
+            return "TPH enabled on a device that cannot be trapped"
+        if revoked or not rules.tph_allowed:
+            return "TPH enabled where the policy forbids it"
+        mode = ctrl & _MODE_MASK
+        if mode > 1 or not (self.cap_bits >> mode) & 1:
+            return f"TPH enabled in ST mode {mode}, which is not allowed on this device"
+        width = TagWidth.ST16 if en == 3 else TagWidth.ST8
+        if width is TagWidth.ST16 and not (self.cap_bits & 0x100 and rules.ext_allowed):
+            return "Extended TPH enabled without device support or 16-bit tags"
+        allowed = rules.allowed[width]
+        if mode == 0:
+            return None if 0 in allowed else "No ST mode enabled where tag 0 is not allowed"
+        return allowed, width
+
     # --- plans -------------------------------------------------------------------------------
     def reset(self) -> None:
         """The hypervisor reset the device."""
@@ -347,7 +397,7 @@ class Checker:
         self._undo.clear()
 
     def verify(
-        self, writes: tuple[DeviceWrite, ...], rules: TagRules, revoked: bool, full: bool
+        self, writes: Sequence[DeviceWrite], rules: TagRules, revoked: bool, full: bool
     ) -> None:
         """Apply ``writes`` one by one, checking after each; undo them all if one is unsafe.
 
@@ -368,6 +418,7 @@ class Checker:
                     for k in range(len(self.caps))
                     if self._violation(rules, revoked, None, self._others(k)) is not None
                 }
+            disabled: bool | None = None  # every control register known and disabled
             for w in writes:
                 touched: set[int] = set()
                 ctrl = reset = False
@@ -386,8 +437,12 @@ class Checker:
                     self._fork()
                 if full or ctrl or reset:
                     problem = self._violation(rules, revoked, None, pending)
+                    disabled = None
                 elif touched:
-                    problem = self._violation(rules, revoked, touched)
+                    if disabled is None:
+                        disabled = self._all_disabled()
+                    # with TPH off everywhere an entry cannot be unsafe: _violation says None
+                    problem = None if disabled else self._violation(rules, revoked, touched)
                 else:
                     problem = None
                 if problem is not None:

@@ -130,7 +130,7 @@ class RawWrites:
         return Rendering(first + through + self.writes(sess, post), None, post)
 
     def check(self, sess: Session, r: Rendering, full: bool) -> None:
-        sess.checker.verify(tuple(r.writes), sess.rules, sess.revoked, full)
+        sess.checker.verify(r.writes, sess.rules, sess.revoked, full)
 
     def commit(self, sess: Session, r: Rendering) -> None:
         sess.commit(r.effects)

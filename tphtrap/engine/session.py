@@ -548,6 +548,19 @@ class Session:
             # A whole Vector Control word (what drivers write): mask bits and tag at once.
             self.put_entry(i, DeviceWrite("bar", off, width, value, bar))
             return [], {i}
+        if width == 8 and not off % 4:
+            # Two aligned dwords: each a whole Vector Control word or no part of one.
+            out: list[DeviceWrite] = []
+            words: set[int] = set()
+            for k in (0, 4):
+                part = (value >> (8 * k)) & 0xFFFF_FFFF
+                j = geo.vc_index.get(off + k, -1)
+                if j >= 0:
+                    self.put_entry(j, DeviceWrite("bar", off + k, 4, part, bar))
+                    words.add(j)
+                else:
+                    out.append(DeviceWrite("bar", off + k, 4, part, bar))
+            return out, words
         through: list[tuple[int, int]] = []
         touched: set[int] = set()
         low_bytes: dict[int, dict[int, int]] = {}
