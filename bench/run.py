@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import fastpath  # noqa: E402
 import workload  # noqa: E402
+from engine_probe import no_check  # noqa: E402
 
 GOAL_P50 = 1.25
 GOAL_P99 = 1.5
@@ -67,6 +69,7 @@ class Sizes:
     replay_rounds: int  # decode/replay pairs on the small traces (one pair on the big ones)
     c_pingpong: int  # round trips per C client measurement
     worst_rounds: int  # width changes of the 2048-vector device
+    check_cycles: int  # workload cycles counted under callgrind (0: not measured)
 
 
 FULL = Sizes(
@@ -84,6 +87,7 @@ FULL = Sizes(
     replay_rounds=3,
     c_pingpong=20_000,
     worst_rounds=5,
+    check_cycles=100,
 )
 QUICK = Sizes(
     rounds=1,
@@ -100,6 +104,7 @@ QUICK = Sizes(
     replay_rounds=1,
     c_pingpong=100,
     worst_rounds=1,
+    check_cycles=0,
 )
 
 
@@ -454,7 +459,7 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
     try:
         for _ in range(sizes.rounds + 2):
             for mode in rates:
-                RawWrites.check = check if mode == "checked" else _no_check  # type: ignore[method-assign]
+                RawWrites.check = check if mode == "checked" else no_check  # type: ignore[method-assign]
                 handle = fresh().handle
                 start = time.perf_counter()
                 for _ in range(loops):
@@ -467,8 +472,29 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
     return {mode: r[2:] if len(r) > 2 else r for mode, r in rates.items()}
 
 
-def _no_check(self: object, sess: object, rendering: object, full: bool) -> None:
-    """Stands in for the self-check, to measure what it costs."""
+def bench_check_instructions(cycles: int) -> dict[str, float] | str:
+    """Instructions per decision of ``bench/engine_probe.py`` with the self-check on and
+    off, counted by ``valgrind --tool=callgrind`` (the difference between CYCLES cycles and
+    none, so start-up cancels), or why not."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return "valgrind not installed (apt-get install valgrind)"
+    out: dict[str, float] = {}
+    for mode in ("checked", "unchecked"):
+        counts = []
+        for n in (0, cycles):
+            done = subprocess.run(
+                [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                 sys.executable, str(HERE / "engine_probe.py"), mode, str(n)],
+                cwd=ROOT, capture_output=True, text=True, check=False, timeout=600,
+            )  # fmt: skip
+            found = re.search(r"Collected : (\d+)", done.stderr)
+            if done.returncode != 0 or found is None:
+                return f"callgrind failed: {done.stderr.strip()[-300:]}"
+            counts.append(int(found[1]))
+            per_cycle = int(done.stdout.strip() or 0)
+        out[mode] = (counts[1] - counts[0]) / (cycles * per_cycle)
+    return out
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -598,6 +624,7 @@ class FastPath:
     kind_piped: dict[str, dict[str, list[float]]]  # kind -> child -> req/s per round
     worst: fastpath.Worst
     trap: fastpath.TrapShare
+    instructions: dict[str, float] | str  # per decision, self-check on and off; or why not
 
 
 def fastpath_section(
@@ -683,9 +710,19 @@ def fastpath_section(
     )
     share = median([1 - c / u for c, u in zip(engine["checked"], engine["unchecked"], strict=True)])
     w(
-        f"| self-check share of a decision (engine alone) | {share:.1%} | < "
+        f"| self-check share of a decision (engine alone, time) | {share:.1%} | < "
         f"{GOAL_CHECK_SHARE:.0%} | {verdict(share < GOAL_CHECK_SHARE)} |"
     )
+    ins = fast.instructions
+    if isinstance(ins, str):
+        w(f"| self-check share of a decision (instructions) | not measured: {ins} | | |")
+    else:
+        ishare = 1 - ins["unchecked"] / ins["checked"]
+        w(
+            f"| self-check share of a decision (instructions: {ins['checked']:,.0f} per "
+            f"decision, {ins['unchecked']:,.0f} without it) | {ishare:.1%} | < "
+            f"{GOAL_CHECK_SHARE:.0%} | {verdict(ishare < GOAL_CHECK_SHARE)} |"
+        )
     t = fast.trap
     kept = t.accesses - t.trapped
     w(
@@ -1089,6 +1126,10 @@ def main(argv: list[str] | None = None) -> int:
         progress("engine alone")
         engine = bench_engine(sizes)
         progress(f"engine: {median(engine['checked']):,.0f} decisions/s")
+        instructions: dict[str, float] | str = "not measured in quick mode"
+        if sizes.check_cycles:
+            progress("the self-check's share in instructions (valgrind)")
+            instructions = bench_check_instructions(sizes.check_cycles)
         replay = bench_replay(sizes, workdir)
     finally:
         if not args.keep and args.workdir is None:
@@ -1098,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         load_end = "n/a"
     total = time.monotonic() - _T0
-    fast = FastPath(kind_piped, worst, trap)
+    fast = FastPath(kind_piped, worst, trap, instructions)
     text = report(
         info, sizes, args.quick, latency, piped, inproc, engine, replay, total, load_end, c_rows,
         fast,

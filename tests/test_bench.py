@@ -109,3 +109,17 @@ def test_compare_against_a_commit_runs() -> None:
     ]
     for r in rows:
         assert r["this"]["p50"] > 0 and r["other"]["p50"] > 0 and r["p50_ratio"] > 0
+
+
+def test_self_check_instructions_are_counted() -> None:
+    """The self-check's share in instructions (``make bench``, under callgrind)."""
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    got = run.bench_check_instructions(1)
+    assert isinstance(got, dict), got
+    assert got["checked"] > got["unchecked"] > 1000
