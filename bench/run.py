@@ -68,6 +68,7 @@ class Sizes:
     qemu_small: int
     replay_rounds: int  # decode/replay pairs on the small traces (one pair on the big ones)
     c_pingpong: int  # round trips per C client measurement
+    c_rounds: int  # C client measurements per row, the three children alternating
     worst_rounds: int  # width changes of the 2048-vector device
     check_cycles: int  # workload cycles counted under callgrind (0: not measured)
 
@@ -85,7 +86,8 @@ FULL = Sizes(
     qemu_big=1_000_000,
     qemu_small=100_000,
     replay_rounds=3,
-    c_pingpong=20_000,
+    c_pingpong=10_000,
+    c_rounds=3,
     worst_rounds=5,
     check_cycles=100,
 )
@@ -103,6 +105,7 @@ QUICK = Sizes(
     qemu_small=1_000,
     replay_rounds=1,
     c_pingpong=100,
+    c_rounds=1,
     worst_rounds=1,
     check_cycles=0,
 )
@@ -323,6 +326,9 @@ C_KINDS = {
 }
 
 
+C_STATS = ("p50_us", "p99_us", "mean_us")
+
+
 @dataclass
 class CRow:
     pinned: bool
@@ -352,7 +358,9 @@ def build_c(workdir: Path) -> tuple[Path, Path] | str:
     return pingpong, echo
 
 
-def bench_c(sizes: Sizes, workdir: Path, built: tuple[Path, Path] | str) -> list[CRow] | str:
+def bench_c(
+    sizes: Sizes, workdir: Path, built: tuple[Path, Path] | str, cpu: int
+) -> list[CRow] | str:
     """The C client library's ping-pong (one request in flight) against serve in both backends
     and against the C echo child, unpinned and pinned to one CPU with taskset."""
     if isinstance(built, str):
@@ -364,19 +372,24 @@ def bench_c(sizes: Sizes, workdir: Path, built: tuple[Path, Path] | str) -> list
     for pinned in (False, True):
         if pinned and taskset is None:
             continue
-        prefix = [taskset, "-c", "0"] if pinned and taskset else []
+        prefix = [taskset, "-c", str(cpu)] if pinned and taskset else []
         for kind in C_KINDS:
             runs = [("writes", serve, False), ("host", serve, False), ("", [str(echo)], True)]
-            for backend, child, is_echo in runs:
-                argv = [*prefix, str(pingpong), kind, backend or "writes", str(sizes.c_pingpong)]
-                argv += [str(ROOT), *(["--echo"] if is_echo else []), "--", *child]
-                done = subprocess.run(
-                    argv, cwd=ROOT, capture_output=True, text=True, check=False, timeout=300
-                )
-                if done.returncode != 0:
-                    raise RuntimeError(f"C ping-pong {kind} {backend} failed: {done.stderr}")
-                r = json.loads(done.stdout)
-                rows.append(CRow(pinned, backend, kind, r["p50_us"], r["p99_us"], r["mean_us"]))
+            got: dict[str, list[dict[str, float]]] = {backend: [] for backend, _, _ in runs}
+            for rnd in range(sizes.c_rounds):
+                for backend, child, is_echo in runs[rnd % 3 :] + runs[: rnd % 3]:
+                    argv = [*prefix, str(pingpong), kind, backend or "writes"]
+                    argv += [str(sizes.c_pingpong), str(ROOT)]
+                    argv += [*(["--echo"] if is_echo else []), "--", *child]
+                    done = subprocess.run(
+                        argv, cwd=ROOT, capture_output=True, text=True, check=False, timeout=300
+                    )
+                    if done.returncode != 0:
+                        raise RuntimeError(f"C ping-pong {kind} {backend} failed: {done.stderr}")
+                    got[backend].append(json.loads(done.stdout))
+            for backend, results in got.items():
+                p50, p99, mean = (median([r[k] for r in results]) for k in C_STATS)
+                rows.append(CRow(pinned, backend, kind, p50, p99, mean))
             progress(
                 f"C ping-pong {'pinned' if pinned else 'unpinned'} {kind}: p50 "
                 + ", ".join(f"{x.backend or 'echo'} {x.p50:.1f}us" for x in rows[-3:])
@@ -640,7 +653,8 @@ def fastpath_section(
         "client against a C echo child on the same pipes (`bench/c/`), both pinned to one CPU; "
         "the goals are what `tphtrap serve` adds to it, with the self-check on, in both "
         "backends. Pipelined: each request kind alone, "
-        f"{fastpath.PIPE_WINDOW} in flight, driven from Python (`bench/run.py`), serve against "
+        f"{fastpath.PIPE_WINDOW} in flight, driven from Python (`bench/run.py`, pinned like "
+        "the latency runs), serve against "
         "the C echo child."
     )
     w("")
@@ -761,6 +775,7 @@ def report(
     load_end: str,
     c_rows: list[CRow] | str = "not run",
     fast: FastPath | None = None,
+    cpu: int = 0,
 ) -> str:
     out: list[str] = []
     w = out.append
@@ -897,7 +912,12 @@ def report(
         "shown for reference."
     )
     w("")
-    w("Same interpreter (`sys.executable` of the run), same pipes, nothing pinned.")
+    w(
+        f"Same interpreter (`sys.executable` of the run), same pipes; the driver and every "
+        f"child pinned to CPU {cpu} (`--cpu`), so that no round trip pays for waking another "
+        "CPU from idle (on a VM that can cost tens of microseconds, and it hits a slow child "
+        "more than a fast one)."
+    )
     w("")
 
     # --- in-process
@@ -953,12 +973,14 @@ def report(
     w("")
     w(
         "The C client library (`clients/c`, built with `cc -std=c11 -O2`) in `bench/c/pingpong.c`: "
-        f"one request in flight, {sizes.c_pingpong:,} timed round trips per row after a "
+        f"one request in flight, {sizes.c_rounds} runs of {sizes.c_pingpong:,} timed round "
+        "trips per row (the three children alternating run by run; medians of the runs), "
+        "each after a "
         "warm-up, `CLOCK_MONOTONIC` around each library call (format the request, write it, "
         "read the reply, parse it with the library's JSON reader). Against `tphtrap serve` "
         "with both devices attached in each backend, and against `bench/c/echo.c`, a C child on "
         "the same pipes that answers every line with a fixed decision of the same size: the "
-        "floor of any plugin on pipes. Pinned: `taskset -c 0` on the client, which its child "
+        f"floor of any plugin on pipes. Pinned: `taskset -c {cpu}` on the client, which its child "
         "inherits (both on one CPU); unpinned: the scheduler places them. Microseconds."
     )
     w("")
@@ -1089,6 +1111,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     ap.add_argument("--workdir", help="where traces go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        help="the CPU the latency runs are pinned to (default: the last one this process may use)",
+    )
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     random.seed(1)
@@ -1096,8 +1123,11 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"{info['cpu']}, {info['cores']} cores, {info['python']}, load {info['load']}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tphtrap-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    allowed = os.sched_getaffinity(0)
+    cpu = args.cpu if args.cpu is not None else max(allowed)
     try:
         built = build_c(workdir)
+        os.sched_setaffinity(0, {cpu})  # the children started now inherit it
         children = start_children(workdir)
         try:
             latency = bench_latency(children, sizes)
@@ -1115,10 +1145,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for child in children.values():
                 child.close()
+            os.sched_setaffinity(0, allowed)
         progress("trap map on a real guest's trace")
         trap = fastpath.trap_share()
         progress("C client ping-pong")
-        c_rows = bench_c(sizes, workdir, built)
+        c_rows = bench_c(sizes, workdir, built, cpu)
         if isinstance(c_rows, str):
             progress(f"C client ping-pong skipped: {c_rows}")
         progress("in-process request costs")
@@ -1142,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
     fast = FastPath(kind_piped, worst, trap, instructions)
     text = report(
         info, sizes, args.quick, latency, piped, inproc, engine, replay, total, load_end, c_rows,
-        fast,
+        fast, cpu,
     )  # fmt: skip
     Path(args.output).write_text(text, encoding="utf-8")
     progress(f"done in {total:.0f}s; wrote {args.output}")
