@@ -123,3 +123,17 @@ def test_self_check_instructions_are_counted() -> None:
     got = run.bench_check_instructions(1)
     assert isinstance(got, dict), got
     assert got["checked"] > got["unchecked"] > 1000
+
+
+def test_the_c_kinds_are_the_latency_kinds() -> None:
+    """Each C client request kind is reported under the latency kind it sends."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+    import workload
+
+    assert set(run.C_KIND_OF) == set(run.C_KINDS)
+    assert sorted(run.C_KIND_OF.values()) == sorted(workload.LATENCY_KINDS)
+    pingpong = (ROOT / "bench" / "c" / "pingpong.c").read_text()
+    one = pingpong[pingpong.index("static int one(") :].split("\n}\n")[0]
+    msix = {k for k in run.C_KINDS if f'"{k}") == 0)\n        return tphtrap_msix_write' in one}
+    assert msix == {k for k, kind in run.C_KIND_OF.items() if kind.startswith("msix_write")}
