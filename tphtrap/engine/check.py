@@ -181,7 +181,8 @@ class Checker:
             if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
                 regs, i, entries = self.ent, rel // 2, {rel // 2}  # one ST entry
             elif self.caps and w.offset == self.caps[0][0] + PCI_TPH_CTRL and w.width == 4:
-                for c in _values(self.ctrl[0]) or ():
+                c0 = self.ctrl[0]
+                for c in (c0,) if type(c0) is int else _values(c0) or ():
                     if (value ^ c) & ~_WRITABLE:
                         raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
                 regs, i, entries = self.ctrl, 0, None
