@@ -26,7 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from run import Child  # noqa: E402
+
 # Run inside a tree: its benchmark set-up, as JSON.
 _DUMP = r"""
 import json, sys
@@ -41,50 +46,28 @@ print(json.dumps({
 """
 
 
-class Serve:
+class Serve(Child):
+    """``tphtrap serve`` of one tree (its own policy and request lines), set up and ready."""
+
     def __init__(self, name: str, tree: Path, audit: Path) -> None:
-        self.name = name
         dump = subprocess.run(
             [sys.executable, "-c", _DUMP], cwd=tree, capture_output=True, text=True, check=True
         )
         self.setup: dict[str, Any] = json.loads(dump.stdout)
         argv = [sys.executable, "-m", "tphtrap", "serve", "--policy", self.setup["policy"]]
-        self.proc = subprocess.Popen(
-            [*argv, "--audit", str(audit)],
-            cwd=tree,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.w, self.r = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        super().__init__(name, [*argv, "--audit", str(audit)], audit.with_suffix(".stderr"), tree)
         for line in self.setup["setup"]:
-            reply = self.roundtrip(line.encode() + b"\n")
+            reply = self.call(line.encode() + b"\n")
             if b'"ok":true' not in reply:
                 raise SystemExit(f"compare: {name} refused its set-up: {reply[:200]!r}")
-
-    def roundtrip(self, line: bytes) -> bytes:
-        os.write(self.w, line)
-        data = os.read(self.r, 1 << 16)
-        while not data.endswith(b"\n"):
-            more = os.read(self.r, 1 << 16)
-            if not more:
-                raise SystemExit(f"compare: {self.name} exited")
-            data += more
-        return data
 
     def pingpong(self, lines: list[bytes], n: int, offset: int) -> list[float]:
         out = []
         for i in range(offset, offset + n):
             t0 = time.perf_counter_ns()
-            self.roundtrip(lines[i % len(lines)])
+            self.call(lines[i % len(lines)])
             out.append((time.perf_counter_ns() - t0) / 1000)
         return out
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=10)
 
 
 def measure(children: list[Serve], rounds: int, block: int) -> list[dict[str, Any]]:

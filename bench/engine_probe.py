@@ -9,7 +9,6 @@ machine's load, unlike time).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,11 +18,7 @@ sys.path.insert(0, str(HERE))
 
 import workload  # noqa: E402
 
-from tphtrap.device import ConfigSpace, load_device  # noqa: E402
-from tphtrap.engine import Engine  # noqa: E402
 from tphtrap.engine.render import RawWrites  # noqa: E402
-from tphtrap.policyfile import load_policy  # noqa: E402
-from tphtrap.wire import parse_request, to_access  # noqa: E402
 
 
 def no_check(self: object, sess: object, rendering: object, full: bool) -> None:
@@ -34,17 +29,8 @@ def main() -> int:
     mode, cycles = sys.argv[1], int(sys.argv[2])
     if mode == "unchecked":
         RawWrites.check = no_check  # type: ignore[method-assign]
-    engine = Engine(load_policy(str(workload.POLICY)))
-    for bdf, vm, path in (
-        (workload.A["bdf"], workload.A["vm"], workload.DEV_A),
-        (workload.B["bdf"], workload.B["vm"], workload.DEV_B),
-    ):
-        dev = load_device(str(path))
-        engine.attach(vm, bdf, ConfigSpace.from_bytes(dev.data, dev.source, bdf, dev.line_map))
-    accesses = [
-        to_access(parse_request(json.dumps({"id": i, **req})))
-        for i, req in enumerate(workload.native_cycle())
-    ]
+    engine = workload.attached_engine()
+    accesses = workload.cycle_accesses()
     for _ in range(cycles):
         for access in accesses:
             engine.handle(access)

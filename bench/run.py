@@ -138,12 +138,12 @@ def median(values: Sequence[float]) -> float:
 class Child:
     """A plugin-shaped child on two pipes, driven with raw os.read/os.write."""
 
-    def __init__(self, name: str, argv: list[str], stderr_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], stderr_path: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self._stderr = open(stderr_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -453,26 +453,9 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
     """Decisions per second of ``Engine.handle`` on the mixed native-trace workload, with the
     self-check on (``checked``, what tphtrap runs) and off (``unchecked``, measurement only),
     rounds alternating so both see the same machine."""
-    from tphtrap.device import ConfigSpace, load_device
-    from tphtrap.engine import Engine
     from tphtrap.engine.render import RawWrites
-    from tphtrap.policyfile import load_policy
-    from tphtrap.wire import parse_request, to_access
 
-    def fresh() -> Engine:
-        engine = Engine(load_policy(str(workload.POLICY)))
-        for bdf, vm, path in (
-            (workload.A["bdf"], workload.A["vm"], workload.DEV_A),
-            (workload.B["bdf"], workload.B["vm"], workload.DEV_B),
-        ):
-            dev = load_device(str(path))
-            engine.attach(vm, bdf, ConfigSpace.from_bytes(dev.data, dev.source, bdf, dev.line_map))
-        return engine
-
-    accesses = [
-        to_access(parse_request(json.dumps({"id": i, **req})))
-        for i, req in enumerate(workload.native_cycle())
-    ]
+    accesses = workload.cycle_accesses()
     loops = max(1, sizes.engine // len(accesses))
     check = RawWrites.check
     rates: dict[str, list[float]] = {"checked": [], "unchecked": []}
@@ -480,7 +463,7 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
         for _ in range(sizes.rounds + 2):
             for mode in rates:
                 RawWrites.check = check if mode == "checked" else no_check  # type: ignore[method-assign]
-                handle = fresh().handle
+                handle = workload.attached_engine().handle
                 start = time.perf_counter()
                 for _ in range(loops):
                     for access in accesses:

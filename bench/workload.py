@@ -145,6 +145,30 @@ def native_cycle() -> list[dict[str, Any]]:
     return reqs
 
 
+def attached_engine() -> Any:
+    """A fresh ``Engine`` with the benchmark policy and both devices attached, and the accesses
+    of one :func:`native_cycle` (what the engine-alone measurements run)."""
+    from tphtrap.device import ConfigSpace, load_device
+    from tphtrap.engine import Engine
+    from tphtrap.policyfile import load_policy
+
+    engine = Engine(load_policy(str(POLICY)))
+    for dev_id, path in ((A, DEV_A), (B, DEV_B)):
+        dev = load_device(str(path))
+        cfg = ConfigSpace.from_bytes(dev.data, dev.source, dev_id["bdf"], dev.line_map)
+        engine.attach(dev_id["vm"], dev_id["bdf"], cfg)
+    return engine
+
+
+def cycle_accesses() -> list[Any]:
+    """The accesses of one :func:`native_cycle`, as the engine takes them."""
+    from tphtrap.wire import parse_request, to_access
+
+    return [
+        to_access(parse_request(json.dumps({"id": i, **r}))) for i, r in enumerate(native_cycle())
+    ]
+
+
 def _recorded(reqs: list[dict[str, Any]]) -> list[str]:
     """The requests as ``serve --record`` writes them (each with its ``expect``-ed decision)."""
     from tphtrap.audit import Auditor
