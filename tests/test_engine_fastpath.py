@@ -1,27 +1,31 @@
 """The engine's whole-register fast paths decide exactly as its general path.
 
 ``Engine.fast_paths`` sends a write of one whole ST entry or Vector Control word, in the usual
-state, through a shorter path (``Session.steady_entry``). Here two engines, one with the fast
-paths and one without, are driven in lockstep by the attacker of
-tests/test_engine_stateful.py (its device simulator and oracle check the fast engine as
-always): after every call, both must have answered the same and hold the same state, down to
-the self-check's copy of the device.
+state, through a shorter path (``Session.steady_entry``). Here two engines, one as it runs and
+one with every shortcut off (the fast paths, the session's kept grants, and the self-check's
+single-write path, all-disabled test and kept control rules), are driven in lockstep by the
+attacker of tests/test_engine_stateful.py (its device simulator and oracle check the fast
+engine as always): after every call, both must have answered the same and hold the same state,
+down to the self-check's copy of the device.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+from test_check_shortcuts import NeverKept, without_shortcuts
 from test_engine import CAP, MSIX, A, B, fixture, policy, tph_base
 from test_engine_stateful import TphMachine
 
+from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
+from tphtrap.engine.render import HostFacts
 from tphtrap.engine.session import Session
-from tphtrap.events import ConfigWrite, MsixWrite, Verdict
+from tphtrap.events import ConfigWrite, Decision, MsixWrite, Verdict
 from tphtrap.policy import Policy
 
 EXAMPLES = int(os.environ.get("TPHTRAP_EXAMPLES", 2_000)) // 4
@@ -47,13 +51,34 @@ def state(engine: Engine) -> dict[Any, Any]:
     return out
 
 
+class GeneralEngine(Engine):
+    """The engine with every shortcut off: each decision made by the general path."""
+
+    fast_paths = False
+
+    def attach(
+        self,
+        vm: str,
+        bdf: str,
+        config: ConfigSpace,
+        host: HostFacts | None = None,
+        vector_ctrl: Sequence[int] | None = None,
+    ) -> Decision:
+        try:
+            return super().attach(vm, bdf, config, host, vector_ctrl)
+        finally:  # (attach's own full check has nothing kept yet, nor a single-write plan)
+            sess = self._sessions.get((vm, bdf))
+            if sess is not None:
+                sess._grants = NeverKept()
+                without_shortcuts(sess.checker)
+
+
 class TwinEngine:
     """Two engines answering every call; anything that differs fails the test."""
 
     def __init__(self, policy: Policy) -> None:
         self.fast = Engine(policy)
-        self.slow = Engine(policy)
-        self.slow.fast_paths = False
+        self.slow = GeneralEngine(policy)
         self.calls = 0
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
