@@ -189,16 +189,62 @@ def test_fast_decode_matches_decode() -> None:
         '"s"',
         "",
         "{" * 100_000 + "}" * 100_000,
+        '{"id":' + "1" * 5000 + "}",  # past Python's digit limit for int()
     ]:
-        try:
-            want: object = wire._DECODER.decode(text)
-        except (ValueError, RecursionError, wire._DuplicateKey) as exc:
-            want = (type(exc), str(exc))
-        try:
-            got: object = wire._decode(text)
-        except (ValueError, RecursionError, wire._DuplicateKey) as exc:
-            got = (type(exc), str(exc))
-        assert got == want, text[:40]
+        decodes_alike(text)
+
+
+def decodes_alike(text: str) -> None:
+    """``_decode`` gives what ``_DECODER.decode`` gives: the object, or the same error."""
+    try:
+        want: object = wire._DECODER.decode(text)
+    except (ValueError, RecursionError, wire._DuplicateKey) as exc:
+        want = (type(exc), str(exc))
+    try:
+        got: object = wire._decode(text)
+    except (ValueError, RecursionError, wire._DuplicateKey) as exc:
+        got = (type(exc), str(exc))
+    assert got == want, text[:200]
+    if type(got) is dict:
+        assert list(got) == list(want)  # type: ignore[call-overload]
+
+
+# Keys as written on the line: few names (so they repeat, at any depth), some spelled with
+# escapes ("\u0061" is "a") or holding the ``":`` the key count looks for.
+KEY_TEXTS = ['"a"', '"b"', '"id"', '"\\u0061"', '"a\\":"', '"\\":"', '""']
+SCALARS = st.sampled_from(
+    ["1", "-0", "1e3", "true", "null", '""', '"x"', '":"', '"\\":"', '"a\\":1,\\"a"', "[]", "{}"]
+)
+
+
+def _object(members: list[tuple[str, str]]) -> str:
+    return "{" + ",".join(f"{k}:{v}" for k, v in members) + "}"
+
+
+JSON_TEXTS = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(st.tuples(st.sampled_from(KEY_TEXTS), inner), max_size=4).map(_object),
+        st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1500)
+@given(
+    members=st.lists(st.tuples(st.sampled_from(KEY_TEXTS), JSON_TEXTS), max_size=5),
+    blank=st.sampled_from(["", "", "", " ", "\t", "\r", "\n"]),
+    at=st.integers(0, 200),
+)
+def test_fast_decode_matches_decode_on_any_object(
+    members: list[tuple[str, str]], blank: str, at: int
+) -> None:
+    """Objects nested in any way, with keys repeated at any depth or spelled differently, and
+    strings holding what the key count looks for (a blank inserted somewhere, sometimes)."""
+    text = _object(members)
+    at %= len(text) + 1
+    decodes_alike(text[:at] + blank + text[at:])
 
 
 def test_encode_matches_json_dumps() -> None:
