@@ -477,15 +477,15 @@ def bench_engine(sizes: Sizes) -> dict[str, list[float]]:
 
 def bench_check_instructions(cycles: int) -> dict[str, float] | str:
     """Instructions per decision of ``bench/engine_probe.py`` with the self-check on and
-    off, counted by ``valgrind --tool=callgrind`` (the difference between CYCLES cycles and
-    none, so start-up cancels), or why not."""
+    off, counted by ``valgrind --tool=callgrind``: the difference between one warm-up cycle
+    and 1 + CYCLES (start-up and first-use costs cancel), or why not."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         return "valgrind not installed (apt-get install valgrind)"
     out: dict[str, float] = {}
     for mode in ("checked", "unchecked"):
         counts = []
-        for n in (0, cycles):
+        for n in (1, 1 + cycles):
             done = subprocess.run(
                 [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null",
                  sys.executable, str(HERE / "engine_probe.py"), mode, str(n)],

@@ -120,7 +120,7 @@ def test_self_check_instructions_are_counted() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import run
 
-    got = run.bench_check_instructions(1)
+    got = run.bench_check_instructions(4)
     assert isinstance(got, dict), got
     assert got["checked"] > got["unchecked"] > 1000
 

@@ -12,7 +12,7 @@ down to the self-check's copy of the device.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,9 +21,7 @@ from test_check_shortcuts import NeverKept, without_shortcuts
 from test_engine import CAP, MSIX, A, B, fixture, policy, tph_base
 from test_engine_stateful import TphMachine
 
-from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
-from tphtrap.engine.render import HostFacts
 from tphtrap.engine.session import Session
 from tphtrap.events import ConfigWrite, Decision, MsixWrite, Verdict
 from tphtrap.policy import Policy
@@ -56,16 +54,9 @@ class GeneralEngine(Engine):
 
     fast_paths = False
 
-    def attach(
-        self,
-        vm: str,
-        bdf: str,
-        config: ConfigSpace,
-        host: HostFacts | None = None,
-        vector_ctrl: Sequence[int] | None = None,
-    ) -> Decision:
+    def attach(self, vm: str, bdf: str, *args: Any, **kwargs: Any) -> Decision:
         try:
-            return super().attach(vm, bdf, config, host, vector_ctrl)
+            return super().attach(vm, bdf, *args, **kwargs)
         finally:  # (attach's own full check has nothing kept yet, nor a single-write plan)
             sess = self._sessions.get((vm, bdf))
             if sess is not None:
