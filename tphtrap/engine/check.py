@@ -153,57 +153,58 @@ class Checker:
         self._undo.append((regs, i, regs[i]))
         regs[i] = v
 
-    def _whole_config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
-        """:meth:`_config`, with the writes drivers issue (a whole control register or ST
-        entry) applied in one step."""
-        if self.caps:
-            start = self.caps[0][0]
-            if w.offset == start + PCI_TPH_CTRL and w.width == 4:
-                for c in _values(self.ctrl[0]) or ():
-                    if (w.value ^ c) & ~_WRITABLE:
-                        raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
-                self._set(self.ctrl, 0, w.value)
-                return True, False
-            rel = w.offset - self.table_at
-            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
-                self._set(self.ent, rel // 2, w.value)
-                touched.add(rel // 2)
-                return False, False
-        return self._config(w, touched)
-
-    def _verify_whole(self, w: DeviceWrite, rules: TagRules, revoked: bool) -> bool:
-        """:meth:`verify` of a plan that is one write of a whole ST entry, Vector Control word
-        or control register (what drivers write, also as the upper half of an aligned 8-byte
-        MSI-X write), in one step; False: not such a write."""
-        value = w.value
+    def _whole_register(self, w: DeviceWrite) -> tuple[list[Value] | None, int, int] | None:
+        """The register ``w`` sets whole, as (registers, index, value): the control register
+        of the capability (its reserved bits checked), one ST entry of its table, or the one
+        Vector Control word of a dword-aligned 4- or 8-byte write to the MSI-X BAR (a dword of
+        the table is a whole Vector Control word or no part of one; registers None: ``w``
+        holds no part of one). None: not such a write (the writes drivers issue)."""
         if w.space == "config":
-            rel = w.offset - self.table_at
-            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
-                regs, i, entries = self.ent, rel // 2, {rel // 2}  # one ST entry
-            elif self.caps and w.offset == self.caps[0][0] + PCI_TPH_CTRL and w.width == 4:
+            if not self.caps:
+                return None
+            if w.offset == self.caps[0][0] + PCI_TPH_CTRL and w.width == 4:
                 c0 = self.ctrl[0]
                 for c in (c0,) if type(c0) is int else _values(c0) or ():
-                    if (value ^ c) & ~_WRITABLE:
+                    if (w.value ^ c) & ~_WRITABLE:
                         raise UnsafePlan(f"control write at {w.offset:#x} changes reserved bits")
-                regs, i, entries = self.ctrl, 0, None
-            else:
-                return False
-        elif w.bar == self.msix_bir and (w.width == 4 or w.width == 8) and not w.offset % 4:
-            # dword-aligned: each dword of the table is a whole Vector Control word or no part
-            # of one, and a 4- or 8-byte write holds at most one such word
-            i = -1
-            for k in range(0, w.width, 4):
-                rel = w.offset + k - self.msix_start
-                if (
-                    0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE
-                    and rel % PCI_MSIX_ENTRY_SIZE == PCI_MSIX_ENTRY_VECTOR_CTRL
-                ):
-                    i, value = rel // PCI_MSIX_ENTRY_SIZE, (w.value >> (8 * k)) & 0xFFFF_FFFF
-            if i < 0:
-                return True  # no filtered byte: nothing changes, nothing to check
-            regs, entries = self.ent, {i}
-        else:
+                return self.ctrl, 0, w.value
+            rel = w.offset - self.table_at
+            if self.in_cap and w.width == 2 and 0 <= rel < 2 * self.n and not rel % 2:
+                return self.ent, rel // 2, w.value
+            return None
+        if w.bar != self.msix_bir or (w.width != 4 and w.width != 8) or w.offset % 4:
+            return None
+        found: tuple[list[Value] | None, int, int] = (None, -1, 0)
+        for k in range(0, w.width, 4):
+            rel = w.offset + k - self.msix_start
+            if (
+                0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE
+                and rel % PCI_MSIX_ENTRY_SIZE == PCI_MSIX_ENTRY_VECTOR_CTRL
+            ):
+                found = self.ent, rel // PCI_MSIX_ENTRY_SIZE, (w.value >> (8 * k)) & 0xFFFF_FFFF
+        return found
+
+    def _whole_config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
+        """:meth:`_config`, with a whole control register or ST entry applied in one step."""
+        regs, i, value = self._whole_register(w) or (None, -1, 0)
+        if regs is None:  # (a config write always names its register when it has one)
+            return self._config(w, touched)
+        self._set(regs, i, value)
+        if regs is self.ctrl:
+            return True, False
+        touched.add(i)
+        return False, False
+
+    def _verify_whole(self, w: DeviceWrite, rules: TagRules, revoked: bool) -> bool:
+        """:meth:`verify` of a plan of one write that sets one register whole
+        (:meth:`_whole_register`), in one step; False: not such a write."""
+        got = self._whole_register(w)
+        if got is None:
             return False
+        regs, i, value = got
+        if regs is None:
+            return True  # no filtered byte: nothing changes, nothing to check
+        entries = None if regs is self.ctrl else {i}
         old = regs[i]
         regs[i] = value
         ctrl = self.ctrl
@@ -217,18 +218,16 @@ class Checker:
         return True
 
     def _whole_bar(self, w: DeviceWrite, touched: set[int]) -> None:
-        """:meth:`_bar`, a dword at a time for an aligned 4- or 8-byte write: a dword of the
-        table is either a whole Vector Control word (applied in one step) or no part of one."""
-        if (w.width == 4 or w.width == 8) and not w.offset % 4:
-            for k in range(0, w.width, 4):
-                rel = w.offset + k - self.msix_start
-                if 0 <= rel < self.n * PCI_MSIX_ENTRY_SIZE:
-                    i, field = divmod(rel, PCI_MSIX_ENTRY_SIZE)
-                    if field == PCI_MSIX_ENTRY_VECTOR_CTRL:
-                        self._set(self.ent, i, (w.value >> (8 * k)) & 0xFFFF_FFFF)
-                        touched.add(i)
+        """:meth:`_bar`, with the Vector Control word of an aligned write applied in one
+        step."""
+        got = self._whole_register(w)
+        if got is None:
+            self._bar(w, touched)
             return
-        self._bar(w, touched)
+        regs, i, value = got
+        if regs is not None:
+            self._set(regs, i, value)
+            touched.add(i)
 
     def _config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
         """Apply a config write; returns (control touched, reset)."""
