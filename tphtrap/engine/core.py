@@ -353,7 +353,11 @@ class Engine:
         if got is None:
             return None
         value, code, grant = got
-        mask, patch = sess.put_entry(i, own)
+        sess.put_entry(i, own)
+        if own.space == "config":
+            mask, patch = sess.config_view(own.offset, own.width)
+        else:
+            mask, patch = sess.msix_view(own.offset, own.width)
         steps: list[Step] = [(_ENTRY_STEP, i, value)]
         sess.settle_entry(i, grant)
         writes = raw.writes(sess, steps)

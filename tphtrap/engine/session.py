@@ -360,14 +360,7 @@ class Session:
     ) -> list[Step]:
         cap = self.geo.caps[0]
         dev = self.dev_ctrl[0]
-        target = control_value(cap.reserved, grant.bits)
-        if (
-            grant.width is None
-            and (grant.refused or not self.ctrl_written)
-            and dev is not None
-            and REQ.get(dev) == ReqEnable.DISABLED
-        ):
-            target = dev  # disabled, and the guest got nothing it asked for: leave it alone
+        target = self._control_target(grant, dev)
         steps: list[Step] = []
         if changes and grant.uses_entries and any(i not in touched for i in changes):
             reasons.append("entries-corrected")
@@ -409,12 +402,11 @@ class Session:
         if dev is None:
             return None
         grant = self._grant(False)
-        cap = self.geo.caps[0]
+        if dev != self._control_target(grant, dev):
+            return None
         if grant.uses_entries:
             width = grant.width
             if width is None or width is not self.settled or (self.dirty and self.dirty != {i}):
-                return None
-            if dev != control_value(cap.reserved, grant.bits):
                 return None
             value, code = resolve_entry(guest, written, self.dev_ent[i], width, True, self.rules)
             if value < 0 or code is None or code == "tag-fallback":
@@ -424,16 +416,22 @@ class Session:
             return value, code, grant
         if grant.width is not None:
             return None
-        target = control_value(cap.reserved, grant.bits)
-        if (grant.refused or not self.ctrl_written) and REQ.get(dev) == ReqEnable.DISABLED:
-            target = dev
-        if dev != target:
-            return None
         width = grant.requested_width or self.prospective
         value, code = resolve_entry(guest, written, self.dev_ent[i], width, False, self.rules)
         if value < 0 or code is None:
             return None
         return value, code, grant
+
+    def _control_target(self, grant: Grant, dev: int | None) -> int:
+        """The control register the plan leaves on the device, for ``grant``."""
+        if (
+            grant.width is None
+            and (grant.refused or not self.ctrl_written)
+            and dev is not None
+            and REQ.get(dev) == ReqEnable.DISABLED
+        ):
+            return dev  # disabled, and the guest got nothing it asked for: leave it alone
+        return control_value(self.geo.caps[0].reserved, grant.bits)
 
     def settle_entry(self, i: int, grant: Grant) -> None:
         """The bookkeeping :meth:`plan` does for the plan :meth:`steady_entry` returned."""
@@ -600,21 +598,18 @@ class Session:
             self.guest_low[i] = low
         return self.pieces("bar", through, bar), touched
 
-    def put_entry(self, i: int, w: DeviceWrite) -> tuple[int, int]:
+    def put_entry(self, i: int, w: DeviceWrite) -> None:
         """The guest's write ``w`` of the whole entry ``i`` (an ST entry of the capability's
-        table, or entry i's Vector Control word) merged into the view. Returns what a read of
-        ``w``'s bytes sees from the view then: (mask, value), as :meth:`config_view` and
-        :meth:`msix_view` give it."""
+        table, or entry i's Vector Control word) merged into the view."""
         if self.geo.in_msix:
             tag = w.value >> _VC_ST.shift
             if tag != self.guest_tag[i]:
                 self.guest_tag[i] = tag
                 self.written[i] = True
             self.guest_low[i] = w.value & _VC_LOW  # mask bits and tag at once
-            return _VC_ST.mask, tag << _VC_ST.shift
-        self.image[w.offset : w.offset + w.width] = w.value.to_bytes(w.width, "little")
+            return
+        self._put_image(w.offset, w.width, w.value)
         self.written[i] = True
-        return (1 << (8 * w.width)) - 1, w.value
 
     @staticmethod
     def pieces(
