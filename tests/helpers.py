@@ -17,6 +17,7 @@ __all__ = [
     "DEVICES",
     "REPO",
     "TPHTRAP",
+    "AuditSink",
     "BadCase",
     "LspciDevice",
     "bad_cases",
@@ -168,3 +169,17 @@ def parse_lspci_vvv(text: str) -> dict[str, LspciDevice]:
         elif not line.startswith("\t\t"):
             section = ""
     return devices
+
+
+class AuditSink:
+    """A text stream that keeps what is written to it: an Auditor's stream in the tests."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.lines.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass

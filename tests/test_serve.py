@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import AuditSink
 
 from tphtrap.audit import Auditor
 from tphtrap.cli import EXIT_MISMATCH
@@ -721,20 +722,8 @@ def test_record_then_replay_with_expect_gives_identical_decisions(tmp_path: Path
 
 
 # --- in-process ------------------------------------------------------------------------------
-class _Sink:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, s: str) -> int:
-        self.lines.append(s)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-
-def make_server(policy: str = POLICY) -> tuple[Server, _Sink]:
-    sink = _Sink()
+def make_server(policy: str = POLICY) -> tuple[Server, AuditSink]:
+    sink = AuditSink()
     server = Server(load_policy(ROOT / policy), str(ROOT / policy), Auditor(sink))  # type: ignore[arg-type]
     return server, sink
 
@@ -852,7 +841,7 @@ def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
 
 
 # --- attach twice, suggestions, counts, hex -----------------------------------------------
-def attached_server() -> tuple[Server, _Sink]:
+def attached_server() -> tuple[Server, AuditSink]:
     server, sink = make_server()
     call(server, HELLO)
     attach = json.loads(ATTACH)
@@ -982,7 +971,7 @@ def test_every_error_code_is_in_the_protocol_document() -> None:
 def test_hex_also_renders_the_corrections_event_of_a_sighup(tmp_path: Path) -> None:
     from tphtrap.serve import HexServer
 
-    server = HexServer(load_policy(ROOT / POLICY), str(ROOT / POLICY), Auditor(_Sink()))  # type: ignore[arg-type]
+    server = HexServer(load_policy(ROOT / POLICY), str(ROOT / POLICY), Auditor(AuditSink()))  # type: ignore[arg-type]
     call(server, HELLO)
     attach = json.loads(ATTACH)
     attach["path"] = str(ROOT / attach["path"])

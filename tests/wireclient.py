@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from devsim import Device, ResetKind, SimDevice
+from helpers import AuditSink
 from oracle import Grant, Outcome, Rig
 
 from tphtrap.audit import Auditor
@@ -40,23 +41,11 @@ class Transport(Protocol):
         ...
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, s: str) -> int:
-        self.lines.append(s)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-
 class InProcess:
     """The real :class:`Server`, driven through ``handle_line``."""
 
     def __init__(self, policy_path: Path) -> None:
-        self.audit = _Sink()
+        self.audit = AuditSink()
         self.server = Server(
             load_policy(policy_path),
             str(policy_path),
