@@ -20,8 +20,10 @@ from hypothesis import HealthCheck, settings
 from test_check_shortcuts import NeverKept, without_shortcuts
 from test_engine import CAP, MSIX, A, B, fixture, policy, tph_base
 from test_engine_stateful import TphMachine
+from test_host_stateful import HostMachine
 
 from tphtrap.engine import Engine
+from tphtrap.engine.render import HostOps
 from tphtrap.engine.session import Session
 from tphtrap.events import ConfigWrite, Decision, MsixWrite, Verdict
 from tphtrap.policy import Policy
@@ -42,9 +44,13 @@ def state(engine: Engine) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
     for key, sess in engine._sessions.items():
         assert isinstance(sess, Session)
+        backend = sess.backend
         out[key] = (
             [getattr(sess, name) for name in SESSION_STATE],
             [getattr(sess.checker, name) for name in CHECKER_STATE],
+            (backend.width, backend.refusal, backend.allocated, backend.last)
+            if isinstance(backend, HostOps)
+            else None,
         )
     return out
 
@@ -111,6 +117,20 @@ def _comparable(result: Any) -> Any:
 class TwinMachine(TphMachine):
     ENGINE = TwinEngine
 
+
+class TwinHostMachine(HostMachine):
+    """The host backend's attack (a simulated Linux host kernel) on the two engines."""
+
+    ENGINE = TwinEngine
+
+
+TwinHostMachine.TestCase.settings = settings(
+    max_examples=max(1, EXAMPLES),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_host_twin_engines = TwinHostMachine.TestCase
 
 TwinMachine.TestCase.settings = settings(
     max_examples=max(1, EXAMPLES),

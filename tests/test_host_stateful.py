@@ -21,6 +21,7 @@ resets the device (Linux restores its saved TPH state), and fails operations on 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 
 from host_worlds import (
@@ -202,6 +203,8 @@ class LinuxHost:
 
 
 class HostMachine(RuleBasedStateMachine):
+    ENGINE: Callable[[Policy], Engine] = Engine
+
     @initialize(
         device=host_devices(),
         msix_size=st.integers(1, 4),
@@ -222,7 +225,7 @@ class HostMachine(RuleBasedStateMachine):
         cfg = build_device(*device, msix_size)
         self.host = host
         self.vm = vm
-        self.engine = Engine(Policy(host, {VM: vm}))
+        self.engine = self.ENGINE(Policy(host, {VM: vm}))
         self.kernel = LinuxHost(cfg, root[0], root[1], msix_st)
         self.kernel.check = self.check_device
         tph = cfg.tph

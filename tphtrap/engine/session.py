@@ -158,7 +158,7 @@ class Session:
         self.settled: TagWidth | None = None
         self.dirty: set[int] = set(range(n))
         self.prospective = TagWidth.ST8  # the width of the guest's last enable request
-        self._grants: dict[tuple[int, bool, bool], Grant] = {}  # see _grant
+        self._grants: dict[tuple[int, bool, bool, HostLimit | None], Grant] = {}  # _kept_grant
         self._grants_rules: TagRules | None = None
 
     # --- the guest's view -------------------------------------------------------------------
@@ -211,26 +211,27 @@ class Session:
         limit = self.backend.limit(self)
         off = self.geo.caps[0].ctrl
         ctrl = int.from_bytes(self.image[off : off + CTRL_SIZE], "little")  # guest_ctrl()
-        if limit is None:
-            # A pure function of these and the rules: kept (every ST entry write asks).
-            if self._grants_rules is not self.rules or len(self._grants) >= _GRANTS_KEPT:
-                self._grants.clear()
-                self._grants_rules = self.rules
-            key = (ctrl, self.latched, self.revoked)
-            grant = self._grants.get(key)
-            if grant is None:
-                grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked)
-                self._grants[key] = grant
-            return grant
-        grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked, limit)
+        grant = self._kept_grant(ctrl, limit)
         if (
             limit is not None
             and grant.uses_entries
             and grant.width is not None
             and not self.backend.window_safe(self, grant.width, full)
         ):
-            limit = HostLimit(limit.width, "host-entries-unsafe")
+            grant = self._kept_grant(ctrl, HostLimit(limit.width, "host-entries-unsafe"))
+        return grant
+
+    def _kept_grant(self, ctrl: int, limit: HostLimit | None) -> Grant:
+        """``grant_control``'s answer: a pure function of these and the rules, kept (every ST
+        entry write asks) until the rules change."""
+        if self._grants_rules is not self.rules or len(self._grants) >= _GRANTS_KEPT:
+            self._grants.clear()
+            self._grants_rules = self.rules
+        key = (ctrl, self.latched, self.revoked, limit)
+        grant = self._grants.get(key)
+        if grant is None:
             grant = grant_control(ctrl, self.geo, self.rules, self.latched, self.revoked, limit)
+            self._grants[key] = grant
         return grant
 
     def plan(
