@@ -344,22 +344,25 @@ class Engine:
         self, sess: Session, i: int, tag: int, written: bool, own: DeviceWrite
     ) -> Decision | None:
         """A write of one whole ST entry or Vector Control word in the usual state
-        (:meth:`Session.steady_entry`): the general path's decision, in fewer steps. None: not
-        the usual state, nothing changed."""
+        (:meth:`Session.steady_entry`): the general path's decision, in fewer steps, in either
+        backend. None: not the usual state, nothing changed."""
         raw = sess.backend
-        if type(raw) is not RawWrites:
+        if type(raw) is not RawWrites and type(raw) is not HostOps:
             return None
         got = sess.steady_entry(i, tag, written)
         if got is None:
             return None
         value, code, grant = got
         sess.put_entry(i, own)
+        steps: list[Step] = [(_ENTRY_STEP, i, value)]
+        sess.settle_entry(i, grant)
+        if not isinstance(raw, RawWrites):  # the host's operations, checked as ever
+            r = raw.access(sess, steps, [], own)
+            return self._finish(sess, r, own, [code], config=own.space == "config")
         if own.space == "config":
             mask, patch = sess.config_view(own.offset, own.width)
         else:
             mask, patch = sess.msix_view(own.offset, own.width)
-        steps: list[Step] = [(_ENTRY_STEP, i, value)]
-        sess.settle_entry(i, grant)
         writes = raw.writes(sess, steps)
         if writes[0].value == own.value:  # the same register: the guest's own write passes
             writes[0] = own
