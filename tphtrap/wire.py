@@ -343,8 +343,10 @@ def _decode_plain(line: bytes | str) -> Any:
     characters), and a few things the reference takes (``NaN``, ``1e400``, a lone surrogate
     escape, numbers of thousands of digits): every refusal falls back, never answers. Without
     blanks, every key is a string directly followed by ``:``, so the line holds at least as
-    many ``":`` as keys at every depth; when it holds exactly as many as the top-level object
-    has distinct keys, no key is repeated anywhere, and the reference's check is not needed.
+    many ``":`` as keys at every depth; when it holds exactly as many as its objects have
+    distinct keys (the top-level one's alone, in what clients send; all of them, in a recorded
+    request with its ``expect``), no key is repeated anywhere, and the reference's check is not
+    needed.
     """
     # split() cuts at every JSON blank (and at \v, \f and, for text, other Unicode blanks:
     # those lines go to the reference); the ends are tested apart, as split() drops them.
@@ -370,9 +372,21 @@ def _decode_plain(line: bytes | str) -> Any:
         obj = _PLAIN_DECODE(line)
     except (ValueError, RecursionError):  # msgspec's errors, a str that is not UTF-8
         return None
-    if type(obj) is dict and keys == len(obj):
+    if type(obj) is not dict:
+        return None
+    if keys == len(obj) or keys == _keys_in(obj):
         return obj
     return None
+
+
+def _keys_in(value: Any) -> int:
+    """How many distinct keys the objects in ``value`` hold, at every depth."""
+    if type(value) is dict:
+        return len(value) + sum(_keys_in(v) for v in value.values() if type(v) in _NESTS)
+    return sum(_keys_in(v) for v in value if type(v) in _NESTS)
+
+
+_NESTS = (dict, list)
 
 
 def parse_request(line: bytes | str) -> Request:
