@@ -138,6 +138,77 @@ def test_fast_path_matches_generic(case: tuple[dict[str, Any], list[Any], Any]) 
     same(json.dumps({k: req[k] for k in keys}, separators=(",", ":")))
 
 
+COLON_VALUES: list[Any] = ["a:b", ":", "0000:3b:00.0", "3b:00.0", "tenant-a", 1, 0x150, 2, True]
+ESCAPED_COLON = "\\u003a"  # ":" as an escape (a repeated key can hide behind it)
+BLANKS = ["", "", "", " ", "\t", "\r", "\n", "\x0b", "\x0c", "\xa0", "\u2028", "\x00"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    requests,
+    st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from(COLON_VALUES)), max_size=2),
+    st.lists(st.tuples(st.integers(0, 400), st.sampled_from(BLANKS)), max_size=2),
+    st.booleans(),
+    st.booleans(),
+)
+def test_typed_path_matches_generic_on_any_text(
+    case: tuple[dict[str, Any], list[Any], Any],
+    repeats: list[tuple[str, Any]],
+    blanks: list[tuple[int, str]],
+    ascii_only: bool,
+    escape: bool,
+) -> None:
+    """Lines as text, not as an encoder writes them: keys repeated (with values holding the
+    colons the typed path counts), blanks and other characters between tokens, escapes."""
+    base, edits, rnd = case
+    members = list(base.items())
+    for key, value in edits:
+        members = [(k, v) for k, v in members if k != key]
+        if value != "<drop>":
+            members.append((key, value))
+    members += repeats
+    rnd.shuffle(members)
+
+    def value(v: Any, i: int) -> str:
+        out = json.dumps(v, ensure_ascii=ascii_only)
+        return out.replace(":", ESCAPED_COLON) if escape and i % 2 else out
+
+    text = "{" + ",".join(f"{json.dumps(k)}:{value(v, i)}" for i, (k, v) in enumerate(members))
+    text += "}"
+    for at, blank in blanks:
+        at %= len(text) + 1
+        text = text[:at] + blank + text[at:]
+    same(text)
+    line = text.encode("utf-8", "surrogatepass")
+    want = generic(text)
+    try:
+        got: object = wire.parse_request(line)
+    except WireError as exc:
+        got = (exc.code, exc.message, exc.field, exc.request_id)
+    assert got == want, line
+
+
+def test_typed_path_is_taken() -> None:
+    for base in BASES:
+        line = json.dumps(base, separators=(",", ":"))
+        if "expect" not in base:
+            assert wire._typed_request(line) == wire._typed_request(line.encode()) is not None
+    a = '"vm":"v:w","bdf":"0000:3b:00.0"'
+    assert wire._typed_request('{"id":"x:y","op":"reset",' + a + "}") is not None
+    for refused in [
+        '{"id":1,"op":"reset",' + a + ',"vm":"v"}',  # a repeated key
+        '{"id":1,"op":"reset",' + a + ',"id":1}',
+        '{"id":1,"op":"reset","op":"reset",' + a + "}",
+        '{"id":1,"op":"reset",' + a.replace("v:w", "v\\u003aw") + "}",  # an escape
+        '{"id":1,"op":"reset","vm":"x",' + a.replace("v:w", ESCAPED_COLON) + "}",
+        '{"id":1,"op":"reset",' + a + ',"expect":null}',
+        '{"id":1.0,"op":"reset",' + a + "}",
+        '{"id":true,"op":"reset",' + a + "}",
+    ]:
+        assert wire._typed_request(refused) is None, refused
+        same(refused)
+
+
 def test_fast_path_is_taken() -> None:
     for base in BASES:
         assert wire._FAST[base["op"]](base, base["op"]) is not None

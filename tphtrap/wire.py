@@ -393,6 +393,9 @@ def parse_request(line: bytes | str) -> Request:
     """Validate one protocol line (without its newline). Raises :class:`WireError`."""
     if isinstance(line, bytes) and len(line) > MAX_LINE:
         raise WireError("line-too-long", f"line longer than {MAX_LINE} bytes")
+    req = _typed_request(line)
+    if req is not None:
+        return req
     obj = _decode_plain(line)
     if obj is None:
         obj = _reference_decode(line)
@@ -560,21 +563,15 @@ _ALLOWED = {
 }
 
 
-def _fast_device(obj: dict[str, Any], op: str) -> tuple[int | str, str, str] | None:
-    """(id, vm, normalised bdf) when the id, vm and bdf are plainly valid, and the request
-    carries no field ``op`` does not take."""
-    if not obj.keys() <= _ALLOWED[op]:
-        return None
-    rid = obj.get("id")
+def _fast_head(rid: Any, vm: Any, raw: Any) -> tuple[int | str, str, str] | None:
+    """(id, vm, normalised bdf) when the id, vm and bdf are plainly valid."""
     if type(rid) is int:
         if not _ID_MIN <= rid < _ID_MAX:
             return None
     elif type(rid) is not str or not 0 < len(rid) <= MAX_ID_LEN:
         return None
-    vm = obj.get("vm")
     if type(vm) is not str or not 0 < len(vm) <= MAX_NAME_LEN or not vm.isprintable():
         return None
-    raw = obj.get("bdf")
     if type(raw) is not str:
         return None
     bdf = _BDF_CACHE.get(raw)
@@ -587,33 +584,29 @@ def _fast_device(obj: dict[str, Any], op: str) -> tuple[int | str, str, str] | N
     return rid, vm, bdf
 
 
-def _fast_cfg(obj: dict[str, Any], op: str) -> Request | None:
-    head = _fast_device(obj, op)
-    if head is None:
-        return None
-    offset = obj.get("offset")
-    width = obj.get("width")
+def _cfg_request(
+    op: str, rid: Any, vm: Any, bdf: Any, offset: Any, width: Any, value: Any
+) -> Request | None:
+    head = _fast_head(rid, vm, bdf)
     if (
-        type(offset) is not int
+        head is None
+        or type(offset) is not int
         or type(width) is not int
         or width not in _CFG_WIDTHS
         or not 0 <= offset <= 4096 - width
     ):
         return None
-    rid, vm, bdf = head
-    args: dict[str, Any] = {"vm": vm, "bdf": bdf, "offset": offset, "width": width}
-    return _fast_finish(obj, op, rid, args, width)
+    args: dict[str, Any] = {"vm": head[1], "bdf": head[2], "offset": offset, "width": width}
+    return _write_request(op, head[0], args, value, width)
 
 
-def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
-    head = _fast_device(obj, op)
-    if head is None:
-        return None
-    bar = obj.get("bar")
-    offset = obj.get("offset")
-    width = obj.get("width")
+def _bar_request(
+    op: str, rid: Any, vm: Any, bdf: Any, bar: Any, offset: Any, width: Any, value: Any
+) -> Request | None:
+    head = _fast_head(rid, vm, bdf)
     if (
-        type(bar) is not int
+        head is None
+        or type(bar) is not int
         or not 0 <= bar <= _BAR_MAX
         or type(offset) is not int
         or type(width) is not int
@@ -621,35 +614,66 @@ def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
         or not 0 <= offset <= _U64 + 1 - width
     ):
         return None  # the slow path names the field at fault
-    rid, vm, bdf = head
-    args: dict[str, Any] = {"vm": vm, "bdf": bdf, "bar": bar, "offset": offset, "width": width}
-    return _fast_finish(obj, op, rid, args, width)
+    args: dict[str, Any] = {
+        "vm": head[1],
+        "bdf": head[2],
+        "bar": bar,
+        "offset": offset,
+        "width": width,
+    }
+    return _write_request(op, head[0], args, value, width)
+
+
+def _reset_request(op: str, rid: Any, vm: Any, bdf: Any) -> Request | None:
+    head = _fast_head(rid, vm, bdf)
+    if head is None:
+        return None
+    return Request(head[0], op, {"vm": head[1], "bdf": head[2]})
 
 
 _WRITE_OPS = frozenset({"cfg_write", "msix_write"})
 
 
-def _fast_finish(
-    obj: dict[str, Any], op: str, rid: int | str, args: dict[str, Any], width: int
+def _write_request(
+    op: str, rid: int | str, args: dict[str, Any], value: Any, width: int
 ) -> Request | None:
-    """The value of a write (unsigned, within ``width`` bytes) and the optional ``expect``;
-    ``width`` is not used for the other operations."""
+    """The request, with the value of a write (unsigned, within ``width`` bytes)."""
     if op in _WRITE_OPS:
-        value = obj.get("value")
         if type(value) is not int or value < 0 or value >> (8 * width):
             return None
         args["value"] = value
-    if "expect" in obj:
-        args["expect"] = obj["expect"]
     return Request(rid, op, args)
 
 
-def _fast_reset(obj: dict[str, Any], op: str) -> Request | None:
-    head = _fast_device(obj, op)
-    if head is None:
+# From a decoded object: every field the operation takes, and no other (expect may be there).
+def _fast_cfg(obj: dict[str, Any], op: str) -> Request | None:
+    if not obj.keys() <= _ALLOWED[op]:
         return None
-    rid, vm, bdf = head
-    return _fast_finish(obj, op, rid, {"vm": vm, "bdf": bdf}, 0)
+    g = obj.get
+    req = _cfg_request(op, g("id"), g("vm"), g("bdf"), g("offset"), g("width"), g("value"))
+    return _with_expect(req, obj)
+
+
+def _fast_bar(obj: dict[str, Any], op: str) -> Request | None:
+    if not obj.keys() <= _ALLOWED[op]:
+        return None
+    g = obj.get
+    req = _bar_request(
+        op, g("id"), g("vm"), g("bdf"), g("bar"), g("offset"), g("width"), g("value")
+    )
+    return _with_expect(req, obj)
+
+
+def _fast_reset(obj: dict[str, Any], op: str) -> Request | None:
+    if not obj.keys() <= _ALLOWED[op]:
+        return None
+    return _with_expect(_reset_request(op, obj.get("id"), obj.get("vm"), obj.get("bdf")), obj)
+
+
+def _with_expect(req: Request | None, obj: dict[str, Any]) -> Request | None:
+    if req is not None and "expect" in obj:
+        req.args["expect"] = obj["expect"]  # type: ignore[index]
+    return req
 
 
 _FAST: dict[str, Callable[[dict[str, Any], str], Request | None]] = {
@@ -659,6 +683,69 @@ _FAST: dict[str, Callable[[dict[str, Any], str], Request | None]] = {
     "msix_read": _fast_bar,
     "reset": _fast_reset,
 }
+
+
+# --- the typed path: the access requests decoded and typed by msgspec in one step ----------
+# One struct per access operation, its fields those OPS requires (strings for the device, the
+# rest integers), tagged by "op"; no other field (a line with "expect" takes the paths above).
+def _line_struct(op: str) -> Any:
+    fields = [("id", int | str)] + [(k, str if k in _DEVICE else int) for k in OPS[op][0]]
+    return msgspec.defstruct(
+        f"_{op}", fields, tag_field="op", tag=op, forbid_unknown_fields=True, frozen=True
+    )
+
+
+_CFG_WRITE, _CFG_READ, _MSIX_WRITE, _MSIX_READ, _RESET = (
+    _line_struct(op) for op in ("cfg_write", "cfg_read", "msix_write", "msix_read", "reset")
+)
+_TYPED_DECODE: Callable[[bytes | str], Any] = msgspec.json.Decoder(
+    _CFG_WRITE | _CFG_READ | _MSIX_WRITE | _MSIX_READ | _RESET
+).decode
+_TYPED_BUILD: dict[Any, Callable[[Any], Request | None]] = {
+    _CFG_WRITE: lambda r: _cfg_request("cfg_write", r.id, r.vm, r.bdf, r.offset, r.width, r.value),
+    _CFG_READ: lambda r: _cfg_request("cfg_read", r.id, r.vm, r.bdf, r.offset, r.width, None),
+    _MSIX_WRITE: lambda r: _bar_request(
+        "msix_write", r.id, r.vm, r.bdf, r.bar, r.offset, r.width, r.value
+    ),
+    _MSIX_READ: lambda r: _bar_request(
+        "msix_read", r.id, r.vm, r.bdf, r.bar, r.offset, r.width, None
+    ),
+    _RESET: lambda r: _reset_request("reset", r.id, r.vm, r.bdf),
+}
+#: Keys each struct's line holds: its fields and "op".
+_TYPED_KEYS = {t: len(t.__struct_fields__) + 1 for t in _TYPED_BUILD}
+
+
+def _typed_request(line: bytes | str) -> Request | None:
+    """The access request ``line`` is, decoded and typed by msgspec, or None: then the
+    paths above decide (the same request, or the error).
+
+    msgspec keeps a repeated key's last value, so the line must be shown to repeat none.
+    Each member of an object holds exactly one ``:`` outside strings, blanks or not; with no
+    backslash in the line (no escapes), the ``:`` inside strings are those of the decoded
+    string values (the keys are field names: any other key is refused). So the line holds
+    exactly (members) + (``:`` in the values) colons, and when that is the struct's field count,
+    no key is repeated. A value of the wrong JSON type (``true`` for an integer, ``1.0``, ``1e2``)
+    is refused by msgspec; its ranges are the dictionary path's own checks.
+    """
+    if isinstance(line, bytes):
+        if b"\\" in line:
+            return None
+        colons = line.count(b":")
+    else:
+        if "\\" in line:
+            return None
+        colons = line.count(":")
+    try:
+        r = _TYPED_DECODE(line)
+    except (ValueError, RecursionError):  # msgspec's errors, a str that is not UTF-8
+        return None
+    t = type(r)
+    rid = r.id
+    colons -= r.vm.count(":") + r.bdf.count(":") + (rid.count(":") if type(rid) is str else 0)
+    if colons != _TYPED_KEYS[t]:
+        return None
+    return _TYPED_BUILD[t](r)
 
 
 def _checked(v: Any, check: Callable[[Any], Any], rid: int | str, key: str) -> Any:
