@@ -10,9 +10,9 @@ change to serve's loop is a change to this floor too.
 Two modes, given as the only argument:
 
 ``json``
-    the floor of any JSON-lines plugin: ``json.loads`` the request, then encode
-    ``{"id": <its id>, "ok": true, "decision": {...}}`` with a reused compact
-    ``json.JSONEncoder`` and a fixed decision, the one ``serve`` gives a granted TPH control
+    the floor of any JSON-lines plugin: decode the request with the JSON decoder ``serve``
+    uses (msgspec's, in C), then encode ``{"id": <its id>, "ok": true, "decision": {...}}``
+    with msgspec's encoder and a fixed decision, the one ``serve`` gives a granted TPH control
     write (a reply of the same size and shape as serve's).
 ``bytes``
     the transport floor: the request line itself is written back (no JSON at all).
@@ -23,9 +23,10 @@ tphtrap runs per line but the loop.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
+
+import msgspec
 
 from tphtrap.serve import serve_forever
 
@@ -40,13 +41,14 @@ DECISION = {
     "read_mask": 4294967295,
     "rule": "vms.tenant-a.devices.0000:3b:00.0",
 }
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_DECODE = msgspec.json.Decoder().decode
+_ENCODE = msgspec.json.Encoder().encode
 
 
 def reply_json(line: bytes) -> bytes:
-    req = json.loads(line)
+    req = _DECODE(line)
     rid = req.get("id") if isinstance(req, dict) else None
-    return _ENCODE({"id": rid, "ok": True, "decision": DECISION}).encode() + b"\n"
+    return _ENCODE({"id": rid, "ok": True, "decision": DECISION}) + b"\n"
 
 
 def reply_bytes(line: bytes) -> bytes:
@@ -70,6 +72,9 @@ class _Echo:
 
     def done(self) -> bool:
         return False
+
+    def session_ended(self, *_: object) -> None:
+        pass
 
     def emit(self, *_: object, **__: object) -> None:
         pass

@@ -890,8 +890,8 @@ def report(
         "loop, `serve_forever` (`select` on stdin, the signal pipe and, while replies wait, "
         "stdout; one `os.read` of up to 64 KiB, split at newlines, replies of that read "
         "written at once on the non-blocking stdout), with a stand-in plugin doing per line "
-        "`json.loads` of the request and a reused compact "
-        '`json.JSONEncoder` encoding `{"id": <id>, "ok": true, "decision": {...}}` with a '
+        "a decode of the request with serve's own JSON decoder (msgspec's, in C) and "
+        '`msgspec` encoding `{"id": <id>, "ok": true, "decision": {...}}` with a '
         "fixed decision, the one serve gives a granted control write: a reply of the same "
         "size and shape. Any JSON-lines plugin of this shape decodes a request and encodes a "
         "reply, so that is its floor."
