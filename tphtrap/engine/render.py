@@ -325,6 +325,10 @@ class HostOps:
     def _guest_bytes(self, sess: Session, own: DeviceWrite) -> list[DeviceWrite]:
         """The guest's bytes of ``own`` that are not TPH state (they go through as written)."""
         geo = sess.geo
+        if own.space == "config":
+            end = own.offset + own.width
+            if any(cap.start <= own.offset and end <= cap.end for cap in geo.caps):
+                return []  # a TPH register: every byte is TPH state
         keep: list[tuple[int, int]] = []
         for b in range(own.width):
             pos = own.offset + b
