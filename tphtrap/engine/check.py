@@ -93,6 +93,10 @@ def _put_byte(v: Value, shift: int, byte: int) -> Value:
 
 
 class Checker:
+    #: A run of whole-entry writes (a re-written table) is applied in one step
+    #: (tests/test_check_shortcuts.py compares it with the general loop).
+    batch_entries = True
+
     def __init__(self, cfg: ConfigSpace) -> None:
         self.completer: int | None = None  # host backend: the root port's completer field
         self.rciep = False
@@ -183,6 +187,64 @@ class Checker:
             ):
                 found = self.ent, rel // PCI_MSIX_ENTRY_SIZE, (w.value >> (8 * k)) & 0xFFFF_FFFF
         return found
+
+    def _entry_run(self, writes: Sequence[DeviceWrite], start: int) -> list[int]:
+        """The entries that ``writes[start:]`` set whole one after the other, as far as they
+        do: ST entries of the capability's table written as 2-byte config writes, or Vector
+        Control words written as aligned 4-byte writes to the MSI-X BAR (what a plan that
+        re-writes the table is made of); each is what :meth:`_whole_register` finds."""
+        out: list[int] = []
+        n = self.n
+        if self.in_cap:
+            base = self.table_at
+            for k in range(start, len(writes)):
+                w = writes[k]
+                rel = w.offset - base
+                if w.space != "config" or w.width != 2 or rel & 1 or not 0 <= rel < 2 * n:
+                    break
+                out.append(rel >> 1)
+        elif self.msix_start >= 0:
+            base, bir = self.msix_start, self.msix_bir
+            for k in range(start, len(writes)):
+                w = writes[k]
+                rel = w.offset - base
+                if (
+                    w.space != "bar"
+                    or w.bar != bir
+                    or w.width != 4
+                    or w.offset & 3
+                    or not 0 <= rel < n * PCI_MSIX_ENTRY_SIZE
+                    or rel % PCI_MSIX_ENTRY_SIZE != PCI_MSIX_ENTRY_VECTOR_CTRL
+                ):
+                    break
+                out.append(rel // PCI_MSIX_ENTRY_SIZE)
+        return out
+
+    def _apply_run(
+        self,
+        writes: Sequence[DeviceWrite],
+        start: int,
+        run: list[int],
+        rules: TagRules,
+        revoked: bool,
+        disabled: bool,
+    ) -> None:
+        """The writes of :meth:`_entry_run` (``run``: the entry each sets), applied and checked
+        as the general loop does one by one: each entry test after its own write, or none
+        while every control value is known and disabled (entries cannot be unsafe then)."""
+        ent = self.ent
+        mask = -1 if self.in_cap else 0xFFFF_FFFF  # (the Vector Control word of a BAR write)
+        values = [w.value & mask for w in writes[start : start + len(run)]]
+        if disabled:
+            self._undo.extend([(ent, i, ent[i]) for i in run])
+            for i, value in zip(run, values, strict=True):
+                ent[i] = value
+            return
+        for k, (i, value) in enumerate(zip(run, values, strict=True)):
+            self._set(ent, i, value)
+            problem = self._violation(rules, revoked, {i})
+            if problem is not None:
+                raise UnsafePlan(f"after {_show(writes[start + k])}: {problem}")
 
     def _whole_config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
         """:meth:`_config`, with a whole control register or ST entry applied in one step."""
@@ -419,7 +481,18 @@ class Checker:
                     if self._violation(rules, revoked, None, self._others(k)) is not None
                 }
             disabled: bool | None = None  # every control register known and disabled
-            for w in writes:
+            at, end = 0, len(writes)
+            while at < end:
+                w = writes[at]
+                at += 1
+                if not full and self.batch_entries:
+                    run = self._entry_run(writes, at - 1)
+                    if len(run) > 1:
+                        if disabled is None:
+                            disabled = self._all_disabled()
+                        self._apply_run(writes, at - 1, run, rules, revoked, disabled)
+                        at += len(run) - 1
+                        continue
                 touched: set[int] = set()
                 ctrl = reset = False
                 if w.space == "config":
