@@ -12,6 +12,7 @@ Each returns plain data; ``bench/run.py`` renders it with the goals.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -245,6 +246,7 @@ def worst_in_process(rounds: int, audit_path: Path) -> WorstSplit:
     try:
         for n in range(rounds):
             prepare()
+            gc.collect()  # the set-up's garbage is not the decision's
             t0 = time.perf_counter()
             decision = engine.handle(access)
             t1 = time.perf_counter()
