@@ -150,13 +150,26 @@ def test_shortcuts_refuse_what_the_general_check_refuses(data: st.DataObject, wh
     rules = world.rules()
     for _ in range(data.draw(st.integers(1, 8), "plans")):
         plan = data.draw(st.lists(writes(fast), min_size=1, max_size=3), "plan")
-        r = rules[data.draw(st.integers(0, len(rules) - 1), "rules")]
-        revoked = data.draw(st.integers(0, 4), "revoked") == 0
-        full = data.draw(st.integers(0, 3), "full") == 0
-        got = outcome(fast, plan, r, revoked, full)
-        want = outcome(slow, plan, r, revoked, full)
-        assert got == want, f"{plan}: shortcuts say {got!r}, the general check {want!r}"
-        assert (fast.ctrl, fast.ent, fast.pm) == (slow.ctrl, slow.ent, slow.pm), plan
+        alike(data, fast, slow, plan, rules, full_one_in=4)
+
+
+def alike(
+    data: st.DataObject,
+    fast: Checker,
+    slow: Checker,
+    plan: list[DeviceWrite],
+    rules: list[TagRules],
+    full_one_in: int,
+) -> None:
+    """``plan`` checked by both copies under drawn rules, revocation and fullness: the same
+    answer, the same registers afterwards."""
+    r = rules[data.draw(st.integers(0, len(rules) - 1), "rules")]
+    revoked = data.draw(st.integers(0, 4), "revoked") == 0
+    full = data.draw(st.integers(1, full_one_in), "full") == 1
+    got = outcome(fast, plan, r, revoked, full)
+    want = outcome(slow, plan, r, revoked, full)
+    assert got == want, f"{plan}: shortcuts say {got!r}, the general check {want!r}"
+    assert (fast.ctrl, fast.ent, fast.pm) == (slow.ctrl, slow.ent, slow.pm), plan
 
 
 def test_a_kept_control_rule_follows_the_rules_and_revocation() -> None:
@@ -254,14 +267,7 @@ def test_a_rewritten_table_is_checked_as_the_general_loop_checks_it(
     without_shortcuts(slow)
     rules = world.rules()
     for _ in range(data.draw(st.integers(1, 4), "plans")):
-        plan = data.draw(table_plans(fast, rnd), "plan")
-        r = rules[data.draw(st.integers(0, len(rules) - 1), "rules")]
-        revoked = data.draw(st.integers(0, 4), "revoked") == 0
-        full = data.draw(st.integers(0, 5), "full") == 0
-        got = outcome(fast, plan, r, revoked, full)
-        want = outcome(slow, plan, r, revoked, full)
-        assert got == want, f"shortcuts say {got!r}, the general check {want!r}"
-        assert (fast.ctrl, fast.ent, fast.pm) == (slow.ctrl, slow.ent, slow.pm)
+        alike(data, fast, slow, data.draw(table_plans(fast, rnd), "plan"), rules, full_one_in=6)
 
 
 def test_a_rewritten_table_takes_the_batched_step(monkeypatch: pytest.MonkeyPatch) -> None:
