@@ -12,10 +12,12 @@ Each returns plain data; ``bench/run.py`` renders it with the goals.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,4 +184,81 @@ def kind_pipelined(
         for rnd in range(rounds):
             for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 out[kind][name].append(pipelined(children[name], lines, n, PIPE_WINDOW))
+    return out
+
+
+# --- the worst single decision, in process ------------------------------------------------------
+@dataclass
+class WorstSplit:
+    """Where the worst decision's time goes inside ``serve``, ms per round: the engine, the
+    ``access.decided`` audit line, the reply line (what ``serve`` does for one access)."""
+
+    engine: list[float] = field(default_factory=list)
+    audit: list[float] = field(default_factory=list)
+    reply: list[float] = field(default_factory=list)
+    writes: int = 0
+    reply_bytes: int = 0
+
+
+def worst_state(engine: Any) -> tuple[Any, Callable[[], None], Any]:
+    """Attach :func:`worst_decision`'s 2048-vector device to ``engine`` (for tenant-a, in the
+    benchmark policy) and return (its session, a function bringing it to the state before the
+    timed write: disabled, every Vector Control programmed, TPH enabled at 8 bits, the timed
+    access: the write enabling Extended TPH)."""
+    from tphtrap.device import ConfigSpace
+    from tphtrap.events import ConfigWrite, MsixWrite
+    from tphtrap.spec import StLocation
+    from tphtrap.synth import MsixSpec, TphSpec, build_config
+
+    tph = TphSpec(extended=True, location=StLocation.MSIX, table_size=WORST_VECTORS)
+    msix = MsixSpec(WORST_VECTORS, bir=WORST_BAR, table_offset=WORST_TABLE)
+    vm, bdf = workload.A["vm"], workload.A["bdf"]
+    cfg = ConfigSpace.from_bytes(build_config(tph=tph, msix=msix), "msix-2048", bdf)
+    decision = engine.attach(vm, bdf, cfg)
+    if decision.verdict.name == "DROP":
+        raise RuntimeError(f"worst decision: attach refused: {decision}")
+    program = [
+        MsixWrite(vm, bdf, WORST_BAR, WORST_TABLE + 16 * i + 12, 4, 0x1_0000 | i % 2)
+        for i in range(WORST_VECTORS)
+    ]
+
+    def prepare() -> None:
+        engine.handle(ConfigWrite(vm, bdf, WORST_CTRL, 4, 0x1))
+        for access in program:
+            engine.handle(access)
+        engine.handle(ConfigWrite(vm, bdf, WORST_CTRL, 4, 0x101))
+
+    return engine.session(vm, bdf), prepare, ConfigWrite(vm, bdf, WORST_CTRL, 4, 0x301)
+
+
+def worst_in_process(rounds: int, audit_path: Path) -> WorstSplit:
+    """:func:`worst_decision` without the pipes: ``rounds`` times the state set up again, then
+    the one decision, its audit line (to ``audit_path``) and its reply, each timed alone."""
+    from tphtrap.audit import Auditor
+    from tphtrap.engine import Engine
+    from tphtrap.policyfile import load_policy
+    from tphtrap.wire import access_reply
+
+    engine = Engine(load_policy(str(workload.POLICY)))
+    _sess, prepare, access = worst_state(engine)
+    auditor = Auditor.to_file(str(audit_path))
+    out = WorstSplit()
+    try:
+        for n in range(rounds):
+            prepare()
+            gc.collect()  # the set-up's garbage is not the decision's
+            t0 = time.perf_counter()
+            decision = engine.handle(access)
+            t1 = time.perf_counter()
+            auditor.decided(access, decision, {"id": n})
+            t2 = time.perf_counter()
+            line = access_reply(n, decision)
+            t3 = time.perf_counter()
+            out.engine.append((t1 - t0) * 1e3)
+            out.audit.append((t2 - t1) * 1e3)
+            out.reply.append((t3 - t2) * 1e3)
+            out.writes = len(decision.writes)
+            out.reply_bytes = len(line) - 1
+    finally:
+        auditor.close()
     return out

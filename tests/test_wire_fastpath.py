@@ -9,16 +9,20 @@ same Request (fields in the same order), same error code, message, field and id,
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import DECISIONS, IDS
+from strategies import DECISIONS, IDS, WRITES
 
 from tphtrap import wire
+from tphtrap.audit import Auditor
 from tphtrap.errors import WireError
-from tphtrap.events import Decision
+from tphtrap.events import ConfigWrite, Decision, DeviceWrite, Verdict
 
 FIELDS = ["id", "op", "vm", "bdf", "offset", "width", "value", "bar", "expect", "config", "x"]
 VALUES: list[Any] = [
@@ -418,3 +422,83 @@ def test_access_reply_is_the_generic_reply(rid: int | str, d: Decision) -> None:
     assert wire.decision_text(d) == json.dumps(
         wire.decision_wire(d), separators=(",", ":"), ensure_ascii=True
     )
+
+
+# --- many writes: runs, and the text the audit line and the reply share ---------------------
+def reference_groups(writes: Sequence[DeviceWrite]) -> list[tuple[DeviceWrite, int, int]]:
+    """``_write_groups`` as it is specified, write by write: from each write, a run of the
+    writes that follow with its value, space, BAR and width at the stride of the first two
+    (positive), as long as they go on."""
+    out: list[tuple[DeviceWrite, int, int]] = []
+    i = 0
+    while i < len(writes):
+        w, j, stride = writes[i], i + 1, 0
+        if j < len(writes) and same_but_offset(w, writes[j]) and writes[j].offset > w.offset:
+            stride = writes[j].offset - w.offset
+            while (
+                j < len(writes)
+                and same_but_offset(w, writes[j])
+                and writes[j].offset - writes[j - 1].offset == stride
+            ):
+                j += 1
+        out.append((w, j - i, stride))
+        i = j
+    return out
+
+
+def same_but_offset(a: DeviceWrite, b: DeviceWrite) -> bool:
+    return (a.value, a.width, a.space, a.bar) == (b.value, b.width, b.space, b.bar)
+
+
+# Few values, spaces, BARs and widths, offsets on a few strides: runs, broken runs, lone writes.
+RUNNY_WRITES = st.lists(
+    st.builds(
+        DeviceWrite,
+        space=st.sampled_from(["config", "bar", "bar"]),
+        offset=st.integers(0, 6).map(lambda k: 0x4000 + 4 * k),
+        width=st.sampled_from([4, 4, 2]),
+        value=st.sampled_from([0, 0x1_0000, 0x1_0001]),
+        bar=st.sampled_from([2, 2, None]),
+    ),
+    max_size=40,
+)
+
+
+@st.composite
+def strided(draw: st.DrawFn) -> list[DeviceWrite]:
+    """Runs of a table re-written (offsets on a stride), with breaks."""
+    out: list[DeviceWrite] = []
+    offset = draw(st.integers(0, 64))
+    for _ in range(draw(st.integers(0, 6))):
+        stride = draw(st.sampled_from([0, 4, 16, 16, -16]))
+        value = draw(st.sampled_from([0, 1, 0x1_0000]))
+        width = draw(st.sampled_from([4, 4, 2]))
+        for _ in range(draw(st.integers(1, 12))):
+            out.append(DeviceWrite("bar", offset, width, value, 4))
+            offset = max(0, offset + stride)
+    return out
+
+
+@settings(max_examples=400)
+@given(st.one_of(RUNNY_WRITES, strided()))
+def test_write_groups_are_the_runs_write_by_write(writes: list[DeviceWrite]) -> None:
+    assert wire._write_groups(writes) == reference_groups(writes)
+    assert wire._write_groups(tuple(writes)) == reference_groups(writes)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.one_of(RUNNY_WRITES, strided(), st.lists(WRITES, max_size=60)), rid=IDS)
+def test_a_decision_of_many_writes_is_written_as_the_generic_path_writes_it(
+    monkeypatch: pytest.MonkeyPatch, writes: list[DeviceWrite], rid: int | str
+) -> None:
+    """The audit line, then the reply, of one decision (the reply may take the writes' text
+    the audit line made), against the processor chain and the JSON encoder."""
+    monkeypatch.setattr("tphtrap.audit._UtcClock.now", lambda self: "2026-11-29T00:00:00.000001Z")
+    d = Decision(Verdict.REWRITE, "entries-corrected", "text", tuple(writes), rule="r")
+    access = ConfigWrite("vm", "0000:3b:00.0", 0x150, 4, 0x301)
+    fast, slow = io.StringIO(), io.StringIO()
+    Auditor(fast).decided(access, d, {"id": rid})
+    Auditor(slow).decided_slow(access, d, {"id": rid})
+    assert fast.getvalue() == slow.getvalue()
+    assert wire.access_reply(rid, d) == wire.reply(rid, decision=wire.decision_wire(d))
+    assert wire.writes_text(d.writes) == ",".join(wire.write_text(w) for w in writes)

@@ -41,7 +41,7 @@ from .wire import (
     json_string,
     one_write_text,
     op_text,
-    write_text,
+    writes_text,
 )
 
 __all__ = ["Auditor", "access_fields", "decision_fields"]
@@ -234,7 +234,7 @@ class _DecidedLine:
             w = writes[0]
             done = f',"device_writes":[{one_write_text(w)}],"device_value":{int(w.value)}'
         elif writes:
-            done = f',"device_writes":[{",".join([write_text(w) for w in writes])}]'
+            done = f',"device_writes":[{writes_text(writes)}]'
         if decision.ops:
             done += f',"host_ops":[{",".join([op_text(o) for o in decision.ops])}]'
         view = ""

@@ -12,6 +12,8 @@ import difflib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
+from operator import eq
 from typing import Any, TypeVar
 
 import msgspec
@@ -834,23 +836,34 @@ def _write_groups(writes: Sequence[DeviceWrite]) -> list[tuple[DeviceWrite, int,
     stride, as (first, count, stride); a lone write is (it, 1, 0)."""
     out: list[tuple[DeviceWrite, int, int]] = []
     i, n = 0, len(writes)
-    while i < n:
-        w = writes[i]
-        j, stride = i + 1, 0
-        if j < n:
-            x = writes[j]
-            if _same_but_offset(w, x) and x.offset > w.offset:
-                stride = x.offset - w.offset
+    for start in _run_starts(writes):
+        if start < i:
+            continue  # inside the run before
+        if i < start:
+            out += [(w, 1, 0) for w in writes[i:start]]
+        w, x = writes[start], writes[start + 1]
+        j, stride = start + 1, 0
+        if _same_but_offset(w, x) and x.offset > w.offset:
+            stride = x.offset - w.offset
+            j += 1
+            while (
+                j < n
+                and _same_but_offset(w, writes[j])
+                and writes[j].offset - writes[j - 1].offset == stride
+            ):
                 j += 1
-                while (
-                    j < n
-                    and _same_but_offset(w, writes[j])
-                    and writes[j].offset - writes[j - 1].offset == stride
-                ):
-                    j += 1
-        out.append((w, j - i, stride))
+        out.append((w, j - start, stride))
         i = j
+    if i < n:
+        out += [(w, 1, 0) for w in writes[i:]]
     return out
+
+
+def _run_starts(writes: Sequence[DeviceWrite]) -> list[int]:
+    """Where a run may start: the writes whose next one has the same value (any other write
+    is a lone write, or inside a run)."""
+    values = [w.value for w in writes]
+    return list(compress(range(len(values) - 1), map(eq, values, values[1:])))
 
 
 def _same_but_offset(a: DeviceWrite, b: DeviceWrite) -> bool:
@@ -970,6 +983,38 @@ def cache_put(cache: dict[Any, Any], key: Any, value: _V) -> _V:
     return value
 
 
+_LAST_WRITES: list[Any] = [None, ""]
+
+
+def writes_text(writes: tuple[DeviceWrite, ...]) -> str:
+    """``writes``, each as :func:`write_text`, joined with commas; kept for the next call with
+    the same tuple (a decision's): its audit line and its reply, when it has no runs, each
+    list them all (the reference kept here keeps the tuple from being reused)."""
+    if _LAST_WRITES[0] is writes:
+        text: str = _LAST_WRITES[1]
+        return text
+    out = []
+    space: str | None = None
+    bar: int | None = None
+    head = ""
+    for w in writes:
+        if w.space is not space or w.bar != bar:
+            space, bar = w.space, w.bar
+            head = _write_head(w)
+        # %d formats a number as str(int(...)) does, faster than int() and an f-string
+        out.append('%s%d,"width":%d,"value":%d}' % (head, w.offset, w.width, w.value))  # noqa: UP031
+    text = ",".join(out)
+    _LAST_WRITES[0], _LAST_WRITES[1] = writes, text
+    return text
+
+
+def _write_head(w: DeviceWrite) -> str:
+    """:func:`write_text` of ``w`` up to its offset: its space and BAR."""
+    space = _SPACES.get(w.space) or _ESC(w.space)
+    bar = "" if w.bar is None else f',"bar":{int(w.bar)}'
+    return f'{{"space":{space}{bar},"offset":'
+
+
 def write_text(w: DeviceWrite, count: int = 1, stride: int = 0) -> str:
     """``encode(w.to_json())`` without its newline (with ``count``/``stride``: a run)."""
     space = _SPACES.get(w.space) or _ESC(w.space)
@@ -1033,6 +1078,8 @@ def decision_text(d: Decision) -> str:
         writes = one_write_text(d.writes[0])
     elif not d.writes:
         writes = ""
+    elif not _run_starts(d.writes):  # no runs: the writes one by one, as the audit line has them
+        writes = writes_text(d.writes)
     else:
         writes = ",".join([write_text(w, c, st) for w, c, st in _write_groups(d.writes)])
     ops = ""

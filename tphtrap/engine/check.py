@@ -31,6 +31,9 @@ tag.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter
+from typing import cast
 
 from ..device import ConfigSpace
 from ..events import DeviceWrite, HostOp
@@ -55,6 +58,8 @@ _EN_SHIFT = 8
 _EN_MASK = 0x300
 _WRITABLE = _MODE_MASK | _EN_MASK
 _VC_MASKBIT = 0x1  # power-on value of Vector Control
+
+_WHERE = attrgetter("space", "bar", "offset", "width")  # (a config write's bar is None)
 
 #: a register's possible values: one value, several (after a reset), or None (anything)
 Value = int | frozenset[int] | None
@@ -93,6 +98,10 @@ def _put_byte(v: Value, shift: int, byte: int) -> Value:
 
 
 class Checker:
+    #: A run of whole-entry writes (a re-written table) is applied in one step
+    #: (tests/test_check_shortcuts.py compares it with the general loop).
+    batch_entries = True
+
     def __init__(self, cfg: ConfigSpace) -> None:
         self.completer: int | None = None  # host backend: the root port's completer field
         self.rciep = False
@@ -144,6 +153,16 @@ class Checker:
             [cfg.u16(self.table_at + 2 * i) for i in range(n)] if self.in_cap else [None] * n
         )
         self._undo: list[tuple[list[Value], int, Value]] = []
+        # the writes that set one entry whole (_entry_indices), as (space, bar, offset, width),
+        # and the entry each sets
+        self._entry_at: dict[tuple[str, int | None, int, int], int] = {}
+        if self.in_cap:
+            self._entry_at = {("config", None, self.table_at + 2 * i, 2): i for i in range(n)}
+        elif n and not self.msix_start % 4:
+            vc = self.msix_start + PCI_MSIX_ENTRY_VECTOR_CTRL
+            self._entry_at = {
+                ("bar", self.msix_bir, vc + PCI_MSIX_ENTRY_SIZE * i, 4): i for i in range(n)
+            }
         # _unsafe's kept answers of _control_rule, for the rules they were made with
         self._control_rules: dict[tuple[int, int, bool], _Rule] = {}
         self._rules_seen: TagRules | None = None
@@ -183,6 +202,42 @@ class Checker:
             ):
                 found = self.ent, rel // PCI_MSIX_ENTRY_SIZE, (w.value >> (8 * k)) & 0xFFFF_FFFF
         return found
+
+    def _entry_indices(self, writes: Sequence[DeviceWrite]) -> list[int | None]:
+        """For each write, the entry it sets whole (None: not such a write), then a None: ST
+        entries of the capability's table written as 2-byte config writes, Vector Control
+        words written as aligned 4-byte writes to the MSI-X BAR (what a plan that re-writes
+        the table is made of), each what :meth:`_whole_register` finds."""
+        at = list(map(self._entry_at.get, map(_WHERE, writes)))
+        at.append(None)
+        return at
+
+    def _apply_run(
+        self,
+        writes: Sequence[DeviceWrite],
+        start: int,
+        run: list[int],
+        rules: TagRules,
+        revoked: bool,
+        disabled: bool,
+    ) -> None:
+        """The writes ``writes[start:]`` setting the entries ``run`` whole one after the other
+        (:meth:`_entry_indices`), applied and checked as the general loop does one by one:
+        each entry test after its own write, or none while every control value is known and
+        disabled (an entry cannot be unsafe then)."""
+        ent = self.ent
+        mask = -1 if self.in_cap else 0xFFFF_FFFF  # (the Vector Control word of a BAR write)
+        values = [w.value & mask for w in writes[start : start + len(run)]]
+        if disabled:
+            self._undo.extend(zip(repeat(ent), run, map(ent.__getitem__, run)))
+            for i, value in zip(run, values, strict=True):
+                ent[i] = value
+            return
+        for k, (i, value) in enumerate(zip(run, values, strict=True)):
+            self._set(ent, i, value)
+            problem = self._violation(rules, revoked, {i})
+            if problem is not None:
+                raise UnsafePlan(f"after {_show(writes[start + k])}: {problem}")
 
     def _whole_config(self, w: DeviceWrite, touched: set[int]) -> tuple[bool, bool]:
         """:meth:`_config`, with a whole control register or ST entry applied in one step."""
@@ -419,7 +474,19 @@ class Checker:
                     if self._violation(rules, revoked, None, self._others(k)) is not None
                 }
             disabled: bool | None = None  # every control register known and disabled
-            for w in writes:
+            entry = self._entry_indices(writes) if self.batch_entries and not full else None
+            at, end = 0, len(writes)
+            while at < end:
+                w = writes[at]
+                at += 1
+                if entry is not None and entry[at - 1] is not None and entry[at] is not None:
+                    stop = entry.index(None, at)  # a run of whole-entry writes: in one step
+                    if disabled is None:
+                        disabled = self._all_disabled()
+                    run = cast(list[int], entry[at - 1 : stop])
+                    self._apply_run(writes, at - 1, run, rules, revoked, disabled)
+                    at = stop
+                    continue
                 touched: set[int] = set()
                 ctrl = reset = False
                 if w.space == "config":

@@ -92,19 +92,23 @@ class RawWrites:
 
     def writes(self, sess: Session, steps: list[Step]) -> list[DeviceWrite]:
         geo = sess.geo
-        out = []
+        out: list[DeviceWrite] = []
+        add = out.append
+        msix = geo.in_msix
+        guest_low, dev_low, bir = sess.guest_low, sess.dev_low, geo.msix_bir
+        where = geo.vc_offsets if msix else geo.entry_offsets
+        shift = _VC_ST.shift
         for what, index, value in steps:
             if what == _CTRL_STEP:
-                out.append(DeviceWrite("config", geo.caps[index].ctrl, CTRL_SIZE, value))
-            elif geo.in_msix:
-                low = sess.guest_low[index]
+                add(DeviceWrite("config", geo.caps[index].ctrl, CTRL_SIZE, value))
+            elif msix:
+                low = guest_low[index]
                 if low is None:
-                    low = sess.dev_low[index]
+                    low = dev_low[index]
                 assert low is not None
-                word = (low & _VC_LOW) | (value << _VC_ST.shift)
-                out.append(DeviceWrite("bar", geo.vc_offsets[index], 4, word, geo.msix_bir))
+                add(DeviceWrite("bar", where[index], 4, (low & _VC_LOW) | (value << shift), bir))
             else:
-                out.append(DeviceWrite("config", geo.entry_offsets[index], ENTRY_SIZE, value))
+                add(DeviceWrite("config", where[index], ENTRY_SIZE, value))
         return out
 
     def access(

@@ -160,6 +160,8 @@ class Session:
         self.prospective = TagWidth.ST8  # the width of the guest's last enable request
         self._grants: dict[tuple[int, bool, bool, HostLimit | None], Grant] = {}  # _kept_grant
         self._grants_rules: TagRules | None = None
+        #: _resolve's answers of resolve_entry within one call, by (guest, written, device)
+        self._resolved: dict[tuple[int, bool, int | None], tuple[int, str | None]] = {}
 
     # --- the guest's view -------------------------------------------------------------------
     def _put_image(self, off: int, size: int, value: int) -> None:
@@ -307,10 +309,23 @@ class Session:
         """Fill ``changes`` (entry -> device value) for ``entries``; True: enable refused."""
         rules = self.rules
         msix = self.geo.in_msix
+        guest_of = self.guest_tag.__getitem__ if msix else self.guest_entry
+        written, dev_ent, guest_low, dev_low = (
+            self.written,
+            self.dev_ent,
+            self.guest_low,
+            self.dev_low,
+        )
+        resolved = self._resolved  # resolve_entry is a pure function: entries alike ask once
+        resolved.clear()
         for i in entries:
-            guest = self.guest_entry(i)
-            dev = self.dev_ent[i]
-            value, code = resolve_entry(guest, self.written[i], dev, width, in_use, rules)
+            guest = guest_of(i)
+            dev = dev_ent[i]
+            key = (guest, written[i], dev)
+            got = resolved.get(key)
+            if got is None:
+                got = resolved[key] = resolve_entry(guest, written[i], dev, width, in_use, rules)
+            value, code = got
             if (
                 code is not None
                 and code not in reasons
@@ -327,11 +342,11 @@ class Session:
                 reasons.append("enable-refused")
                 return True
             if msix:
-                low = self.guest_low[i]
+                low = guest_low[i]
                 if low is None:
-                    low = self.dev_low[i]
+                    low = dev_low[i]
                 if value == KEEP:
-                    if low == self.dev_low[i] or low is None:
+                    if low == dev_low[i] or low is None:
                         continue
                     if dev is not None:
                         value = dev
@@ -344,7 +359,7 @@ class Session:
                     if in_use:
                         return True
                     continue
-                if value != dev or low != self.dev_low[i] or i in touched:
+                if value != dev or low != dev_low[i] or i in touched:
                     changes[i] = value
             elif value != KEEP and (value != dev or i in touched):
                 changes[i] = value
@@ -363,7 +378,7 @@ class Session:
         dev = self.dev_ctrl[0]
         target = self._control_target(grant, dev)
         steps: list[Step] = []
-        if changes and grant.uses_entries and any(i not in touched for i in changes):
+        if changes and grant.uses_entries and not touched.issuperset(changes):
             reasons.append("entries-corrected")
         # The guest wrote the control register: write it even if unchanged (it may pass).
         rewrite_ctrl = ctrl_touched and dev == target and not grant.refused
@@ -381,7 +396,7 @@ class Session:
                 steps.append((_CTRL_STEP, 0, off))
                 dev = off
         if changes:
-            steps.extend((_ENTRY_STEP, i, changes[i]) for i in sorted(changes))
+            steps += [(_ENTRY_STEP, i, changes[i]) for i in sorted(changes)]
         if dev != target or (rewrite_ctrl and not any(s[0] == _CTRL_STEP for s in steps)):
             steps.append((_CTRL_STEP, 0, target))
         return steps
@@ -456,14 +471,17 @@ class Session:
 
     def commit(self, steps: list[Step]) -> None:
         """The device now holds what ``steps`` wrote."""
+        dev_ctrl, dev_ent, msix = self.dev_ctrl, self.dev_ent, self.geo.in_msix
+        guest_low, dev_low = self.guest_low, self.dev_low
         for what, index, value in steps:
             if what == _CTRL_STEP:
-                self.dev_ctrl[index] = value
+                dev_ctrl[index] = value
             else:
-                self.dev_ent[index] = value
-                if self.geo.in_msix:
-                    low = self.guest_low[index]
-                    self.dev_low[index] = low if low is not None else self.dev_low[index]
+                dev_ent[index] = value
+                if msix:
+                    low = guest_low[index]
+                    if low is not None:
+                        dev_low[index] = low
 
     # --- accesses ---------------------------------------------------------------------------
     def config_write(
