@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from .device import ConfigSpace
 from .events import (
+    VERDICT_NAMES,
     Access,
     ConfigRead,
     ConfigWrite,
@@ -23,6 +24,7 @@ from .events import (
     MsixRead,
     MsixWrite,
     Reset,
+    Verdict,
 )
 from .spec import StLocation
 
@@ -303,10 +305,9 @@ class TphView:
 class ReplaySummary:
     # judged records, all of them (filters narrow what is shown, never what is counted)
     records: int = 0
-    verdicts: Counter[str] = field(default_factory=Counter)
-    reasons: Counter[str] = field(default_factory=Counter)
-    vms: Counter[str] = field(default_factory=Counter)
-    kinds: Counter[tuple[str, type]] = field(default_factory=Counter)  # (device, access type)
+    # (verdict, reason, VM, device, access type) -> records: one count per record, from which
+    # the verdict, reason, VM and device tables are derived (see :attr:`verdicts`)
+    tally: Counter[tuple[Verdict, str, str, str, type]] = field(default_factory=Counter)
     inferred: Counter[str] = field(default_factory=Counter)  # device -> inferred widths
     first_records: list[str] = field(default_factory=list)
     buckets: dict[str, Bucket] = field(
@@ -339,6 +340,38 @@ class ReplaySummary:
             self.contradiction_lines.append(text)
 
     # --- derived ------------------------------------------------------------------------------
+    # Each table lists its keys in the order of the records that first had them, as counting
+    # them one record at a time would: the tally's keys are in that order, and a key of a
+    # table first appears with the tally key of the record that first had it.
+    @property
+    def verdicts(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for (verdict, _, _, _, _), n in self.tally.items():
+            out[VERDICT_NAMES[verdict]] += n
+        return out
+
+    @property
+    def reasons(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for (_, reason, _, _, _), n in self.tally.items():
+            out[reason] += n
+        return out
+
+    @property
+    def vms(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for (_, _, vm, _, _), n in self.tally.items():
+            out[vm] += n
+        return out
+
+    @property
+    def kinds(self) -> Counter[tuple[str, type]]:
+        """(device, access type) -> records."""
+        out: Counter[tuple[str, type]] = Counter()
+        for (_, _, _, bdf, kind), n in self.tally.items():
+            out[(bdf, kind)] += n
+        return out
+
     @property
     def not_judged(self) -> int:
         return sum(self.buckets[b].count for b in NOT_JUDGED)
