@@ -155,30 +155,12 @@ class TphView:
             self.guest_tag_writes += 1
         if isinstance(access, Reset) or "reset" in decision.reasons:
             self._reset(f"{trace}:{line}")
-        if not decision.writes:
-            return
-        # The usual writes, one ST entry of the capability's table or one whole MSI-X Vector
-        # Control, go straight to _set_entry (what _config_write and _vector_control_write
-        # do for them: neither touches the control register); the rest through those two.
-        ts = self.table_start
-        cap_entries = 2 * self.table_entries if self.location is StLocation.CAP else 0
-        msix_entries = 16 * self.table_entries
         for w in decision.writes:
             if w.space == "config":
-                off = w.offset
-                if off < cap_end and off + w.width > cap_start:
-                    rel = off - ts
-                    if w.width == 2 and 0 <= rel < cap_entries and not rel & 1:
-                        self._set_entry(rel >> 1, w.value)
-                    else:
-                        self._config_write(trace, line, w)
+                if w.offset < cap_end and w.offset + w.width > cap_start:
+                    self._config_write(trace, line, w)
             elif w.bar == table_bar and table_bar is not None:
-                rel = w.offset - ts
-                if w.width == 4 and rel & 15 == 12:
-                    if 0 <= rel < msix_entries:
-                        self._set_entry(rel >> 4, w.value >> 16)
-                else:
-                    self._vector_control_write(w)
+                self._vector_control_write(w)
 
     def _reset(self, where: str) -> None:
         """The function was reset: TPH control and the ST entries back to power-on (the
