@@ -190,3 +190,70 @@ def test_summary_tables_of_the_fixture_traces(
     records = list(reader(path))
     assert records
     assert _tables(rp.summary.to_json()) == _counted_one_by_one(records)
+
+
+DEVICE_WRITES = (
+    DeviceWrite("config", 0x154, 2, 0x11),
+    DeviceWrite("bar", 0x200C, 4, 0x0202_0001, bar=2),
+)
+WRITE_EDITS = [
+    (i, key, value)
+    for i, w in enumerate(DEVICE_WRITES)
+    for key, value in [
+        *((k, v + 1) for k, v in w.to_json().items() if isinstance(v, int)),
+        ("space", "bar" if w.space == "config" else "config"),
+        ("extra", 0),
+    ]
+]
+
+
+@pytest.mark.parametrize(("index", "key", "value"), WRITE_EDITS)
+def test_compare_decision_sees_every_field_of_every_write(index: int, key: str, value: Any) -> None:
+    d = Decision(Verdict.REWRITE, "tag-fallback", "", DEVICE_WRITES)
+    expected = decision_json(d)
+    assert compare_decision(expected, d) is None
+    expected["writes"][index][key] = value
+    got = compare_decision(expected, d)
+    assert got is not None and got == compare(expected, decision_json(d))
+    del expected["writes"][index][key]
+    assert compare_decision(expected, d) == compare(expected, decision_json(d))
+
+
+BLANKISH = [
+    "",
+    "\n",
+    "\r\n",
+    " \t\n",
+    "\r",
+    " \r \r\n",
+    "\x0b\x0c\x1c\x1f\x85\u3000\n",
+    " {}\n",
+    "\ufeff\n",
+]
+
+
+def test_blank_lines_are_what_strip_leaves_empty() -> None:
+    rp = Replayer(POLICY)
+    assert list(rp.native("blank.jsonl", BLANKISH)) == []
+    blank = [line for line in BLANKISH if not line.strip()]
+    s = rp.summary
+    assert s.buckets["skipped"].reasons == {"blank line": len(blank)}
+    assert s.buckets["malformed"].count == len(BLANKISH) - len(blank)
+
+
+def test_the_other_lines_of_an_access_are_skipped_as_views() -> None:
+    lines = [
+        "memory_region_ops_write cpu 1 mr 0x5 addr 0xb3b00150 value 0x101 size 4 "
+        "name 'pcie-mmcfg-mmio'",
+        "pci_cfg_write e1000e 3b:00.0 @0x150 <- 0x101",
+        "kvm_run_exit cpu_index 0, reason 2",
+    ]
+    devices = _bound({"0000:3b:00.0": "nic-st-in-cap.lspci"})
+    rp = Replayer(POLICY, devices=devices, vm_of=lambda bdf: "tenant-a")
+    records = list(rp.qemu("views.log", lines))
+    assert [r.line for r in records] == [2]
+    skipped = rp.summary.buckets["skipped"]
+    assert skipped.reasons == {
+        "another line of an access counted once": 1,
+        "not one of the events read": 1,
+    }
