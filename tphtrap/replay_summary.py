@@ -10,8 +10,10 @@ never seen, attach refused), ``skipped`` (a line that carries no access) or ``ma
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from operator import itemgetter
+from typing import Any, Final, TypeVar
 
 from .device import ConfigSpace
 from .events import (
@@ -36,6 +38,7 @@ MAX_FIRST: Final = 5  # first lines listed per bucket (all are counted)
 MAX_LISTED: Final = 50  # malformed lines and mismatches listed in the summary
 MAX_NOTABLE: Final = 20  # refused or changed accesses listed in the summary
 MAX_TAGS: Final = 16  # usable tags listed per device
+_K = TypeVar("_K")
 
 _KIND_NAMES: Final[dict[type, str]] = {
     ConfigRead: "config read",
@@ -345,31 +348,25 @@ class ReplaySummary:
     # table first appears with the tally key of the record that first had it.
     @property
     def verdicts(self) -> Counter[str]:
-        out: Counter[str] = Counter()
-        for (verdict, _, _, _, _), n in self.tally.items():
-            out[VERDICT_NAMES[verdict]] += n
-        return out
+        return self._tally_by(lambda key: VERDICT_NAMES[key[0]])
 
     @property
     def reasons(self) -> Counter[str]:
-        out: Counter[str] = Counter()
-        for (_, reason, _, _, _), n in self.tally.items():
-            out[reason] += n
-        return out
+        return self._tally_by(itemgetter(1))
 
     @property
     def vms(self) -> Counter[str]:
-        out: Counter[str] = Counter()
-        for (_, _, vm, _, _), n in self.tally.items():
-            out[vm] += n
-        return out
+        return self._tally_by(itemgetter(2))
 
     @property
     def kinds(self) -> Counter[tuple[str, type]]:
         """(device, access type) -> records."""
-        out: Counter[tuple[str, type]] = Counter()
-        for (_, _, _, bdf, kind), n in self.tally.items():
-            out[(bdf, kind)] += n
+        return self._tally_by(itemgetter(3, 4))
+
+    def _tally_by(self, part: Callable[[tuple[Verdict, str, str, str, type]], _K]) -> Counter[_K]:
+        out: Counter[_K] = Counter()
+        for key, n in self.tally.items():
+            out[part(key)] += n
         return out
 
     @property
