@@ -1490,14 +1490,14 @@ class QemuTraceReader:
             (g.cfg_line, "guest view"),
         )
         extra = [
-            QemuRecord(n, None, f"{what} of the access on line {line}", "skipped", REASON_VIEW)
+            _record((n, None, f"{what} of the access on line {line}", "skipped", REASON_VIEW))
             for n, what in views
             if n and n != line
         ]
         if not extra:
             return
         extra.append(self._out.pop())
-        extra.sort(key=lambda r: r.lineno)
+        extra.sort(key=_LINENO)
         self._out.extend(extra)
 
     def _bad_access(self, g: _Group, lineno: int, message: str) -> None:

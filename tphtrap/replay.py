@@ -36,6 +36,7 @@ from .events import (
     ConfigRead,
     ConfigWrite,
     Decision,
+    DeviceWrite,
     MsixRead,
     MsixWrite,
     Reset,
@@ -177,6 +178,50 @@ def compare(expected: Any, actual: dict[str, Any]) -> str | None:
     return None
 
 
+def compare_decision(expected: Any, decision: Decision) -> str | None:
+    """:func:`compare` of ``expected`` with ``decision_json(decision)``, without building it
+    unless there is a difference to describe.
+
+    The same test: the verdict and reason are the strings the JSON form holds; once
+    :func:`_not_a_decision` has passed, ``expected["writes"]`` is a list of objects, and such
+    an object equals a write's JSON form exactly when it has that form's keys and no others,
+    with equal values (:func:`_same_write`).
+    """
+    problem = _not_a_decision(expected)
+    if problem is not None:
+        return f"{problem}; got {_describe(decision_json(decision))}"
+    if (
+        ("verdict" in expected and expected["verdict"] != VERDICT_NAMES[decision.verdict])
+        or ("reason" in expected and expected["reason"] != decision.reason)
+        or ("writes" in expected and not _same_writes(expected["writes"], decision.writes))
+    ):
+        return f"expected {_describe(expected)}, got {_describe(decision_json(decision))}"
+    return None
+
+
+_ABSENT: Any = object()  # a key missing from an expected write (equal to nothing)
+
+
+def _same_writes(expected: list[dict[str, Any]], writes: tuple[DeviceWrite, ...]) -> bool:
+    """``expected == [w.to_json() for w in writes]``."""
+    return len(expected) == len(writes) and all(map(_same_write, expected, writes))
+
+
+def _same_write(e: dict[str, Any], w: DeviceWrite) -> bool:
+    """``e == w.to_json()``: the keys ``space``, ``offset``, ``width``, ``value`` and, for a
+    BAR write, ``bar``; no other key, each value equal."""
+    bar = w.bar
+    get = e.get
+    return (
+        len(e) == (4 if bar is None else 5)
+        and get("space", _ABSENT) == w.space
+        and get("offset", _ABSENT) == w.offset
+        and get("width", _ABSENT) == w.width
+        and get("value", _ABSENT) == w.value
+        and (bar is None or get("bar", _ABSENT) == bar)
+    )
+
+
 class _QemuDevice:
     """What replay keeps per QEMU trace device between its accesses (rebuilt when the
     reader's view of the device changes)."""
@@ -313,24 +358,22 @@ class Replayer:
         decision = self.engine.handle(access)
         s = self.summary
         s.records += 1
-        passed = decision.verdict is _PASS
-        verdict = VERDICT_NAMES[decision.verdict]
+        verdict = decision.verdict
+        passed = verdict is _PASS
         reason = decision.reason
-        s.verdicts[verdict] += 1
-        s.reasons[reason] += 1
-        s.vms[access.vm] += 1
         bdf = access.bdf
-        s.kinds[(bdf, type(access))] += 1
+        kind = type(access)
+        s.tally[(verdict, reason, access.vm, bdf, kind)] += 1
         rec = Record(trace, line, access, decision, expect, None, inferred)
         if inferred:
             s.inferred[bdf] += 1
         if s.records <= MAX_FIRST:
-            s.first_records.append(f"{trace}:{line}: {bdf} {verdict} {reason}")
+            s.first_records.append(f"{trace}:{line}: {bdf} {VERDICT_NAMES[verdict]} {reason}")
         if passed and not VIOLATIONS.isdisjoint(decision.reasons):
             s.contradiction(f"{_notable(rec)} (reasons: {', '.join(decision.reasons)})")
         view = s.tph.get(bdf)
         # reads change nothing on the device: only an overlay counts the ones that hit it
-        if view is not None and (access.is_write or type(access) is Reset or view.overlay):
+        if view is not None and (access.is_write or kind is Reset or view.overlay):
             view.observe(trace, line, access, decision)
         if expect is not None and self.check_expect:
             self._check_expect(rec, expect)
@@ -339,7 +382,7 @@ class Replayer:
             if not select(rec):
                 return rec
             s.shown += 1
-            s.shown_verdicts[verdict] += 1
+            s.shown_verdicts[VERDICT_NAMES[verdict]] += 1
             s.shown_reasons[reason] += 1
         if not passed and access.is_write and len(s.notable) < MAX_NOTABLE:
             s.notable.append(_notable(rec))
@@ -348,7 +391,7 @@ class Replayer:
     def _check_expect(self, rec: Record, expect: Any) -> None:
         s = self.summary
         s.expected += 1
-        rec.mismatch = compare(expect, decision_json(rec.decision))
+        rec.mismatch = compare_decision(expect, rec.decision)
         if rec.mismatch:
             s.mismatches += 1
             if len(s.mismatch_lines) < MAX_LISTED:
@@ -373,11 +416,12 @@ class Replayer:
         lineno = 0
         try:
             for lineno, text in enumerate(source, 1):
-                if not text.strip():
+                body = text.rstrip("\r\n")
+                if not body or body.isspace():  # (both strip() would leave empty)
                     skipped.add(path, lineno, None, "blank line")
                     continue
                 try:
-                    req = parse_request(text.rstrip("\r\n"))
+                    req = parse_request(body)
                 except WireError as exc:
                     self._malformed(path, lineno, f"{exc.code}: {exc.message}")
                     continue

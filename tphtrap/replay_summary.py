@@ -10,11 +10,14 @@ never seen, attach refused), ``skipped`` (a line that carries no access) or ``ma
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from operator import itemgetter
+from typing import Any, Final, TypeVar
 
 from .device import ConfigSpace
 from .events import (
+    VERDICT_NAMES,
     Access,
     ConfigRead,
     ConfigWrite,
@@ -23,6 +26,7 @@ from .events import (
     MsixRead,
     MsixWrite,
     Reset,
+    Verdict,
 )
 from .spec import StLocation
 
@@ -34,6 +38,7 @@ MAX_FIRST: Final = 5  # first lines listed per bucket (all are counted)
 MAX_LISTED: Final = 50  # malformed lines and mismatches listed in the summary
 MAX_NOTABLE: Final = 20  # refused or changed accesses listed in the summary
 MAX_TAGS: Final = 16  # usable tags listed per device
+_K = TypeVar("_K")
 
 _KIND_NAMES: Final[dict[type, str]] = {
     ConfigRead: "config read",
@@ -303,10 +308,9 @@ class TphView:
 class ReplaySummary:
     # judged records, all of them (filters narrow what is shown, never what is counted)
     records: int = 0
-    verdicts: Counter[str] = field(default_factory=Counter)
-    reasons: Counter[str] = field(default_factory=Counter)
-    vms: Counter[str] = field(default_factory=Counter)
-    kinds: Counter[tuple[str, type]] = field(default_factory=Counter)  # (device, access type)
+    # (verdict, reason, VM, device, access type) -> records: one count per record, from which
+    # the verdict, reason, VM and device tables are derived (see :attr:`verdicts`)
+    tally: Counter[tuple[Verdict, str, str, str, type]] = field(default_factory=Counter)
     inferred: Counter[str] = field(default_factory=Counter)  # device -> inferred widths
     first_records: list[str] = field(default_factory=list)
     buckets: dict[str, Bucket] = field(
@@ -339,6 +343,32 @@ class ReplaySummary:
             self.contradiction_lines.append(text)
 
     # --- derived ------------------------------------------------------------------------------
+    # Each table lists its keys in the order of the records that first had them, as counting
+    # them one record at a time would: the tally's keys are in that order, and a key of a
+    # table first appears with the tally key of the record that first had it.
+    @property
+    def verdicts(self) -> Counter[str]:
+        return self._tally_by(lambda key: VERDICT_NAMES[key[0]])
+
+    @property
+    def reasons(self) -> Counter[str]:
+        return self._tally_by(itemgetter(1))
+
+    @property
+    def vms(self) -> Counter[str]:
+        return self._tally_by(itemgetter(2))
+
+    @property
+    def kinds(self) -> Counter[tuple[str, type]]:
+        """(device, access type) -> records."""
+        return self._tally_by(itemgetter(3, 4))
+
+    def _tally_by(self, part: Callable[[tuple[Verdict, str, str, str, type]], _K]) -> Counter[_K]:
+        out: Counter[_K] = Counter()
+        for key, n in self.tally.items():
+            out[part(key)] += n
+        return out
+
     @property
     def not_judged(self) -> int:
         return sum(self.buckets[b].count for b in NOT_JUDGED)
