@@ -131,20 +131,16 @@ class TwinHostMachine(HostMachine):
     ENGINE = TwinEngine
 
 
-TwinHostMachine.TestCase.settings = settings(
+TWINS = settings(
     max_examples=max(1, EXAMPLES),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+TwinHostMachine.TestCase.settings = TWINS
 test_host_twin_engines = TwinHostMachine.TestCase
 
-TwinMachine.TestCase.settings = settings(
-    max_examples=max(1, EXAMPLES),
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+TwinMachine.TestCase.settings = TWINS
 test_fast_paths_decide_as_the_general_path = TwinMachine.TestCase
 
 

@@ -370,15 +370,20 @@ def _decode_plain(line: bytes | str) -> Any:
         ):
             return None
         keys = line.count('":')
-    try:
-        obj = _PLAIN_DECODE(line)
-    except (ValueError, RecursionError):  # msgspec's errors, a str that is not UTF-8
-        return None
-    if type(obj) is not dict:
+    obj = _decoded(_PLAIN_DECODE, line)
+    if type(obj) is not dict:  # (None too: the line was refused)
         return None
     if keys == len(obj) or keys == _keys_in(obj):
         return obj
     return None
+
+
+def _decoded(decode: Callable[[bytes | str], Any], line: bytes | str) -> Any:
+    """``decode(line)``, or None where msgspec refuses the line (or a text is not UTF-8)."""
+    try:
+        return decode(line)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _keys_in(value: Any) -> int:
@@ -738,9 +743,8 @@ def _typed_request(line: bytes | str) -> Request | None:
         if "\\" in line or '"expect"' in line:
             return None
         colons = line.count(":")
-    try:
-        r = _TYPED_DECODE(line)
-    except (ValueError, RecursionError):  # msgspec's errors, a str that is not UTF-8
+    r = _decoded(_TYPED_DECODE, line)
+    if r is None:
         return None
     t = type(r)
     rid = r.id
