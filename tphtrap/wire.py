@@ -331,51 +331,55 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 # msgspec's decoder (C, about ten times faster here), for the lines where it provably gives
 # what the reference gives: see _decode_plain. It keeps a repeated key's last value.
 _PLAIN_DECODE: Callable[[bytes | str], Any] = msgspec.json.Decoder().decode
+_ENCODE_BACK: Callable[[Any], bytes] = msgspec.json.Encoder().encode
 #: Lines with more brackets than this take the reference path: far below any recursion limit,
 #: so that how deep either decoder may nest never decides what a line means.
 _PLAIN_MAX_BRACKETS = 64
 
 
+def _colons(line: bytes | str) -> int:
+    """The ``:`` in a line msgspec may decode, or -1 for a line that goes to the reference:
+    one with a backslash (an escape) or more than :data:`_PLAIN_MAX_BRACKETS` brackets."""
+    if isinstance(line, bytes):
+        if b"\\" in line or len(line) - len(line.translate(None, b"{[")) > _PLAIN_MAX_BRACKETS:
+            return -1
+        return line.count(b":")
+    if "\\" in line or line.count("{") + line.count("[") > _PLAIN_MAX_BRACKETS:
+        return -1
+    return line.count(":")
+
+
+def _no_key_repeated(colons: int, decoded: Any) -> bool:
+    """Does the line that held ``colons`` colons and decoded to ``decoded`` repeat no key?
+
+    Each member of an object holds exactly one ``:`` outside strings, and with no escape in
+    the line the ``:`` inside its strings are those of the strings it decodes to, but for the
+    strings of a repeated key's lost members. Encoded again, ``decoded`` holds one ``:`` per
+    member it kept plus those of its strings. So the two counts are equal exactly when no
+    member was lost: when no key is repeated, at any depth, blanks or not.
+    """
+    try:
+        return _ENCODE_BACK(decoded).count(b":") == colons
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def _decode_plain(line: bytes | str) -> Any:
-    """The object a line that is one JSON object without blanks (what every client sends)
-    decodes to, or None: then the line goes to the reference, which decides (the same object,
-    or its error).
+    """The object ``line`` decodes to, by msgspec, or None: then the line goes to the
+    reference, which decides (the same object, or its error).
 
     msgspec refuses what the reference would refuse (malformed JSON, invalid UTF-8, control
-    characters), and a few things the reference takes (``NaN``, ``1e400``, a lone surrogate
-    escape, numbers of thousands of digits): every refusal falls back, never answers. Without
-    blanks, every key is a string directly followed by ``:``, so the line holds at least as
-    many ``":`` as keys at every depth; when it holds exactly as many as its objects have
-    distinct keys (the top-level one's alone, in what clients send; all of them, in a recorded
-    request with its ``expect``), no key is repeated anywhere, and the reference's check is not
-    needed.
+    characters), and a few things the reference takes (``NaN``, ``1e400``, numbers of thousands
+    of digits): every refusal falls back, never answers; a repeated key, which msgspec takes,
+    is ruled out by :func:`_no_key_repeated`.
     """
-    # split() cuts at every JSON blank (and at \v, \f and, for text, other Unicode blanks:
-    # those lines go to the reference); the ends are tested apart, as split() drops them.
-    if isinstance(line, bytes):
-        if (
-            line[:1] != b"{"
-            or line[-1:] != b"}"
-            or len(line.split()) != 1
-            or len(line) - len(line.translate(None, b"{[")) > _PLAIN_MAX_BRACKETS
-        ):
-            return None
-        keys = line.count(b'":')
-    else:
-        if (
-            line[:1] != "{"
-            or line[-1:] != "}"
-            or len(line.split()) != 1
-            or line.count("{") + line.count("[") > _PLAIN_MAX_BRACKETS
-        ):
-            return None
-        keys = line.count('":')
-    obj = _decoded(_PLAIN_DECODE, line)
-    if type(obj) is not dict:  # (None too: the line was refused)
+    colons = _colons(line)
+    if colons < 0:
         return None
-    if keys == len(obj) or keys == _keys_in(obj):
-        return obj
-    return None
+    obj = _decoded(_PLAIN_DECODE, line)
+    if type(obj) is not dict or not _no_key_repeated(colons, obj):  # (None: refused)
+        return None
+    return obj
 
 
 def _decoded(decode: Callable[[bytes | str], Any], line: bytes | str) -> Any:
@@ -384,16 +388,6 @@ def _decoded(decode: Callable[[bytes | str], Any], line: bytes | str) -> Any:
         return decode(line)
     except (ValueError, RecursionError):
         return None
-
-
-def _keys_in(value: Any) -> int:
-    """How many distinct keys the objects in ``value`` hold, at every depth."""
-    if type(value) is dict:
-        return len(value) + sum(_keys_in(v) for v in value.values() if type(v) in _NESTS)
-    return sum(_keys_in(v) for v in value if type(v) in _NESTS)
-
-
-_NESTS = (dict, list)
 
 
 def parse_request(line: bytes | str) -> Request:
@@ -719,7 +713,7 @@ _TYPED_BUILD: dict[Any, Callable[[Any], Request | None]] = {
     ),
     _RESET: lambda r: _reset_request("reset", r.id, r.vm, r.bdf),
 }
-#: Keys each struct's line holds: its fields and "op".
+#: The members of each struct's line: its fields and "op".
 _TYPED_KEYS = {t: len(t.__struct_fields__) + 1 for t in _TYPED_BUILD}
 
 
@@ -727,16 +721,14 @@ def _typed_request(line: bytes | str) -> Request | None:
     """The access request ``line`` is, decoded and typed by msgspec, or None: then the
     paths above decide (the same request, or the error).
 
-    msgspec keeps a repeated key's last value, so the line must be shown to repeat none.
-    Each member of an object holds exactly one ``:`` outside strings, blanks or not; with no
-    backslash in the line (no escapes), the ``:`` inside strings are those of the decoded
-    string values (the keys are field names: any other key is refused). So the line holds
-    exactly (members) + (``:`` in the values) colons, and when that is the struct's field count,
-    no key is repeated. A value of the wrong JSON type (``true`` for an integer, ``1.0``, ``1e2``)
-    is refused by msgspec; its ranges are the dictionary path's own checks.
+    A repeated key is ruled out as for any line msgspec decodes (:func:`_no_key_repeated`),
+    the struct's count made directly; any key but a field's is refused. A value
+    of the wrong JSON type (``true`` for an integer, ``1.0``, ``1e2``) is refused by msgspec;
+    its ranges are the dictionary path's own checks.
     """
+    # (No bracket limit: every field is a scalar, so msgspec never nests into a value.)
     if isinstance(line, bytes):
-        if b"\\" in line or b'"expect"' in line:  # (a recorded request: not worth trying)
+        if b"\\" in line or b'"expect"' in line:  # a recorded request: the dictionary path
             return None
         colons = line.count(b":")
     else:
@@ -746,10 +738,13 @@ def _typed_request(line: bytes | str) -> Request | None:
     r = _decoded(_TYPED_DECODE, line)
     if r is None:
         return None
-    t = type(r)
-    rid = r.id
-    colons -= r.vm.count(":") + r.bdf.count(":") + (rid.count(":") if type(rid) is str else 0)
-    if colons != _TYPED_KEYS[t]:
+    t, rid = type(r), r.id
+    # What _no_key_repeated would count, without encoding: the struct's members ("op" among
+    # them) and the colons of its string values.
+    again = _TYPED_KEYS[t] + r.vm.count(":") + r.bdf.count(":")
+    if type(rid) is str:
+        again += rid.count(":")
+    if again != colons:
         return None
     return _TYPED_BUILD[t](r)
 
