@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/compare.py 31d353d                # the commit before the engine rebuild
     .venv/bin/python bench/compare.py v0.1 --rounds 9 --cpu 1 --json
+    .venv/bin/python bench/compare.py 31d353d --c        # the C client, both backends
 
 The other commit is checked out into a temporary git worktree (removed afterwards). Both
 trees run ``tphtrap serve`` under this tree's interpreter, each with its own benchmark policy
@@ -11,6 +12,10 @@ children inherit it), and answer the same ping-pong: per request kind, one block
 round trips each, then ``--rounds`` rounds of 10 blocks of ``--block`` (500) round trips per
 child, the children alternating block by block. Reported: medians over rounds of p50 and
 p99, and of the per-round ratios (this tree / the other), which cancel the machine's drift.
+
+With ``--c``, the client is this tree's C library instead (``bench/c/pingpong.c``, as in
+``make bench``), in both backends (writes and host): per backend and request kind, ``--rounds``
+runs of ``--calls`` round trips against each tree's ``serve``, the trees alternating run by run.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from run import Child  # noqa: E402
+from run import C_KIND_OF, C_KINDS, Child, build_c  # noqa: E402
 
 # Run inside a tree: its benchmark set-up, as JSON.
 _DUMP = r"""
@@ -88,18 +93,60 @@ def measure(children: list[Serve], rounds: int, block: int) -> list[dict[str, An
                 s.sort()
                 per[name].append((s[len(s) // 2], s[int(len(s) * 0.99)]))
         new, old = (per[c.name] for c in children)
-        rows.append(
-            {
-                "kind": kind,
-                "this": {"p50": statistics.median(x[0] for x in new),
-                         "p99": statistics.median(x[1] for x in new)},
-                "other": {"p50": statistics.median(x[0] for x in old),
-                          "p99": statistics.median(x[1] for x in old)},
-                "p50_ratio": statistics.median(a[0] / b[0] for a, b in zip(new, old, strict=True)),
-                "p99_ratio": statistics.median(a[1] / b[1] for a, b in zip(new, old, strict=True)),
-            }
-        )  # fmt: skip
+        rows.append(_row(kind, new, old))
         print(f"compare: {kind} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def _row(
+    kind: str, new: list[tuple[float, float]], old: list[tuple[float, float]]
+) -> dict[str, Any]:
+    """Medians over rounds of (p50, p99) for this tree and the other, and of their ratios."""
+    return {
+        "kind": kind,
+        "this": {"p50": statistics.median(x[0] for x in new),
+                 "p99": statistics.median(x[1] for x in new)},
+        "other": {"p50": statistics.median(x[0] for x in old),
+                  "p99": statistics.median(x[1] for x in old)},
+        "p50_ratio": statistics.median(a[0] / b[0] for a, b in zip(new, old, strict=True)),
+        "p99_ratio": statistics.median(a[1] / b[1] for a, b in zip(new, old, strict=True)),
+    }  # fmt: skip
+
+
+def measure_c(trees: dict[str, Path], rounds: int, calls: int, tmp: Path) -> list[dict[str, Any]]:
+    """The C client's ping-pong against each tree's ``serve``, in both backends."""
+    built = build_c(tmp)
+    if isinstance(built, str):
+        raise SystemExit(f"compare: {built}")
+    pingpong = built[0]
+    rows = []
+    for backend in ("writes", "host"):
+        for kind in C_KINDS:
+            per: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+            for rnd in range(rounds):
+                for name in list(trees) if rnd % 2 == 0 else list(trees)[::-1]:
+                    tree = trees[name]
+                    serve = [
+                        sys.executable,
+                        "-m",
+                        "tphtrap",
+                        "serve",
+                        "--policy",
+                        str(tree / "policies" / "two-tenants.yaml"),
+                        "--audit",
+                        str(tmp / f"c-{len(per[name])}-{name[:12]}.jsonl"),
+                    ]
+                    argv = [str(pingpong), kind, backend, str(calls), str(tree), "--", *serve]
+                    done = subprocess.run(
+                        argv, cwd=tree, capture_output=True, text=True, check=False, timeout=300
+                    )  # fmt: skip
+                    if done.returncode != 0:
+                        raise SystemExit(f"compare: {name} {kind} {backend}: {done.stderr[-300:]}")
+                    got = json.loads(done.stdout)
+                    per[name].append((got["p50_us"], got["p99_us"]))
+            new, old = per.values()
+            rows.append(_row(f"{C_KIND_OF[kind]} ({backend})", new, old))
+            print(f"compare: {kind} {backend} done", file=sys.stderr, flush=True)
     return rows
 
 
@@ -110,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=500, help="round trips per block (default 500)")
     ap.add_argument("--cpu", type=int, default=0, help="the CPU to pin to (default 0)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument(
+        "--c", action="store_true", help="the C client, in both backends (see the module help)"
+    )
+    ap.add_argument("--calls", type=int, default=5000, help="round trips per C run (default 5000)")
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.cpu})
     with tempfile.TemporaryDirectory(prefix="tphtrap-compare-") as tmp:
@@ -120,15 +171,19 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
         try:
-            children = [
-                Serve("this", ROOT, Path(tmp) / "this.jsonl"),
-                Serve(args.commit, other, Path(tmp) / "other.jsonl"),
-            ]
-            try:
-                rows = measure(children, args.rounds, args.block)
-            finally:
-                for c in children:
-                    c.close()
+            if args.c:
+                trees = {"this": ROOT, args.commit: other}
+                rows = measure_c(trees, args.rounds, args.calls, Path(tmp))
+            else:
+                children = [
+                    Serve("this", ROOT, Path(tmp) / "this.jsonl"),
+                    Serve(args.commit, other, Path(tmp) / "other.jsonl"),
+                ]
+                try:
+                    rows = measure(children, args.rounds, args.block)
+                finally:
+                    for c in children:
+                        c.close()
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, check=False
@@ -136,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"serve round trip, this tree vs {args.commit}, pinned to CPU {args.cpu}, µs")
-    print(f"{'request':28s} {'this p50':>9s} {'other p50':>9s} {'ratio':>6s}   "
+    client = "the C client" if args.c else "the Python driver"
+    print(f"serve round trip, this tree vs {args.commit}, {client}, pinned to CPU {args.cpu}, µs")
+    print(f"{'request':38s} {'this p50':>9s} {'other p50':>9s} {'ratio':>6s}   "
           f"{'this p99':>9s} {'other p99':>9s} {'ratio':>6s}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['kind']:28s} {r['this']['p50']:9.1f} {r['other']['p50']:9.1f} "
+            f"{r['kind']:38s} {r['this']['p50']:9.1f} {r['other']['p50']:9.1f} "
             f"{r['p50_ratio']:6.3f}   {r['this']['p99']:9.1f} {r['other']['p99']:9.1f} "
             f"{r['p99_ratio']:6.3f}"
         )

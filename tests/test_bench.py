@@ -111,6 +111,34 @@ def test_compare_against_a_commit_runs() -> None:
         assert r["this"]["p50"] > 0 and r["other"]["p50"] > 0 and r["p50_ratio"] > 0
 
 
+def test_compare_with_the_c_client_runs() -> None:
+    """``bench/compare.py --c``: the C client against both trees, in both backends."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare.py"), head.stdout.strip(),
+         "--c", "--rounds", "1", "--calls", "20", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert [r["kind"] for r in rows] == [
+        f"{kind} ({backend})"
+        for backend in ("writes", "host")
+        for kind in (
+            "cfg_write TPH control",
+            "cfg_write ST entry",
+            "msix_write Vector Control",
+            "cfg_write non-TPH",
+        )
+    ]
+    for r in rows:
+        assert r["this"]["p50"] > 0 and r["other"]["p50"] > 0 and r["p50_ratio"] > 0
+
+
 def test_self_check_instructions_are_counted() -> None:
     """The self-check's share in instructions (``make bench``, under callgrind)."""
     import shutil
