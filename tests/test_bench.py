@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,45 +87,39 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
     assert "| 0000:01:00.0 (TPH) |" in text
 
 
-def test_compare_against_a_commit_runs() -> None:
-    """``bench/compare.py`` (``make bench-compare``) against this very commit: both trees
-    answer, every request kind is measured (a smoke run: no timing is checked)."""
+def _compare_with_head(*args: str) -> list[dict[str, Any]]:
+    """The rows of ``bench/compare.py HEAD ARGS --json``."""
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     )
     if head.returncode != 0:
         pytest.skip("not a git checkout")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "compare.py"), head.stdout.strip(),
-         "--rounds", "1", "--block", "10", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, str(ROOT / "bench" / "compare.py"), head.stdout.strip(), *args, "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(proc.stdout)
+    rows: list[dict[str, Any]] = json.loads(proc.stdout)
+    for r in rows:
+        assert r["this"]["p50"] > 0 and r["other"]["p50"] > 0 and r["p50_ratio"] > 0
+    return rows
+
+
+def test_compare_against_a_commit_runs() -> None:
+    """``bench/compare.py`` (``make bench-compare``) against this very commit: both trees
+    answer, every request kind is measured (a smoke run: no timing is checked)."""
+    rows = _compare_with_head("--rounds", "1", "--block", "10")
     assert [r["kind"] for r in rows] == [
         "cfg_write TPH control",
         "cfg_write ST entry",
         "cfg_write non-TPH",
         "msix_write Vector Control",
     ]
-    for r in rows:
-        assert r["this"]["p50"] > 0 and r["other"]["p50"] > 0 and r["p50_ratio"] > 0
 
 
 def test_compare_with_the_c_client_runs() -> None:
     """``bench/compare.py --c``: the C client against both trees, in both backends."""
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    if head.returncode != 0:
-        pytest.skip("not a git checkout")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "compare.py"), head.stdout.strip(),
-         "--c", "--rounds", "1", "--calls", "20", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(proc.stdout)
+    rows = _compare_with_head("--c", "--rounds", "1", "--calls", "20")
     assert [r["kind"] for r in rows] == [
         f"{kind} ({backend})"
         for backend in ("writes", "host")
@@ -135,8 +130,6 @@ def test_compare_with_the_c_client_runs() -> None:
             "cfg_write non-TPH",
         )
     ]
-    for r in rows:
-        assert r["this"]["p50"] > 0 and r["other"]["p50"] > 0 and r["p50_ratio"] > 0
 
 
 def test_self_check_instructions_are_counted() -> None:
