@@ -830,12 +830,15 @@ def expand_runs(decision: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_groups(writes: Sequence[DeviceWrite]) -> list[tuple[DeviceWrite, int, int]]:
+def _write_groups(
+    writes: Sequence[DeviceWrite], starts: list[int] | None = None
+) -> list[tuple[DeviceWrite, int, int]]:
     """Consecutive writes of the same value, space, BAR and width at a constant positive
-    stride, as (first, count, stride); a lone write is (it, 1, 0)."""
+    stride, as (first, count, stride); a lone write is (it, 1, 0). ``starts``: the
+    :func:`_run_starts` of ``writes``, when the caller has them."""
     out: list[tuple[DeviceWrite, int, int]] = []
     i, n = 0, len(writes)
-    for start in _run_starts(writes):
+    for start in _run_starts(writes) if starts is None else starts:
         if start < i:
             continue  # inside the run before
         if i < start:
@@ -1016,13 +1019,8 @@ def _write_head(w: DeviceWrite) -> str:
 
 def write_text(w: DeviceWrite, count: int = 1, stride: int = 0) -> str:
     """``encode(w.to_json())`` without its newline (with ``count``/``stride``: a run)."""
-    space = _SPACES.get(w.space) or _ESC(w.space)
-    bar = "" if w.bar is None else f',"bar":{int(w.bar)}'
     run = "" if count == 1 else f',"count":{count},"stride":{stride}'
-    return (
-        f'{{"space":{space}{bar},"offset":{int(w.offset)},"width":{int(w.width)},'
-        f'"value":{int(w.value)}{run}}}'
-    )
+    return f'{_write_head(w)}{int(w.offset)},"width":{int(w.width)},"value":{int(w.value)}{run}}}'
 
 
 _LAST_WRITE: list[Any] = [None, ""]
@@ -1077,10 +1075,11 @@ def decision_text(d: Decision) -> str:
         writes = one_write_text(d.writes[0])
     elif not d.writes:
         writes = ""
-    elif not _run_starts(d.writes):  # no runs: the writes one by one, as the audit line has them
+    elif not (starts := _run_starts(d.writes)):  # no runs: one by one, as in the audit line
         writes = writes_text(d.writes)
     else:
-        writes = ",".join([write_text(w, c, st) for w, c, st in _write_groups(d.writes)])
+        groups = _write_groups(d.writes, starts)
+        writes = ",".join([write_text(w, c, st) for w, c, st in groups])
     ops = ""
     if d.ops is not None:
         ops = ',"ops":[' + ",".join([op_text(o, c) for o, c in _op_groups(d.ops)]) + "]"
