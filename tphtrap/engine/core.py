@@ -286,7 +286,7 @@ class Engine:
             return self._pass(sess, own)
         steps = sess.plan(touched, False, reasons, ctrl)
         done = sess.backend.access(sess, steps, through, own)
-        return self._finish(sess, done, own, reasons, config=True)
+        return self._finish(sess, done, own, reasons)
 
     def _reset_write(
         self, sess: Session, through: list[DeviceWrite], reasons: list[str]
@@ -338,7 +338,7 @@ class Engine:
         }
         if r.ops is None and any(w.offset in partial and w.width == 4 for w in r.writes):
             reasons.append("msix-sub-dword")  # the guest's partial write went out whole
-        return self._finish(sess, r, own, reasons, config=False)
+        return self._finish(sess, r, own, reasons)
 
     def _steady_entry(
         self, sess: Session, i: int, tag: int, written: bool, own: DeviceWrite
@@ -358,11 +358,8 @@ class Engine:
         sess.settle_entry(i, grant)
         if not isinstance(raw, RawWrites):  # the host's operations, checked as ever
             r = raw.access(sess, steps, [], own)
-            return self._finish(sess, r, own, [code], config=own.space == "config")
-        if own.space == "config":
-            mask, patch = sess.config_view(own.offset, own.width)
-        else:
-            mask, patch = sess.msix_view(own.offset, own.width)
+            return self._finish(sess, r, own, [code])
+        mask, patch = sess.view_of(own)
         writes = raw.writes(sess, steps)
         if writes[0].value == own.value:  # the same register: the guest's own write passes
             writes[0] = own
@@ -375,7 +372,7 @@ class Engine:
         )
 
     def _finish(
-        self, sess: Session, r: Rendering, own: DeviceWrite, reasons: list[str], *, config: bool
+        self, sess: Session, r: Rendering, own: DeviceWrite, reasons: list[str]
     ) -> Decision:
         sess.backend.check(sess, r, full=False)
         sess.backend.commit(sess, r)
@@ -384,10 +381,7 @@ class Engine:
             verdict = _PASS
         else:
             verdict = _REWRITE if writes or r.ops else _DROP
-        if config:
-            mask, patch = sess.config_view(own.offset, own.width)
-        else:
-            mask, patch = sess.msix_view(own.offset, own.width)
+        mask, patch = sess.view_of(own)
         if verdict is _PASS and not (len(reasons) == 1 and reasons[0] in BENIGN):
             reasons = [r for r in reasons if r in BENIGN] or reasons
         elif not reasons and r.ops is not None:

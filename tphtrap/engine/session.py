@@ -653,6 +653,12 @@ class Session:
         return out
 
     # --- reads --------------------------------------------------------------------------------
+    def view_of(self, w: DeviceWrite) -> tuple[int, int]:
+        """(mask, value): what a read of ``w``'s bytes sees from the guest's view."""
+        if w.space == "config":
+            return self.config_view(w.offset, w.width)
+        return self.msix_view(w.offset, w.width)
+
     def config_view(self, off: int, width: int) -> tuple[int, int]:
         """(mask, value): the bytes of [off, off+width) served from the guest's view."""
         reg = self.geo.exact.get(off)
