@@ -524,8 +524,8 @@ def _all_valid(obj: dict[str, Any], fields: dict[str, Any]) -> bool:
         if key == "offset" and v is not None:
             if cfg and width is not None and v + width > 4096:
                 return False
-            if v >= 1 << 64:
-                return False
+            if v >= 1 << 64 or (width is not None and v + width > 1 << 64):
+                return False  # (a BAR access past 2^64)
     bar = fields.get("bar")
     if bar is not None and not 0 <= bar <= 5:
         return False
@@ -555,13 +555,14 @@ def _host_fields_valid(op: str, fields: dict[str, Any]) -> bool:
             return False
         if host == "host" and ("completer" in fields) == bool(rciep):
             return False
+    # (a field given as null is a field of the wrong type, not an absent one)
     allocated = fields.get("allocated")
-    if allocated is not None and not (
+    if "allocated" in fields and not (
         isinstance(allocated, list) and all(type(x) is int and 0 <= x < 2048 for x in allocated)
     ):
         return False
     failed = fields.get("failed")
-    if failed is not None:
+    if "failed" in fields:
         if not isinstance(failed, dict) or failed.get("op") not in (
             "st_set",
             "tph_enable",
@@ -574,7 +575,7 @@ def _host_fields_valid(op: str, fields: dict[str, Any]) -> bool:
         if failed["op"] == "st_set" and "index" not in failed:
             return False
     errno = fields.get("errno")
-    return errno is None or (type(errno) is int and -4095 <= errno <= -1)
+    return "errno" not in fields or (type(errno) is int and -4095 <= errno <= -1)
 
 
 @fuzz(300, 20_000)
