@@ -118,7 +118,14 @@ class _LineWriter:
             self._stream.write(message + "\n")
             self._stream.flush()
             return
-        data = (message + "\n").encode("utf-8")
+        self.raw((message + "\n").encode("utf-8"))
+
+    def raw(self, data: bytes) -> None:
+        """One whole line already encoded (its newline included)."""
+        if self._fd is None:
+            self._stream.write(data.decode("utf-8"))
+            self._stream.flush()
+            return
         n = os.write(self._fd, data)
         while n < len(data):  # a regular file takes it whole unless the disk is full
             data = data[n:]
@@ -184,13 +191,30 @@ class _DecidedLine:
         self._who: dict[tuple[str, str], str] = {}
         self._why: dict[tuple[Verdict, str, tuple[str, ...], str | None], str] = {}
 
-    def render(self, access: Access, decision: Decision, rid: Any, timestamp: str) -> str:
-        key = (access.vm, access.bdf)
-        who = self._who.get(key)
+    def who(self, vm: str, bdf: str) -> str:
+        """The line's start, up to the region's value: the VM and the device."""
+        who = self._who.get((vm, bdf))
         if who is None:
-            who = cache_put(
-                self._who, key, f'{{"vm":{_ESC(access.vm)},"bdf":{_ESC(access.bdf)},"region":'
+            who = cache_put(self._who, (vm, bdf), f'{{"vm":{_ESC(vm)},"bdf":{_ESC(bdf)},"region":')
+        return who
+
+    def why(self, decision: Decision) -> str:
+        """The verdict, reasons and rule, after the access's fields."""
+        dkey = (decision.verdict, decision.reason, decision.reasons, decision.rule)
+        why = self._why.get(dkey)
+        if why is None:
+            rule = "null" if decision.rule is None else _ESC(decision.rule)
+            why = cache_put(
+                self._why,
+                dkey,
+                f',"verdict":{_ESC(VERDICT_NAMES[decision.verdict])},"reason":'
+                f'{_ESC(decision.reason)},"reasons":['
+                f'{",".join(_ESC(r) for r in decision.reasons)}],"rule":{rule}',
             )
+        return why
+
+    def render(self, access: Access, decision: Decision, rid: Any, timestamp: str) -> str:
+        who = self.who(access.vm, access.bdf)
         kind = type(access)
         if kind is ConfigWrite:
             assert isinstance(access, ConfigWrite)
@@ -217,17 +241,7 @@ class _DecidedLine:
             what = f"{_ESC(REGION_NAMES[access.region])}" + (
                 ',"op":"reset"' if kind is Reset else ""
             )
-        dkey = (decision.verdict, decision.reason, decision.reasons, decision.rule)
-        why = self._why.get(dkey)
-        if why is None:
-            rule = "null" if decision.rule is None else _ESC(decision.rule)
-            why = cache_put(
-                self._why,
-                dkey,
-                f',"verdict":{_ESC(VERDICT_NAMES[decision.verdict])},"reason":'
-                f'{_ESC(decision.reason)},"reasons":['
-                f'{",".join(_ESC(r) for r in decision.reasons)}],"rule":{rule}',
-            )
+        why = self.why(decision)
         writes = decision.writes
         done = ""
         if len(writes) == 1:
@@ -346,6 +360,19 @@ class Auditor:
             self._writer.msg(self._line.render(access, decision, rid, self._clock.now()))
             return
         self.decided_slow(access, decision, extra)
+
+    def decided_line(self, line: bytes) -> None:
+        """An ``access.decided`` line rendered elsewhere (the native path, tphtrap.native)."""
+        self.events += 1
+        self._writer.raw(line)
+
+    def who(self, vm: str, bdf: str) -> str:
+        """The start of an ``access.decided`` line of ``vm``'s device ``bdf``."""
+        return self._line.who(vm, bdf)
+
+    def why(self, decision: Decision) -> str:
+        """The verdict, reasons and rule of an ``access.decided`` line of ``decision``."""
+        return self._line.why(decision)
 
     def decided_slow(
         self,

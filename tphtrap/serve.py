@@ -31,6 +31,7 @@ from .engine.render import HostFacts
 from .engine.trapmap import trap_map
 from .errors import DeviceError, PolicyError, Problem, TphtrapError, WireError
 from .events import VERDICT_NAMES, Decision
+from .native import AVAILABLE, NativePath
 from .policy import Policy
 from .spec import PcieType
 from .wire import (
@@ -81,6 +82,7 @@ class Server:
         *,
         recorder: IO[str] | None = None,
         debug: bool = False,
+        native: bool = True,
     ) -> None:
         self.engine = Engine(policy)
         self.policy_path = policy_path
@@ -97,15 +99,64 @@ class Server:
         self.reasons: Counter[str] = Counter()
         self.policy_loads = 1
         self.policy_rejects = 0
+        #: The native steady path (tphtrap.native), unless it is not built, turned off, or
+        #: the server must see every request (a debug log of each, a recorded trace).
+        self.native: NativePath | None = None
+        self._last: Request | None = None  # the request the Python path handled last
+        if native and AVAILABLE and not debug and recorder is None:
+            self.native = NativePath(self.engine, auditor)
 
     # --- one line ------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> bytes:
         """One request line in, exactly one reply line out. Never raises."""
+        native = self.native
+        if native is not None:
+            try:
+                got = native.handle(line)
+            except Exception as exc:  # pragma: no cover - a fault of the native path
+                self._native_failed(exc)
+                got = None
+            if got is not None:
+                reply, audit, op, verdict, reason = got
+                self.requests += 1
+                self.ops[op] += 1
+                self.verdicts[verdict] += 1
+                self.reasons[reason] += 1
+                if audit is not None:
+                    self.audit.decided_line(audit)
+                return reply
+        try:
+            return self._handle_line(line)
+        finally:
+            if native is not None:
+                self._rearm(native)
+
+    def _rearm(self, native: NativePath) -> None:
+        """After the Python path: arm what it may have changed from the engine's state."""
+        req = self._last
+        if req is None:
+            return  # the line was not a request: the engine never saw it
+        try:
+            if req.op in ACCESS_OPS:
+                native.refresh(req.args.get("vm"), req.args.get("bdf"))
+            else:
+                native.refresh()
+        except Exception as exc:  # pragma: no cover - a fault of the native path
+            self._native_failed(exc)
+
+    def _native_failed(self, exc: Exception) -> None:
+        """Turn the native path off for good, and say why (the Python path serves on)."""
+        self.native = None
+        self.errors["internal-error"] += 1
+        with contextlib.suppress(Exception):
+            self.audit.emit("native.failed", "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _handle_line(self, line: bytes) -> bytes:
         self.requests += 1
-        req: Request | None = None
+        self._last = req = None
         try:
             try:
-                req = parse_request(line)
+                self._last = req = parse_request(line)
                 if self.debug:
                     self.audit.emit("wire.received", "debug", id=req.id, op=req.op)
                 return self._dispatch(req)
@@ -425,6 +476,8 @@ class Server:
         """Reload ``path`` for a signal: the unsolicited ``corrections`` event lines, one per
         attached device (b"" when the policy was refused: nothing changed)."""
         result = self.reload(path)
+        if self.native is not None:
+            self.native.refresh()
         if isinstance(result, TphtrapError):
             return b""
         return _correction_events(path, result)
@@ -718,6 +771,12 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         default="info",
         help="debug also logs every request received (to the audit stream)",
     )
+    p.add_argument(
+        "--no-native",
+        action="store_true",
+        help="decide every request in Python, without the native steady path (the same "
+        "decisions; for comparison and diagnosis)",
+    )
     p.set_defaults(func=run)
 
 
@@ -743,7 +802,12 @@ def run(args: argparse.Namespace) -> int:
     if args.record:
         recorder = open(args.record, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
     server = (HexServer if args.hex else Server)(
-        policy, args.policy, auditor, recorder=recorder, debug=args.log_level == "debug"
+        policy,
+        args.policy,
+        auditor,
+        recorder=recorder,
+        debug=args.log_level == "debug",
+        native=not args.no_native,
     )
     auditor.emit("policy.loaded", path=args.policy, vms=sorted(policy.vms))
     # Everything loaded so far (modules, policy) lives as long as the process: move it out of

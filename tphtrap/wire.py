@@ -1060,8 +1060,8 @@ def op_text(o: HostOp, count: int = 1) -> str:
     return f'{{"op":{_ESC(o.op)}}}'
 
 
-def decision_text(d: Decision) -> str:
-    """``encode(decision_wire(d))`` without its newline."""
+def decision_head(d: Decision) -> str:
+    """:func:`decision_text` of ``d`` up to its writes: verdict, reasons and detail."""
     key = (d.verdict, d.reason, d.reasons, d.detail)
     head = _HEADS.get(key)
     if head is None:
@@ -1071,6 +1071,20 @@ def decision_text(d: Decision) -> str:
             f'{{"verdict":{_ESC(VERDICT_NAMES[d.verdict])},"reason":{_ESC(d.reason)},'
             f'"reasons":[{",".join(_ESC(r) for r in d.reasons)}],"detail":{_ESC(d.detail)}',
         )
+    return head
+
+
+def rule_text(rule: str | None) -> str:
+    """:func:`decision_text`'s last member: the policy rule (nothing without one)."""
+    text = _RULES.get(rule)
+    if text is None:
+        text = cache_put(_RULES, rule, f',"rule":{_ESC(rule)}' if rule else "")
+    return text
+
+
+def decision_text(d: Decision) -> str:
+    """``encode(decision_wire(d))`` without its newline."""
+    head = decision_head(d)
     if len(d.writes) == 1:
         writes = one_write_text(d.writes[0])
     elif not d.writes:
@@ -1087,10 +1101,7 @@ def decision_text(d: Decision) -> str:
     if d.read_mask:
         gv = "null" if d.guest_value is None else str(int(d.guest_value))
         view = f',"guest_value":{gv},"read_mask":{int(d.read_mask)}'
-    rule = _RULES.get(d.rule)
-    if rule is None:
-        rule = cache_put(_RULES, d.rule, f',"rule":{_ESC(d.rule)}' if d.rule else "")
-    return f'{head},"writes":[{writes}]{ops}{view}{rule}}}'
+    return f'{head},"writes":[{writes}]{ops}{view}{rule_text(d.rule)}}}'
 
 
 def id_text(rid: int | str | None) -> str:

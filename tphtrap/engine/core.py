@@ -32,7 +32,7 @@ from .render import HostFacts, HostOps, HostResultRefused, RawWrites, Rendering
 from .session import _ENTRY_STEP, Session, Step
 from .target import MODE, REQ, control_value
 
-__all__ = ["Engine", "WrongBackend"]
+__all__ = ["Engine", "WrongBackend", "decided", "passed"]
 
 _PASS, _REWRITE, _DROP = Verdict.PASS, Verdict.REWRITE, Verdict.DROP
 _CONFIG_WIDTHS = (1, 2, 4)
@@ -465,8 +465,7 @@ class Engine:
 
     def _pass(self, sess: Session, write: DeviceWrite) -> Decision:
         sess.counts["pass"] = sess.counts.get("pass", 0) + 1
-        ops = None if sess.backend.name == "writes" else ()
-        return Decision(_PASS, "not-tph", _NOT_TPH, (write,), reasons=("not-tph",), ops=ops)
+        return passed(sess, write)
 
     def _unknown(self, vm: str, bdf: str) -> Decision:
         code = "unknown-vm" if vm not in self._policy.vms else "unknown-device"
@@ -485,17 +484,34 @@ class Engine:
         detail: str | None = None,
         ops: list[HostOp] | None = None,
     ) -> Decision:
-        uniq, main, text, violation = summarize(
-            reasons if type(reasons) is tuple else tuple(reasons)
-        )
         sess.counts[verdict] = sess.counts.get(verdict, 0) + 1
-        rule = sess.rules.rule_violation if violation else sess.rules.rule
-        if ops is None and isinstance(sess.backend, HostOps):
-            ops = []  # a host-backend decision always says which operations (none here)
-        host = tuple(ops) if ops is not None else None
-        return Decision(
-            verdict, main, detail or text, writes, guest_value, read_mask, uniq, rule, host
-        )
+        return decided(sess, verdict, reasons, writes, guest_value, read_mask, detail, ops)
+
+
+def passed(sess: Session, write: DeviceWrite) -> Decision:
+    """The decision on a write outside everything the engine filters: it passes untouched."""
+    ops = None if sess.backend.name == "writes" else ()
+    return Decision(_PASS, "not-tph", _NOT_TPH, (write,), reasons=("not-tph",), ops=ops)
+
+
+def decided(
+    sess: Session,
+    verdict: Verdict,
+    reasons: list[str] | tuple[str, ...],
+    writes: tuple[DeviceWrite, ...] = (),
+    guest_value: int | None = None,
+    read_mask: int = 0,
+    detail: str | None = None,
+    ops: list[HostOp] | None = None,
+) -> Decision:
+    """The decision of ``verdict`` for ``reasons`` on ``sess``: the main reason, its text and
+    the policy rule it falls under."""
+    uniq, main, text, violation = summarize(reasons if type(reasons) is tuple else tuple(reasons))
+    rule = sess.rules.rule_violation if violation else sess.rules.rule
+    if ops is None and isinstance(sess.backend, HostOps):
+        ops = []  # a host-backend decision always says which operations (none here)
+    host = tuple(ops) if ops is not None else None
+    return Decision(verdict, main, detail or text, writes, guest_value, read_mask, uniq, rule, host)
 
 
 _NOT_TPH = summarize(("not-tph",))[2]

@@ -1,0 +1,270 @@
+"""The native steady path of ``tphtrap serve``: the requests a running guest sends most, decided
+in C (``_steady.c``) in the states the engine describes here.
+
+``serve`` asks :meth:`NativePath.handle` first with every line. It answers (reply, audit line,
+and the counts the server keeps) for a plain ``cfg_write`` or ``msix_write`` of a session armed
+here that is either outside everything the engine filters (passed untouched) or a write of one
+whole ST entry or Vector Control word in the engine's usual state; anything else is None and
+the Python path decides. After the Python path has handled a line, :meth:`NativePath.refresh`
+arms its session again from the engine's state (every session, after any other request).
+
+What is armed is the engine's own knowledge, taken from it, never restated:
+- the usual state, as :meth:`Session.steady_entry` defines it (one capability, no latch, the
+  device's control register what the guest's request grants, entries settled at that width
+  and none dirty; or entries not in use), the writes backend, and the self-check's copy of the
+  control register one known value;
+- the tag a guest writes resolved by :func:`resolve_entry` (asked once per tag and kept per
+  rules, width and use), the checker's own rule for that control value (the tags allowed at its
+  width) for the check of each entry in use;
+- the texts of the reply and the audit line from :mod:`tphtrap.wire` and :mod:`tphtrap.audit`.
+tests/test_native.py drives servers with and without this path side by side and compares every
+reply, audit line and all state after every request.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING, Any, Final
+
+from ..engine.core import decided, passed
+from ..engine.render import RawWrites
+from ..engine.target import resolve_entry
+from ..events import DeviceWrite, Verdict
+from ..policy import TagRules
+from ..spec import TagWidth
+from ..wire import decision_head, rule_text
+
+if TYPE_CHECKING:
+    from ..audit import Auditor
+    from ..engine import Engine
+    from ..engine.session import Session
+
+try:
+    from . import _steady
+except ImportError:  # not built: serve decides every request in Python
+    _steady = None  # type: ignore[assignment]
+
+__all__ = ["AVAILABLE", "CODES", "NativePath"]
+
+AVAILABLE: Final = _steady is not None
+#: The reasons of a steady entry decision, in the order the C side indexes them.
+CODES: Final = ("tag-allowed", "tag-translated", "unknown-virtual-tag", "foreign-tag")
+_CODE_INDEX = {c: k for k, c in enumerate(CODES)}
+_TAGS = 1 << 16  # a guest tag: the 16 bits of an ST entry, or of a Vector Control word
+_DECLINE = -1
+_VERDICTS = (Verdict.PASS, Verdict.REWRITE)
+Reply = tuple[bytes, bytes | None, str, str, str]
+
+
+class NativePath:
+    """The sessions of ``engine`` armed for the C path, and what their decisions need."""
+
+    def __init__(self, engine: Engine, audit: Auditor) -> None:
+        self.engine = engine
+        self.audit = audit
+        assert _steady is not None
+        self._handle = _steady.handle
+        self._passes = not audit.include_passes  # passes are not audited: C answers them
+        self.armed: dict[bytes, _steady.Armed] = {}
+        self._stale: dict[bytes, Session] = {}  # sessions to arm on their next request
+        self._geometry: dict[int, tuple[Any, tuple[Any, ...]]] = {}  # by id(Geometry)
+        #: (rules, width, in use) -> the resolved tags (int32 each: reason << 16 | value,
+        #: -1 for none, unknown until asked) and the resolver that fills them
+        self._tags: dict[tuple[int, TagWidth, bool], tuple[TagRules, bytearray, Any]] = {}
+        self._texts: dict[tuple[int, str, str], tuple[TagRules, tuple[Any, ...]]] = {}
+
+    def handle(self, line: bytes) -> Reply | None:
+        """The reply of ``line`` decided natively, or None (the Python path decides)."""
+        got = self._handle(self.armed, self._passes, line)
+        if not isinstance(got, bytes):
+            return got
+        # the key of a session not armed since the Python path last changed it
+        sess = self._stale.pop(got, None)
+        if sess is None or not self._arm(sess):
+            return None
+        again = self._handle(self.armed, self._passes, line)
+        return None if isinstance(again, bytes) else again
+
+    def refresh(self, vm: str | None = None, bdf: str | None = None) -> None:
+        """The Python path handled a request of the session (vm, bdf), of every one without
+        them: it is armed again from the engine's state when it next takes the native path."""
+        if vm is None or bdf is None:
+            self.armed.clear()
+            self._stale = {_key(s.vm, s.bdf): s for s in self.engine.sessions()}
+            return
+        key = _key(vm, bdf)
+        sess = self.engine.session(vm, bdf)
+        armed = self.armed.get(key)
+        if sess is None or sess.poisoned is not None or sess.revoked:
+            self.armed.pop(key, None)
+            self._stale.pop(key, None)
+            return
+        if armed is not None:
+            armed.stale()  # its passes go on: they read nothing an access changes
+        self._stale[key] = sess
+
+    def _arm(self, sess: Session) -> bool:
+        """Arm ``sess`` (True), or leave every request of it to the Python path."""
+        if type(sess.backend) is not RawWrites or sess.poisoned is not None or sess.revoked:
+            return False
+        texts = self._texts_of(sess)
+        regular, geometry = self._geometry_of(sess)
+        steady = _steady_state(sess) if regular else None
+        table: Any = None
+        resolver: Any = None
+        allowed: frozenset[int] | None = None
+        mask = mode = 0
+        if steady is None:
+            geometry = (*geometry[:3], -1, -1, *geometry[5:])  # passes only
+        else:
+            mode, width, allowed = steady
+            mask = width.mask
+            _, table, resolver = self._resolver(sess.rules, width, mode == _steady.IN_USE)
+        msix = sess.geo.in_msix
+        self.armed[_key(sess.vm, sess.bdf)] = _steady.Armed(
+            sess.counts,
+            sess.written,
+            sess.guest_tag if msix else None,
+            sess.guest_low if msix else None,
+            sess.dev_ent,
+            sess.dev_low if msix else None,
+            sess.checker.ent,
+            sess.image,
+            sess.dirty,
+            geometry,
+            mode,
+            table,
+            resolver,
+            allowed,
+            mask,
+            *texts,
+        )
+        return True
+
+    def _geometry_of(self, sess: Session) -> tuple[bool, tuple[Any, ...]]:
+        """Whether the entries are where the C side finds them (:func:`_regular`), and the
+        geometry it reads: (in MSI-X, watched config bytes lo and hi, first entry's offset,
+        entries, MSI-X BIR, table start and end)."""
+        geo = sess.geo
+        got = self._geometry.get(id(geo))
+        if got is not None and got[0] is geo:
+            return got[1]
+        if len(self._geometry) >= 256:
+            self._geometry.clear()
+        first = -1 if geo.in_msix or not geo.n_entries else geo.entry_offsets[0]
+        geometry = (
+            geo.in_msix,
+            geo.watch_lo,
+            geo.watch_hi,
+            first,
+            geo.n_entries,
+            geo.msix_bir,
+            geo.msix_start,
+            geo.msix_end,
+        )
+        value = (_regular(sess), geometry)
+        self._geometry[id(geo)] = (geo, value)
+        return value
+
+    def _resolver(self, rules: TagRules, width: TagWidth, in_use: bool) -> Any:
+        key = (id(rules), width, in_use)
+        got = self._tags.get(key)
+        if got is not None and got[0] is rules:
+            return got
+        if len(self._tags) >= 64:
+            self._tags.clear()
+        table = bytearray(array("i", [_steady.UNKNOWN]) * _TAGS)
+
+        def resolver(tag: int) -> int:
+            """What the steady path does with ``tag`` (Session.steady_entry)."""
+            value, code = resolve_entry(tag, True, None, width, in_use, rules)
+            if value < 0 or value >> 16 or code not in _CODE_INDEX:
+                return _DECLINE
+            if in_use and not rules.host_ok(value, width):
+                return _DECLINE
+            return _CODE_INDEX[code] << 16 | value
+
+        got = self._tags[key] = (rules, table, resolver)
+        return got
+
+    def _texts_of(self, sess: Session) -> tuple[Any, ...]:
+        """(heads, whys, rules, reasons, verdicts, who, pass head) of the C side's texts."""
+        key = (id(sess.rules), sess.vm, sess.bdf)
+        got = self._texts.get(key)
+        if got is not None and got[0] is sess.rules:
+            return got[1]
+        if len(self._texts) >= 256:
+            self._texts.clear()
+        heads: list[bytes] = []
+        whys: list[bytes] = []
+        rules: list[bytes] = []
+        reasons: list[str] = []
+        for code in CODES:
+            for verdict in _VERDICTS:
+                d = decided(sess, verdict, (code,))
+                heads.append(decision_head(d).encode())
+                whys.append(self.audit.why(d).encode())
+            rules.append(rule_text(d.rule).encode())
+            reasons.append(d.reason)
+        passing = passed(sess, DeviceWrite("config", 0, 4, 0))  # (its head names no write)
+        texts = (
+            tuple(heads),
+            tuple(whys),
+            tuple(rules),
+            tuple(reasons),
+            _VERDICTS,
+            self.audit.who(sess.vm, sess.bdf).encode(),
+            decision_head(passing).encode(),
+        )
+        self._texts[key] = (sess.rules, texts)
+        return texts
+
+
+def _key(vm: str, bdf: str) -> bytes:
+    return vm.encode() + b"\0" + bdf.encode()
+
+
+def _steady_state(sess: Session) -> tuple[int, TagWidth, frozenset[int] | None] | None:
+    """(mode, width, tags the checker allows) when a whole-entry write of ``sess`` is decided
+    by :meth:`Session.steady_entry` with nothing but that entry changing; None otherwise."""
+    assert _steady is not None
+    geo = sess.geo
+    if sess.latched or not geo.trappable or len(geo.caps) != 1 or not geo.n_entries:
+        return None
+    dev = sess.dev_ctrl[0]
+    if dev is None:
+        return None
+    grant = sess._grant(False)
+    if dev != sess._control_target(grant, dev):
+        return None
+    if (grant.requested_width or sess.prospective) != sess.prospective:
+        return None  # settle_entry would change it
+    checker = sess.checker
+    if len(checker.ctrl) != 1 or checker.ctrl[0] != dev or type(checker.ctrl[0]) is not int:
+        return None
+    rule = checker._control_rule(0, dev, sess.rules, sess.revoked)
+    if isinstance(rule, str):
+        return None
+    if grant.uses_entries:
+        width = grant.width
+        if width is None or width is not sess.settled or sess.dirty:
+            return None
+        if rule is None or rule[1] is not width:
+            return None
+        return _steady.IN_USE, width, rule[0]
+    if grant.width is not None or rule is not None:
+        return None
+    return _steady.UNUSED, grant.requested_width or sess.prospective, None
+
+
+def _regular(sess: Session) -> bool:
+    """Are the entries where the C side computes them (the ST table in the capability two
+    bytes apart, or the Vector Control words of the MSI-X table)?"""
+    geo = sess.geo
+    n = geo.n_entries
+    if not n:
+        return False
+    if geo.in_msix:
+        return geo.vc_offsets == tuple(geo.msix_start + 16 * i + 12 for i in range(n))
+    first = geo.entry_offsets[0]
+    return geo.entry_offsets == tuple(range(first, first + 2 * n, 2))

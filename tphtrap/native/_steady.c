@@ -1,0 +1,671 @@
+/*
+ * The native steady path of tphtrap serve: one request line in, its reply and audit line out,
+ * for the requests that dominate a running guest, in the state the Python engine armed.
+ *
+ * handle(armed, passes, line) takes a cfg_write or msix_write line in the plainest JSON (no
+ * escapes, printable ASCII strings, integers, each member once, nothing else) naming a
+ * session in ``armed`` (a dict: b"vm\0bdf" -> Armed), and decides it when it is
+ *   - a write outside what the engine filters (the config bytes outside the TPH capability
+ *     and the reset registers, the MSI-X BAR outside the ST table): passed untouched, or
+ *   - a write of one whole ST entry or Vector Control word while the session is in the state
+ *     Armed describes: the tag resolved by the engine's own resolver (kept per tag), the
+ *     device value checked against the checker's rule, the guest view, the device state and
+ *     the self-check's copy updated as the engine's steady path updates them.
+ * Anything else returns None, and the Python path decides (the same decision: the engines run
+ * side by side in tests/test_native.py). Nothing is changed before every test has passed.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#define NCODES 4        /* the reasons of a steady entry decision (tphtrap.native.CODES) */
+#define TAGS 65536      /* a guest tag is the 16 bits of an ST entry or a Vector Control's */
+#define UNKNOWN (-2)    /* a tag the resolver has not been asked about yet */
+#define MAX_TEXT 1024   /* templates longer than this are not armed (tphtrap.native) */
+#define OUT 8192
+
+enum { E_NONE = 0, E_IN_USE = 1, E_UNUSED = 2, E_STALE = 3 };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *counts, *written, *guest_tag, *guest_low, *dev_ent, *dev_low, *check_ent;
+    PyObject *image, *dirty, *table, *resolver, *allowed, *heads, *whys, *rules, *reasons;
+    PyObject *verdicts, *who, *pass_head;
+    int in_msix, entries;
+    long long watch_lo, watch_hi, first, n, bir, msix_start, msix_end, mask;
+} Armed;
+
+static PyObject *S_CFG, *S_MSIX, *S_PASS, *S_REWRITE, *S_NOT_TPH, *S_PASS_KEY;
+
+static void armed_dealloc(Armed *a) {
+    Py_XDECREF(a->counts); Py_XDECREF(a->written); Py_XDECREF(a->guest_tag);
+    Py_XDECREF(a->guest_low); Py_XDECREF(a->dev_ent); Py_XDECREF(a->dev_low);
+    Py_XDECREF(a->check_ent); Py_XDECREF(a->image); Py_XDECREF(a->dirty);
+    Py_XDECREF(a->table); Py_XDECREF(a->resolver); Py_XDECREF(a->allowed);
+    Py_XDECREF(a->heads); Py_XDECREF(a->whys); Py_XDECREF(a->rules); Py_XDECREF(a->reasons);
+    Py_XDECREF(a->verdicts); Py_XDECREF(a->who); Py_XDECREF(a->pass_head);
+    Py_TYPE(a)->tp_free((PyObject *)a);
+}
+
+static int tuple_of(PyObject *t, Py_ssize_t n, PyTypeObject *type, const char *what) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n) {
+        PyErr_Format(PyExc_TypeError, "%s: a tuple of %zd", what, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(t, i);
+        if (type != NULL && Py_TYPE(o) != type) {
+            PyErr_Format(PyExc_TypeError, "%s[%zd]: wrong type", what, i);
+            return -1;
+        }
+        if (PyBytes_Check(o) && PyBytes_GET_SIZE(o) > MAX_TEXT) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd]: longer than %d bytes", what, i, MAX_TEXT);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int list_or_none(PyObject *o, long long n, const char *what) {
+    if (o == Py_None) return 0;
+    if (!PyList_CheckExact(o) || PyList_GET_SIZE(o) < n) {
+        PyErr_Format(PyExc_TypeError, "%s: a list of at least %lld items", what, n);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    if (kw != NULL && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "Armed takes positional arguments only");
+        return NULL;
+    }
+    Armed *a = (Armed *)type->tp_alloc(type, 0);
+    if (a == NULL) return NULL;
+    PyObject **slot[] = {&a->counts, &a->written, &a->guest_tag, &a->guest_low, &a->dev_ent,
+                         &a->dev_low, &a->check_ent, &a->image, &a->dirty, &a->table,
+                         &a->resolver, &a->allowed, &a->heads, &a->whys, &a->rules,
+                         &a->reasons, &a->verdicts, &a->who, &a->pass_head};
+    PyObject *o[19];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOO:Armed", &o[0], &o[1], &o[2],
+                          &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &a->in_msix, &a->watch_lo,
+                          &a->watch_hi, &a->first, &a->n, &a->bir, &a->msix_start,
+                          &a->msix_end, &a->entries, &o[9], &o[10], &o[11], &a->mask, &o[12],
+                          &o[13], &o[14], &o[15], &o[16], &o[17], &o[18])) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    for (int i = 0; i < 19; i++) {
+        Py_INCREF(o[i]);
+        *slot[i] = o[i];
+    }
+    if (!PyDict_CheckExact(a->counts)) {
+        PyErr_SetString(PyExc_TypeError, "counts: a dict");
+        goto fail;
+    }
+    if (!PyBytes_Check(a->who) || PyBytes_GET_SIZE(a->who) > MAX_TEXT || !PyBytes_Check(a->pass_head)
+        || PyBytes_GET_SIZE(a->pass_head) > MAX_TEXT) {
+        PyErr_SetString(PyExc_TypeError, "who, pass_head: bytes of at most MAX_TEXT");
+        goto fail;
+    }
+    if (a->entries != E_NONE) {
+        if (a->entries != E_IN_USE && a->entries != E_UNUSED) {
+            PyErr_SetString(PyExc_ValueError, "entries mode");
+            goto fail;
+        }
+        if (a->n <= 0 || list_or_none(a->written, a->n, "written") ||
+            list_or_none(a->dev_ent, a->n, "dev_ent") ||
+            list_or_none(a->check_ent, a->n, "check_ent") || a->written == Py_None ||
+            a->dev_ent == Py_None || a->check_ent == Py_None)
+            goto fail_types;
+        if (a->in_msix) {
+            if (list_or_none(a->guest_tag, a->n, "guest_tag") ||
+                list_or_none(a->guest_low, a->n, "guest_low") ||
+                list_or_none(a->dev_low, a->n, "dev_low") || a->guest_tag == Py_None ||
+                a->guest_low == Py_None || a->dev_low == Py_None)
+                goto fail_types;
+        } else if (!PyByteArray_CheckExact(a->image) ||
+                   PyByteArray_GET_SIZE(a->image) < a->first + 2 * a->n || a->first < 0) {
+            PyErr_SetString(PyExc_TypeError, "image: a bytearray holding the ST table");
+            goto fail;
+        }
+        if (!PyByteArray_CheckExact(a->table) || PyByteArray_GET_SIZE(a->table) != 4 * TAGS ||
+            !PyCallable_Check(a->resolver)) {
+            PyErr_SetString(PyExc_TypeError, "table: a bytearray of 65536 int32, resolver");
+            goto fail;
+        }
+        if (a->entries == E_IN_USE && !PyFrozenSet_CheckExact(a->allowed)) {
+            PyErr_SetString(PyExc_TypeError, "allowed: a frozenset while entries are in use");
+            goto fail;
+        }
+        if (a->entries == E_UNUSED && !PySet_CheckExact(a->dirty)) {
+            PyErr_SetString(PyExc_TypeError, "dirty: a set");
+            goto fail;
+        }
+        if (tuple_of(a->heads, 2 * NCODES, &PyBytes_Type, "heads") ||
+            tuple_of(a->whys, 2 * NCODES, &PyBytes_Type, "whys") ||
+            tuple_of(a->rules, NCODES, &PyBytes_Type, "rules") ||
+            tuple_of(a->reasons, NCODES, &PyUnicode_Type, "reasons") ||
+            tuple_of(a->verdicts, 2, NULL, "verdicts"))
+            goto fail;
+    }
+    return (PyObject *)a;
+fail_types:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "entry lists");
+fail:
+    Py_DECREF(a);
+    return NULL;
+}
+
+static PyObject *armed_stale(Armed *a, PyObject *noargs) {
+    (void)noargs;
+    a->entries = E_STALE;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef armed_methods[] = {
+    {"stale", (PyCFunction)armed_stale, METH_NOARGS,
+     "The engine changed the session: its entry writes wait to be armed again; passes go on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ArmedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tphtrap.native._steady.Armed",
+    .tp_basicsize = sizeof(Armed),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = armed_new,
+    .tp_dealloc = (destructor)armed_dealloc,
+    .tp_methods = armed_methods,
+    .tp_doc = "One session's state for the native steady path (tphtrap.native.arm).",
+};
+
+/* --- the request line ------------------------------------------------------------------ */
+enum { F_ID = 1, F_OP = 2, F_VM = 4, F_BDF = 8, F_BAR = 16, F_OFFSET = 32, F_WIDTH = 64,
+       F_VALUE = 128 };
+#define OP_CFG 1
+#define OP_MSIX 2
+#define MAX_ID_LEN 128
+#define MAX_NAME_LEN 64
+
+typedef struct {
+    const char *id, *vm, *bdf;
+    Py_ssize_t id_len, vm_len, bdf_len;
+    int id_is_str, op, seen;
+    unsigned long long bar, offset, width, value;
+} Req;
+
+typedef struct { const char *p, *end; } Cur;
+
+static void blank(Cur *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\r' || *c->p == '\n'))
+        c->p++;
+}
+
+/* A string of printable ASCII but '"' and '\\' (anything else: not the plainest JSON). */
+static int string(Cur *c, const char **s, Py_ssize_t *len) {
+    if (c->p >= c->end || *c->p != '"') return -1;
+    const char *start = ++c->p;
+    while (c->p < c->end && *c->p != '"') {
+        unsigned char ch = (unsigned char)*c->p;
+        if (ch < 0x20 || ch > 0x7e || ch == '\\') return -1;
+        c->p++;
+    }
+    if (c->p >= c->end) return -1;
+    *s = start;
+    *len = c->p - start;
+    c->p++;
+    return 0;
+}
+
+/* A JSON integer of at most ``digits`` digits, no sign, no leading zero. */
+static int number(Cur *c, unsigned long long *v, int digits) {
+    const char *start = c->p;
+    unsigned long long x = 0;
+    while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
+        x = 10 * x + (unsigned long long)(*c->p - '0');
+        c->p++;
+    }
+    Py_ssize_t n = c->p - start;
+    if (n == 0 || n > digits || (n > 1 && *start == '0')) return -1;
+    if (c->p < c->end && (*c->p == '.' || *c->p == 'e' || *c->p == 'E')) return -1;
+    *v = x;
+    return 0;
+}
+
+static int key_is(const char *k, Py_ssize_t n, const char *name) {
+    return (Py_ssize_t)strlen(name) == n && memcmp(k, name, (size_t)n) == 0;
+}
+
+static int member(Cur *c, Req *r) {
+    const char *k;
+    Py_ssize_t n;
+    if (string(c, &k, &n)) return -1;
+    blank(c);
+    if (c->p >= c->end || *c->p != ':') return -1;
+    c->p++;
+    blank(c);
+    int flag;
+    unsigned long long *num = NULL;
+    if (key_is(k, n, "id")) flag = F_ID;
+    else if (key_is(k, n, "op")) flag = F_OP;
+    else if (key_is(k, n, "vm")) flag = F_VM;
+    else if (key_is(k, n, "bdf")) flag = F_BDF;
+    else if (key_is(k, n, "bar")) flag = F_BAR, num = &r->bar;
+    else if (key_is(k, n, "offset")) flag = F_OFFSET, num = &r->offset;
+    else if (key_is(k, n, "width")) flag = F_WIDTH, num = &r->width;
+    else if (key_is(k, n, "value")) flag = F_VALUE, num = &r->value;
+    else return -1;
+    if (r->seen & flag) return -1;
+    r->seen |= flag;
+    if (num != NULL) return number(c, num, 19);
+    if (flag == F_ID) {
+        if (c->p < c->end && *c->p == '"') {
+            r->id_is_str = 1;
+            if (string(c, &r->id, &r->id_len)) return -1;
+            return r->id_len >= 1 && r->id_len <= MAX_ID_LEN ? 0 : -1;
+        }
+        const char *start = c->p;
+        if (c->p < c->end && *c->p == '-') c->p++;
+        unsigned long long v;
+        if (number(c, &v, 18) || (v == 0 && *start == '-')) return -1; /* "-0" is 0 */
+        r->id = start;
+        r->id_len = c->p - start;
+        return 0;
+    }
+    const char *s;
+    Py_ssize_t len;
+    if (string(c, &s, &len)) return -1;
+    if (flag == F_OP) {
+        if (key_is(s, len, "cfg_write")) r->op = OP_CFG;
+        else if (key_is(s, len, "msix_write")) r->op = OP_MSIX;
+        else return -1;
+    } else if (flag == F_VM) {
+        if (len < 1 || len > MAX_NAME_LEN) return -1;
+        r->vm = s, r->vm_len = len;
+    } else {
+        r->bdf = s, r->bdf_len = len;
+    }
+    return 0;
+}
+
+static int parse(const char *p, Py_ssize_t n, Req *r) {
+    Cur c = {p, p + n};
+    memset(r, 0, sizeof *r);
+    blank(&c);
+    if (c.p >= c.end || *c.p != '{') return -1;
+    c.p++;
+    for (;;) {
+        blank(&c);
+        if (member(&c, r)) return -1;
+        blank(&c);
+        if (c.p >= c.end) return -1;
+        if (*c.p == '}') break;
+        if (*c.p != ',') return -1;
+        c.p++;
+    }
+    c.p++;
+    blank(&c);
+    if (c.p != c.end) return -1;
+    int need = F_ID | F_OP | F_VM | F_BDF | F_OFFSET | F_WIDTH | F_VALUE;
+    unsigned long long w = r->width;
+    if (r->op == OP_CFG) {
+        if (r->seen != need || (w != 1 && w != 2 && w != 4) || r->offset + w > 4096) return -1;
+    } else if (r->op == OP_MSIX) {
+        if (r->seen != (need | F_BAR) || r->bar > 5 || (w != 1 && w != 2 && w != 4 && w != 8))
+            return -1;  /* (an offset of 19 digits is below 2^64 - 8) */
+    } else {
+        return -1;
+    }
+    if (w < 8 && r->value >> (8 * w)) return -1;
+    return 0;
+}
+
+/* --- text ------------------------------------------------------------------------------- */
+typedef struct { char buf[OUT]; size_t n; } Text;
+
+static void put(Text *t, const char *s, size_t n) {
+    if (t->n + n <= OUT) memcpy(t->buf + t->n, s, n);
+    t->n += n;
+}
+#define puts_(t, s) put((t), (s), sizeof(s) - 1) /* a string literal */
+static void put_bytes(Text *t, PyObject *b) {
+    put(t, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+}
+static void put_u(Text *t, unsigned long long v) {
+    char d[24];
+    char *p = d + sizeof d;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    put(t, p, (size_t)(d + sizeof d - p));
+}
+static void put_id(Text *t, const Req *r) {
+    if (r->id_is_str) put(t, "\"", 1);
+    put(t, r->id, (size_t)r->id_len);
+    if (r->id_is_str) put(t, "\"", 1);
+}
+static void put_write(Text *t, const Req *r, unsigned long long value) {
+    if (r->op == OP_CFG) {
+        puts_(t, "{\"space\":\"config\",\"offset\":");
+    } else {
+        puts_(t, "{\"space\":\"bar\",\"bar\":");
+        put_u(t, r->bar);
+        puts_(t, ",\"offset\":");
+    }
+    put_u(t, r->offset);
+    puts_(t, ",\"width\":");
+    put_u(t, r->width);
+    puts_(t, ",\"value\":");
+    put_u(t, value);
+    puts_(t, "}");
+}
+
+/* ISO 8601 UTC with microseconds, as the audit's clock writes it (tphtrap.audit._UtcClock). */
+static void put_timestamp(Text *t) {
+    static time_t second = -1;
+    static char prefix[32];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (ts.tv_sec != second) {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        strftime(prefix, sizeof prefix, "%Y-%m-%dT%H:%M:%S", &tm);
+        second = ts.tv_sec;
+    }
+    char micro[8] = {'.', 0, 0, 0, 0, 0, 0, 'Z'};
+    long us = ts.tv_nsec / 1000;
+    for (int k = 6; k >= 1; k--, us /= 10) micro[k] = (char)('0' + us % 10);
+    put(t, prefix, strlen(prefix));
+    put(t, micro, sizeof micro);
+}
+
+static PyObject *text_bytes(const Text *t) {
+    if (t->n > OUT) {
+        PyErr_SetString(PyExc_OverflowError, "native reply longer than its buffer");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize(t->buf, (Py_ssize_t)t->n);
+}
+
+/* --- state ------------------------------------------------------------------------------ */
+static int bump(PyObject *counts, PyObject *key) {
+    PyObject *old = PyDict_GetItemWithError(counts, key);
+    if (old == NULL && PyErr_Occurred()) return -1;
+    long v = old == NULL ? 0 : PyLong_AsLong(old);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    PyObject *nv = PyLong_FromLong(v + 1);
+    if (nv == NULL) return -1;
+    int rc = PyDict_SetItem(counts, key, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
+static void set_item(PyObject *list, Py_ssize_t i, PyObject *v) {
+    Py_INCREF(v);
+    PyList_SetItem(list, i, v); /* steals v, drops the old item; i was checked */
+}
+
+static PyObject *pass_reply(Armed *a, const Req *r, PyObject *op) {
+    Text t;
+    t.n = 0;
+    puts_(&t, "{\"id\":");
+    put_id(&t, r);
+    puts_(&t, ",\"ok\":true,\"decision\":");
+    put_bytes(&t, a->pass_head);
+    puts_(&t, ",\"writes\":[");
+    put_write(&t, r, r->value);
+    puts_(&t, "]}}\n");
+    PyObject *reply = text_bytes(&t);
+    if (reply == NULL) return NULL;
+    if (bump(a->counts, S_PASS_KEY)) {
+        Py_DECREF(reply);
+        return NULL;
+    }
+    return Py_BuildValue("(NOOOO)", reply, Py_None, op, S_PASS, S_NOT_TPH);
+}
+
+/* The resolved device value and reason of guest tag ``tag`` (packed: reason << 16 | value),
+ * or -1: not a steady decision. Asks the resolver the first time. */
+static long long resolved(Armed *a, unsigned long long tag) {
+    int32_t *table = (int32_t *)PyByteArray_AS_STRING(a->table);
+    int32_t v = table[tag];
+    if (v == UNKNOWN) {
+        PyObject *got = PyObject_CallFunction(a->resolver, "K", tag);
+        if (got == NULL) return -2;
+        long x = PyLong_AsLong(got);
+        Py_DECREF(got);
+        if (x == -1 && PyErr_Occurred()) return -2;
+        if (x < -1 || x >= (long)NCODES << 16) {
+            PyErr_SetString(PyExc_ValueError, "resolver: out of range");
+            return -2;
+        }
+        table = (int32_t *)PyByteArray_AS_STRING(a->table); /* (the call may not resize it) */
+        table[tag] = (int32_t)x;
+        v = (int32_t)x;
+    }
+    return v;
+}
+
+static PyObject *entry(Armed *a, const Req *r, PyObject *op, Py_ssize_t i) {
+    unsigned long long tag, was = 0;
+    int written;
+    if (a->in_msix) {
+        tag = r->value >> 16;
+        PyObject *old = PyList_GET_ITEM(a->guest_tag, i);
+        if (!PyLong_CheckExact(old)) Py_RETURN_NONE;
+        was = PyLong_AsUnsignedLongLong(old);
+        if (PyErr_Occurred()) return NULL;
+        written = PyList_GET_ITEM(a->written, i) == Py_True || tag != was;
+    } else {
+        tag = r->value;
+        written = 1;
+    }
+    if (!written) Py_RETURN_NONE; /* an unwritten entry takes the fallback: the Python path */
+    long long packed = resolved(a, tag);
+    if (packed == -2) return NULL;
+    if (packed < 0) Py_RETURN_NONE;
+    int code = (int)(packed >> 16);
+    unsigned long long dv = (unsigned long long)(packed & 0xFFFF);
+    unsigned long long word = a->in_msix ? (r->value & 0xFFFF) | (dv << 16) : dv;
+
+    /* the self-check: the entry in use holds a tag the checker's rule allows at its width */
+    if (a->entries == E_IN_USE) {
+        PyObject *t = PyLong_FromUnsignedLongLong(dv & (unsigned long long)a->mask);
+        if (t == NULL) return NULL;
+        int ok = PySet_Contains(a->allowed, t);
+        Py_DECREF(t);
+        if (ok < 0) return NULL;
+        if (!ok) Py_RETURN_NONE;
+    }
+    int verdict = word == r->value ? 0 : 1;
+    unsigned long long read_mask = a->in_msix ? 0xFFFF0000ULL : 0xFFFFULL;
+    unsigned long long view = a->in_msix ? tag << 16 : r->value;
+
+    /* every object made before anything changes */
+    PyObject *o_dv = PyLong_FromUnsignedLongLong(dv);
+    PyObject *o_word = PyLong_FromUnsignedLongLong(word);
+    PyObject *o_tag = PyLong_FromUnsignedLongLong(tag);
+    PyObject *o_low = PyLong_FromUnsignedLongLong(r->value & 0xFFFF);
+    PyObject *o_i = PyLong_FromSsize_t(i);
+    Text rep, aud;
+    rep.n = aud.n = 0;
+    PyObject *reply = NULL, *audit = NULL, *out = NULL;
+    if (!o_dv || !o_word || !o_tag || !o_low || !o_i) goto done;
+
+    puts_(&rep, "{\"id\":");
+    put_id(&rep, r);
+    puts_(&rep, ",\"ok\":true,\"decision\":");
+    put_bytes(&rep, PyTuple_GET_ITEM(a->heads, 2 * code + verdict));
+    puts_(&rep, ",\"writes\":[");
+    put_write(&rep, r, word);
+    puts_(&rep, "],\"guest_value\":");
+    put_u(&rep, view);
+    puts_(&rep, ",\"read_mask\":");
+    put_u(&rep, read_mask);
+    put_bytes(&rep, PyTuple_GET_ITEM(a->rules, code));
+    puts_(&rep, "}}\n");
+
+    put_bytes(&aud, a->who);
+    if (a->in_msix) {
+        puts_(&aud, "\"msix\",\"op\":\"write\",\"bar\":");
+        put_u(&aud, r->bar);
+        puts_(&aud, ",\"offset\":");
+    } else {
+        puts_(&aud, "\"config\",\"op\":\"write\",\"offset\":");
+    }
+    put_u(&aud, r->offset);
+    puts_(&aud, ",\"width\":");
+    put_u(&aud, r->width);
+    puts_(&aud, ",\"guest_value\":");
+    put_u(&aud, r->value);
+    put_bytes(&aud, PyTuple_GET_ITEM(a->whys, 2 * code + verdict));
+    puts_(&aud, ",\"device_writes\":[");
+    put_write(&aud, r, word);
+    puts_(&aud, "],\"device_value\":");
+    put_u(&aud, word);
+    puts_(&aud, ",\"guest_view\":");
+    put_u(&aud, view);
+    puts_(&aud, ",\"read_mask\":");
+    put_u(&aud, read_mask);
+    puts_(&aud, ",\"id\":");
+    put_id(&aud, r);
+    puts_(&aud, ",\"event\":\"access.decided\",\"level\":\"info\",\"timestamp\":\"");
+    put_timestamp(&aud);
+    puts_(&aud, "\"}\n");
+    reply = text_bytes(&rep);
+    audit = text_bytes(&aud);
+    if (!reply || !audit) goto done;
+    out = PyTuple_Pack(5, reply, audit, op, verdict ? S_REWRITE : S_PASS,
+                       PyTuple_GET_ITEM(a->reasons, code));
+    if (out == NULL) goto done;
+    if (a->entries == E_UNUSED && PySet_Add(a->dirty, o_i)) goto fail;
+    if (bump(a->counts, PyTuple_GET_ITEM(a->verdicts, verdict))) goto fail;
+
+    /* the guest's view (Session.put_entry), the device (Session.commit), the checker's copy */
+    if (a->in_msix) {
+        if (tag != was) {
+            set_item(a->guest_tag, i, o_tag);
+            set_item(a->written, i, Py_True);
+        }
+        set_item(a->guest_low, i, o_low);
+        set_item(a->dev_low, i, o_low);
+    } else {
+        char *image = PyByteArray_AS_STRING(a->image);
+        image[a->first + 2 * i] = (char)(r->value & 0xFF);
+        image[a->first + 2 * i + 1] = (char)(r->value >> 8);
+        set_item(a->written, i, Py_True);
+    }
+    set_item(a->dev_ent, i, o_dv);
+    set_item(a->check_ent, i, o_word);
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    Py_XDECREF(o_dv); Py_XDECREF(o_word); Py_XDECREF(o_tag); Py_XDECREF(o_low);
+    Py_XDECREF(o_i); Py_XDECREF(reply); Py_XDECREF(audit);
+    return out;
+}
+
+static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3 || !PyDict_CheckExact(args[0]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "handle(armed: dict, passes: bool, line: bytes)");
+        return NULL;
+    }
+    int passes = PyObject_IsTrue(args[1]);
+    if (passes < 0) return NULL;
+    Req r;
+    if (parse(PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]), &r)) Py_RETURN_NONE;
+    char key[MAX_NAME_LEN + 1 + 256];
+    if (r.bdf_len > 256) Py_RETURN_NONE;
+    memcpy(key, r.vm, (size_t)r.vm_len);
+    key[r.vm_len] = 0;
+    memcpy(key + r.vm_len + 1, r.bdf, (size_t)r.bdf_len);
+    PyObject *k = PyBytes_FromStringAndSize(key, r.vm_len + 1 + r.bdf_len);
+    if (k == NULL) return NULL;
+    PyObject *found = PyDict_GetItemWithError(args[0], k);
+    if (found == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(k);
+            return NULL;
+        }
+        return k; /* not armed: its key, for the caller to arm it */
+    }
+    if (Py_TYPE(found) != &ArmedType) {
+        Py_DECREF(k);
+        PyErr_SetString(PyExc_TypeError, "armed: values are Armed");
+        return NULL;
+    }
+    Armed *a = (Armed *)found;
+    unsigned long long off = r.offset, w = r.width;
+    Py_ssize_t i = -1;
+    if (r.op == OP_CFG) {
+        if ((long long)(off + w) <= a->watch_lo || (long long)off >= a->watch_hi) {
+            Py_DECREF(k);
+            return passes ? pass_reply(a, &r, S_CFG) : Py_NewRef(Py_None);
+        }
+        if (!a->in_msix && w == 2 && (long long)off >= a->first &&
+            (long long)off < a->first + 2 * a->n && ((long long)off - a->first) % 2 == 0)
+            i = (Py_ssize_t)(((long long)off - a->first) / 2);
+    } else {
+        if (!a->in_msix || (long long)r.bar != a->bir ||
+            off + w <= (unsigned long long)a->msix_start ||
+            off >= (unsigned long long)a->msix_end) {
+            Py_DECREF(k);
+            return passes ? pass_reply(a, &r, S_MSIX) : Py_NewRef(Py_None);
+        }
+        unsigned long long rel = off - (unsigned long long)a->msix_start;
+        if (w == 4 && rel % 16 == 12 && rel / 16 < (unsigned long long)a->n)
+            i = (Py_ssize_t)(rel / 16);
+    }
+    if (i < 0 || a->entries == E_NONE) {
+        Py_DECREF(k);
+        Py_RETURN_NONE;
+    }
+    if (a->entries == E_STALE) return k; /* armed again first */
+    Py_DECREF(k);
+    return entry(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX, i);
+}
+
+static PyMethodDef methods[] = {
+    {"handle", (PyCFunction)(void (*)(void))handle, METH_FASTCALL,
+     "handle(armed, passes, line) -> (reply, audit line or None, op, verdict, reason), None (not\n"
+     "decided here), or the key of a session not in armed"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "tphtrap.native._steady",
+    "The native steady path of tphtrap serve (see tphtrap/native/__init__.py).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__steady(void) {
+    if (PyType_Ready(&ArmedType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    S_CFG = PyUnicode_InternFromString("cfg_write");
+    S_MSIX = PyUnicode_InternFromString("msix_write");
+    S_PASS = PyUnicode_InternFromString("pass");
+    S_REWRITE = PyUnicode_InternFromString("rewrite");
+    S_NOT_TPH = PyUnicode_InternFromString("not-tph");
+    S_PASS_KEY = S_PASS;
+    Py_INCREF(&ArmedType);
+    if (!S_CFG || !S_MSIX || !S_PASS || !S_REWRITE || !S_NOT_TPH ||
+        PyModule_AddObject(m, "Armed", (PyObject *)&ArmedType) < 0 ||
+        PyModule_AddIntConstant(m, "TAGS", TAGS) < 0 ||
+        PyModule_AddIntConstant(m, "UNKNOWN", UNKNOWN) < 0 ||
+        PyModule_AddIntConstant(m, "IN_USE", E_IN_USE) < 0 ||
+        PyModule_AddIntConstant(m, "UNUSED", E_UNUSED) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_TEXT", MAX_TEXT) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

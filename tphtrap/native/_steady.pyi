@@ -1,0 +1,17 @@
+"""The C side of the native steady path (_steady.c)."""
+
+from typing import Any, Final
+
+TAGS: Final[int]
+UNKNOWN: Final[int]
+IN_USE: Final[int]
+UNUSED: Final[int]
+MAX_TEXT: Final[int]
+
+class Armed:
+    def __init__(self, *args: Any) -> None: ...
+    def stale(self) -> None: ...
+
+def handle(
+    armed: dict[bytes, Armed], passes: bool, line: bytes, /
+) -> tuple[bytes, bytes | None, str, str, str] | bytes | None: ...
