@@ -1,7 +1,7 @@
 """The floor for a plugin of tphtrap's shape: a child speaking the same framing, doing nothing.
 
 It runs the I/O loop of ``tphtrap serve`` itself, ``tphtrap.serve.serve_forever``, with a
-stand-in for the plugin: ``select`` on standard input, on the signal wake-up pipe and, while
+stand-in for the plugin: ``poll`` on standard input, on the signal wake-up pipe and, while
 replies wait, on standard output; one ``os.read`` of up to 64 KiB, split into lines at
 ``\\n`` (a trailing ``\\r`` and blank lines dropped), one reply line per request, and the
 replies of that read written at once on the non-blocking standard output. EOF ends it. Any

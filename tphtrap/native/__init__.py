@@ -32,7 +32,7 @@ from ..engine.target import resolve_entry
 from ..events import DeviceWrite, Verdict
 from ..policy import TagRules
 from ..spec import TagWidth
-from ..wire import decision_head, rule_text
+from ..wire import decision_head, decision_text, rule_text, write_text
 
 if TYPE_CHECKING:
     from ..audit import Auditor
@@ -71,7 +71,7 @@ class NativePath:
         #: (rules, width, in use) -> the resolved tags (int32 each: reason << 16 | value,
         #: -1 for none, unknown until asked) and the resolver that fills them
         self._tags: dict[tuple[int, TagWidth, bool], tuple[TagRules, bytearray, Any]] = {}
-        self._texts: dict[tuple[int, str, str], tuple[TagRules, tuple[Any, ...]]] = {}
+        self._texts: dict[tuple[int, str, str, str], tuple[TagRules, tuple[Any, ...]]] = {}
 
     def handle(self, line: bytes) -> Reply | None:
         """The reply of ``line`` decided natively, or None (the Python path decides)."""
@@ -105,11 +105,13 @@ class NativePath:
 
     def _arm(self, sess: Session) -> bool:
         """Arm ``sess`` (True), or leave every request of it to the Python path."""
-        if type(sess.backend) is not RawWrites or sess.poisoned is not None or sess.revoked:
+        if sess.poisoned is not None or sess.revoked:
             return False
         texts = self._texts_of(sess)
         regular, geometry = self._geometry_of(sess)
-        steady = _steady_state(sess) if regular else None
+        # (the host backend's entry writes are host operations: the Python path's)
+        raw = type(sess.backend) is RawWrites
+        steady = _steady_state(sess) if regular and raw else None
         table: Any = None
         resolver: Any = None
         allowed: frozenset[int] | None = None
@@ -188,8 +190,9 @@ class NativePath:
         return got
 
     def _texts_of(self, sess: Session) -> tuple[Any, ...]:
-        """(heads, whys, rules, reasons, verdicts, who, pass head) of the C side's texts."""
-        key = (id(sess.rules), sess.vm, sess.bdf)
+        """(heads, whys, rules, reasons, verdicts, who, pass head and tail): the C side's
+        texts."""
+        key = (id(sess.rules), sess.vm, sess.bdf, sess.backend.name)
         got = self._texts.get(key)
         if got is not None and got[0] is sess.rules:
             return got[1]
@@ -206,7 +209,10 @@ class NativePath:
                 whys.append(self.audit.why(d).encode())
             rules.append(rule_text(d.rule).encode())
             reasons.append(d.reason)
-        passing = passed(sess, DeviceWrite("config", 0, 4, 0))  # (its head names no write)
+        # A pass's decision around its write, as decision_text writes it for this backend.
+        own = DeviceWrite("config", 0, 4, 0)
+        whole = decision_text(passed(sess, own))
+        head, tail = whole.split(f',"writes":[{write_text(own)}', 1)
         texts = (
             tuple(heads),
             tuple(whys),
@@ -214,7 +220,8 @@ class NativePath:
             tuple(reasons),
             _VERDICTS,
             self.audit.who(sess.vm, sess.bdf).encode(),
-            decision_head(passing).encode(),
+            head.encode(),
+            tail[:-1].encode(),  # (the decision's closing brace is the C side's)
         )
         self._texts[key] = (sess.rules, texts)
         return texts

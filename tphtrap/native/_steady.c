@@ -34,7 +34,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *counts, *written, *guest_tag, *guest_low, *dev_ent, *dev_low, *check_ent;
     PyObject *image, *dirty, *table, *resolver, *allowed, *heads, *whys, *rules, *reasons;
-    PyObject *verdicts, *who, *pass_head;
+    PyObject *verdicts, *who, *pass_head, *pass_tail;
     int in_msix, entries;
     long long watch_lo, watch_hi, first, n, bir, msix_start, msix_end, mask;
 } Armed;
@@ -48,6 +48,7 @@ static void armed_dealloc(Armed *a) {
     Py_XDECREF(a->table); Py_XDECREF(a->resolver); Py_XDECREF(a->allowed);
     Py_XDECREF(a->heads); Py_XDECREF(a->whys); Py_XDECREF(a->rules); Py_XDECREF(a->reasons);
     Py_XDECREF(a->verdicts); Py_XDECREF(a->who); Py_XDECREF(a->pass_head);
+    Py_XDECREF(a->pass_tail);
     Py_TYPE(a)->tp_free((PyObject *)a);
 }
 
@@ -66,6 +67,14 @@ static int tuple_of(PyObject *t, Py_ssize_t n, PyTypeObject *type, const char *w
             PyErr_Format(PyExc_ValueError, "%s[%zd]: longer than %d bytes", what, i, MAX_TEXT);
             return -1;
         }
+    }
+    return 0;
+}
+
+static int text_of(PyObject *o, const char *what) {
+    if (!PyBytes_Check(o) || PyBytes_GET_SIZE(o) > MAX_TEXT) {
+        PyErr_Format(PyExc_TypeError, "%s: bytes of at most %d", what, MAX_TEXT);
+        return -1;
     }
     return 0;
 }
@@ -89,17 +98,17 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     PyObject **slot[] = {&a->counts, &a->written, &a->guest_tag, &a->guest_low, &a->dev_ent,
                          &a->dev_low, &a->check_ent, &a->image, &a->dirty, &a->table,
                          &a->resolver, &a->allowed, &a->heads, &a->whys, &a->rules,
-                         &a->reasons, &a->verdicts, &a->who, &a->pass_head};
-    PyObject *o[19];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOO:Armed", &o[0], &o[1], &o[2],
+                         &a->reasons, &a->verdicts, &a->who, &a->pass_head, &a->pass_tail};
+    PyObject *o[20];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOOO:Armed", &o[0], &o[1], &o[2],
                           &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &a->in_msix, &a->watch_lo,
                           &a->watch_hi, &a->first, &a->n, &a->bir, &a->msix_start,
                           &a->msix_end, &a->entries, &o[9], &o[10], &o[11], &a->mask, &o[12],
-                          &o[13], &o[14], &o[15], &o[16], &o[17], &o[18])) {
+                          &o[13], &o[14], &o[15], &o[16], &o[17], &o[18], &o[19])) {
         Py_DECREF(a);
         return NULL;
     }
-    for (int i = 0; i < 19; i++) {
+    for (int i = 0; i < 20; i++) {
         Py_INCREF(o[i]);
         *slot[i] = o[i];
     }
@@ -107,11 +116,9 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "counts: a dict");
         goto fail;
     }
-    if (!PyBytes_Check(a->who) || PyBytes_GET_SIZE(a->who) > MAX_TEXT || !PyBytes_Check(a->pass_head)
-        || PyBytes_GET_SIZE(a->pass_head) > MAX_TEXT) {
-        PyErr_SetString(PyExc_TypeError, "who, pass_head: bytes of at most MAX_TEXT");
+    if (text_of(a->who, "who") || text_of(a->pass_head, "pass_head") ||
+        text_of(a->pass_tail, "pass_tail"))
         goto fail;
-    }
     if (a->entries != E_NONE) {
         if (a->entries != E_IN_USE && a->entries != E_UNUSED) {
             PyErr_SetString(PyExc_ValueError, "entries mode");
@@ -420,7 +427,8 @@ static PyObject *pass_reply(Armed *a, const Req *r, PyObject *op) {
     put_bytes(&t, a->pass_head);
     puts_(&t, ",\"writes\":[");
     put_write(&t, r, r->value);
-    puts_(&t, "]}}\n");
+    put_bytes(&t, a->pass_tail);
+    puts_(&t, "}}\n");
     PyObject *reply = text_bytes(&t);
     if (reply == NULL) return NULL;
     if (bump(a->counts, S_PASS_KEY)) {
