@@ -99,6 +99,8 @@ class NativePath:
             self.armed.pop(key, None)
             self._stale.pop(key, None)
             return
+        if type(sess.backend) is not RawWrites:
+            return  # passes only, ever: the host backend's entry writes are host operations
         if armed is not None:
             armed.stale()  # its passes go on: they read nothing an access changes
         self._stale[key] = sess
@@ -107,11 +109,16 @@ class NativePath:
         """Arm ``sess`` (True), or leave every request of it to the Python path."""
         if sess.poisoned is not None or sess.revoked:
             return False
-        texts = self._texts_of(sess)
+        key = _key(sess.vm, sess.bdf)
         regular, geometry = self._geometry_of(sess)
         # (the host backend's entry writes are host operations: the Python path's)
         raw = type(sess.backend) is RawWrites
         steady = _steady_state(sess) if regular and raw else None
+        armed = self.armed.get(key)
+        if steady is None and armed is not None:
+            armed.passes_only()  # (what it needs for passes does not change)
+            return True
+        texts = self._texts_of(sess)
         table: Any = None
         resolver: Any = None
         allowed: frozenset[int] | None = None
@@ -123,7 +130,7 @@ class NativePath:
             mask = width.mask
             _, table, resolver = self._resolver(sess.rules, width, mode == _steady.IN_USE)
         msix = sess.geo.in_msix
-        self.armed[_key(sess.vm, sess.bdf)] = _steady.Armed(
+        self.armed[key] = _steady.Armed(
             sess.counts,
             sess.written,
             sess.guest_tag if msix else None,

@@ -174,9 +174,17 @@ static PyObject *armed_stale(Armed *a, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
+static PyObject *armed_passes_only(Armed *a, PyObject *noargs) {
+    (void)noargs;
+    a->entries = E_NONE;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef armed_methods[] = {
     {"stale", (PyCFunction)armed_stale, METH_NOARGS,
      "The engine changed the session: its entry writes wait to be armed again; passes go on."},
+    {"passes_only", (PyCFunction)armed_passes_only, METH_NOARGS,
+     "Not in the usual state: entry writes are the Python path's until the session is stale."},
     {NULL, NULL, 0, NULL},
 };
 
