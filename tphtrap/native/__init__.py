@@ -23,16 +23,17 @@ reply, audit line and all state after every request.
 
 from __future__ import annotations
 
+import copy
 from array import array
 from typing import TYPE_CHECKING, Any, Final
 
 from ..engine.core import decided, passed
 from ..engine.render import RawWrites
 from ..engine.target import resolve_entry
-from ..events import DeviceWrite, Verdict
+from ..events import VERDICT_NAMES, ConfigWrite, DeviceWrite, Verdict
 from ..policy import TagRules
 from ..spec import TagWidth
-from ..wire import decision_head, decision_text, rule_text, write_text
+from ..wire import access_reply, decision_head, decision_text, rule_text, write_text
 
 if TYPE_CHECKING:
     from ..audit import Auditor
@@ -44,7 +45,7 @@ try:
 except ImportError:  # not built: serve decides every request in Python
     _steady = None  # type: ignore[assignment]
 
-__all__ = ["AVAILABLE", "CODES", "NativePath"]
+__all__ = ["AVAILABLE", "CODES", "NativePath", "control_key"]
 
 AVAILABLE: Final = _steady is not None
 #: The reasons of a steady entry decision, in the order the C side indexes them.
@@ -54,6 +55,16 @@ _TAGS = 1 << 16  # a guest tag: the 16 bits of an ST entry, or of a Vector Contr
 _DECLINE = -1
 _VERDICTS = (Verdict.PASS, Verdict.REWRITE)
 Reply = tuple[bytes, bytes | None, str, str, str]
+#: What a control write's decision depends on besides the registers control_key reads.
+_KEY_ATTRS: Final = ("ctrl_written", "latched", "revoked", "settled", "prospective", "pm_state")
+_CONTROLS_KEPT = 64  # control decisions kept per session (each one learnt on a copy)
+#: Caches of pure functions (and the copy's watch on _resolve), left out of the state a
+#: learnt decision may change.
+_NOT_STATE: Final = frozenset(
+    {"_grants", "_grants_rules", "_resolved", "_control_rules", "_rules_seen", "_undo", "_resolve"}
+)
+_ID_MARK = "\x00"  # an id no request has: its JSON text marks where the id goes
+_TS_MARK = "\x00"  # (a timestamp no clock writes)
 
 
 class NativePath:
@@ -68,6 +79,8 @@ class NativePath:
         self.armed: dict[bytes, _steady.Armed] = {}
         self._stale: dict[bytes, Session] = {}  # sessions to arm on their next request
         self._geometry: dict[int, tuple[Any, tuple[Any, ...]]] = {}  # by id(Geometry)
+        #: per session: its control decisions learnt so far, by control_key
+        self._controls: dict[bytes, tuple[Session, dict[tuple[Any, ...], Any]]] = {}
         #: (rules, width, in use) -> the resolved tags (int32 each: reason << 16 | value,
         #: -1 for none, unknown until asked) and the resolver that fills them
         self._tags: dict[tuple[int, TagWidth, bool], tuple[TagRules, bytearray, Any]] = {}
@@ -130,6 +143,15 @@ class NativePath:
             mask = width.mask
             _, table, resolver = self._resolver(sess.rules, width, mode == _steady.IN_USE)
         msix = sess.geo.in_msix
+        kept = self._controls.get(key)
+        if kept is None or kept[0] is not sess:
+            kept = self._controls[key] = (sess, {})
+        controls = kept[1]
+        ctrl_off = sess.geo.caps[0].ctrl if steady is not None else -1
+
+        def learn(ckey: tuple[Any, ...]) -> Any:
+            return self._learn(sess, controls, ckey)
+
         self.armed[key] = _steady.Armed(
             sess.counts,
             sess.written,
@@ -147,8 +169,82 @@ class NativePath:
             allowed,
             mask,
             *texts,
+            sess,
+            ctrl_off,
+            controls,
+            learn,
+            _KEY_ATTRS,
         )
         return True
+
+    def _learn(self, sess: Session, controls: dict[Any, Any], key: tuple[Any, ...]) -> Any:
+        """The decision of the control write ``key`` names, made by the engine on a copy of
+        ``sess``, with what it changed, for the C side to replay (None: the Python path's)."""
+        if len(controls) >= _CONTROLS_KEPT:
+            return None
+        try:
+            memo = self._control_memo(sess, key)
+        except Exception:  # the engine refused or failed on the copy: the Python path decides
+            memo = None
+        controls[key] = memo
+        return memo
+
+    def _control_memo(self, sess: Session, key: tuple[Any, ...]) -> Any:
+        value = key[0]
+        if key != control_key(sess, value) or sess.dirty:
+            return None
+        off = sess.geo.caps[0].ctrl
+        clone = _copy(sess)
+        resolved: list[Any] = []
+        real = clone._resolve
+
+        def resolve(*args: Any) -> Any:
+            resolved.append(args)  # the plan read entries: not a function of key alone
+            return real(*args)
+
+        clone._resolve = resolve  # type: ignore[method-assign,assignment]
+        before = _state(clone)
+        access = ConfigWrite(sess.vm, sess.bdf, off, 4, value)
+        decision = self.engine._config_write(clone, access)
+        if resolved or decision.reason in ("not-tph", "internal-error"):
+            return None
+        effects = _effects(before, _state(clone), off, decision.verdict)
+        if effects is None:
+            return None
+        steady = _steady_state(clone)
+        if steady is None:
+            nxt: tuple[Any, ...] = (0, 0, None, None, None)
+        else:
+            mode, width, allowed = steady
+            _, table, resolver = self._resolver(clone.rules, width, mode == _steady.IN_USE)
+            nxt = (mode, width.mask, allowed, table, resolver)
+        dev = clone.dev_ctrl[0]
+        if dev is None:
+            return None
+        rule = clone.checker._control_rule(0, dev, clone.rules, clone.revoked)
+        if isinstance(rule, str):
+            return None
+        shift = 16 if clone.geo.in_msix else 0
+        check = None if rule is None else (rule[0], rule[1].mask, shift)
+        reply = access_reply(_ID_MARK, decision)
+        head, rest = reply.split(b'{"id":"\\u0000"', 1)
+        audit = self.audit._line.render(access, decision, _ID_MARK, _TS_MARK) + "\n"
+        audit_head, audit_rest = audit.split('"\\u0000"', 1)
+        audit_mid, audit_tail = audit_rest.split(_TS_MARK, 1)
+        if head or _TS_MARK in audit_tail or b"\\u0000" in rest:
+            return None
+        return (
+            rest,
+            audit_head.encode(),
+            audit_mid.encode(),
+            audit_tail.encode(),
+            VERDICT_NAMES[decision.verdict],
+            decision.reason,
+            decision.verdict,
+            effects,
+            nxt,
+            check,
+        )
 
     def _geometry_of(self, sess: Session) -> tuple[bool, tuple[Any, ...]]:
         """Whether the entries are where the C side finds them (:func:`_regular`), and the
@@ -282,3 +378,69 @@ def _regular(sess: Session) -> bool:
         return geo.vc_offsets == tuple(geo.msix_start + 16 * i + 12 for i in range(n))
     first = geo.entry_offsets[0]
     return geo.entry_offsets == tuple(range(first, first + 2 * n, 2))
+
+
+def control_key(sess: Session, value: int) -> tuple[Any, ...]:
+    """What the decision on a write of ``value`` to the control register depends on, when it
+    resolves no entry (the C side's control_key builds the same tuple)."""
+    off = sess.geo.caps[0].ctrl
+    return (
+        value,
+        int.from_bytes(sess.image[off : off + 4], "little"),
+        sess.dev_ctrl[0],
+        sess.checker.ctrl[0],
+        len(sess.dirty),
+        id(sess.rules),
+        *(getattr(sess, name) for name in _KEY_ATTRS),
+    )
+
+
+def _copy(sess: Session) -> Session:
+    """A copy of ``sess`` to decide on, sharing what no decision changes."""
+    keep = (sess.config, sess.geo, sess.rules, sess.backend)
+    return copy.deepcopy(sess, {id(x): x for x in keep})
+
+
+def _state(sess: Session) -> dict[str, Any]:
+    """Every attribute of the session and of its checker, but caches: containers copied,
+    anything else as it is (a change of any other object is a new object)."""
+
+    def snap(v: Any) -> Any:
+        return copy.deepcopy(v) if isinstance(v, (list, dict, set, bytearray)) else v
+
+    out = {k: snap(v) for k, v in vars(sess).items() if k not in _NOT_STATE and k != "checker"}
+    out.update(
+        {f"checker.{k}": snap(v) for k, v in vars(sess.checker).items() if k not in _NOT_STATE}
+    )
+    return out
+
+
+def _effects(
+    before: dict[str, Any], after: dict[str, Any], ctrl_off: int, verdict: Verdict
+) -> tuple[tuple[int, str, int, Any], ...] | None:
+    """What a control write changed, as effects the C side applies (owner: 0 the session, 1
+    its checker; index -1: the attribute, else a list item or bytes from there), or None when
+    it changed anything else (then it is not replayed)."""
+    out: list[tuple[int, str, int, Any]] = []
+    if set(after) != set(before):
+        return None
+    for name, old in before.items():
+        new = after[name]
+        if new is old or (type(new) is type(old) and new == old):
+            continue
+        if name == "counts":
+            if {**old, verdict: old.get(verdict, 0) + 1} != new:
+                return None  # (the C side counts the verdict itself)
+        elif name == "image":
+            changed = [i for i in range(len(old)) if old[i] != new[i]]
+            if len(new) != len(old) or any(not ctrl_off <= i < ctrl_off + 4 for i in changed):
+                return None
+            out.append((0, "image", ctrl_off, bytes(new[ctrl_off : ctrl_off + 4])))
+        elif name in ("ctrl_written", "settled", "prospective"):
+            out.append((0, name, -1, new))
+        elif name in ("dev_ctrl", "checker.ctrl") and len(new) == len(old):
+            owner, attr = (1, "ctrl") if name == "checker.ctrl" else (0, name)
+            out.extend((owner, attr, i, v) for i, v in enumerate(new) if v != old[i])
+        else:
+            return None
+    return tuple(out)

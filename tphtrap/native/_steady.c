@@ -35,6 +35,8 @@ typedef struct {
     PyObject *counts, *written, *guest_tag, *guest_low, *dev_ent, *dev_low, *check_ent;
     PyObject *image, *dirty, *table, *resolver, *allowed, *heads, *whys, *rules, *reasons;
     PyObject *verdicts, *who, *pass_head, *pass_tail;
+    PyObject *sess, *controls, *learn, *key_attrs; /* control writes (control()) */
+    long long ctrl_off;
     int in_msix, entries;
     long long watch_lo, watch_hi, first, n, bir, msix_start, msix_end, mask;
 } Armed;
@@ -48,7 +50,8 @@ static void armed_dealloc(Armed *a) {
     Py_XDECREF(a->table); Py_XDECREF(a->resolver); Py_XDECREF(a->allowed);
     Py_XDECREF(a->heads); Py_XDECREF(a->whys); Py_XDECREF(a->rules); Py_XDECREF(a->reasons);
     Py_XDECREF(a->verdicts); Py_XDECREF(a->who); Py_XDECREF(a->pass_head);
-    Py_XDECREF(a->pass_tail);
+    Py_XDECREF(a->pass_tail); Py_XDECREF(a->sess); Py_XDECREF(a->controls);
+    Py_XDECREF(a->learn); Py_XDECREF(a->key_attrs);
     Py_TYPE(a)->tp_free((PyObject *)a);
 }
 
@@ -98,17 +101,19 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     PyObject **slot[] = {&a->counts, &a->written, &a->guest_tag, &a->guest_low, &a->dev_ent,
                          &a->dev_low, &a->check_ent, &a->image, &a->dirty, &a->table,
                          &a->resolver, &a->allowed, &a->heads, &a->whys, &a->rules,
-                         &a->reasons, &a->verdicts, &a->who, &a->pass_head, &a->pass_tail};
-    PyObject *o[20];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOOO:Armed", &o[0], &o[1], &o[2],
+                         &a->reasons, &a->verdicts, &a->who, &a->pass_head, &a->pass_tail,
+                         &a->sess, &a->controls, &a->learn, &a->key_attrs};
+    PyObject *o[24];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOOOOLOOO:Armed", &o[0], &o[1], &o[2],
                           &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &a->in_msix, &a->watch_lo,
                           &a->watch_hi, &a->first, &a->n, &a->bir, &a->msix_start,
                           &a->msix_end, &a->entries, &o[9], &o[10], &o[11], &a->mask, &o[12],
-                          &o[13], &o[14], &o[15], &o[16], &o[17], &o[18], &o[19])) {
+                          &o[13], &o[14], &o[15], &o[16], &o[17], &o[18], &o[19], &o[20],
+                          &a->ctrl_off, &o[21], &o[22], &o[23])) {
         Py_DECREF(a);
         return NULL;
     }
-    for (int i = 0; i < 20; i++) {
+    for (int i = 0; i < 24; i++) {
         Py_INCREF(o[i]);
         *slot[i] = o[i];
     }
@@ -119,6 +124,14 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (text_of(a->who, "who") || text_of(a->pass_head, "pass_head") ||
         text_of(a->pass_tail, "pass_tail"))
         goto fail;
+    if (a->ctrl_off >= 0 &&
+        (!PyDict_CheckExact(a->controls) || !PyCallable_Check(a->learn) ||
+         tuple_of(a->key_attrs, PyTuple_Check(a->key_attrs) ? PyTuple_GET_SIZE(a->key_attrs) : -1,
+                  &PyUnicode_Type, "key_attrs") ||
+         a->entries == E_NONE)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "control writes: armed entries");
+        goto fail;
+    }
     if (a->entries != E_NONE) {
         if (a->entries != E_IN_USE && a->entries != E_UNUSED) {
             PyErr_SetString(PyExc_ValueError, "entries mode");
@@ -588,6 +601,204 @@ done:
     return out;
 }
 
+
+/* --- control writes: the engine's own decisions, replayed ------------------------------------
+ * A write of the whole TPH control register is decided by the engine itself, on a copy of the
+ * session (tphtrap.native, NativePath._learn), the first time it is seen in a state; the
+ * decision and what it changed are kept under the state it depended on (control_key), and
+ * replayed here when the same write comes in the same state. */
+
+static PyObject *item0(PyObject *owner, const char *attr) {
+    PyObject *list = PyObject_GetAttrString(owner, attr);
+    if (list == NULL) return NULL;
+    if (!PyList_CheckExact(list) || PyList_GET_SIZE(list) < 1) {
+        Py_DECREF(list);
+        PyErr_Format(PyExc_TypeError, "%s: a non-empty list", attr);
+        return NULL;
+    }
+    PyObject *v = Py_NewRef(PyList_GET_ITEM(list, 0));
+    Py_DECREF(list);
+    return v;
+}
+
+/* (value, guest control, device control, checker's control, dirty entries, rules, attrs...):
+ * tphtrap.native.control_key builds the same tuple. */
+static PyObject *control_key(Armed *a, unsigned long long value) {
+    Py_ssize_t n = PyTuple_GET_SIZE(a->key_attrs);
+    PyObject *key = PyTuple_New(6 + n);
+    if (key == NULL) return NULL;
+    PyObject *image = PyObject_GetAttrString(a->sess, "image");
+    PyObject *checker = PyObject_GetAttrString(a->sess, "checker");
+    PyObject *dirty = PyObject_GetAttrString(a->sess, "dirty");
+    PyObject *rules = PyObject_GetAttrString(a->sess, "rules");
+    if (!image || !checker || !dirty || !rules) goto fail;
+    if (!PyByteArray_CheckExact(image) || PyByteArray_GET_SIZE(image) < a->ctrl_off + 4 ||
+        !PySet_CheckExact(dirty)) {
+        PyErr_SetString(PyExc_TypeError, "control key: image, dirty");
+        goto fail;
+    }
+    const unsigned char *img = (const unsigned char *)PyByteArray_AS_STRING(image) + a->ctrl_off;
+    unsigned long guest = img[0] | img[1] << 8 | img[2] << 16 | (unsigned long)img[3] << 24;
+    PyObject *parts[6] = {PyLong_FromUnsignedLongLong(value), PyLong_FromUnsignedLong(guest),
+                          item0(a->sess, "dev_ctrl"), item0(checker, "ctrl"),
+                          PyLong_FromSsize_t(PySet_GET_SIZE(dirty)), PyLong_FromVoidPtr(rules)};
+    int bad = 0;
+    for (int k = 0; k < 6; k++) {
+        if (parts[k] == NULL) bad = 1;
+        else PyTuple_SET_ITEM(key, k, parts[k]);
+    }
+    if (bad) goto fail;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *v = PyObject_GetAttr(a->sess, PyTuple_GET_ITEM(a->key_attrs, k));
+        if (v == NULL) goto fail;
+        PyTuple_SET_ITEM(key, 6 + k, v);
+    }
+    Py_DECREF(image); Py_DECREF(checker); Py_DECREF(dirty); Py_DECREF(rules);
+    return key;
+fail:
+    Py_XDECREF(image); Py_XDECREF(checker); Py_XDECREF(dirty); Py_XDECREF(rules);
+    Py_DECREF(key); /* (NULL items of a new tuple are skipped) */
+    return NULL;
+}
+
+/* Does every entry of the checker's copy hold a tag ``check`` (allowed, mask, shift) allows? */
+static int entries_allowed(Armed *a, PyObject *check) {
+    PyObject *allowed = PyTuple_GET_ITEM(check, 0);
+    long long mask = PyLong_AsLongLong(PyTuple_GET_ITEM(check, 1));
+    long long shift = PyLong_AsLongLong(PyTuple_GET_ITEM(check, 2));
+    if (PyErr_Occurred()) return -1;
+    PyObject *checker = PyObject_GetAttrString(a->sess, "checker");
+    if (checker == NULL) return -1;
+    PyObject *ent = PyObject_GetAttrString(checker, "ent");
+    Py_DECREF(checker);
+    if (ent == NULL) return -1;
+    int ok = PyList_CheckExact(ent);
+    for (Py_ssize_t i = 0; ok == 1 && i < PyList_GET_SIZE(ent); i++) {
+        PyObject *v = PyList_GET_ITEM(ent, i);
+        if (!PyLong_CheckExact(v)) {
+            ok = 0; /* unknown, or several values: the Python path's */
+            break;
+        }
+        unsigned long long x = PyLong_AsUnsignedLongLong(v);
+        if (PyErr_Occurred()) {
+            ok = -1;
+            break;
+        }
+        PyObject *t = PyLong_FromUnsignedLongLong((x >> shift) & (unsigned long long)mask);
+        ok = t == NULL ? -1 : PySet_Contains(allowed, t);
+        Py_XDECREF(t);
+    }
+    Py_DECREF(ent);
+    return ok;
+}
+
+/* One effect (owner, attribute, index, value): owner 0 the session, 1 its checker; index -1
+ * sets the attribute, else the list item, or (bytes) the bytearray's bytes from there. */
+static int apply(Armed *a, PyObject *effect) {
+    long owner = PyLong_AsLong(PyTuple_GET_ITEM(effect, 0));
+    PyObject *attr = PyTuple_GET_ITEM(effect, 1);
+    Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(effect, 2));
+    PyObject *value = PyTuple_GET_ITEM(effect, 3);
+    if (PyErr_Occurred()) return -1;
+    PyObject *on = owner ? PyObject_GetAttrString(a->sess, "checker") : Py_NewRef(a->sess);
+    if (on == NULL) return -1;
+    int rc;
+    if (index < 0) {
+        rc = PyObject_SetAttr(on, attr, value);
+    } else {
+        PyObject *target = PyObject_GetAttr(on, attr);
+        if (target == NULL) {
+            rc = -1;
+        } else if (PyBytes_Check(value)) {
+            rc = PyByteArray_CheckExact(target) &&
+                         index + PyBytes_GET_SIZE(value) <= PyByteArray_GET_SIZE(target)
+                     ? 0
+                     : -1;
+            if (rc == 0)
+                memcpy(PyByteArray_AS_STRING(target) + index, PyBytes_AS_STRING(value),
+                       (size_t)PyBytes_GET_SIZE(value));
+            else
+                PyErr_SetString(PyExc_ValueError, "effect: bytes outside the bytearray");
+        } else {
+            rc = PyList_CheckExact(target) && index < PyList_GET_SIZE(target) ? 0 : -1;
+            if (rc == 0) set_item(target, index, value);
+            else PyErr_SetString(PyExc_ValueError, "effect: no such list item");
+        }
+        Py_XDECREF(target);
+    }
+    Py_DECREF(on);
+    return rc;
+}
+
+enum { M_REPLY, M_AUDIT_HEAD, M_AUDIT_MID, M_AUDIT_TAIL, M_VERDICT, M_REASON, M_COUNT,
+       M_EFFECTS, M_NEXT, M_CHECK, M_SIZE };
+
+static PyObject *control(Armed *a, const Req *r, PyObject *op) {
+    PyObject *key = control_key(a, r->value);
+    if (key == NULL) return NULL;
+    PyObject *memo = PyDict_GetItemWithError(a->controls, key);
+    if (memo != NULL) {
+        Py_INCREF(memo);
+    } else if (!PyErr_Occurred()) {
+        memo = PyObject_CallOneArg(a->learn, key); /* None: not a decision to replay */
+    }
+    Py_DECREF(key);
+    if (memo == NULL) return NULL;
+    PyObject *out = NULL;
+    if (memo == Py_None) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (!PyTuple_CheckExact(memo) || PyTuple_GET_SIZE(memo) != M_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "control memo");
+        goto done;
+    }
+    PyObject *check = PyTuple_GET_ITEM(memo, M_CHECK);
+    if (check != Py_None) {
+        int ok = entries_allowed(a, check);
+        if (ok < 0) goto done;
+        if (!ok) {
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    PyObject *next = PyTuple_GET_ITEM(memo, M_NEXT);
+    long mode = PyLong_AsLong(PyTuple_GET_ITEM(next, 0));
+    long long mask = PyLong_AsLongLong(PyTuple_GET_ITEM(next, 1));
+    if (PyErr_Occurred()) goto done;
+    Text rep, aud;
+    rep.n = aud.n = 0;
+    puts_(&rep, "{\"id\":");
+    put_id(&rep, r);
+    put_bytes(&rep, PyTuple_GET_ITEM(memo, M_REPLY));
+    put_bytes(&aud, PyTuple_GET_ITEM(memo, M_AUDIT_HEAD));
+    put_id(&aud, r);
+    put_bytes(&aud, PyTuple_GET_ITEM(memo, M_AUDIT_MID));
+    put_timestamp(&aud);
+    put_bytes(&aud, PyTuple_GET_ITEM(memo, M_AUDIT_TAIL));
+    PyObject *reply = text_bytes(&rep), *audit = reply ? text_bytes(&aud) : NULL;
+    if (audit != NULL)
+        out = PyTuple_Pack(5, reply, audit, op, PyTuple_GET_ITEM(memo, M_VERDICT),
+                           PyTuple_GET_ITEM(memo, M_REASON));
+    Py_XDECREF(reply);
+    Py_XDECREF(audit);
+    if (out == NULL || bump(a->counts, PyTuple_GET_ITEM(memo, M_COUNT))) goto fail;
+    PyObject *effects = PyTuple_GET_ITEM(memo, M_EFFECTS);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(effects); k++)
+        if (apply(a, PyTuple_GET_ITEM(effects, k))) goto fail; /* (Python-checked: none fails) */
+    /* the entries' state after it, as _steady_state finds it */
+    PyObject **slot[] = {&a->allowed, &a->table, &a->resolver};
+    for (int k = 0; k < 3; k++) Py_XSETREF(*slot[k], Py_NewRef(PyTuple_GET_ITEM(next, 2 + k)));
+    a->mask = mask;
+    a->entries = mode == E_IN_USE || mode == E_UNUSED ? (int)mode : E_STALE;
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    Py_DECREF(memo);
+    return out;
+}
+
 static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 3 || !PyDict_CheckExact(args[0]) || !PyBytes_Check(args[2])) {
@@ -625,6 +836,12 @@ static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t narg
         if ((long long)(off + w) <= a->watch_lo || (long long)off >= a->watch_hi) {
             Py_DECREF(k);
             return passes ? pass_reply(a, &r, S_CFG) : Py_NewRef(Py_None);
+        }
+        if (w == 4 && (long long)off == a->ctrl_off) {
+            if (a->entries == E_STALE) return k;
+            Py_DECREF(k);
+            if (a->entries == E_NONE) Py_RETURN_NONE;
+            return control(a, &r, S_CFG);
         }
         if (!a->in_msix && w == 2 && (long long)off >= a->first &&
             (long long)off < a->first + 2 * a->n && ((long long)off - a->first) % 2 == 0)
