@@ -73,6 +73,9 @@ class _Echo:
     def done(self) -> bool:
         return False
 
+    def pump(self, *_: object) -> None:
+        return None  # (no native path: every line through the Python loop)
+
     def session_ended(self, *_: object) -> None:
         pass
 

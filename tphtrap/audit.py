@@ -107,6 +107,10 @@ class _LineWriter:
         self._stream = stream
         self._fd = fd
 
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
     def switch(self, stream: IO[str], fd: int | None) -> IO[str]:
         """Write to ``stream`` (and ``fd``) from now on; returns the previous stream."""
         old = self._stream
@@ -360,6 +364,11 @@ class Auditor:
             self._writer.msg(self._line.render(access, decision, rid, self._clock.now()))
             return
         self.decided_slow(access, decision, extra)
+
+    @property
+    def fd(self) -> int | None:
+        """The descriptor events go to when they are written to it directly (``--audit``)."""
+        return self._writer.fd
 
     def decided_line(self, line: bytes) -> None:
         """An ``access.decided`` line rendered elsewhere (the native path, tphtrap.native)."""

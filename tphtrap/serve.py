@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from . import __version__
 from .audit import Auditor
@@ -143,6 +143,34 @@ class Server:
                 native.refresh()
         except Exception as exc:  # pragma: no cover - a fault of the native path
             self._native_failed(exc)
+
+    def pump(self, in_fd: int, out_fd: int, wake_fd: int) -> tuple[bytes, bytes, bool, bool] | None:
+        """The serve loop's common case, in C (:meth:`NativePath.pump`): it reads and answers
+        lines while the native path answers them. Returns (unread input, replies the pipe did
+        not take, woken by a signal, EOF), or None when there is no native path or the audit
+        stream is not a file tphtrap writes to directly."""
+        native, fd = self.native, self.audit.fd
+        if native is None or fd is None or self.debug:
+            return None
+        counters = (self.ops, self.verdicts, self.reasons)
+        unread, pending, woke, eof, failed, why, answered, audited = native.pump(
+            in_fd, out_fd, wake_fd, fd, counters
+        )
+        self.requests += answered
+        self.audit.events += audited
+        if why == "native":  # pragma: no cover - a fault of the native path
+            self._native_failed(cast(Exception, failed))
+        elif why == "audit":  # a decided line whose audit line could not be written
+            self.requests += 1
+            self.errors["internal-error"] += 1
+            exc = cast(Exception, failed)
+            pending += error_reply(
+                None,
+                "internal-error",
+                f"internal error: {type(exc).__name__}: {exc}",
+                decision=_drop("internal-error"),
+            )
+        return unread, pending, woke, eof
 
     def _native_failed(self, exc: Exception) -> None:
         """Turn the native path off for good, and say why (the Python path serves on)."""
@@ -649,6 +677,31 @@ class _Waiter:
         }
 
 
+def _signalled(server: Server, out_fd: int, rpipe: int, out: bytearray) -> int | None:
+    """The signals the wake-up pipe holds, handled; the exit code when one ends serve."""
+    signums = os.read(rpipe, 64)
+    for signum in signums:
+        if signum == signal.SIGHUP:
+            if server.policy_path:
+                # Corrections answer no request: they go out as an event line, queued before
+                # any later reply, so no access is decided on a device state the hypervisor
+                # has not been told to establish.
+                out += server.reload_event(server.policy_path)
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            # Replies already decided still go out if the hypervisor reads them soon; one
+            # that stopped reading does not hold the exit up for long.
+            _drain(out_fd, out, time.monotonic() + SIGNAL_DRAIN_S)
+            server.session_ended(signal.Signals(signum).name)
+            return 0
+    # Log rotation: after SIGHUP's reload (so its events close the old file), and on SIGUSR1
+    # alone, the --audit file is opened again by its name.
+    for rotate in (signal.SIGHUP, signal.SIGUSR1):
+        if rotate in signums:
+            server.audit.reopen(signal.Signals(rotate).name)
+            break
+    return None
+
+
 def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
     """Run until EOF, ``shutdown`` or SIGTERM/SIGINT. Returns the exit code.
 
@@ -679,34 +732,31 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
             if (eof or server.stopping) and not out:
                 break
             reading = not eof and not server.stopping and len(out) < MAX_PENDING_OUT
-            ready = waiter.wait(reading, bool(out))
-            if rpipe in ready:
-                signums = os.read(rpipe, 64)
-                for signum in signums:
-                    if signum == signal.SIGHUP:
-                        if server.policy_path:
-                            # Corrections answer no request: they go out as an event line,
-                            # queued before any later reply, so no access is decided on a
-                            # device state the hypervisor has not been told to establish.
-                            out += server.reload_event(server.policy_path)
-                    elif signum in (signal.SIGTERM, signal.SIGINT):
-                        # Replies already decided still go out if the hypervisor reads them
-                        # soon; one that stopped reading does not hold the exit up for long.
-                        _drain(out_fd, out, time.monotonic() + SIGNAL_DRAIN_S)
-                        server.session_ended(signal.Signals(signum).name)
-                        return 0
-                # Log rotation: after SIGHUP's reload (so its events close the old file), and
-                # on SIGUSR1 alone, the --audit file is opened again by its name.
-                for rotate in (signal.SIGHUP, signal.SIGUSR1):
-                    if rotate in signums:
-                        server.audit.reopen(signal.Signals(rotate).name)
-                        break
-            if in_fd not in ready:
-                continue
-            try:
-                chunk = os.read(in_fd, 1 << 16)
-            except BlockingIOError:
-                continue
+            chunk: bytes | None = None
+            if reading and not out and not buf and not discarding:
+                # The common case in C while every line is native: what it leaves (an unread
+                # line for the Python path, replies the pipe did not take, a signal, EOF) is
+                # taken up below as if this loop had read it.
+                got = server.pump(in_fd, out_fd, rpipe)
+                if got is not None:
+                    unread, pending, woke, at_eof = got
+                    out += pending
+                    if at_eof or unread:
+                        chunk = unread
+                    elif not woke:
+                        continue
+            if chunk is None:
+                ready = waiter.wait(reading, bool(out))
+                if rpipe in ready:
+                    stop = _signalled(server, out_fd, rpipe, out)
+                    if stop is not None:
+                        return stop
+                if in_fd not in ready:
+                    continue
+                try:
+                    chunk = os.read(in_fd, 1 << 16)
+                except BlockingIOError:
+                    continue
             eof = not chunk
             if eof:
                 ended = "eof"

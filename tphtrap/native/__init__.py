@@ -98,6 +98,13 @@ class NativePath:
         again = self._handle(self.armed, self._passes, line)
         return None if isinstance(again, bytes) else again
 
+    def pump(
+        self, in_fd: int, out_fd: int, wake_fd: int, audit_fd: int, counters: tuple[Any, ...]
+    ) -> tuple[bytes, bytes, bool, bool, BaseException | None, str, int, int]:
+        """The serve loop in C while every line is one :meth:`handle` answers (_steady.c)."""
+        assert _steady is not None
+        return _steady.pump(in_fd, out_fd, wake_fd, audit_fd, self.armed, self._passes, *counters)
+
     def refresh(self, vm: str | None = None, bdf: str | None = None) -> None:
         """The Python path handled a request of the session (vm, bdf), of every one without
         them: it is armed again from the engine's state when it next takes the native path."""

@@ -799,16 +799,11 @@ done:
     return out;
 }
 
-static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    (void)module;
-    if (nargs != 3 || !PyDict_CheckExact(args[0]) || !PyBytes_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "handle(armed: dict, passes: bool, line: bytes)");
-        return NULL;
-    }
-    int passes = PyObject_IsTrue(args[1]);
-    if (passes < 0) return NULL;
+/* One line: (reply, audit line or None, op, verdict, reason), None, or the key of a session
+ * to arm first. */
+static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_t len) {
     Req r;
-    if (parse(PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]), &r)) Py_RETURN_NONE;
+    if (parse(line, len, &r)) Py_RETURN_NONE;
     char key[MAX_NAME_LEN + 1 + 256];
     if (r.bdf_len > 256) Py_RETURN_NONE;
     memcpy(key, r.vm, (size_t)r.vm_len);
@@ -816,7 +811,7 @@ static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t narg
     memcpy(key + r.vm_len + 1, r.bdf, (size_t)r.bdf_len);
     PyObject *k = PyBytes_FromStringAndSize(key, r.vm_len + 1 + r.bdf_len);
     if (k == NULL) return NULL;
-    PyObject *found = PyDict_GetItemWithError(args[0], k);
+    PyObject *found = PyDict_GetItemWithError(armed, k);
     if (found == NULL) {
         if (PyErr_Occurred()) {
             Py_DECREF(k);
@@ -866,10 +861,200 @@ static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return entry(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX, i);
 }
 
+static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3 || !PyDict_CheckExact(args[0]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "handle(armed: dict, passes: bool, line: bytes)");
+        return NULL;
+    }
+    int passes = PyObject_IsTrue(args[1]);
+    if (passes < 0) return NULL;
+    return decide(args[0], passes, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]));
+}
+
+/* --- the serve loop's common case ----------------------------------------------------------
+ * pump(in_fd, out_fd, wake_fd, audit_fd, armed, passes, ops, verdicts, reasons) reads standard
+ * input and answers line after line as long as every line is one decide() answers, each
+ * audit line written to audit_fd before the replies of the read go out; it returns to the
+ * Python loop (tphtrap.serve.serve_forever) with what it has not done:
+ *   (unread, pending, woke, eof, failed, why, answered, audited)
+ * unread: the input from the first line it did not answer on (that line, the ones after it,
+ * an unfinished line); pending: replies the pipe did not take; woke: the signal pipe is
+ * readable (or a signal interrupted the wait); eof; failed and why: "audit", the OSError of
+ * an audit write (its line decided but unanswered; unread starts after it), or "native", the
+ * exception of a fault here (unread starts at its line); answered/audited: lines and audit
+ * lines written. An error reading or writing the pipes is raised, as os.read/os.write would. */
+#include <errno.h>
+#include <poll.h>
+#include <unistd.h>
+
+#define READ_SIZE 65536
+
+typedef struct { char *p; size_t n, cap; } Buf;
+
+static int buf_put(Buf *b, const char *s, size_t n) {
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->n + n) cap *= 2;
+        char *p = PyMem_Realloc(b->p, cap);
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->p = p, b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    return 0;
+}
+
+static int write_all(int fd, const char *p, size_t n) {
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += w, n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int is_blank(const char *p, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!strchr(" \t\n\r\v\f", p[i]) || p[i] == 0) return 0;
+    return 1;
+}
+
+static PyObject *pump(PyObject *module, PyObject *args) {
+    (void)module;
+    int in_fd, out_fd, wake_fd, audit_fd, passes;
+    PyObject *armed, *ops, *verdicts, *reasons;
+    if (!PyArg_ParseTuple(args, "iiiiO!pO!O!O!:pump", &in_fd, &out_fd, &wake_fd, &audit_fd,
+                          &PyDict_Type, &armed, &passes, &PyDict_Type, &ops, &PyDict_Type,
+                          &verdicts, &PyDict_Type, &reasons))
+        return NULL;
+    char *in = PyMem_Malloc(READ_SIZE);
+    if (in == NULL) return PyErr_NoMemory();
+    Buf out = {NULL, 0, 0};
+    PyObject *failed = Py_NewRef(Py_None);
+    const char *why = "";
+    long answered = 0, audited = 0;
+    int woke = 0, eof = 0;
+    size_t at = 0, got = 0;
+    PyObject *result = NULL;
+    for (;;) {
+        struct pollfd fds[2] = {{in_fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno != EINTR) goto io_error;
+            woke = 1;
+            break;
+        }
+        if (fds[1].revents) {
+            woke = 1;
+            break;
+        }
+        ssize_t r = read(in_fd, in, READ_SIZE);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EINTR) continue;
+            goto io_error;
+        }
+        if (r == 0) {
+            eof = 1;
+            break;
+        }
+        got = (size_t)r;
+        at = 0;
+        for (;;) {
+            char *nl = memchr(in + at, '\n', got - at);
+            if (nl == NULL) break;
+            size_t len = (size_t)(nl - (in + at));
+            size_t line_len = len && in[at + len - 1] == '\r' ? len - 1 : len;
+            if (line_len == 0 || is_blank(in + at, line_len)) {
+                at += len + 1;
+                continue;
+            }
+            PyObject *d = decide(armed, passes, in + at, (Py_ssize_t)line_len);
+            if (d == NULL) { /* a fault of the native path: this line on, the Python path's */
+                why = "native";
+                PyObject *type, *tb;
+                Py_DECREF(failed);
+                PyErr_Fetch(&type, &failed, &tb);
+                PyErr_NormalizeException(&type, &failed, &tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+                if (failed == NULL) failed = Py_NewRef(Py_None);
+                goto finish;
+            }
+            if (!PyTuple_CheckExact(d)) {
+                Py_DECREF(d);
+                break; /* the Python path's, from this line on */
+            }
+            PyObject *audit = PyTuple_GET_ITEM(d, 1);
+            if (audit != Py_None) {
+                if (write_all(audit_fd, PyBytes_AS_STRING(audit),
+                              (size_t)PyBytes_GET_SIZE(audit))) {
+                    /* decided, neither audited nor answered: the Python path's answer to a
+                     * failed audit write follows the replies before it */
+                    int e = errno;
+                    Py_DECREF(d);
+                    why = "audit";
+                    Py_SETREF(failed, PyObject_CallFunction(PyExc_OSError, "is", e, strerror(e)));
+                    if (failed == NULL) goto error;
+                    at += len + 1;
+                    goto flush;
+                }
+                audited++;
+            }
+            PyObject *reply = PyTuple_GET_ITEM(d, 0);
+            int rc = buf_put(&out, PyBytes_AS_STRING(reply), (size_t)PyBytes_GET_SIZE(reply));
+            rc = rc || bump(ops, PyTuple_GET_ITEM(d, 2)) ||
+                 bump(verdicts, PyTuple_GET_ITEM(d, 3)) || bump(reasons, PyTuple_GET_ITEM(d, 4));
+            Py_DECREF(d);
+            answered++;
+            at += len + 1;
+            if (rc) goto error;
+        }
+    flush:; /* the replies of this read, written at once (the pipe is non-blocking) */
+        size_t sent = 0;
+        while (sent < out.n) {
+            ssize_t w = write(out_fd, out.p + sent, out.n - sent);
+            if (w < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+                goto io_error;
+            }
+            sent += (size_t)w;
+        }
+        if (sent) { /* (out.p is NULL while nothing was put) */
+            memmove(out.p, out.p + sent, out.n - sent);
+            out.n -= sent;
+        }
+        if (at < got || out.n || failed != Py_None) break;
+        got = at = 0;
+    }
+finish:
+    result = Py_BuildValue("(y#y#iiOsll)", in + at, (Py_ssize_t)(got - at),
+                           out.p ? out.p : "", (Py_ssize_t)out.n, woke, eof, failed, why,
+                           answered, audited);
+    goto done;
+io_error: /* standard input or output: as the Python loop's os.read/os.write would raise */
+    PyErr_SetFromErrno(errno == EPIPE ? PyExc_BrokenPipeError : PyExc_OSError);
+error:
+done:
+    PyMem_Free(in);
+    PyMem_Free(out.p);
+    Py_XDECREF(failed);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"handle", (PyCFunction)(void (*)(void))handle, METH_FASTCALL,
      "handle(armed, passes, line) -> (reply, audit line or None, op, verdict, reason), None (not\n"
      "decided here), or the key of a session not in armed"},
+    {"pump", pump, METH_VARARGS,
+     "pump(in_fd, out_fd, wake_fd, audit_fd, armed, passes, ops, verdicts, reasons) -> (unread,\n"
+     "pending, woke, eof, failed, why, answered, audited): the serve loop while lines are native"},
     {NULL, NULL, 0, NULL},
 };
 

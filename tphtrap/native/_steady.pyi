@@ -16,3 +16,15 @@ class Armed:
 def handle(
     armed: dict[bytes, Armed], passes: bool, line: bytes, /
 ) -> tuple[bytes, bytes | None, str, str, str] | bytes | None: ...
+def pump(
+    in_fd: int,
+    out_fd: int,
+    wake_fd: int,
+    audit_fd: int,
+    armed: dict[bytes, Armed],
+    passes: bool,
+    ops: dict[str, int],
+    verdicts: dict[str, int],
+    reasons: dict[str, int],
+    /,
+) -> tuple[bytes, bytes, bool, bool, BaseException | None, str, int, int]: ...
