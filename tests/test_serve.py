@@ -363,6 +363,7 @@ def test_full_session_exact_replies() -> None:
     assert replies[: len(expected)] == expected
     stats = replies[len(expected)]
     assert stats.pop("uptime_s") >= 0
+    assert 0 <= stats.pop("native") <= stats["requests"]
     assert stats == {
         "id": "s",
         "ok": True,

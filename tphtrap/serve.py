@@ -103,6 +103,7 @@ class Server:
         #: the server must see every request (a debug log of each, a recorded trace).
         self.native: NativePath | None = None
         self._last: Request | None = None  # the request the Python path handled last
+        self.native_answers = 0  # requests the native path answered
         if native and AVAILABLE and not debug and recorder is None:
             self.native = NativePath(self.engine, auditor)
 
@@ -119,6 +120,7 @@ class Server:
             if got is not None:
                 reply, audit, op, verdict, reason = got
                 self.requests += 1
+                self.native_answers += 1
                 self.ops[op] += 1
                 self.verdicts[verdict] += 1
                 self.reasons[reason] += 1
@@ -157,6 +159,7 @@ class Server:
             in_fd, out_fd, wake_fd, fd, counters
         )
         self.requests += answered
+        self.native_answers += answered
         self.audit.events += audited
         if why == "native":  # pragma: no cover - a fault of the native path
             self._native_failed(cast(Exception, failed))
@@ -541,6 +544,7 @@ class Server:
             policy=self.policy_path,
             policy_loads=self.policy_loads,
             policy_rejects=self.policy_rejects,
+            native=self.native_answers,
             uptime_s=round(time.monotonic() - self.started, 3),
         )
 

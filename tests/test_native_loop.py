@@ -1,0 +1,147 @@
+"""``tphtrap serve``'s loop with and without the native path: the same bytes out, the same audit.
+
+While every line is one the native path answers, the loop runs in C (``_steady.pump``) and hands
+the Python loop what it did not do. Two real ``serve`` processes, one with ``--no-native``, get
+the same byte stream in the same pieces (lines cut across writes, ``\\r\\n``, blank lines, lines
+the native path declines amid lines it answers, a wire error, a burst of requests in one write,
+a last line without its newline); their standard output must be the same bytes, their audit
+files the same lines but for the timestamps, their ``stats`` the same but for the uptime.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tphtrap import native
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE = [str(ROOT / ".venv" / "bin" / "tphtrap"), "serve", "--policy", "policies/two-tenants.yaml"]
+A = '"vm":"tenant-a","bdf":"0000:3b:00.0"'
+B = '"vm":"tenant-b","bdf":"0000:3b:00.1"'
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="the native path is not built")
+
+
+def _setup() -> list[str]:
+    power_on = ",".join(["1"] * 32)
+    return [
+        '{"id":0,"op":"hello","versions":[2]}',
+        f'{{"id":1,"op":"attach",{A},"path":"fixtures/devices/nic-st-in-cap.lspci"}}',
+        f'{{"id":2,"op":"attach",{B},"path":"fixtures/devices/nic-st-in-msix.lspci",'
+        f'"vector_ctrl":[{power_on}]}}',
+        f'{{"id":3,"op":"cfg_write",{B},"offset":336,"width":4,"value":769}}',
+    ]
+
+
+def _traffic(rng: random.Random, n: int) -> list[str]:
+    """Plain lines of the four kinds the native path answers, and some it declines."""
+    out: list[str] = []
+    for i in range(n):
+        rid = 100 + i
+        kind = rng.randrange(8)
+        if kind == 0:
+            value = rng.choice([0x001, 0x101, 0x201, 0x301, 0x100])
+            out.append(
+                f'{{"id":{rid},"op":"cfg_write",{A},"offset":336,"width":4,"value":{value}}}'
+            )
+        elif kind == 1:
+            off, tag = 0x154 + 2 * rng.randrange(8), rng.choice([0, 1, 2, 7, 0x55])
+            out.append(
+                f'{{"id":{rid},"op":"cfg_write",{A},"offset":{off},"width":2,"value":{tag}}}'
+            )
+        elif kind == 2:
+            off = 0x4000 + 16 * rng.randrange(4) + 12
+            value = (rng.choice([0x0202, 0x0303, 0x0001, 0x7777]) << 16) | rng.randrange(2)
+            out.append(
+                f'{{"id":{rid},"op":"msix_write",{B},"bar":2,"offset":{off},"width":4,'
+                f'"value":{value}}}'
+            )
+        elif kind == 3:
+            out.append(f'{{"id":{rid},"op":"cfg_write",{A},"offset":4,"width":2,"value":1030}}')
+        elif kind == 4:  # the same write, not in the plainest form: the Python path's
+            out.append(
+                f'{{"id": {rid}, "op": "cfg_write", {A}, "offset": 340, "width": 2, "value": 1}}'
+            )
+        elif kind == 5:
+            out.append(f'{{"id":"r{rid}","op":"cfg_read",{A},"offset":336,"width":4}}')
+        elif kind == 6:
+            out.append(f'{{"id":{rid},"op":"cfg_write",{A},"offset":336,"width":4}}')  # no value
+        else:
+            out.append(rng.choice(["", "   ", "\t", f'{{"id":{rid},"op":"reset",{A}}}']))
+    return out
+
+
+def _stream(lines: list[str], rng: random.Random) -> list[bytes]:
+    """The lines as one byte stream (some ending in \\r\\n), cut at random points."""
+    data = b"".join((line + rng.choice(["\n", "\n", "\r\n"])).encode() for line in lines)
+    data += b'{"id":"last","op":"stats"}'  # no newline: still a request at EOF
+    cuts = sorted(rng.sample(range(1, len(data)), min(40, len(data) - 1)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def _run(extra: list[str], pieces: list[bytes], audit: Path) -> bytes:
+    proc = subprocess.Popen(
+        [*SERVE, "--audit", str(audit), *extra],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    for piece in pieces:
+        proc.stdin.write(piece)
+        proc.stdin.flush()
+        time.sleep(0.001)  # (so that the pieces arrive as separate reads, mostly)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return out
+
+
+def _audit(path: Path) -> list[str]:
+    return [re.sub(r'"timestamp":"[^"]*"', "", line) for line in path.read_text().splitlines()]
+
+
+def _stats(out: bytes) -> dict[str, object]:
+    """The last reply, ``stats``, without its uptime and the native path's count."""
+    stats: dict[str, object] = json.loads(out.splitlines()[-1])
+    del stats["uptime_s"], stats["native"]
+    return stats
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_serve_gives_the_same_bytes_with_and_without_the_native_path(
+    seed: int, tmp_path: Path
+) -> None:
+    rng = random.Random(seed)
+    pieces = _stream(_setup() + _traffic(rng, 400), rng)
+    fast = _run([], pieces, tmp_path / "native.jsonl")
+    slow = _run(["--no-native"], pieces, tmp_path / "python.jsonl")
+    # The stats reply's uptime differs; everything before it is the same bytes.
+    assert fast.splitlines()[:-1] == slow.splitlines()[:-1]
+    assert _stats(fast) == _stats(slow)
+    assert _audit(tmp_path / "native.jsonl") == _audit(tmp_path / "python.jsonl")
+    answered = json.loads(fast.splitlines()[-1])["native"]
+    print(f"native answers: {answered} of {len(fast.splitlines())}")
+    assert answered > 100 and json.loads(slow.splitlines()[-1])["native"] == 0
+
+
+def test_a_burst_in_one_write_is_answered_in_order(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    lines = _setup() + [
+        line for line in _traffic(rng, 3000) if line.strip() and '"reset"' not in line
+    ]
+    data = ("\n".join(lines) + "\n").encode() + b'{"id":"last","op":"stats"}\n'
+    fast = _run([], [data], tmp_path / "native.jsonl")
+    slow = _run(["--no-native"], [data], tmp_path / "python.jsonl")
+    assert fast.splitlines()[:-1] == slow.splitlines()[:-1]
+    assert _stats(fast) == _stats(slow)
+    assert json.loads(fast.splitlines()[-1])["native"] > 1000
+    ids = [json.loads(line)["id"] for line in fast.splitlines()]
+    assert ids[:-1] == [json.loads(line)["id"] for line in lines] and ids[-1] == "last"
