@@ -28,6 +28,7 @@ from array import array
 from typing import TYPE_CHECKING, Any, Final
 
 from ..engine.core import decided, passed
+from ..engine.geometry import CTRL_WRITABLE
 from ..engine.render import RawWrites
 from ..engine.target import resolve_entry
 from ..events import VERDICT_NAMES, ConfigWrite, DeviceWrite, Verdict
@@ -199,6 +200,12 @@ class NativePath:
     def _control_memo(self, sess: Session, key: tuple[Any, ...]) -> Any:
         value = key[0]
         if key != control_key(sess, value) or sess.dirty:
+            return None
+        # An enable at a width the entries are not settled at re-resolves them (a decision
+        # that depends on every entry): not kept, and not worth deciding on a copy first.
+        guest = (key[1] & ~CTRL_WRITABLE) | (value & CTRL_WRITABLE)
+        grant = sess._kept_grant(guest, sess.backend.limit(sess))
+        if grant.uses_entries and grant.width is not sess.settled:
             return None
         off = sess.geo.caps[0].ctrl
         clone = _copy(sess)
