@@ -11,15 +11,20 @@ files the same lines but for the timestamps, their ``stats`` the same but for th
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tphtrap import native
+from tphtrap.audit import Auditor
+from tphtrap.policyfile import load_policy
+from tphtrap.serve import Server, serve_forever
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = [str(ROOT / ".venv" / "bin" / "tphtrap"), "serve", "--policy", "policies/two-tenants.yaml"]
@@ -145,3 +150,57 @@ def test_a_burst_in_one_write_is_answered_in_order(tmp_path: Path) -> None:
     assert json.loads(fast.splitlines()[-1])["native"] > 1000
     ids = [json.loads(line)["id"] for line in fast.splitlines()]
     assert ids[:-1] == [json.loads(line)["id"] for line in lines] and ids[-1] == "last"
+
+
+class _DiskFullUntilTheEnd(Server):
+    """A server whose audit file is full until the session ends (its last event is written)."""
+
+    good: Any = None
+
+    def session_ended(self, reason: str, level: str = "info") -> None:
+        self.audit._writer.switch(self.good, self.good.fileno())
+        super().session_ended(reason, level)
+
+
+def _served(native_path: bool, audit: Path, lines: list[str]) -> tuple[bytes, dict[str, object]]:
+    """``serve_forever`` in this process on pipes: the set-up through ``handle_line``, then
+    ``lines`` with the audit stream on /dev/full (every write of it fails: disk full)."""
+    auditor = Auditor.to_file(str(audit))
+    server = _DiskFullUntilTheEnd(
+        load_policy(str(ROOT / "policies/two-tenants.yaml")), None, auditor, native=native_path
+    )
+    for line in _setup():
+        assert b'"ok":true' in server.handle_line(line.encode())
+    full = open("/dev/full", "a", encoding="utf-8")  # noqa: SIM115
+    server.good = auditor._writer.switch(full, full.fileno())
+    r_in, w_in = os.pipe()
+    r_out, w_out = os.pipe()
+    os.write(w_in, ("\n".join(lines) + "\n").encode())
+    os.close(w_in)
+    try:
+        assert serve_forever(server, r_in, w_out) == 0
+        os.close(w_out)
+        with os.fdopen(r_out, "rb") as f:
+            out = f.read()
+    finally:
+        os.close(r_in)
+        full.close()
+    stats = json.loads(server.handle_line(b'{"id":"s","op":"stats"}'))
+    del stats["uptime_s"], stats["native"]
+    return out, stats
+
+
+def test_a_failed_audit_write_answers_as_the_python_path_does(tmp_path: Path) -> None:
+    """A decision whose audit line cannot be written is answered internal-error (drop), with
+    its request id, by either path; the counts agree."""
+    lines = [
+        f'{{"id":{10 + i},"op":"cfg_write",{A},"offset":{0x154 + 2 * (i % 8)},"width":2,"value":1}}'
+        for i in range(20)
+    ] + [f'{{"id":40,"op":"cfg_write",{A},"offset":4,"width":2,"value":1030}}']
+    fast = _served(True, tmp_path / "native.jsonl", lines)
+    slow = _served(False, tmp_path / "python.jsonl", lines)
+    assert fast == slow
+    replies = [json.loads(line) for line in fast[0].splitlines()]
+    assert [r["id"] for r in replies] == [*range(10, 30), 40]
+    assert all(r["error"]["code"] == "internal-error" for r in replies[:-1])
+    assert replies[-1]["ok"]  # a pass writes no audit line

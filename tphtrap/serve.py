@@ -125,7 +125,10 @@ class Server:
                 self.verdicts[verdict] += 1
                 self.reasons[reason] += 1
                 if audit is not None:
-                    self.audit.decided_line(audit)
+                    try:
+                        self.audit.decided_line(audit)
+                    except Exception as exc:
+                        return self._audit_failed(exc, line)
                 return reply
         try:
             return self._handle_line(line)
@@ -164,15 +167,9 @@ class Server:
         if why == "native":  # pragma: no cover - a fault of the native path
             self._native_failed(cast(Exception, failed))
         elif why == "audit":  # a decided line whose audit line could not be written
-            self.requests += 1
-            self.errors["internal-error"] += 1
-            exc = cast(Exception, failed)
-            pending += error_reply(
-                None,
-                "internal-error",
-                f"internal error: {type(exc).__name__}: {exc}",
-                decision=_drop("internal-error"),
-            )
+            exc, line = cast(tuple[Exception, bytes], failed)
+            self.native_answers -= 1  # (answered by the Python path's failure reply)
+            pending += self._audit_failed(exc, line)
         return unread, pending, woke, eof
 
     def _native_failed(self, exc: Exception) -> None:
@@ -194,26 +191,38 @@ class Server:
             except WireError as exc:
                 return self._wire_error(exc, line)
         except Exception as exc:
-            # Fail closed: an unexpected fault (in the engine, the audit stream, anywhere)
-            # answers drop for this request, and the server keeps serving.
-            self.errors["internal-error"] += 1
-            rid = req.id if req is not None else None
-            with contextlib.suppress(Exception):
-                self.audit.emit(
-                    "engine.failed",
-                    "error",
-                    id=rid,
-                    op=req.op if req is not None else None,
-                    error=f"{type(exc).__name__}: {exc}",
-                    vm=req.args.get("vm") if req is not None else None,
-                    bdf=req.args.get("bdf") if req is not None else None,
-                )
-            return error_reply(
-                rid,
-                "internal-error",
-                f"internal error: {type(exc).__name__}: {exc}",
-                decision=_drop("internal-error"),
+            return self._internal_error(exc, req)
+
+    def _internal_error(self, exc: Exception, req: Request | None) -> bytes:
+        """Fail closed: an unexpected fault (in the engine, the audit stream, anywhere)
+        answers drop for this request, and the server keeps serving."""
+        self.errors["internal-error"] += 1
+        rid = req.id if req is not None else None
+        with contextlib.suppress(Exception):
+            self.audit.emit(
+                "engine.failed",
+                "error",
+                id=rid,
+                op=req.op if req is not None else None,
+                error=f"{type(exc).__name__}: {exc}",
+                vm=req.args.get("vm") if req is not None else None,
+                bdf=req.args.get("bdf") if req is not None else None,
             )
+        return error_reply(
+            rid,
+            "internal-error",
+            f"internal error: {type(exc).__name__}: {exc}",
+            decision=_drop("internal-error"),
+        )
+
+    def _audit_failed(self, exc: Exception, line: bytes) -> bytes:
+        """The native path decided ``line`` but its audit line could not be written: the
+        answer the Python path gives then (its counts were made)."""
+        try:
+            req: Request | None = parse_request(line)
+        except WireError:  # pragma: no cover - the native path only answers valid lines
+            req = None
+        return self._internal_error(exc, req)
 
     def _wire_error(self, exc: WireError, line: bytes) -> bytes:
         self.errors[exc.code] += 1

@@ -101,7 +101,7 @@ class NativePath:
 
     def pump(
         self, in_fd: int, out_fd: int, wake_fd: int, audit_fd: int, counters: tuple[Any, ...]
-    ) -> tuple[bytes, bytes, bool, bool, BaseException | None, str, int, int]:
+    ) -> tuple[bytes, bytes, bool, bool, Any, str, int, int]:
         """The serve loop in C while every line is one :meth:`handle` answers (_steady.c)."""
         assert _steady is not None
         return _steady.pump(in_fd, out_fd, wake_fd, audit_fd, self.armed, self._passes, *counters)

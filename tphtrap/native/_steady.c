@@ -880,10 +880,11 @@ static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t narg
  *   (unread, pending, woke, eof, failed, why, answered, audited)
  * unread: the input from the first line it did not answer on (that line, the ones after it,
  * an unfinished line); pending: replies the pipe did not take; woke: the signal pipe is
- * readable (or a signal interrupted the wait); eof; failed and why: "audit", the OSError of
- * an audit write (its line decided but unanswered; unread starts after it), or "native", the
- * exception of a fault here (unread starts at its line); answered/audited: lines and audit
- * lines written. An error reading or writing the pipes is raised, as os.read/os.write would. */
+ * readable (or a signal interrupted the wait); eof; failed and why: "audit" and (the OSError
+ * of an audit write, its line), a line decided and counted but not answered (unread starts
+ * after it), or "native" and the exception of a fault here (unread starts at its line);
+ * answered/audited: lines decided and audit lines written. An error reading or writing the
+ * pipes is raised, as os.read/os.write would. */
 #include <errno.h>
 #include <poll.h>
 #include <unistd.h>
@@ -990,6 +991,13 @@ static PyObject *pump(PyObject *module, PyObject *args) {
                 Py_DECREF(d);
                 break; /* the Python path's, from this line on */
             }
+            /* counted as the Python path counts a decision, before its audit line */
+            answered++;
+            if (bump(ops, PyTuple_GET_ITEM(d, 2)) || bump(verdicts, PyTuple_GET_ITEM(d, 3)) ||
+                bump(reasons, PyTuple_GET_ITEM(d, 4))) {
+                Py_DECREF(d);
+                goto error;
+            }
             PyObject *audit = PyTuple_GET_ITEM(d, 1);
             if (audit != Py_None) {
                 if (write_all(audit_fd, PyBytes_AS_STRING(audit),
@@ -999,7 +1007,10 @@ static PyObject *pump(PyObject *module, PyObject *args) {
                     int e = errno;
                     Py_DECREF(d);
                     why = "audit";
-                    Py_SETREF(failed, PyObject_CallFunction(PyExc_OSError, "is", e, strerror(e)));
+                    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", e, strerror(e));
+                    Py_SETREF(failed, exc ? Py_BuildValue("(Ny#)", exc, in + at,
+                                                          (Py_ssize_t)line_len)
+                                          : NULL);
                     if (failed == NULL) goto error;
                     at += len + 1;
                     goto flush;
@@ -1008,10 +1019,7 @@ static PyObject *pump(PyObject *module, PyObject *args) {
             }
             PyObject *reply = PyTuple_GET_ITEM(d, 0);
             int rc = buf_put(&out, PyBytes_AS_STRING(reply), (size_t)PyBytes_GET_SIZE(reply));
-            rc = rc || bump(ops, PyTuple_GET_ITEM(d, 2)) ||
-                 bump(verdicts, PyTuple_GET_ITEM(d, 3)) || bump(reasons, PyTuple_GET_ITEM(d, 4));
             Py_DECREF(d);
-            answered++;
             at += len + 1;
             if (rc) goto error;
         }
