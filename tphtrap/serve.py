@@ -584,6 +584,9 @@ class HexServer(Server):
     def handle_line(self, line: bytes) -> bytes:
         return hex_reply(super().handle_line(line))
 
+    def pump(self, in_fd: int, out_fd: int, wake_fd: int) -> None:
+        return None  # every reply through handle_line, to be written in hex
+
     def reload_event(self, path: str) -> bytes:
         line = super().reload_event(path)
         return hex_reply(line) if line else line

@@ -78,10 +78,9 @@ class NativePath:
         self._handle = _steady.handle
         self._passes = not audit.include_passes  # passes are not audited: C answers them
         self.armed: dict[bytes, _steady.Armed] = {}
-        self._stale: dict[bytes, Session] = {}  # sessions to arm on their next request
         self._geometry: dict[int, tuple[Any, tuple[Any, ...]]] = {}  # by id(Geometry)
         #: per session: its control decisions learnt so far, by control_key
-        self._controls: dict[bytes, tuple[Session, dict[tuple[Any, ...], Any]]] = {}
+        self._controls: dict[bytes, tuple[Session, TagRules, dict[tuple[Any, ...], Any]]] = {}
         #: (rules, width, in use) -> the resolved tags (int32 each: reason << 16 | value,
         #: -1 for none, unknown until asked) and the resolver that fills them
         self._tags: dict[tuple[int, TagWidth, bool], tuple[TagRules, bytearray, Any]] = {}
@@ -93,7 +92,7 @@ class NativePath:
         if not isinstance(got, bytes):
             return got
         # the key of a session not armed since the Python path last changed it
-        sess = self._stale.pop(got, None)
+        sess = self._session(got)
         if sess is None or not self._arm(sess):
             return None
         again = self._handle(self.armed, self._passes, line)
@@ -106,25 +105,26 @@ class NativePath:
         assert _steady is not None
         return _steady.pump(in_fd, out_fd, wake_fd, audit_fd, self.armed, self._passes, *counters)
 
+    def _session(self, key: bytes) -> Session | None:
+        """The session of ``key`` (vm NUL bdf), if any."""
+        vm, _, bdf = key.partition(b"\0")
+        return self.engine.session(vm.decode(), bdf.decode())
+
     def refresh(self, vm: str | None = None, bdf: str | None = None) -> None:
         """The Python path handled a request of the session (vm, bdf), of every one without
         them: it is armed again from the engine's state when it next takes the native path."""
         if vm is None or bdf is None:
             self.armed.clear()
-            self._stale = {_key(s.vm, s.bdf): s for s in self.engine.sessions()}
             return
         key = _key(vm, bdf)
         sess = self.engine.session(vm, bdf)
         armed = self.armed.get(key)
         if sess is None or sess.poisoned is not None or sess.revoked:
             self.armed.pop(key, None)
-            self._stale.pop(key, None)
-            return
-        if type(sess.backend) is not RawWrites:
-            return  # passes only, ever: the host backend's entry writes are host operations
-        if armed is not None:
-            armed.stale()  # its passes go on: they read nothing an access changes
-        self._stale[key] = sess
+        elif armed is not None and type(sess.backend) is RawWrites:
+            # Its passes go on (they read nothing an access changes); anything else waits
+            # for it to be armed again. (The host backend's: passes only, ever.)
+            armed.stale()
 
     def _arm(self, sess: Session) -> bool:
         """Arm ``sess`` (True), or leave every request of it to the Python path."""
@@ -152,9 +152,10 @@ class NativePath:
             _, table, resolver = self._resolver(sess.rules, width, mode == _steady.IN_USE)
         msix = sess.geo.in_msix
         kept = self._controls.get(key)
-        if kept is None or kept[0] is not sess:
-            kept = self._controls[key] = (sess, {})
-        controls = kept[1]
+        if kept is None or kept[0] is not sess or kept[1] is not sess.rules:
+            # (a decision is kept under its rules' address: new rules, a new table)
+            kept = self._controls[key] = (sess, sess.rules, {})
+        controls = kept[2]
         ctrl_off = sess.geo.caps[0].ctrl if steady is not None else -1
 
         def learn(ckey: tuple[Any, ...]) -> Any:
@@ -258,6 +259,7 @@ class NativePath:
             effects,
             nxt,
             check,
+            sess.rules,
         )
 
     def _geometry_of(self, sess: Session) -> tuple[bool, tuple[Any, ...]]:

@@ -27,6 +27,7 @@
 #define UNKNOWN (-2)    /* a tag the resolver has not been asked about yet */
 #define MAX_TEXT 1024   /* templates longer than this are not armed (tphtrap.native) */
 #define OUT 8192
+#define MAX_LINE 65536  /* tphtrap.wire.MAX_LINE: a longer line is refused (line-too-long) */
 
 enum { E_NONE = 0, E_IN_USE = 1, E_UNUSED = 2, E_STALE = 3 };
 
@@ -43,15 +44,30 @@ typedef struct {
 
 static PyObject *S_CFG, *S_MSIX, *S_PASS, *S_REWRITE, *S_NOT_TPH, *S_PASS_KEY;
 
+/* Every object an Armed holds (the resolver and learn close over the NativePath holding it:
+ * a cycle the collector must see). */
+#define ARMED_OBJECTS(X)                                                                      \
+    X(counts) X(written) X(guest_tag) X(guest_low) X(dev_ent) X(dev_low) X(check_ent)         \
+    X(image) X(dirty) X(table) X(resolver) X(allowed) X(heads) X(whys) X(rules) X(reasons)    \
+    X(verdicts) X(who) X(pass_head) X(pass_tail) X(sess) X(controls) X(learn) X(key_attrs)
+
+static int armed_traverse(Armed *a, visitproc visit, void *arg) {
+#define VISIT(f) Py_VISIT(a->f);
+    ARMED_OBJECTS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int armed_clear(Armed *a) {
+#define CLEAR(f) Py_CLEAR(a->f);
+    ARMED_OBJECTS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
 static void armed_dealloc(Armed *a) {
-    Py_XDECREF(a->counts); Py_XDECREF(a->written); Py_XDECREF(a->guest_tag);
-    Py_XDECREF(a->guest_low); Py_XDECREF(a->dev_ent); Py_XDECREF(a->dev_low);
-    Py_XDECREF(a->check_ent); Py_XDECREF(a->image); Py_XDECREF(a->dirty);
-    Py_XDECREF(a->table); Py_XDECREF(a->resolver); Py_XDECREF(a->allowed);
-    Py_XDECREF(a->heads); Py_XDECREF(a->whys); Py_XDECREF(a->rules); Py_XDECREF(a->reasons);
-    Py_XDECREF(a->verdicts); Py_XDECREF(a->who); Py_XDECREF(a->pass_head);
-    Py_XDECREF(a->pass_tail); Py_XDECREF(a->sess); Py_XDECREF(a->controls);
-    Py_XDECREF(a->learn); Py_XDECREF(a->key_attrs);
+    PyObject_GC_UnTrack(a);
+    armed_clear(a);
     Py_TYPE(a)->tp_free((PyObject *)a);
 }
 
@@ -205,7 +221,9 @@ static PyTypeObject ArmedType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tphtrap.native._steady.Armed",
     .tp_basicsize = sizeof(Armed),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)armed_traverse,
+    .tp_clear = (inquiry)armed_clear,
     .tp_new = armed_new,
     .tp_dealloc = (destructor)armed_dealloc,
     .tp_methods = armed_methods,
@@ -731,7 +749,7 @@ static int apply(Armed *a, PyObject *effect) {
 }
 
 enum { M_REPLY, M_AUDIT_HEAD, M_AUDIT_MID, M_AUDIT_TAIL, M_VERDICT, M_REASON, M_COUNT,
-       M_EFFECTS, M_NEXT, M_CHECK, M_SIZE };
+       M_EFFECTS, M_NEXT, M_CHECK, M_RULES, M_SIZE };
 
 static PyObject *control(Armed *a, const Req *r, PyObject *op) {
     PyObject *key = control_key(a, r->value);
@@ -751,6 +769,14 @@ static PyObject *control(Armed *a, const Req *r, PyObject *op) {
     }
     if (!PyTuple_CheckExact(memo) || PyTuple_GET_SIZE(memo) != M_SIZE) {
         PyErr_SetString(PyExc_TypeError, "control memo");
+        goto done;
+    }
+    /* the rules it was decided under are the session's (the key holds their address only) */
+    PyObject *rules = PyObject_GetAttrString(a->sess, "rules");
+    if (rules == NULL) goto done;
+    Py_DECREF(rules);
+    if (rules != PyTuple_GET_ITEM(memo, M_RULES)) {
+        out = Py_NewRef(Py_None);
         goto done;
     }
     PyObject *check = PyTuple_GET_ITEM(memo, M_CHECK);
@@ -803,7 +829,7 @@ done:
  * to arm first. */
 static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_t len) {
     Req r;
-    if (parse(line, len, &r)) Py_RETURN_NONE;
+    if (len > MAX_LINE || parse(line, len, &r)) Py_RETURN_NONE;
     char key[MAX_NAME_LEN + 1 + 256];
     if (r.bdf_len > 256) Py_RETURN_NONE;
     memcpy(key, r.vm, (size_t)r.vm_len);
@@ -824,41 +850,39 @@ static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "armed: values are Armed");
         return NULL;
     }
-    Armed *a = (Armed *)found;
+    Armed *a = (Armed *)Py_NewRef(found); /* (held across the Python it may call) */
+    PyObject *out;
     unsigned long long off = r.offset, w = r.width;
     Py_ssize_t i = -1;
-    if (r.op == OP_CFG) {
-        if ((long long)(off + w) <= a->watch_lo || (long long)off >= a->watch_hi) {
-            Py_DECREF(k);
-            return passes ? pass_reply(a, &r, S_CFG) : Py_NewRef(Py_None);
-        }
-        if (w == 4 && (long long)off == a->ctrl_off) {
-            if (a->entries == E_STALE) return k;
-            Py_DECREF(k);
-            if (a->entries == E_NONE) Py_RETURN_NONE;
-            return control(a, &r, S_CFG);
-        }
-        if (!a->in_msix && w == 2 && (long long)off >= a->first &&
-            (long long)off < a->first + 2 * a->n && ((long long)off - a->first) % 2 == 0)
-            i = (Py_ssize_t)(((long long)off - a->first) / 2);
+    int pass;
+    if (r.op == OP_CFG)
+        pass = (long long)(off + w) <= a->watch_lo || (long long)off >= a->watch_hi;
+    else
+        pass = !a->in_msix || (long long)r.bar != a->bir ||
+               off + w <= (unsigned long long)a->msix_start ||
+               off >= (unsigned long long)a->msix_end;
+    if (pass) {
+        out = passes ? pass_reply(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX) : Py_NewRef(Py_None);
+    } else if (a->entries == E_STALE) {
+        out = Py_NewRef(k); /* armed again first */
+    } else if (r.op == OP_CFG && w == 4 && (long long)off == a->ctrl_off) {
+        out = a->entries == E_NONE ? Py_NewRef(Py_None) : control(a, &r, S_CFG);
     } else {
-        if (!a->in_msix || (long long)r.bar != a->bir ||
-            off + w <= (unsigned long long)a->msix_start ||
-            off >= (unsigned long long)a->msix_end) {
-            Py_DECREF(k);
-            return passes ? pass_reply(a, &r, S_MSIX) : Py_NewRef(Py_None);
+        if (r.op == OP_CFG) {
+            if (!a->in_msix && w == 2 && (long long)off >= a->first &&
+                (long long)off < a->first + 2 * a->n && ((long long)off - a->first) % 2 == 0)
+                i = (Py_ssize_t)(((long long)off - a->first) / 2);
+        } else {
+            unsigned long long rel = off - (unsigned long long)a->msix_start;
+            if (w == 4 && rel % 16 == 12 && rel / 16 < (unsigned long long)a->n)
+                i = (Py_ssize_t)(rel / 16);
         }
-        unsigned long long rel = off - (unsigned long long)a->msix_start;
-        if (w == 4 && rel % 16 == 12 && rel / 16 < (unsigned long long)a->n)
-            i = (Py_ssize_t)(rel / 16);
+        out = i < 0 || a->entries == E_NONE ? Py_NewRef(Py_None)
+                                            : entry(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX, i);
     }
-    if (i < 0 || a->entries == E_NONE) {
-        Py_DECREF(k);
-        Py_RETURN_NONE;
-    }
-    if (a->entries == E_STALE) return k; /* armed again first */
     Py_DECREF(k);
-    return entry(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX, i);
+    Py_DECREF(a);
+    return out;
 }
 
 static PyObject *handle(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -1089,7 +1113,8 @@ PyMODINIT_FUNC PyInit__steady(void) {
         PyModule_AddIntConstant(m, "UNKNOWN", UNKNOWN) < 0 ||
         PyModule_AddIntConstant(m, "IN_USE", E_IN_USE) < 0 ||
         PyModule_AddIntConstant(m, "UNUSED", E_UNUSED) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_TEXT", MAX_TEXT) < 0) {
+        PyModule_AddIntConstant(m, "MAX_TEXT", MAX_TEXT) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LINE", MAX_LINE) < 0) {
         Py_DECREF(m);
         return NULL;
     }
