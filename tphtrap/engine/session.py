@@ -282,6 +282,9 @@ class Session:
                 changes.clear()
                 grant = Grant(MODE.put(0, grant.mode), None, [], grant.width, True)
                 self._resolve(sorted(touched), width, False, changes, reasons, touched)
+                # (resolved at a width the table is not settled at: the next enable checks
+                # them, whatever its width)
+                self.dirty.update(touched)
             else:
                 reasons.extend(trial)
                 self.settled = width
