@@ -535,7 +535,7 @@ class LineTwinMachine(_Lines, TphMachine):
         the mask bit), after enabling Interrupt Vector mode or not: what the native path
         decides. Its tags are of the width the device has in force (8 bits while disabled:
         a 16-bit tag written after a refused Extended TPH enable trips a fault of the engine
-        in the next enable, both paths alike)."""
+        in the next enable, both paths alike; it has its own test below)."""
         cap = self.device.tph_caps[0]
         if enable is not None:
             self.write_config(cap.ctrl_at, 4, 1 | enable << 8)
@@ -1218,3 +1218,73 @@ def test_the_c_parser_reads_exactly_what_the_protocol_reads(tmp_path: Path) -> N
     check()
     print(f"parser differential: {dict(seen)}")
     assert min(seen[k] for k in ("answered", "declined", "refused")) > 0, seen
+
+
+# --- known faults of tphtrap/ (each fails until it is mended: xfail, strict) -----------------
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG (engine): an entry written while a wider enable was refused is not checked "
+    "again by the next narrower enable: its plan is unsafe, and the device is frozen",
+)
+def test_a_refused_wider_enable_leaves_no_entry_unchecked(tmp_path: Path) -> None:
+    """on_violation drop. TPH enabled at 8 bits (the entries get the fallback 0x01), entry 0
+    written with a foreign tag (dropped: it keeps 0x01), then Extended TPH asked: refused,
+    since entry 0 holds 0x0001, nobody's at 16 bits. Entry 2 is then written with CPU 1's
+    16-bit tag 0x0105 (allowed, TPH being off), and TPH asked at 8 bits, where 0x05 is
+    nobody's: the enable must correct or refuse entry 2. The engine's plan leaves it, the
+    self-check refuses the plan, and the device is frozen (a Python decision, either server)."""
+    path = tmp_path / "refused.yaml"
+    path.write_text(f"""version: 1
+host:
+  steering_tags:
+    0: {{st8: 0x01, st16: 0x0101}}
+    1: {{st8: 0x02, st16: 0x0105}}
+    2: {{st8: 0x03, st16: 0x0103}}
+vms:
+  {VM}:
+    cpus: 0-1
+    on_violation: drop
+    devices:
+      {CAP_BDF}: {{}}
+  neighbour:
+    cpus: 2
+""")
+    t = Twins(path)
+    try:
+        g = Guest(t, CAP_BDF)
+        g.attach()
+        assert g.enable(EN8)["reason"] == "tag-fallback"
+        assert g.entry(0, 0x03)["verdict"] == "drop"
+        assert "enable-refused" in g.enable(EN16)["reasons"]
+        assert g.entry(2, 0x0105)["reason"] == "tag-allowed"
+        d = g.enable(EN8)
+        assert d["reason"] != "unsafe-plan" and g.session(t.off).poisoned is None, d
+    finally:
+        t.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG (native): a session armed for passes only is never armed for its ST entries "
+    "again until a request that is not an access (the C side finds no entry index first)",
+)
+def test_a_session_armed_for_passes_only_is_armed_again_for_entries(
+    twins: Callable[..., Twins],
+) -> None:
+    """on_violation disable: a foreign tag latches TPH off; the next entry write arms the
+    session while latched (passes only). After a reset and an enable it is in the usual
+    state again, and the next whole-entry write of its own tag is the native path's."""
+    t = twins(on_violation="disable")
+    g = Guest(t, CAP_BDF)
+    g.attach()
+    g.enable(EN8)
+    g.entry(0, FOREIGN)
+    assert g.session(t.on).latched
+    g.entry(0, OWN)  # (armed now: passes only)
+    g.send("reset")
+    g.enable(EN8)
+    d = g.entry(0, OWN)
+    assert d["reason"] == "tag-allowed"
+    assert g.native, "the usual state, a whole entry of the VM's own tag: not answered natively"
