@@ -569,25 +569,6 @@ def run_machine(machine: type[Any], examples: int) -> Hits:
     return hits
 
 
-def test_native_servers_answer_as_python_servers() -> None:
-    """The writes backend: the attacker of test_engine_stateful, line by line."""
-    hits = run_machine(LineTwinMachine, EXAMPLES // 10)
-    print(f"native path answered, of the plain write lines: {hits}")
-    # Only what the engine decides by its steady path, or passes untouched.
-    assert not hits.native["other"] and not hits.native["entry-general"], hits
-    assert not hits.native["frozen"], hits
-    assert hits.share("pass") == 1, hits
-    assert hits.share("entry") >= 0.5, hits
-    assert {"not-tph", "tag-allowed", "foreign-tag"} <= hits.reasons.keys()
-
-
-def test_native_servers_answer_as_python_servers_host_backend() -> None:
-    """The host backend is never armed: every line is the Python path's, alike."""
-    hits = run_machine(LineTwinHostMachine, EXAMPLES // 40)
-    print(f"host backend, native path answered: {hits}")
-    assert sum(hits.sent.values()) and not sum(hits.native.values())
-
-
 # --- directed cases ------------------------------------------------------------------------
 # Host: CPUs 0-1 own tags 0x01/0x0101, 2-3 0x02/0x0202, 4-7 0x03/0x0303; tag 0 is neutral.
 # VM tenant (CPUs 0-3 unless said) owns 3b:00.0 (ST table in the capability) and 3b:00.1 (in
@@ -939,6 +920,33 @@ def test_two_sessions_and_a_host_backend_session(twins: Callable[..., Twins]) ->
     assert (VM.encode() + b"\0" + CAP_BDF.encode()) in t.path.armed
 
 
+def test_the_native_path_checks_the_checkers_rule_itself(
+    twins: Callable[..., Twins], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: an entry whose tag the resolver allows but the self-check's rule
+    (armed from the checker) does not is left to the Python path. Here the rule is armed
+    one tag narrower than the policy: that tag is no longer the native path's, the others
+    still are."""
+    real = native._steady_state
+
+    def narrower(sess: Any) -> Any:
+        got = real(sess)
+        if got is None or got[2] is None:
+            return got
+        return got[0], got[1], got[2] - {OWN}
+
+    monkeypatch.setattr(native, "_steady_state", narrower)
+    t = twins()
+    for bdf in (CAP_BDF, MSIX_BDF):
+        g = Guest(t, bdf)
+        g.attach()
+        g.enable(EN8)
+        d = g.entry(0, OTHER_OWN)
+        assert g.native and d["reason"] == "tag-allowed"
+        d = g.entry(1, OWN)
+        assert not g.native and d["reason"] == "tag-allowed"
+
+
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_every_form_means_the_same_request(twins: Callable[..., Twins], form: str) -> None:
     """Each way of writing a line gets the same reply as its plain form; only the forms the
@@ -1218,6 +1226,26 @@ def test_the_c_parser_reads_exactly_what_the_protocol_reads(tmp_path: Path) -> N
     check()
     print(f"parser differential: {dict(seen)}")
     assert min(seen[k] for k in ("answered", "declined", "refused")) > 0, seen
+
+
+# --- the attackers, line by line (last: the directed cases above fail faster) -----------
+def test_native_servers_answer_as_python_servers() -> None:
+    """The writes backend: the attacker of test_engine_stateful, line by line."""
+    hits = run_machine(LineTwinMachine, EXAMPLES // 10)
+    print(f"native path answered, of the plain write lines: {hits}")
+    # Only what the engine decides by its steady path, or passes untouched.
+    assert not hits.native["other"] and not hits.native["entry-general"], hits
+    assert not hits.native["frozen"], hits
+    assert hits.share("pass") == 1, hits
+    assert hits.share("entry") >= 0.5, hits
+    assert {"not-tph", "tag-allowed", "foreign-tag"} <= hits.reasons.keys()
+
+
+def test_native_servers_answer_as_python_servers_host_backend() -> None:
+    """The host backend is never armed: every line is the Python path's, alike."""
+    hits = run_machine(LineTwinHostMachine, EXAMPLES // 40)
+    print(f"host backend, native path answered: {hits}")
+    assert sum(hits.sent.values()) and not sum(hits.native.values())
 
 
 # --- known faults of tphtrap/ (each fails until it is mended: xfail, strict) -----------------
