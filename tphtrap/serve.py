@@ -500,6 +500,9 @@ class Server:
             applied = self.engine.reload(policy)  # builds all rules before changing anything
         except Exception as exc:
             return self._reload_failed(path, exc)
+        finally:
+            if self.native is not None:
+                self.native.refresh()  # (whatever the engine changed, rules above all)
         self.policy_path = path
         self.policy_loads += 1
         corrections = []
@@ -516,8 +519,6 @@ class Server:
         """Reload ``path`` for a signal: the unsolicited ``corrections`` event lines, one per
         attached device (b"" when the policy was refused: nothing changed)."""
         result = self.reload(path)
-        if self.native is not None:
-            self.native.refresh()
         if isinstance(result, TphtrapError):
             return b""
         return _correction_events(path, result)
