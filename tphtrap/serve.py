@@ -155,7 +155,7 @@ class Server:
         not take, woken by a signal, EOF), or None when there is no native path or the audit
         stream is not a file tphtrap writes to directly."""
         native, fd = self.native, self.audit.fd
-        if native is None or fd is None or self.debug:
+        if native is None or fd is None:
             return None
         counters = (self.ops, self.verdicts, self.reasons)
         unread, pending, woke, eof, failed, why, answered, audited = native.pump(

@@ -1,12 +1,15 @@
 """The native steady path of ``tphtrap serve``: the requests a running guest sends most, decided
 in C (``_steady.c``) in the states the engine describes here.
 
-``serve`` asks :meth:`NativePath.handle` first with every line. It answers (reply, audit line,
-and the counts the server keeps) for a plain ``cfg_write`` or ``msix_write`` of a session armed
-here that is either outside everything the engine filters (passed untouched) or a write of one
-whole ST entry or Vector Control word in the engine's usual state; anything else is None and
-the Python path decides. After the Python path has handled a line, :meth:`NativePath.refresh`
-arms its session again from the engine's state (every session, after any other request).
+``serve`` asks :meth:`NativePath.handle` first with every line (and runs its loop in C,
+:meth:`NativePath.pump`, while every line is one it answers). It answers a plain ``cfg_write``
+or ``msix_write`` of an armed session that is outside everything the engine filters (passed
+untouched, either backend), a write of one whole ST entry or Vector Control word in the engine's
+usual state, or a write of the whole control register whose decision the engine made in the same
+state before (the ``writes`` backend); anything else is None and the Python path decides. After
+the Python path has handled an access, its session waits to be armed again from the engine's
+state (:meth:`NativePath.refresh`), which its next native-eligible request does; any other
+request, and a reload, drops every session's arming.
 
 What is armed is the engine's own knowledge, taken from it, never restated:
 - the usual state, as :meth:`Session.steady_entry` defines it (one capability, no latch, the
@@ -16,6 +19,8 @@ What is armed is the engine's own knowledge, taken from it, never restated:
 - the tag a guest writes resolved by :func:`resolve_entry` (asked once per tag and kept per
   rules, width and use), the checker's own rule for that control value (the tags allowed at its
   width) for the check of each entry in use;
+- a control write's decision made by the engine on a copy of the session, kept under
+  :func:`control_key` with what it changed (:meth:`NativePath._learn`);
 - the texts of the reply and the audit line from :mod:`tphtrap.wire` and :mod:`tphtrap.audit`.
 tests/test_native.py drives servers with and without this path side by side and compares every
 reply, audit line and all state after every request.
@@ -64,6 +69,7 @@ _CONTROLS_KEPT = 64  # control decisions kept per session (each one learnt on a 
 _NOT_STATE: Final = frozenset(
     {"_grants", "_grants_rules", "_resolved", "_control_rules", "_rules_seen", "_undo", "_resolve"}
 )
+_NO_ENTRIES: Final = (0, 0, None, None, None)  # _entries_of for passes only
 _ID_MARK = "\x00"  # an id no request has: its JSON text marks where the id goes
 _TS_MARK = "\x00"  # (a timestamp no clock writes)
 
@@ -134,29 +140,22 @@ class NativePath:
         regular, geometry = self._geometry_of(sess)
         # (the host backend's entry writes are host operations: the Python path's)
         raw = type(sess.backend) is RawWrites
-        steady = _steady_state(sess) if regular and raw else None
+        entries = self._entries_of(sess) if regular and raw else None
         armed = self.armed.get(key)
-        if steady is None and armed is not None:
+        if entries is None and armed is not None:
             armed.passes_only()  # (what it needs for passes does not change)
             return True
         texts = self._texts_of(sess)
-        table: Any = None
-        resolver: Any = None
-        allowed: frozenset[int] | None = None
-        mask = mode = 0
-        if steady is None:
+        if entries is None:
             geometry = (*geometry[:3], -1, -1, *geometry[5:])  # passes only
-        else:
-            mode, width, allowed = steady
-            mask = width.mask
-            _, table, resolver = self._resolver(sess.rules, width, mode == _steady.IN_USE)
+        mode, mask, allowed, table, resolver = entries or _NO_ENTRIES
         msix = sess.geo.in_msix
         kept = self._controls.get(key)
         if kept is None or kept[0] is not sess or kept[1] is not sess.rules:
             # (a decision is kept under its rules' address: new rules, a new table)
             kept = self._controls[key] = (sess, sess.rules, {})
         controls = kept[2]
-        ctrl_off = sess.geo.caps[0].ctrl if steady is not None else -1
+        ctrl_off = sess.geo.caps[0].ctrl if entries is not None else -1
 
         def learn(ckey: tuple[Any, ...]) -> Any:
             return self._learn(sess, controls, ckey)
@@ -226,13 +225,7 @@ class NativePath:
         effects = _effects(before, _state(clone), off, decision.verdict)
         if effects is None:
             return None
-        steady = _steady_state(clone)
-        if steady is None:
-            nxt: tuple[Any, ...] = (0, 0, None, None, None)
-        else:
-            mode, width, allowed = steady
-            _, table, resolver = self._resolver(clone.rules, width, mode == _steady.IN_USE)
-            nxt = (mode, width.mask, allowed, table, resolver)
+        nxt = self._entries_of(clone) or _NO_ENTRIES
         dev = clone.dev_ctrl[0]
         if dev is None:
             return None
@@ -287,11 +280,23 @@ class NativePath:
         self._geometry[id(geo)] = (geo, value)
         return value
 
-    def _resolver(self, rules: TagRules, width: TagWidth, in_use: bool) -> Any:
+    def _entries_of(self, sess: Session) -> tuple[int, int, frozenset[int] | None, Any, Any] | None:
+        """What the C side decides ``sess``'s whole-entry writes from: (mode, tag mask, the
+        tags the checker allows, the resolved tags, their resolver); None when they are the
+        Python path's (:func:`_steady_state`)."""
+        steady = _steady_state(sess)
+        if steady is None:
+            return None
+        mode, width, allowed = steady
+        table, resolver = self._resolver(sess.rules, width, mode == _steady.IN_USE)
+        return mode, width.mask, allowed, table, resolver
+
+    def _resolver(self, rules: TagRules, width: TagWidth, in_use: bool) -> tuple[bytearray, Any]:
+        """The resolved tags of (rules, width, in use), and the resolver that fills them."""
         key = (id(rules), width, in_use)
         got = self._tags.get(key)
         if got is not None and got[0] is rules:
-            return got
+            return got[1:]
         if len(self._tags) >= 64:
             self._tags.clear()
         table = bytearray(array("i", [_steady.UNKNOWN]) * _TAGS)
@@ -305,8 +310,8 @@ class NativePath:
                 return _DECLINE
             return _CODE_INDEX[code] << 16 | value
 
-        got = self._tags[key] = (rules, table, resolver)
-        return got
+        self._tags[key] = (rules, table, resolver)
+        return table, resolver
 
     def _texts_of(self, sess: Session) -> tuple[Any, ...]:
         """(heads, whys, rules, reasons, verdicts, who, pass head and tail): the C side's

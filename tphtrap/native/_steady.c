@@ -559,7 +559,7 @@ static PyObject *entry(Armed *a, const Req *r, PyObject *op, Py_ssize_t i) {
     puts_(&rep, "}}\n");
 
     put_bytes(&aud, a->who);
-    if (a->in_msix) {
+    if (r->op == OP_MSIX) {
         puts_(&aud, "\"msix\",\"op\":\"write\",\"bar\":");
         put_u(&aud, r->bar);
         puts_(&aud, ",\"offset\":");
