@@ -43,7 +43,7 @@ SESSION_STATE = (
     "dev_low", "pm_state", "latched", "revoked", "poisoned", "settled", "dirty", "prospective",
     "counts", "rules",
 )  # fmt: skip
-CHECKER_STATE = ("ctrl", "ent", "pm")
+CHECKER_STATE = ("ctrl", "ent", "pm", "_host_marks", "_host_undo")
 
 
 def state(engine: Engine) -> dict[Any, Any]:

@@ -33,6 +33,10 @@ from typing import Any
 import pytest
 from devsim import LOC_CAP, LOC_MSIX, Shape
 from helpers import AuditSink
+from host_worlds import BDF as BDF_HOST
+from host_worlds import BIR, TABLE_OFF, build_device, vms
+from host_worlds import CTRL_WRITABLE as CTRL_WRITABLE_HOST
+from host_worlds import VM as VM_HOST
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule, run_state_machine_as_test
@@ -46,7 +50,7 @@ from test_engine_stateful import (
     hosts,
     shapes,
 )
-from test_host_stateful import HostMachine
+from test_host_stateful import HostMachine, host_devices, host_hosts
 
 from tphtrap import native, serve
 from tphtrap.audit import Auditor
@@ -63,7 +67,7 @@ from tphtrap.events import (
     Reset,
 )
 from tphtrap.layouts import PCIE_FLAGS
-from tphtrap.policy import Policy
+from tphtrap.policy import CpuTags, DeviceSettings, HostPolicy, OnViolation, Policy, VmPolicy
 from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
 from tphtrap.spec import PCI_EXP_FLAGS, PcieType, StLocation
@@ -596,6 +600,68 @@ class LineTwinHostMachine(_Lines, HostMachine):
     VM = "guest"
 
 
+class SteadyLineTwinHostMachine(LineTwinHostMachine):
+    """The host backend's attacker on devices and policies that allow TPH, every MSI-X vector
+    allocated, and a running driver's writes: entries written again with the tag they hold
+    (nothing for the host to do: what the native path decides), toggled mask bits."""
+
+    @initialize(
+        device=host_devices().map(
+            lambda d: (replace(d[0], interrupt_vector=True, location=_host_location(d[0])), d[1])
+        ),
+        msix_size=st.integers(1, 4),
+        host=host_hosts(),
+        vm=vms().map(
+            lambda vm: replace(vm, devices={k: replace(v, tph=True) for k, v in vm.devices.items()})
+        ),
+        msix_st=st.binary(min_size=16, max_size=16),
+        root=st.sampled_from([(1, False), (3, False), (3, False), (0, True)]),
+    )
+    def setup(
+        self, device: Any, msix_size: int, host: Any, vm: Any, msix_st: bytes, root: Any
+    ) -> None:
+        HostMachine.setup(self, device, msix_size, host, replace(vm, tph=True), msix_st, root)
+        n = build_device(*device, msix_size).msix.table_size  # type: ignore[union-attr]
+        self.kernel.recreate_vectors(set(range(n)))
+        self.perform(self.engine.host_vectors(VM_HOST, BDF_HOST, frozenset(range(n)), True))
+
+    @rule(
+        req=st.sampled_from([None, 1, 3]),
+        writes=st.lists(
+            st.tuples(st.integers(0, 7), st.integers(0, 7), st.booleans(), st.booleans()),
+            min_size=1,
+            max_size=8,
+        ),
+    )
+    def steady_entries(self, req: int | None, writes: list[tuple[int, int, bool, bool]]) -> None:
+        """Interrupt Vector mode enabled (or as it is), then whole entries of tags of the
+        VM's CPUs (or of CPU ``k``, whoever has it) at the width in force, each written once
+        or twice, the mask bit set or not."""
+        ctrl_at = self.t0 + 8
+        keep = self.guest_ctrl & ~CTRL_WRITABLE_HOST
+        if req is not None:
+            self.guest_write(ctrl_at, 4, keep | 1 | req << 8, (-1, 0))
+        bits = 16 if self.kernel.req == 3 else 8
+        cpus = sorted(self.vm.cpus)
+        for index, k, masked, twice in writes:
+            tag = self.vm_tag(cpus[k % len(cpus)] if k < 6 else k, bits) or 0
+            for _ in range(2 if twice else 1):
+                if self.guest_entries:
+                    i = index % len(self.guest_entries)
+                    self.guest_write(self.t0 + 0xC + 2 * i, 2, tag, (-1, 0))
+                elif self.kernel.in_msix:
+                    off = TABLE_OFF + 16 * (index % self.msix.table_size) + 12
+                    value = tag << 16 | masked
+                    d = self.engine.handle(MsixWrite(VM_HOST, BDF_HOST, BIR, off, 4, value))
+                    self.record(self.guest_bar_write, off, 4, value)
+                    self.perform(d)
+                    self.check_view(d, "bar", off, 4)
+
+
+def _host_location(tph: TphSpec) -> StLocation:
+    return tph.location if tph.location in (StLocation.CAP, StLocation.MSIX) else StLocation.CAP
+
+
 def run_machine(machine: type[Any], examples: int) -> Hits:
     hits = LineEngine.hits = Hits()
     with named_policies():
@@ -948,19 +1014,26 @@ def test_audit_passes_leaves_passes_to_python(twins: Callable[..., Twins]) -> No
 
 
 def test_two_sessions_and_a_host_backend_session(twins: Callable[..., Twins]) -> None:
-    """Lines of two armed sessions interleaved, and a host-backend session armed for its
-    passes only (its entry writes are host operations: the Python path's)."""
+    """Lines of two armed sessions interleaved, one of them in the host backend: its entry
+    writes are the native path's while they need no host operation (the device holds the
+    tag already, or its vector is not allocated); one that sets a tag is the Python path's."""
     t = twins()
     cap, msix = Guest(t, CAP_BDF), Guest(t, MSIX_BDF)
     cap.attach()
     msix.attach(backend="host", completer=3)
+    assert msix.send("vectors", allocated=list(range(6)), tags_cleared=True)["ok"]
     cap.enable(EN8)
-    msix.enable(EN8)
+    msix.enable(EN16)
     for i in range(8):
         cap.entry(i, (OWN, OTHER_OWN, FOREIGN)[i % 3])
         assert cap.native
-        msix.entry(i, OWN)
-        assert not msix.native
+        d = msix.entry(i, 0x0202)  # not what the host set at the enable
+        assert msix.native == (i >= 6)
+        assert d["ops"] == (
+            [] if i >= 6 else [{"op": "st_set", "index": i, "cpu": 2, "tag": 0x202}]
+        )
+        d = msix.entry(i, 0x0202, masked=1)  # the same tag, the mask bit set: nothing to do
+        assert msix.native and d["ops"] == [] and written(d) == [1]
         msix.cfg(0x10, i, 4)
         assert msix.native
     assert (VM.encode() + b"\0" + MSIX_BDF.encode()) in t.path.armed
@@ -1353,15 +1426,45 @@ def test_native_servers_answer_as_python_servers(machine: type[LineTwinMachine])
         assert hits.sent["entry"] >= 100 and hits.share("entry") >= 0.3, hits
 
 
-def test_native_servers_answer_as_python_servers_host_backend() -> None:
-    """The host backend is armed for passes only: every other line is the Python path's."""
-    hits = run_machine(LineTwinHostMachine, EXAMPLES // 40)
-    print(f"host backend, native path answered: {hits}")
+@pytest.mark.parametrize("machine", [LineTwinHostMachine, SteadyLineTwinHostMachine])
+def test_native_servers_answer_as_python_servers_host_backend(
+    machine: type[LineTwinHostMachine],
+) -> None:
+    """The host backend: the attacker of test_host_stateful, line by line, in its own worlds
+    and in worlds that allow TPH. The native path answers passes, entries that need no host
+    operation, and control writes the engine decided before in the same state."""
+    hits = run_machine(machine, EXAMPLES // 40)
+    print(f"{machine.__name__}: native path answered, of the plain write lines: {hits}")
     assert hits.sent["pass"] and hits.share("pass") == 1, hits
-    assert sum(hits.native.values()) == hits.native["pass"], hits
+    assert not hits.native["other"] and not hits.native["entry-general"], hits
+    assert not hits.native["frozen"], hits
+    if machine is SteadyLineTwinHostMachine:
+        assert hits.sent["entry"] >= 50 and hits.share("entry") >= 0.3, hits
+        assert hits.native["control"], hits
 
 
 # --- faults the twins found (mended) ------------------------------------------------------
+def test_a_replayed_host_decision_sets_the_undo_records_it_leaves() -> None:
+    """A host decision always sets the undo records of its operations (what ``host_result``
+    takes back), whatever they were: a control write's decision kept where they held what it
+    leaves was replayed where they held a two-op decision's, and left those (the Python
+    path's were the new ones). The host fails the enable's st_set, the driver programs
+    entry 0 (disable, entry, enable), then the kernel fails the next disable-step's op."""
+    tph = TphSpec(interrupt_vector=True, location=StLocation.CAP, table_size=1, entries=(0,))
+    host = HostPolicy({c: CpuTags(c, c // 2, None) for c in range(8)}, frozenset({0, 1}))
+    dev = DeviceSettings(BDF_HOST, tph=True, extended_tph=True)
+    vm = VmPolicy(VM_HOST, frozenset({0}), OnViolation.DROP, devices={BDF_HOST: dev})
+    with named_policies():
+        m = SteadyLineTwinHostMachine()
+        try:
+            m.setup((tph, 0x148), 1, host, vm, bytes(16), (1, False))
+            m.linux_driver(action="enable", fail=(1, -22), index=0, mode=1, req=1, tag=0)
+            m.linux_driver(action="set", fail=(-1, 0), index=0, mode=1, req=1, tag=1)
+            m.linux_driver(action="set", fail=(0, -22), index=0, mode=1, req=1, tag=0)
+        finally:
+            m.teardown()
+
+
 def test_a_refused_wider_enable_leaves_no_entry_unchecked(tmp_path: Path) -> None:
     """on_violation drop. TPH enabled at 8 bits (the entries get the fallback 0x01), entry 0
     written with a foreign tag (dropped: it keeps 0x01), then Extended TPH asked: refused,

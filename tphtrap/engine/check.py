@@ -106,8 +106,9 @@ class Checker:
         self.completer: int | None = None  # host backend: the root port's completer field
         self.rciep = False
         self.allocated: frozenset[int] = frozenset()
-        self._host_marks: list[int] = []  # host backend: where each op of the last plan began
-        self._host_undo: list[tuple[list[Value], int, Value]] = []
+        # host backend: where each op of the last plan began in its undo records
+        self._host_marks: tuple[int, ...] = ()
+        self._host_undo: tuple[tuple[list[Value], int, Value], ...] = ()
         self.caps = [
             (t.offset, min(t.offset + ((t.length + 3) & ~3), cfg.size)) for t in cfg.tph_all
         ]
@@ -603,8 +604,8 @@ class Checker:
                 regs[i] = old
             self._undo.clear()
             raise
-        self._host_marks = marks
-        self._host_undo = host_undo
+        self._host_marks = tuple(marks)
+        self._host_undo = tuple(host_undo)
         self._undo.clear()
 
     def _tag_byte(self, bar: int | None, pos: int) -> bool:
@@ -681,8 +682,8 @@ class Checker:
         elif op == "tph_disable" or (op == "tph_enable" and errno == -16):
             possible = _values(self.ctrl[0]) or (0,)
             self.ctrl[0] = (possible[0] & ~_WRITABLE) | 1 | (3 << _EN_SHIFT)  # the worst
-        self._host_marks = []
-        self._host_undo = []
+        self._host_marks = ()
+        self._host_undo = ()
 
     def disable_host(self) -> None:
         """The poison path of the host backend: ``tph_disable``."""

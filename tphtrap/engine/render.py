@@ -30,7 +30,7 @@ rendering turns them into what the hypervisor performs, and says what the device
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from ..events import DeviceWrite, HostOp
@@ -232,12 +232,16 @@ class HostResultRefused(Exception):
     """A ``host_result`` that names no operation of the device's last decision."""
 
 
-@dataclass
-class _Undo:
-    """How to take one committed op back: (step kind, index, old value, old mask bits)."""
+class _Undo(NamedTuple):
+    """How to take the ops of the last decision back: the ops, and per op (step kind, index,
+    old value, old mask bits). Immutable: an empty one, or one a replayed decision keeps, is
+    shared."""
 
-    ops: list[HostOp] = field(default_factory=list)
-    olds: list[tuple[int, int, int | None, int | None]] = field(default_factory=list)
+    ops: tuple[HostOp, ...] = ()
+    olds: tuple[tuple[int, int, int | None, int | None], ...] = ()
+
+
+_NO_UNDO = _Undo()
 
 
 class HostOps:
@@ -250,7 +254,7 @@ class HostOps:
         self.width = predict_width(sess.geo.ext_ok, facts)
         self.refusal: str | None = None  # a failed host operation keeps TPH off until reset
         self.allocated: frozenset[int] = frozenset()  # MSI-X vectors the host has allocated
-        self.last = _Undo()
+        self.last = _NO_UNDO
         sess.checker.host(facts.completer or 0, facts.rciep)
 
     # --- what the planner is told -----------------------------------------------------------
@@ -383,24 +387,31 @@ class HostOps:
     def commit(self, sess: Session, r: Rendering) -> None:
         """Commit the effects, remembering how to take each op back (``host_result``)."""
         assert r.ops is not None
-        undo = _Undo(list(r.ops))
+        olds: list[tuple[int, int, int | None, int | None]] = []
         if len(r.effects) == len(r.ops):
             for what, index, _ in r.effects:
                 if what == _CTRL_STEP:
-                    undo.olds.append((what, index, sess.dev_ctrl[index], None))
+                    olds.append((what, index, sess.dev_ctrl[index], None))
                 else:
                     low = sess.dev_low[index] if sess.geo.in_msix else None
-                    undo.olds.append((what, index, sess.dev_ent[index], low))
-        self.last = undo
+                    olds.append((what, index, sess.dev_ent[index], low))
+        self.last = _Undo(tuple(r.ops), tuple(olds)) if r.ops else _NO_UNDO
         sess.commit(r.effects)
         sess.dirty.update(r.deferred)
         if sess.geo.in_msix:
             for i in r.planned:
                 sess.dev_low[i] = sess.guest_low[i]
 
+    def idle(self, sess: Session) -> tuple[tuple[object, str, object], ...]:
+        """What :meth:`commit` and the self-check's ``verify_host`` leave after a decision with
+        no host operation, as (object, attribute, value): for a path that decides such a
+        decision without them (tphtrap.native)."""
+        checker = sess.checker
+        return ((self, "last", _NO_UNDO), (checker, "_host_marks", ()), (checker, "_host_undo", ()))
+
     def poison(self, sess: Session) -> Rendering:
         sess.checker.disable_host()
-        self.last = _Undo()
+        self.last = _NO_UNDO
         if not sess.geo.caps:
             return Rendering([], [], [])
         return Rendering([], [HostOp("tph_disable")], [(0, 0, 0)])
@@ -451,7 +462,7 @@ class HostOps:
             sess.dev_ctrl[0] = None
         sess.checker.host_failed(k, failed.op, errno)
         sess.settled = None
-        self.last = _Undo()
+        self.last = _NO_UNDO
         if failed.op == "st_set" and errno == _ENXIO and sess.geo.in_msix:
             # The host has no vector for that entry: set it when the host reports one.
             self.allocated = self.allocated - {failed.index}
@@ -462,4 +473,4 @@ class HostOps:
     def reset(self) -> None:
         """The function was reset: a failed operation no longer keeps TPH off."""
         self.refusal = None
-        self.last = _Undo()
+        self.last = _NO_UNDO

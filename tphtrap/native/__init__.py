@@ -3,27 +3,34 @@ in C (``_steady.c``) in the states the engine describes here.
 
 ``serve`` asks :meth:`NativePath.handle` first with every line (and runs its loop in C,
 :meth:`NativePath.pump`, while every line is one it answers). It answers a plain ``cfg_write``
-or ``msix_write`` of an armed session that is outside everything the engine filters (passed
-untouched, either backend), a write of one whole ST entry or Vector Control word in the engine's
-usual state, or a write of the whole control register whose decision the engine made in the same
-state before (the ``writes`` backend); anything else is None and the Python path decides. After
-the Python path has handled an access, its session waits to be armed again from the engine's
-state (:meth:`NativePath.refresh`), which its next native-eligible request does; any other
-request, and a reload, drops every session's arming.
+or ``msix_write`` of an armed session that is
+- outside everything the engine filters (passed untouched, either backend);
+- a write of one whole ST entry or Vector Control word in the engine's usual state: in the
+  ``writes`` backend always, in the ``host`` backend when the decision has no host operation
+  to do (the device holds that tag already, or its vector is not allocated, or the entries
+  are not in use); one that sets a tag is the Python path's;
+- a write of the whole control register whose decision the engine made in the same state
+  before (either backend).
+Anything else is None and the Python path decides. After the Python path has handled an
+access, its session waits to be armed again from the engine's state (:meth:`NativePath.refresh`),
+which its next native-eligible request does; any other request, and a reload, drops every
+session's arming.
 
 What is armed is the engine's own knowledge, taken from it, never restated:
 - the usual state, as :meth:`Session.steady_entry` defines it (one capability, no latch, the
   device's control register what the guest's request grants, entries settled at that width
-  and none dirty; or entries not in use), the writes backend, and the self-check's copy of the
-  control register one known value;
+  and none dirty; or entries not in use), and the self-check's copy of the control register
+  one known value;
 - the tag a guest writes resolved by :func:`resolve_entry` (asked once per tag and kept per
   rules, width and use), the checker's own rule for that control value (the tags allowed at its
   width) for the check of each entry in use;
-- a control write's decision made by the engine on a copy of the session, kept under
-  :func:`control_key` with what it changed (:meth:`NativePath._learn`);
+- what a host decision with no operation leaves (:meth:`HostOps.idle`);
+- a control write's decision made by the engine on a copy of the session and its backend,
+  kept under :func:`control_key` with what it changed and what it read of the entries
+  (:meth:`NativePath._learn`);
 - the texts of the reply and the audit line from :mod:`tphtrap.wire` and :mod:`tphtrap.audit`.
-tests/test_native.py drives servers with and without this path side by side and compares every
-reply, audit line and all state after every request.
+tests/test_native.py drives servers with and without this path side by side, in both
+backends, and compares every reply, audit line and all state after every request.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..engine.core import decided, passed
 from ..engine.geometry import CTRL_WRITABLE
-from ..engine.render import RawWrites
+from ..engine.render import HostOps, RawWrites
 from ..engine.target import resolve_entry
 from ..events import VERDICT_NAMES, ConfigWrite, DeviceWrite, Verdict
 from ..policy import TagRules
@@ -59,10 +66,19 @@ CODES: Final = ("tag-allowed", "tag-translated", "unknown-virtual-tag", "foreign
 _CODE_INDEX = {c: k for k, c in enumerate(CODES)}
 _TAGS = 1 << 16  # a guest tag: the 16 bits of an ST entry, or of a Vector Control word
 _DECLINE = -1
-_VERDICTS = (Verdict.PASS, Verdict.REWRITE)
+#: The two verdicts of a steady entry decision, as the C side indexes them: the writes
+#: backend passes the guest's own write or rewrites it; the host backend has nothing to do
+#: (the config ST table: no host operation, no write) or lets the guest's mask bits through.
+_VERDICTS = {"writes": (Verdict.PASS, Verdict.REWRITE), "host": (Verdict.DROP, Verdict.REWRITE)}
+_BACKENDS = (RawWrites, HostOps)
 Reply = tuple[bytes, bytes | None, str, str, str]
-#: What a control write's decision depends on besides the registers control_key reads.
+#: What a control write's decision depends on besides the registers control_key reads: the
+#: session's attributes, and the host backend's.
 _KEY_ATTRS: Final = ("ctrl_written", "latched", "revoked", "settled", "prospective", "pm_state")
+_HOST_KEY_ATTRS: Final = ("refusal", "allocated")
+#: What every host decision sets, whether or not it differs from before (HostOps.commit, the
+#: self-check's verify_host): the undo records of its operations.
+_OVERWRITTEN: Final = frozenset({"backend.last", "checker._host_marks", "checker._host_undo"})
 _CONTROLS_KEPT = 64  # control decisions kept per session (each one learnt on a copy)
 #: Caches of pure functions (and the copy's watch on _resolve), left out of the state a
 #: learnt decision may change.
@@ -127,9 +143,9 @@ class NativePath:
         armed = self.armed.get(key)
         if sess is None or sess.poisoned is not None or sess.revoked:
             self.armed.pop(key, None)
-        elif armed is not None and type(sess.backend) is RawWrites:
+        elif armed is not None:
             # Its passes go on (they read nothing an access changes); anything else waits
-            # for it to be armed again. (The host backend's: passes only, ever.)
+            # for it to be armed again.
             armed.stale()
 
     def _arm(self, sess: Session) -> bool:
@@ -138,15 +154,16 @@ class NativePath:
             return False
         key = _key(sess.vm, sess.bdf)
         regular, geometry = self._geometry_of(sess)
-        # (the host backend's entry writes are host operations: the Python path's)
-        raw = type(sess.backend) is RawWrites
-        entries = self._entries_of(sess) if regular and raw else None
+        # Writes of the control register and of the entries: one TPH capability, the entries
+        # where the C side finds them, a backend it knows (the entries in the usual state).
+        armable = regular and type(sess.backend) in _BACKENDS and len(sess.geo.caps) == 1
+        entries = self._entries_of(sess) if armable else None
         armed = self.armed.get(key)
-        if entries is None and armed is not None:
+        if not armable and armed is not None:
             armed.passes_only()  # (what it needs for passes does not change)
             return True
         texts = self._texts_of(sess)
-        if entries is None:
+        if not armable:
             geometry = (*geometry[:3], -1, -1, *geometry[5:])  # passes only
         mode, mask, allowed, table, resolver = entries or _NO_ENTRIES
         msix = sess.geo.in_msix
@@ -155,11 +172,12 @@ class NativePath:
             # (a decision is kept under its rules' address: new rules, a new table)
             kept = self._controls[key] = (sess, sess.rules, {})
         controls = kept[2]
-        ctrl_off = sess.geo.caps[0].ctrl if entries is not None else -1
+        ctrl_off = sess.geo.caps[0].ctrl if armable else -1
 
         def learn(ckey: tuple[Any, ...]) -> Any:
             return self._learn(sess, controls, ckey)
 
+        host = _host_of(sess) if armable else None
         self.armed[key] = _steady.Armed(
             sess.counts,
             sess.written,
@@ -182,6 +200,8 @@ class NativePath:
             controls,
             learn,
             _KEY_ATTRS,
+            _backend_key_attrs(sess),
+            host,
         )
         return True
 
@@ -217,12 +237,14 @@ class NativePath:
             return real(*args)
 
         clone._resolve = resolve  # type: ignore[method-assign,assignment]
+        guard = _guard(clone)
         before = _state(clone)
         access = ConfigWrite(sess.vm, sess.bdf, off, 4, value)
         decision = self.engine._config_write(clone, access)
         if resolved or decision.reason in ("not-tph", "internal-error"):
             return None
-        effects = _effects(before, _state(clone), off, decision.verdict)
+        lists = {id(v): k for k, v in vars(clone.checker).items() if type(v) is list}
+        effects = _effects(before, _state(clone), off, decision.verdict, lists)
         if effects is None:
             return None
         nxt = self._entries_of(clone) or _NO_ENTRIES
@@ -253,6 +275,7 @@ class NativePath:
             nxt,
             check,
             sess.rules,
+            guard,
         )
 
     def _geometry_of(self, sess: Session) -> tuple[bool, tuple[Any, ...]]:
@@ -285,7 +308,7 @@ class NativePath:
         tags the checker allows, the resolved tags, their resolver); None when they are the
         Python path's (:func:`_steady_state`)."""
         steady = _steady_state(sess)
-        if steady is None:
+        if steady is None or not _host_pieces(sess):
             return None
         mode, width, allowed = steady
         table, resolver = self._resolver(sess.rules, width, mode == _steady.IN_USE)
@@ -314,8 +337,8 @@ class NativePath:
         return table, resolver
 
     def _texts_of(self, sess: Session) -> tuple[Any, ...]:
-        """(heads, whys, rules, reasons, verdicts, who, pass head and tail): the C side's
-        texts."""
+        """(heads, whys, rules, reasons, verdicts and their names, who, pass head and tail,
+        the decision's ops): the C side's texts."""
         key = (id(sess.rules), sess.vm, sess.bdf, sess.backend.name)
         got = self._texts.get(key)
         if got is not None and got[0] is sess.rules:
@@ -326,8 +349,9 @@ class NativePath:
         whys: list[bytes] = []
         rules: list[bytes] = []
         reasons: list[str] = []
+        verdicts = _VERDICTS[sess.backend.name]
         for code in CODES:
-            for verdict in _VERDICTS:
+            for verdict in verdicts:
                 d = decided(sess, verdict, (code,))
                 heads.append(decision_head(d).encode())
                 whys.append(self.audit.why(d).encode())
@@ -337,15 +361,22 @@ class NativePath:
         own = DeviceWrite("config", 0, 4, 0)
         whole = decision_text(passed(sess, own))
         head, tail = whole.split(f',"writes":[{write_text(own)}', 1)
+        # What an entry decision says between its writes and its rule: its ops (host: none).
+        d = decided(sess, verdicts[0], (CODES[0],))
+        bare = decision_text(d)
+        before, after = f'{decision_head(d)},"writes":[]', f"{rule_text(d.rule)}}}"
+        ops = bare[len(before) : len(bare) - len(after)]
+        assert bare == before + ops + after
         texts = (
             tuple(heads),
             tuple(whys),
             tuple(rules),
             tuple(reasons),
-            _VERDICTS,
+            (*verdicts, *(VERDICT_NAMES[v] for v in verdicts)),
             self.audit.who(sess.vm, sess.bdf).encode(),
             head.encode(),
             tail[:-1].encode(),  # (the decision's closing brace is the C side's)
+            ops.encode(),
         )
         self._texts[key] = (sess.rules, texts)
         return texts
@@ -388,6 +419,46 @@ def _steady_state(sess: Session) -> tuple[int, TagWidth, frozenset[int] | None] 
     return _steady.UNUSED, grant.requested_width or sess.prospective, None
 
 
+def _host_of(sess: Session) -> tuple[frozenset[int] | None, tuple[Any, ...]] | None:
+    """The host backend's part of an arming (None: the writes backend): the MSI-X vectors the
+    host has allocated (None: the ST table is in the capability, every entry can be set), and
+    what a decision with no host operation leaves (:meth:`HostOps.idle`)."""
+    backend = sess.backend
+    if type(backend) is not HostOps:
+        return None
+    return (backend.allocated if sess.geo.in_msix else None, backend.idle(sess))
+
+
+def _host_pieces(sess: Session) -> bool:
+    """In the host backend, does a whole Vector Control write let exactly its low half (the
+    mask bits) through, as the one 2-byte write the C side renders? (Always, in a table
+    at a QWORD-aligned offset, as the spec puts it.)"""
+    backend, geo = sess.backend, sess.geo
+    if type(backend) is not HostOps or not geo.in_msix:
+        return True
+    at, bar = geo.vc_offsets[0], geo.msix_bir
+    own = DeviceWrite("bar", at, 4, 0x1234_5678, bar)
+    return backend._guest_bytes(sess, own) == [DeviceWrite("bar", at, 2, 0x5678, bar)]
+
+
+def _guard(sess: Session) -> tuple[tuple[frozenset[int], int, int, bool], ...]:
+    """What a control write's decision reads of the entries besides control_key: in the host
+    backend, whether the self-check's copy holds tags allowed at each width
+    (:meth:`HostOps.window_safe`), as (allowed, mask, shift, answer) for the C side to ask
+    again before it replays the decision."""
+    if type(sess.backend) is not HostOps:
+        return ()
+    checker, rules = sess.checker, sess.rules
+    shift = 0 if checker.in_cap else 16
+    return tuple(
+        (rules.allowed[w], w.mask, shift, checker.entries_allowed(w, rules)) for w in TagWidth
+    )
+
+
+def _backend_key_attrs(sess: Session) -> tuple[str, ...]:
+    return _HOST_KEY_ATTRS if type(sess.backend) is HostOps else ()
+
+
 def _regular(sess: Session) -> bool:
     """Are the entries where the C side computes them (the ST table in the capability two
     bytes apart, or the Vector Control words of the MSI-X table)?"""
@@ -413,41 +484,53 @@ def control_key(sess: Session, value: int) -> tuple[Any, ...]:
         len(sess.dirty),
         id(sess.rules),
         *(getattr(sess, name) for name in _KEY_ATTRS),
+        *(getattr(sess.backend, name) for name in _backend_key_attrs(sess)),
     )
 
 
 def _copy(sess: Session) -> Session:
-    """A copy of ``sess`` to decide on, sharing what no decision changes."""
-    keep = (sess.config, sess.geo, sess.rules, sess.backend)
+    """A copy of ``sess`` and its backend to decide on, sharing what no decision changes."""
+    backend = sess.backend
+    shared = backend.facts if isinstance(backend, HostOps) else backend
+    keep = (sess.config, sess.geo, sess.rules, shared)
     return copy.deepcopy(sess, {id(x): x for x in keep})
 
 
 def _state(sess: Session) -> dict[str, Any]:
-    """Every attribute of the session and of its checker, but caches: containers copied,
-    anything else as it is (a change of any other object is a new object)."""
+    """Every attribute of the session, of its checker and of its backend, but caches:
+    containers copied, anything else as it is (a change of any other object is a new
+    object)."""
 
     def snap(v: Any) -> Any:
         return copy.deepcopy(v) if isinstance(v, (list, dict, set, bytearray)) else v
 
     out = {k: snap(v) for k, v in vars(sess).items() if k not in _NOT_STATE and k != "checker"}
-    out.update(
-        {f"checker.{k}": snap(v) for k, v in vars(sess.checker).items() if k not in _NOT_STATE}
-    )
+    for owner in ("checker", "backend"):
+        attrs = vars(getattr(sess, owner)).items()
+        out.update({f"{owner}.{k}": snap(v) for k, v in attrs if k not in _NOT_STATE})
     return out
 
 
 def _effects(
-    before: dict[str, Any], after: dict[str, Any], ctrl_off: int, verdict: Verdict
+    before: dict[str, Any],
+    after: dict[str, Any],
+    ctrl_off: int,
+    verdict: Verdict,
+    lists: dict[int, str],
 ) -> tuple[tuple[int, str, int, Any], ...] | None:
     """What a control write changed, as effects the C side applies (owner: 0 the session, 1
-    its checker; index -1: the attribute, else a list item or bytes from there), or None when
-    it changed anything else (then it is not replayed)."""
+    its checker, 2 its backend; index -1: the attribute, -2: the checker's undo records of
+    host operations, naming the checker's lists by attribute (``lists``: by id), else a list
+    item or bytes from there), or None when it changed anything else (then it is not
+    replayed). Every value set is immutable."""
     out: list[tuple[int, str, int, Any]] = []
     if set(after) != set(before):
         return None
     for name, old in before.items():
         new = after[name]
-        if new is old or (type(new) is type(old) and new == old):
+        if name in _OVERWRITTEN:
+            pass  # set by every decision, whatever the state held before
+        elif new is old or (type(new) is type(old) and new == old):
             continue
         if name == "counts":
             if {**old, verdict: old.get(verdict, 0) + 1} != new:
@@ -459,6 +542,14 @@ def _effects(
             out.append((0, "image", ctrl_off, bytes(new[ctrl_off : ctrl_off + 4])))
         elif name in ("ctrl_written", "settled", "prospective"):
             out.append((0, name, -1, new))
+        elif name == "backend.last":
+            out.append((2, "last", -1, new))
+        elif name == "checker._host_marks":
+            out.append((1, "_host_marks", -1, new))
+        elif name == "checker._host_undo":
+            if any(id(regs) not in lists for regs, _, _ in new):
+                return None
+            out.append((1, "_host_undo", -2, tuple((lists[id(r)], i, v) for r, i, v in new)))
         elif name in ("dev_ctrl", "checker.ctrl") and len(new) == len(old):
             owner, attr = (1, "ctrl") if name == "checker.ctrl" else (0, name)
             out.extend((owner, attr, i, v) for i, v in enumerate(new) if v != old[i])

@@ -10,7 +10,9 @@
  *   - a write of one whole ST entry or Vector Control word while the session is in the state
  *     Armed describes: the tag resolved by the engine's own resolver (kept per tag), the
  *     device value checked against the checker's rule, the guest view, the device state and
- *     the self-check's copy updated as the engine's steady path updates them.
+ *     the self-check's copy updated as the engine's steady path updates them. In the host
+ *     backend only while the decision has no host operation to do (the device already holds
+ *     that tag, or cannot be set now): one that sets a tag is the Python path's.
  * Anything else returns None, and the Python path decides (the same decision: the engines run
  * side by side in tests/test_native.py). Nothing is changed before every test has passed.
  */
@@ -35,21 +37,23 @@ typedef struct {
     PyObject_HEAD
     PyObject *counts, *written, *guest_tag, *guest_low, *dev_ent, *dev_low, *check_ent;
     PyObject *image, *dirty, *table, *resolver, *allowed, *heads, *whys, *rules, *reasons;
-    PyObject *verdicts, *who, *pass_head, *pass_tail;
-    PyObject *sess, *controls, *learn, *key_attrs; /* control writes (control()) */
+    PyObject *verdicts, *who, *pass_head, *pass_tail, *ops_text;
+    PyObject *sess, *controls, *learn, *key_attrs, *backend_attrs; /* control writes */
+    PyObject *host; /* None (the writes backend), or (allocated vectors or None, idle effects) */
     long long ctrl_off;
     int in_msix, entries;
     long long watch_lo, watch_hi, first, n, bir, msix_start, msix_end, mask;
 } Armed;
 
-static PyObject *S_CFG, *S_MSIX, *S_PASS, *S_REWRITE, *S_NOT_TPH, *S_PASS_KEY;
+static PyObject *S_CFG, *S_MSIX, *S_PASS, *S_NOT_TPH, *S_PASS_KEY;
 
 /* Every object an Armed holds (the resolver and learn close over the NativePath holding it:
  * a cycle the collector must see). */
 #define ARMED_OBJECTS(X)                                                                      \
     X(counts) X(written) X(guest_tag) X(guest_low) X(dev_ent) X(dev_low) X(check_ent)         \
     X(image) X(dirty) X(table) X(resolver) X(allowed) X(heads) X(whys) X(rules) X(reasons)    \
-    X(verdicts) X(who) X(pass_head) X(pass_tail) X(sess) X(controls) X(learn) X(key_attrs)
+    X(verdicts) X(who) X(pass_head) X(pass_tail) X(ops_text) X(sess) X(controls) X(learn)  \
+    X(key_attrs) X(backend_attrs) X(host)
 
 static int armed_traverse(Armed *a, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(a->f);
@@ -118,18 +122,21 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                          &a->dev_low, &a->check_ent, &a->image, &a->dirty, &a->table,
                          &a->resolver, &a->allowed, &a->heads, &a->whys, &a->rules,
                          &a->reasons, &a->verdicts, &a->who, &a->pass_head, &a->pass_tail,
-                         &a->sess, &a->controls, &a->learn, &a->key_attrs};
-    PyObject *o[24];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOOOOLOOO:Armed", &o[0], &o[1], &o[2],
-                          &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &a->in_msix, &a->watch_lo,
-                          &a->watch_hi, &a->first, &a->n, &a->bir, &a->msix_start,
-                          &a->msix_end, &a->entries, &o[9], &o[10], &o[11], &a->mask, &o[12],
-                          &o[13], &o[14], &o[15], &o[16], &o[17], &o[18], &o[19], &o[20],
-                          &a->ctrl_off, &o[21], &o[22], &o[23])) {
+                         &a->ops_text, &a->sess, &a->controls, &a->learn, &a->key_attrs,
+                         &a->backend_attrs, &a->host};
+    enum { N = sizeof slot / sizeof slot[0] };
+    PyObject *o[N];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOOOOOLOOOOO:Armed", &o[0], &o[1],
+                          &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &a->in_msix,
+                          &a->watch_lo, &a->watch_hi, &a->first, &a->n, &a->bir,
+                          &a->msix_start, &a->msix_end, &a->entries, &o[9], &o[10], &o[11],
+                          &a->mask, &o[12], &o[13], &o[14], &o[15], &o[16], &o[17], &o[18],
+                          &o[19], &o[20], &o[21], &a->ctrl_off, &o[22], &o[23], &o[24], &o[25],
+                          &o[26])) {
         Py_DECREF(a);
         return NULL;
     }
-    for (int i = 0; i < 24; i++) {
+    for (int i = 0; i < N; i++) {
         Py_INCREF(o[i]);
         *slot[i] = o[i];
     }
@@ -138,21 +145,42 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         goto fail;
     }
     if (text_of(a->who, "who") || text_of(a->pass_head, "pass_head") ||
-        text_of(a->pass_tail, "pass_tail"))
+        text_of(a->pass_tail, "pass_tail") || text_of(a->ops_text, "ops_text"))
         goto fail;
+    if (tuple_of(a->backend_attrs,
+                 PyTuple_Check(a->backend_attrs) ? PyTuple_GET_SIZE(a->backend_attrs) : -1,
+                 &PyUnicode_Type, "backend_attrs"))
+        goto fail;
+    if (a->host != Py_None) {
+        /* (allocated: a frozenset, or None when every entry can be set; idle: a tuple of
+         * (object, attribute name, value)) */
+        PyObject *allocated, *idle;
+        if (!PyTuple_CheckExact(a->host) || PyTuple_GET_SIZE(a->host) != 2) goto fail_host;
+        allocated = PyTuple_GET_ITEM(a->host, 0);
+        idle = PyTuple_GET_ITEM(a->host, 1);
+        if ((allocated != Py_None && !PyFrozenSet_CheckExact(allocated)) ||
+            (a->in_msix && allocated == Py_None) || !PyTuple_CheckExact(idle))
+            goto fail_host;
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(idle); k++) {
+            PyObject *e = PyTuple_GET_ITEM(idle, k);
+            if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3 ||
+                !PyUnicode_CheckExact(PyTuple_GET_ITEM(e, 1)))
+                goto fail_host;
+        }
+    }
     if (a->ctrl_off >= 0 &&
         (!PyDict_CheckExact(a->controls) || !PyCallable_Check(a->learn) ||
          tuple_of(a->key_attrs, PyTuple_Check(a->key_attrs) ? PyTuple_GET_SIZE(a->key_attrs) : -1,
-                  &PyUnicode_Type, "key_attrs") ||
-         a->entries == E_NONE)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "control writes: armed entries");
+                  &PyUnicode_Type, "key_attrs"))) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "control writes");
         goto fail;
     }
-    if (a->entries != E_NONE) {
-        if (a->entries != E_IN_USE && a->entries != E_UNUSED) {
-            PyErr_SetString(PyExc_ValueError, "entries mode");
-            goto fail;
-        }
+    if (a->entries != E_NONE && a->entries != E_IN_USE && a->entries != E_UNUSED) {
+        PyErr_SetString(PyExc_ValueError, "entries mode");
+        goto fail;
+    }
+    /* (a replayed control write may arm the entries: what they need, when either is armed) */
+    if (a->entries != E_NONE || a->ctrl_off >= 0) {
         if (a->n <= 0 || list_or_none(a->written, a->n, "written") ||
             list_or_none(a->dev_ent, a->n, "dev_ent") ||
             list_or_none(a->check_ent, a->n, "check_ent") || a->written == Py_None ||
@@ -169,8 +197,9 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
             PyErr_SetString(PyExc_TypeError, "image: a bytearray holding the ST table");
             goto fail;
         }
-        if (!PyByteArray_CheckExact(a->table) || PyByteArray_GET_SIZE(a->table) != 4 * TAGS ||
-            !PyCallable_Check(a->resolver)) {
+        if (a->entries != E_NONE && (!PyByteArray_CheckExact(a->table) ||
+                                     PyByteArray_GET_SIZE(a->table) != 4 * TAGS ||
+                                     !PyCallable_Check(a->resolver))) {
             PyErr_SetString(PyExc_TypeError, "table: a bytearray of 65536 int32, resolver");
             goto fail;
         }
@@ -178,7 +207,7 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
             PyErr_SetString(PyExc_TypeError, "allowed: a frozenset while entries are in use");
             goto fail;
         }
-        if (a->entries == E_UNUSED && !PySet_CheckExact(a->dirty)) {
+        if (!PySet_CheckExact(a->dirty)) {
             PyErr_SetString(PyExc_TypeError, "dirty: a set");
             goto fail;
         }
@@ -186,10 +215,18 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
             tuple_of(a->whys, 2 * NCODES, &PyBytes_Type, "whys") ||
             tuple_of(a->rules, NCODES, &PyBytes_Type, "rules") ||
             tuple_of(a->reasons, NCODES, &PyUnicode_Type, "reasons") ||
-            tuple_of(a->verdicts, 2, NULL, "verdicts"))
+            tuple_of(a->verdicts, 4, NULL, "verdicts"))
             goto fail;
+        for (int k = 2; k < 4; k++)
+            if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(a->verdicts, k))) {
+                PyErr_SetString(PyExc_TypeError, "verdicts: two verdicts and their names");
+                goto fail;
+            }
     }
     return (PyObject *)a;
+fail_host:
+    PyErr_SetString(PyExc_TypeError, "host: (allocated, idle effects)");
+    goto fail;
 fail_types:
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "entry lists");
 fail:
@@ -206,6 +243,7 @@ static PyObject *armed_stale(Armed *a, PyObject *noargs) {
 static PyObject *armed_passes_only(Armed *a, PyObject *noargs) {
     (void)noargs;
     a->entries = E_NONE;
+    a->ctrl_off = -1;
     Py_RETURN_NONE;
 }
 
@@ -213,7 +251,7 @@ static PyMethodDef armed_methods[] = {
     {"stale", (PyCFunction)armed_stale, METH_NOARGS,
      "The engine changed the session: its entry writes wait to be armed again; passes go on."},
     {"passes_only", (PyCFunction)armed_passes_only, METH_NOARGS,
-     "Not in the usual state: entry writes are the Python path's until the session is stale."},
+     "Passes only: entry and control writes are the Python path's until the session is armed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -396,7 +434,9 @@ static void put_id(Text *t, const Req *r) {
     put(t, r->id, (size_t)r->id_len);
     if (r->id_is_str) put(t, "\"", 1);
 }
-static void put_write(Text *t, const Req *r, unsigned long long value) {
+/* A write at the request's place, of ``width`` bytes (the request's, or the host backend's
+ * low half of Vector Control). */
+static void put_write(Text *t, const Req *r, unsigned long long width, unsigned long long value) {
     if (r->op == OP_CFG) {
         puts_(t, "{\"space\":\"config\",\"offset\":");
     } else {
@@ -406,7 +446,7 @@ static void put_write(Text *t, const Req *r, unsigned long long value) {
     }
     put_u(t, r->offset);
     puts_(t, ",\"width\":");
-    put_u(t, r->width);
+    put_u(t, width);
     puts_(t, ",\"value\":");
     put_u(t, value);
     puts_(t, "}");
@@ -465,7 +505,7 @@ static PyObject *pass_reply(Armed *a, const Req *r, PyObject *op) {
     puts_(&t, ",\"ok\":true,\"decision\":");
     put_bytes(&t, a->pass_head);
     puts_(&t, ",\"writes\":[");
-    put_write(&t, r, r->value);
+    put_write(&t, r, r->width, r->value);
     put_bytes(&t, a->pass_tail);
     puts_(&t, "}}\n");
     PyObject *reply = text_bytes(&t);
@@ -530,7 +570,34 @@ static PyObject *entry(Armed *a, const Req *r, PyObject *op, Py_ssize_t i) {
         if (ok < 0) return NULL;
         if (!ok) Py_RETURN_NONE;
     }
-    int verdict = word == r->value ? 0 : 1;
+    int verdict;
+    if (a->host != Py_None) {
+        /* HostOps.ops: an st_set where the tag is in use, the entry can be set (its vector
+         * allocated) and the device does not hold it yet; then the Python path decides */
+        PyObject *allocated = PyTuple_GET_ITEM(a->host, 0);
+        int settable = 1;
+        if (a->entries == E_IN_USE && allocated != Py_None) {
+            PyObject *o = PyLong_FromSsize_t(i);
+            settable = o == NULL ? -1 : PySet_Contains(allocated, o);
+            Py_XDECREF(o);
+            if (settable < 0) return NULL;
+        }
+        if (a->entries == E_IN_USE && settable) {
+            PyObject *cur = PyList_GET_ITEM(a->dev_ent, i);
+            if (!PyLong_CheckExact(cur)) Py_RETURN_NONE;
+            unsigned long long held = PyLong_AsUnsignedLongLong(cur);
+            if (PyErr_Occurred()) return NULL;
+            if (held != (dv & (unsigned long long)a->mask)) Py_RETURN_NONE;
+        }
+        verdict = a->in_msix; /* nothing to do, or the guest's mask bits go through */
+    } else {
+        verdict = word == r->value ? 0 : 1;
+    }
+    /* what goes to the device as a write: the entry (writes), the low half of Vector Control
+     * (host, MSI-X) or nothing (host, the capability's ST table) */
+    int raw = a->host == Py_None, writes = raw || a->in_msix;
+    unsigned long long out_width = raw ? r->width : 2;
+    unsigned long long out_value = raw ? word : r->value & 0xFFFF;
     unsigned long long read_mask = a->in_msix ? 0xFFFF0000ULL : 0xFFFFULL;
     unsigned long long view = a->in_msix ? tag << 16 : r->value;
 
@@ -550,8 +617,10 @@ static PyObject *entry(Armed *a, const Req *r, PyObject *op, Py_ssize_t i) {
     puts_(&rep, ",\"ok\":true,\"decision\":");
     put_bytes(&rep, PyTuple_GET_ITEM(a->heads, 2 * code + verdict));
     puts_(&rep, ",\"writes\":[");
-    put_write(&rep, r, word);
-    puts_(&rep, "],\"guest_value\":");
+    if (writes) put_write(&rep, r, out_width, out_value);
+    puts_(&rep, "]");
+    put_bytes(&rep, a->ops_text);
+    puts_(&rep, ",\"guest_value\":");
     put_u(&rep, view);
     puts_(&rep, ",\"read_mask\":");
     put_u(&rep, read_mask);
@@ -572,10 +641,12 @@ static PyObject *entry(Armed *a, const Req *r, PyObject *op, Py_ssize_t i) {
     puts_(&aud, ",\"guest_value\":");
     put_u(&aud, r->value);
     put_bytes(&aud, PyTuple_GET_ITEM(a->whys, 2 * code + verdict));
-    puts_(&aud, ",\"device_writes\":[");
-    put_write(&aud, r, word);
-    puts_(&aud, "],\"device_value\":");
-    put_u(&aud, word);
+    if (writes) {
+        puts_(&aud, ",\"device_writes\":[");
+        put_write(&aud, r, out_width, out_value);
+        puts_(&aud, "],\"device_value\":");
+        put_u(&aud, out_value);
+    }
     puts_(&aud, ",\"guest_view\":");
     put_u(&aud, view);
     puts_(&aud, ",\"read_mask\":");
@@ -588,7 +659,7 @@ static PyObject *entry(Armed *a, const Req *r, PyObject *op, Py_ssize_t i) {
     reply = text_bytes(&rep);
     audit = text_bytes(&aud);
     if (!reply || !audit) goto done;
-    out = PyTuple_Pack(5, reply, audit, op, verdict ? S_REWRITE : S_PASS,
+    out = PyTuple_Pack(5, reply, audit, op, PyTuple_GET_ITEM(a->verdicts, 2 + verdict),
                        PyTuple_GET_ITEM(a->reasons, code));
     if (out == NULL) goto done;
     if (a->entries == E_UNUSED && PySet_Add(a->dirty, o_i)) goto fail;
@@ -608,8 +679,18 @@ static PyObject *entry(Armed *a, const Req *r, PyObject *op, Py_ssize_t i) {
         image[a->first + 2 * i + 1] = (char)(r->value >> 8);
         set_item(a->written, i, Py_True);
     }
-    set_item(a->dev_ent, i, o_dv);
-    set_item(a->check_ent, i, o_word);
+    if (raw) {
+        set_item(a->dev_ent, i, o_dv);
+        set_item(a->check_ent, i, o_word);
+    } else { /* no host operation: the device and the self-check's copy are as they were */
+        PyObject *idle = PyTuple_GET_ITEM(a->host, 1);
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(idle); k++) {
+            PyObject *e = PyTuple_GET_ITEM(idle, k);
+            if (PyObject_SetAttr(PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1),
+                                 PyTuple_GET_ITEM(e, 2)))
+                goto fail; /* (plain attributes: it does not fail) */
+        }
+    }
     goto done;
 fail:
     Py_CLEAR(out);
@@ -639,11 +720,11 @@ static PyObject *item0(PyObject *owner, const char *attr) {
     return v;
 }
 
-/* (value, guest control, device control, checker's control, dirty entries, rules, attrs...):
- * tphtrap.native.control_key builds the same tuple. */
+/* (value, guest control, device control, checker's control, dirty entries, rules, the
+ * session's attributes..., the backend's...): tphtrap.native.control_key builds the same. */
 static PyObject *control_key(Armed *a, unsigned long long value) {
-    Py_ssize_t n = PyTuple_GET_SIZE(a->key_attrs);
-    PyObject *key = PyTuple_New(6 + n);
+    Py_ssize_t n = PyTuple_GET_SIZE(a->key_attrs), nb = PyTuple_GET_SIZE(a->backend_attrs);
+    PyObject *key = PyTuple_New(6 + n + nb);
     if (key == NULL) return NULL;
     PyObject *image = PyObject_GetAttrString(a->sess, "image");
     PyObject *checker = PyObject_GetAttrString(a->sess, "checker");
@@ -671,6 +752,19 @@ static PyObject *control_key(Armed *a, unsigned long long value) {
         if (v == NULL) goto fail;
         PyTuple_SET_ITEM(key, 6 + k, v);
     }
+    if (nb) {
+        PyObject *backend = PyObject_GetAttrString(a->sess, "backend");
+        if (backend == NULL) goto fail;
+        for (Py_ssize_t k = 0; k < nb; k++) {
+            PyObject *v = PyObject_GetAttr(backend, PyTuple_GET_ITEM(a->backend_attrs, k));
+            if (v == NULL) {
+                Py_DECREF(backend);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(key, 6 + n + k, v);
+        }
+        Py_DECREF(backend);
+    }
     Py_DECREF(image); Py_DECREF(checker); Py_DECREF(dirty); Py_DECREF(rules);
     return key;
 fail:
@@ -679,7 +773,9 @@ fail:
     return NULL;
 }
 
-/* Does every entry of the checker's copy hold a tag ``check`` (allowed, mask, shift) allows? */
+/* Does every entry of the checker's copy hold a tag ``check`` (allowed, mask, shift) allows?
+ * 1 yes, 0 no, 2 some entry is unknown or one of several values (the Python path tells),
+ * -1 an error. */
 static int entries_allowed(Armed *a, PyObject *check) {
     PyObject *allowed = PyTuple_GET_ITEM(check, 0);
     long long mask = PyLong_AsLongLong(PyTuple_GET_ITEM(check, 1));
@@ -694,7 +790,7 @@ static int entries_allowed(Armed *a, PyObject *check) {
     for (Py_ssize_t i = 0; ok == 1 && i < PyList_GET_SIZE(ent); i++) {
         PyObject *v = PyList_GET_ITEM(ent, i);
         if (!PyLong_CheckExact(v)) {
-            ok = 0; /* unknown, or several values: the Python path's */
+            ok = 2; /* unknown, or several values: the Python path's */
             break;
         }
         unsigned long long x = PyLong_AsUnsignedLongLong(v);
@@ -710,18 +806,50 @@ static int entries_allowed(Armed *a, PyObject *check) {
     return ok;
 }
 
-/* One effect (owner, attribute, index, value): owner 0 the session, 1 its checker; index -1
- * sets the attribute, else the list item, or (bytes) the bytearray's bytes from there. */
+/* The checker's undo records of host operations, (list, index, old value) each, from
+ * ``named`` (the list's attribute name, index, old value) each. */
+static PyObject *undo_records(PyObject *checker, PyObject *named) {
+    if (!PyTuple_CheckExact(named)) {
+        PyErr_SetString(PyExc_TypeError, "effect: undo records");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(named);
+    PyObject *out = PyTuple_New(n);
+    for (Py_ssize_t k = 0; out != NULL && k < n; k++) {
+        PyObject *e = PyTuple_GET_ITEM(named, k), *regs;
+        if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3 ||
+            (regs = PyObject_GetAttr(checker, PyTuple_GET_ITEM(e, 0))) == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "effect: undo record");
+            Py_CLEAR(out);
+            break;
+        }
+        PyObject *rec = PyTuple_Pack(3, regs, PyTuple_GET_ITEM(e, 1), PyTuple_GET_ITEM(e, 2));
+        Py_DECREF(regs);
+        if (rec == NULL) Py_CLEAR(out);
+        else PyTuple_SET_ITEM(out, k, rec);
+    }
+    return out;
+}
+
+/* One effect (owner, attribute, index, value): owner 0 the session, 1 its checker, 2 its
+ * backend; index -1 sets the attribute, -2 the checker's undo records (undo_records), else
+ * the list item, or (bytes) the bytearray's bytes from there. */
 static int apply(Armed *a, PyObject *effect) {
     long owner = PyLong_AsLong(PyTuple_GET_ITEM(effect, 0));
     PyObject *attr = PyTuple_GET_ITEM(effect, 1);
     Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(effect, 2));
     PyObject *value = PyTuple_GET_ITEM(effect, 3);
     if (PyErr_Occurred()) return -1;
-    PyObject *on = owner ? PyObject_GetAttrString(a->sess, "checker") : Py_NewRef(a->sess);
+    PyObject *on = owner == 0   ? Py_NewRef(a->sess)
+                   : owner == 1 ? PyObject_GetAttrString(a->sess, "checker")
+                                : PyObject_GetAttrString(a->sess, "backend");
     if (on == NULL) return -1;
     int rc;
-    if (index < 0) {
+    if (index == -2) {
+        PyObject *records = undo_records(on, value);
+        rc = records == NULL ? -1 : PyObject_SetAttr(on, attr, records);
+        Py_XDECREF(records);
+    } else if (index < 0) {
         rc = PyObject_SetAttr(on, attr, value);
     } else {
         PyObject *target = PyObject_GetAttr(on, attr);
@@ -749,7 +877,7 @@ static int apply(Armed *a, PyObject *effect) {
 }
 
 enum { M_REPLY, M_AUDIT_HEAD, M_AUDIT_MID, M_AUDIT_TAIL, M_VERDICT, M_REASON, M_COUNT,
-       M_EFFECTS, M_NEXT, M_CHECK, M_RULES, M_SIZE };
+       M_EFFECTS, M_NEXT, M_CHECK, M_RULES, M_GUARD, M_SIZE };
 
 static PyObject *control(Armed *a, const Req *r, PyObject *op) {
     PyObject *key = control_key(a, r->value);
@@ -779,11 +907,23 @@ static PyObject *control(Armed *a, const Req *r, PyObject *op) {
         out = Py_NewRef(Py_None);
         goto done;
     }
+    /* what the decision read of the entries (the host backend: are they all allowed at each
+     * width?) is as it was; and the self-check: every entry allowed by the rule after it */
+    PyObject *guard = PyTuple_GET_ITEM(memo, M_GUARD);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(guard); k++) {
+        PyObject *g = PyTuple_GET_ITEM(guard, k);
+        int ok = entries_allowed(a, g);
+        if (ok < 0) goto done;
+        if (ok != PyObject_IsTrue(PyTuple_GET_ITEM(g, 3))) {
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
     PyObject *check = PyTuple_GET_ITEM(memo, M_CHECK);
     if (check != Py_None) {
         int ok = entries_allowed(a, check);
         if (ok < 0) goto done;
-        if (!ok) {
+        if (ok != 1) {
             out = Py_NewRef(Py_None);
             goto done;
         }
@@ -816,7 +956,8 @@ static PyObject *control(Armed *a, const Req *r, PyObject *op) {
     PyObject **slot[] = {&a->allowed, &a->table, &a->resolver};
     for (int k = 0; k < 3; k++) Py_XSETREF(*slot[k], Py_NewRef(PyTuple_GET_ITEM(next, 2 + k)));
     a->mask = mask;
-    a->entries = mode == E_IN_USE || mode == E_UNUSED ? (int)mode : E_STALE;
+    /* (not the usual state: the entries are the Python path's, control writes go on) */
+    a->entries = mode == E_IN_USE || mode == E_UNUSED ? (int)mode : E_NONE;
     goto done;
 fail:
     Py_CLEAR(out);
@@ -866,7 +1007,7 @@ static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_
     } else if (a->entries == E_STALE) {
         out = Py_NewRef(k); /* armed again first */
     } else if (r.op == OP_CFG && w == 4 && (long long)off == a->ctrl_off) {
-        out = a->entries == E_NONE ? Py_NewRef(Py_None) : control(a, &r, S_CFG);
+        out = control(a, &r, S_CFG);
     } else {
         if (r.op == OP_CFG) {
             if (!a->in_msix && w == 2 && (long long)off >= a->first &&
@@ -1103,11 +1244,10 @@ PyMODINIT_FUNC PyInit__steady(void) {
     S_CFG = PyUnicode_InternFromString("cfg_write");
     S_MSIX = PyUnicode_InternFromString("msix_write");
     S_PASS = PyUnicode_InternFromString("pass");
-    S_REWRITE = PyUnicode_InternFromString("rewrite");
     S_NOT_TPH = PyUnicode_InternFromString("not-tph");
     S_PASS_KEY = S_PASS;
     Py_INCREF(&ArmedType);
-    if (!S_CFG || !S_MSIX || !S_PASS || !S_REWRITE || !S_NOT_TPH ||
+    if (!S_CFG || !S_MSIX || !S_PASS || !S_NOT_TPH ||
         PyModule_AddObject(m, "Armed", (PyObject *)&ArmedType) < 0 ||
         PyModule_AddIntConstant(m, "TAGS", TAGS) < 0 ||
         PyModule_AddIntConstant(m, "UNKNOWN", UNKNOWN) < 0 ||
