@@ -5,8 +5,9 @@
     .venv/bin/python bench/compare.py v0.1 --rounds 9 --cpu 1 --json
     .venv/bin/python bench/compare.py 31d353d --c        # the C client, both backends
 
-The other commit is checked out into a temporary git worktree (removed afterwards). Both
-trees run ``tphtrap serve`` under this tree's interpreter, each with its own benchmark policy
+The other commit is checked out into a temporary git worktree (removed afterwards), its C
+extensions built there as its pyproject.toml declares them. Both trees run ``tphtrap serve``
+under this tree's interpreter, each with its own benchmark policy
 and request lines (its ``bench/workload.py``), pinned to one CPU with the driver (the
 children inherit it), and answer the same ping-pong: per request kind, one block of warm-up
 round trips each, then ``--rounds`` rounds of 10 blocks of ``--block`` (500) round trips per
@@ -49,6 +50,32 @@ print(json.dumps({
     "policy": str(workload.POLICY),
 }))
 """
+
+
+def build_extensions(tree: Path) -> list[str]:
+    """Build the C extensions ``tree``'s pyproject.toml declares, in place, as pip builds them
+    for this tree (its sources, its compile arguments): the other tree runs from its worktree,
+    where nothing was built. Returns what was built; one that fails to build is left out, as
+    pip leaves an optional one (the tree then runs without it, and this says so)."""
+    import sysconfig
+    import tomllib
+
+    meta = tomllib.loads((tree / "pyproject.toml").read_text())
+    mods = meta.get("tool", {}).get("setuptools", {}).get("ext-modules", [])
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    include = sysconfig.get_paths()["include"]
+    cc = sysconfig.get_config_var("CC") or "cc"
+    built = []
+    for mod in mods:
+        out = tree / (mod["name"].replace(".", "/") + suffix)
+        cmd = [*cc.split(), "-shared", "-fPIC", f"-I{include}", *mod.get("extra-compile-args", [])]
+        cmd += [*(str(tree / src) for src in mod["sources"]), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            built.append(mod["name"])
+        else:
+            print(f"compare: {mod['name']} not built: {done.stderr[-300:]}", file=sys.stderr)
+    return built
 
 
 class Serve(Child):
@@ -171,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
         try:
+            for name in build_extensions(other):
+                print(f"compare: built {name} in {args.commit}", file=sys.stderr, flush=True)
             if args.c:
                 trees = {"this": ROOT, args.commit: other}
                 rows = measure_c(trees, args.rounds, args.calls, Path(tmp))
