@@ -57,10 +57,12 @@ def test_a_kept_control_decision_is_replayed_under_its_own_rules_only(tmp_path: 
     assert server.native_answers == before + 1  # replayed
     server.handle_line(_control(21, 0x001))
     # The same key, as if other rules sat at the address: declined, the Python path decides.
-    kept[key] = (*memo[:-1], object())
+    at = next(k for k, item in enumerate(memo) if item is sess.rules)  # (wherever it is kept)
+    kept[key] = (*memo[:at], object(), *memo[at + 1 :])
     before = server.native_answers
     reply = json.loads(server.handle_line(_control(22, 0x101)))
     assert server.native_answers == before and reply["ok"]
+    assert server.native is not None, "declined by a fault of the native path, not its guard"
 
 
 def test_a_line_past_the_limit_is_the_python_paths(tmp_path: Path) -> None:
@@ -70,3 +72,4 @@ def test_a_line_past_the_limit_is_the_python_paths(tmp_path: Path) -> None:
     assert len(long) > wire.MAX_LINE and server.native is not None
     assert server.native.handle(long) is None
     assert server.native.handle(line) is not None
+
