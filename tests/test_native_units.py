@@ -73,3 +73,28 @@ def test_a_line_past_the_limit_is_the_python_paths(tmp_path: Path) -> None:
     assert server.native.handle(long) is None
     assert server.native.handle(line) is not None
 
+
+def test_a_kept_control_decision_of_another_layout_is_a_fault_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """The C side reads a kept decision as NativePath._control_memo lays it out: one laid out
+    otherwise (an item of another type where it reads a tuple) is a TypeError, which turns
+    the native path off, and the Python path answers (never a read through a wrong type)."""
+    server = _server(tmp_path)
+    assert server.native is not None
+    for rid, value in enumerate([0x101, 0x001, 0x101, 0x001], start=10):
+        server.handle_line(_control(rid, value))
+    sess = server.engine.session("tenant-a", "0000:3b:00.0")
+    assert sess is not None
+    kept = server.native._controls[b"tenant-a\x000000:3b:00.0"][2]
+    key = native.control_key(sess, 0x101)
+    memo = kept[key]
+    assert memo is not None, "the enable was not kept"
+    for k, item in enumerate(memo):
+        if type(item) is tuple:
+            kept[key] = (*memo[:k], object(), *memo[k + 1 :])
+            with pytest.raises(TypeError, match="control memo"):
+                server.native.handle(_control(30 + k, 0x101))
+    kept[key] = memo
+    reply = json.loads(server.handle_line(_control(50, 0x101)))
+    assert reply["ok"] and server.native is not None

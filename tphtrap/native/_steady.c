@@ -879,6 +879,39 @@ static int apply(Armed *a, PyObject *effect) {
 enum { M_REPLY, M_AUDIT_HEAD, M_AUDIT_MID, M_AUDIT_TAIL, M_VERDICT, M_REASON, M_COUNT,
        M_EFFECTS, M_NEXT, M_CHECK, M_RULES, M_GUARD, M_SIZE };
 
+/* Is ``tup`` a tuple of ``n`` items (n < 0: any number)? */
+static int tuple_n(PyObject *tup, Py_ssize_t n) {
+    return PyTuple_CheckExact(tup) && (n < 0 || PyTuple_GET_SIZE(tup) == n);
+}
+
+/* A check of the entries (entries_allowed): (allowed tags, mask, shift[, answer]). */
+static int check_ok(PyObject *c, Py_ssize_t n) {
+    return tuple_n(c, n) && PyAnySet_CheckExact(PyTuple_GET_ITEM(c, 0)) &&
+           PyLong_CheckExact(PyTuple_GET_ITEM(c, 1)) && PyLong_CheckExact(PyTuple_GET_ITEM(c, 2));
+}
+
+/* Is ``memo`` laid out as NativePath._control_memo makes it? Everything control() reads of
+ * it without a check of its own, checked before anything changes. */
+static int memo_ok(PyObject *memo) {
+    if (!tuple_n(memo, M_SIZE)) return 0;
+    for (int k = M_REPLY; k <= M_AUDIT_TAIL; k++)
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(memo, k))) return 0;
+    PyObject *effects = PyTuple_GET_ITEM(memo, M_EFFECTS), *next = PyTuple_GET_ITEM(memo, M_NEXT);
+    PyObject *check = PyTuple_GET_ITEM(memo, M_CHECK), *guard = PyTuple_GET_ITEM(memo, M_GUARD);
+    if (!tuple_n(effects, -1) || !tuple_n(next, 5) || !tuple_n(guard, -1)) return 0;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(effects); k++) {
+        PyObject *e = PyTuple_GET_ITEM(effects, k);
+        if (!tuple_n(e, 4) || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 0)) ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(e, 1)) ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(e, 2)))
+            return 0;
+    }
+    if (check != Py_None && !check_ok(check, 3)) return 0;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(guard); k++)
+        if (!check_ok(PyTuple_GET_ITEM(guard, k), 4)) return 0;
+    return 1;
+}
+
 static PyObject *control(Armed *a, const Req *r, PyObject *op) {
     PyObject *key = control_key(a, r->value);
     if (key == NULL) return NULL;
@@ -895,7 +928,7 @@ static PyObject *control(Armed *a, const Req *r, PyObject *op) {
         out = Py_NewRef(Py_None);
         goto done;
     }
-    if (!PyTuple_CheckExact(memo) || PyTuple_GET_SIZE(memo) != M_SIZE) {
+    if (!memo_ok(memo)) {
         PyErr_SetString(PyExc_TypeError, "control memo");
         goto done;
     }
