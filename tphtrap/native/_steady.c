@@ -46,6 +46,8 @@ typedef struct {
 } Armed;
 
 static PyObject *S_CFG, *S_MSIX, *S_PASS, *S_NOT_TPH, *S_PASS_KEY;
+/* attribute names, interned once */
+static PyObject *N_image, *N_checker, *N_dirty, *N_rules, *N_dev_ctrl, *N_ctrl, *N_backend, *N_ent;
 
 /* Every object an Armed holds (the resolver and learn close over the NativePath holding it:
  * a cycle the collector must see). */
@@ -707,12 +709,12 @@ done:
  * decision and what it changed are kept under the state it depended on (control_key), and
  * replayed here when the same write comes in the same state. */
 
-static PyObject *item0(PyObject *owner, const char *attr) {
-    PyObject *list = PyObject_GetAttrString(owner, attr);
+static PyObject *item0(PyObject *owner, PyObject *attr) {
+    PyObject *list = PyObject_GetAttr(owner, attr);
     if (list == NULL) return NULL;
     if (!PyList_CheckExact(list) || PyList_GET_SIZE(list) < 1) {
         Py_DECREF(list);
-        PyErr_Format(PyExc_TypeError, "%s: a non-empty list", attr);
+        PyErr_Format(PyExc_TypeError, "%U: a non-empty list", attr);
         return NULL;
     }
     PyObject *v = Py_NewRef(PyList_GET_ITEM(list, 0));
@@ -726,10 +728,10 @@ static PyObject *control_key(Armed *a, unsigned long long value) {
     Py_ssize_t n = PyTuple_GET_SIZE(a->key_attrs), nb = PyTuple_GET_SIZE(a->backend_attrs);
     PyObject *key = PyTuple_New(6 + n + nb);
     if (key == NULL) return NULL;
-    PyObject *image = PyObject_GetAttrString(a->sess, "image");
-    PyObject *checker = PyObject_GetAttrString(a->sess, "checker");
-    PyObject *dirty = PyObject_GetAttrString(a->sess, "dirty");
-    PyObject *rules = PyObject_GetAttrString(a->sess, "rules");
+    PyObject *image = PyObject_GetAttr(a->sess, N_image);
+    PyObject *checker = PyObject_GetAttr(a->sess, N_checker);
+    PyObject *dirty = PyObject_GetAttr(a->sess, N_dirty);
+    PyObject *rules = PyObject_GetAttr(a->sess, N_rules);
     if (!image || !checker || !dirty || !rules) goto fail;
     if (!PyByteArray_CheckExact(image) || PyByteArray_GET_SIZE(image) < a->ctrl_off + 4 ||
         !PySet_CheckExact(dirty)) {
@@ -739,7 +741,7 @@ static PyObject *control_key(Armed *a, unsigned long long value) {
     const unsigned char *img = (const unsigned char *)PyByteArray_AS_STRING(image) + a->ctrl_off;
     unsigned long guest = img[0] | img[1] << 8 | img[2] << 16 | (unsigned long)img[3] << 24;
     PyObject *parts[6] = {PyLong_FromUnsignedLongLong(value), PyLong_FromUnsignedLong(guest),
-                          item0(a->sess, "dev_ctrl"), item0(checker, "ctrl"),
+                          item0(a->sess, N_dev_ctrl), item0(checker, N_ctrl),
                           PyLong_FromSsize_t(PySet_GET_SIZE(dirty)), PyLong_FromVoidPtr(rules)};
     int bad = 0;
     for (int k = 0; k < 6; k++) {
@@ -753,7 +755,7 @@ static PyObject *control_key(Armed *a, unsigned long long value) {
         PyTuple_SET_ITEM(key, 6 + k, v);
     }
     if (nb) {
-        PyObject *backend = PyObject_GetAttrString(a->sess, "backend");
+        PyObject *backend = PyObject_GetAttr(a->sess, N_backend);
         if (backend == NULL) goto fail;
         for (Py_ssize_t k = 0; k < nb; k++) {
             PyObject *v = PyObject_GetAttr(backend, PyTuple_GET_ITEM(a->backend_attrs, k));
@@ -781,9 +783,9 @@ static int entries_allowed(Armed *a, PyObject *check) {
     long long mask = PyLong_AsLongLong(PyTuple_GET_ITEM(check, 1));
     long long shift = PyLong_AsLongLong(PyTuple_GET_ITEM(check, 2));
     if (PyErr_Occurred()) return -1;
-    PyObject *checker = PyObject_GetAttrString(a->sess, "checker");
+    PyObject *checker = PyObject_GetAttr(a->sess, N_checker);
     if (checker == NULL) return -1;
-    PyObject *ent = PyObject_GetAttrString(checker, "ent");
+    PyObject *ent = PyObject_GetAttr(checker, N_ent);
     Py_DECREF(checker);
     if (ent == NULL) return -1;
     int ok = PyList_CheckExact(ent);
@@ -841,8 +843,8 @@ static int apply(Armed *a, PyObject *effect) {
     PyObject *value = PyTuple_GET_ITEM(effect, 3);
     if (PyErr_Occurred()) return -1;
     PyObject *on = owner == 0   ? Py_NewRef(a->sess)
-                   : owner == 1 ? PyObject_GetAttrString(a->sess, "checker")
-                                : PyObject_GetAttrString(a->sess, "backend");
+                   : owner == 1 ? PyObject_GetAttr(a->sess, N_checker)
+                                : PyObject_GetAttr(a->sess, N_backend);
     if (on == NULL) return -1;
     int rc;
     if (index == -2) {
@@ -933,7 +935,7 @@ static PyObject *control(Armed *a, const Req *r, PyObject *op) {
         goto done;
     }
     /* the rules it was decided under are the session's (the key holds their address only) */
-    PyObject *rules = PyObject_GetAttrString(a->sess, "rules");
+    PyObject *rules = PyObject_GetAttr(a->sess, N_rules);
     if (rules == NULL) goto done;
     Py_DECREF(rules);
     if (rules != PyTuple_GET_ITEM(memo, M_RULES)) {
@@ -1279,8 +1281,17 @@ PyMODINIT_FUNC PyInit__steady(void) {
     S_PASS = PyUnicode_InternFromString("pass");
     S_NOT_TPH = PyUnicode_InternFromString("not-tph");
     S_PASS_KEY = S_PASS;
+    N_image = PyUnicode_InternFromString("image");
+    N_checker = PyUnicode_InternFromString("checker");
+    N_dirty = PyUnicode_InternFromString("dirty");
+    N_rules = PyUnicode_InternFromString("rules");
+    N_dev_ctrl = PyUnicode_InternFromString("dev_ctrl");
+    N_ctrl = PyUnicode_InternFromString("ctrl");
+    N_backend = PyUnicode_InternFromString("backend");
+    N_ent = PyUnicode_InternFromString("ent");
     Py_INCREF(&ArmedType);
-    if (!S_CFG || !S_MSIX || !S_PASS || !S_NOT_TPH ||
+    if (!S_CFG || !S_MSIX || !S_PASS || !S_NOT_TPH || !N_image || !N_checker || !N_dirty ||
+        !N_rules || !N_dev_ctrl || !N_ctrl || !N_backend || !N_ent ||
         PyModule_AddObject(m, "Armed", (PyObject *)&ArmedType) < 0 ||
         PyModule_AddIntConstant(m, "TAGS", TAGS) < 0 ||
         PyModule_AddIntConstant(m, "UNKNOWN", UNKNOWN) < 0 ||
