@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,10 +40,9 @@ def test_the_line_limit_is_the_protocols() -> None:
     assert _steady.MAX_LINE == wire.MAX_LINE
 
 
-def test_a_kept_control_decision_is_replayed_under_its_own_rules_only(tmp_path: Path) -> None:
-    """A kept decision whose key matches but whose rules are not the session's (new rules at
-    a freed one's address) is declined by the C side."""
-    server = _server(tmp_path)
+def _kept_enable(server: Server) -> tuple[Any, dict[Any, Any], Any, Any]:
+    """Enable and disable tenant-a's TPH twice: (its session, its kept control decisions, the
+    enable's key, the enable's kept decision)."""
     assert server.native is not None
     for rid, value in enumerate([0x101, 0x001, 0x101, 0x001], start=10):
         server.handle_line(_control(rid, value))
@@ -52,6 +52,14 @@ def test_a_kept_control_decision_is_replayed_under_its_own_rules_only(tmp_path: 
     key = native.control_key(sess, 0x101)
     memo = kept[key]
     assert memo is not None, "the enable was not kept"
+    return sess, kept, key, memo
+
+
+def test_a_kept_control_decision_is_replayed_under_its_own_rules_only(tmp_path: Path) -> None:
+    """A kept decision whose key matches but whose rules are not the session's (new rules at
+    a freed one's address) is declined by the C side."""
+    server = _server(tmp_path)
+    sess, kept, key, memo = _kept_enable(server)
     before = server.native_answers
     server.handle_line(_control(20, 0x101))
     assert server.native_answers == before + 1  # replayed
@@ -81,15 +89,7 @@ def test_a_kept_control_decision_of_another_layout_is_a_fault_not_a_crash(
     otherwise (an item of another type where it reads a tuple) is a TypeError, which turns
     the native path off, and the Python path answers (never a read through a wrong type)."""
     server = _server(tmp_path)
-    assert server.native is not None
-    for rid, value in enumerate([0x101, 0x001, 0x101, 0x001], start=10):
-        server.handle_line(_control(rid, value))
-    sess = server.engine.session("tenant-a", "0000:3b:00.0")
-    assert sess is not None
-    kept = server.native._controls[b"tenant-a\x000000:3b:00.0"][2]
-    key = native.control_key(sess, 0x101)
-    memo = kept[key]
-    assert memo is not None, "the enable was not kept"
+    _, kept, key, memo = _kept_enable(server)
     for k, item in enumerate(memo):
         if type(item) is tuple:
             kept[key] = (*memo[:k], object(), *memo[k + 1 :])
