@@ -28,7 +28,7 @@ help:
 deps:
 	@sh tools/setup-debian
 
-$(STAMP): pyproject.toml tphtrap/native/_steady.c
+$(STAMP): pyproject.toml tphtrap/native/_steady.c tphtrap/_bulk.c
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tphtrap needs Python 3.11 or newer")'
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { echo "python3 venv support is missing; run: sudo apt-get install -y python3-venv" >&2; exit 1; }
 	$(PY) -m venv $(VENV)

@@ -3,11 +3,11 @@
 ``Engine.fast_paths`` sends a write of one whole ST entry or Vector Control word, in the usual
 state, through a shorter path (``Session.steady_entry``). Here two engines, one as it runs and
 one with every shortcut off (the fast paths, the session's kept grants and kept entry
-resolutions, and the self-check's single-write path, all-disabled test, kept control rules and
-batched entry runs), are driven in lockstep by the attacker of tests/test_engine_stateful.py
-(its device simulator and oracle check the fast engine as always), and on large ST tables
-below: after every call, both must have answered the same and hold the same state, down to
-the self-check's copy of the device.
+resolutions, the self-check's single-write path, all-disabled test, kept control rules and
+batched entry runs, and the C loops of tphtrap.bulk), are driven in lockstep by the attacker
+of tests/test_engine_stateful.py (its device simulator and oracle check the fast engine as
+always), and on large ST tables below: after every call, both must have answered the same and
+hold the same state, down to the self-check's copy of the device.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from test_engine import CAP, MSIX, A, B, fixture, policy, tph_base
 from test_engine_stateful import TphMachine
 from test_host_stateful import HostMachine
 
+from tphtrap import bulk
 from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
 from tphtrap.engine.render import HostOps
@@ -90,7 +91,7 @@ class TwinEngine:
 
         def both(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
-            got = [_outcome(fast, args, kwargs), _outcome(slow, args, kwargs)]
+            got = [_outcome(fast, args, kwargs), _in_python(slow, args, kwargs)]
             what = f"{name}{args}"
             assert _comparable(got[0]) == _comparable(got[1]), f"{what}: the answers differ"
             assert state(self.fast) == state(self.slow), f"{what}: the states differ"
@@ -106,6 +107,15 @@ def _outcome(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
         return call(*args, **kwargs)
     except Exception as exc:
         return exc
+
+
+def _in_python(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """:func:`_outcome` with every loop of :mod:`tphtrap.bulk` in Python."""
+    kept, bulk.C = bulk.C, None
+    try:
+        return _outcome(call, args, kwargs)
+    finally:
+        bulk.C = kept
 
 
 def _comparable(result: Any) -> Any:

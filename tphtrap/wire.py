@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from . import bulk
 from .device import normalize_bdf
 from .errors import WireError
 from .events import (
@@ -993,8 +994,17 @@ def writes_text(writes: tuple[DeviceWrite, ...]) -> str:
     the same tuple (a decision's): its audit line and its reply, when it has no runs, each
     list them all (the reference kept here keeps the tuple from being reused)."""
     if _LAST_WRITES[0] is writes:
-        text: str = _LAST_WRITES[1]
-        return text
+        kept: str = _LAST_WRITES[1]
+        return kept
+    text = bulk.C.writes_text(writes) if bulk.C is not None else None
+    if text is None:
+        text = _writes_text(writes)
+    _LAST_WRITES[0], _LAST_WRITES[1] = writes, text
+    return text
+
+
+def _writes_text(writes: tuple[DeviceWrite, ...]) -> str:
+    """:func:`writes_text`'s loop, in Python."""
     out = []
     space: str | None = None
     bar: int | None = None
@@ -1005,9 +1015,7 @@ def writes_text(writes: tuple[DeviceWrite, ...]) -> str:
             head = _write_head(w)
         # %d formats a number as str(int(...)) does, faster than int() and an f-string
         out.append('%s%d,"width":%d,"value":%d}' % (head, w.offset, w.width, w.value))  # noqa: UP031
-    text = ",".join(out)
-    _LAST_WRITES[0], _LAST_WRITES[1] = writes, text
-    return text
+    return ",".join(out)
 
 
 def _write_head(w: DeviceWrite) -> str:

@@ -35,6 +35,7 @@ from itertools import repeat
 from operator import attrgetter
 from typing import cast
 
+from .. import bulk
 from ..device import ConfigSpace
 from ..events import DeviceWrite, HostOp
 from ..policy import TagRules
@@ -209,6 +210,10 @@ class Checker:
         entries of the capability's table written as 2-byte config writes, Vector Control
         words written as aligned 4-byte writes to the MSI-X BAR (what a plan that re-writes
         the table is made of), each what :meth:`_whole_register` finds."""
+        if bulk.C is not None:
+            got = bulk.C.entry_indices(self._entry_at, writes)
+            if got is not None:
+                return got
         at = list(map(self._entry_at.get, map(_WHERE, writes)))
         at.append(None)
         return at
@@ -228,6 +233,12 @@ class Checker:
         disabled (an entry cannot be unsafe then)."""
         ent = self.ent
         mask = -1 if self.in_cap else 0xFFFF_FFFF  # (the Vector Control word of a BAR write)
+        if (
+            disabled
+            and bulk.C is not None
+            and bulk.C.apply_disabled(self._undo, ent, writes, start, run, mask)
+        ):
+            return
         values = [w.value & mask for w in writes[start : start + len(run)]]
         if disabled:
             self._undo.extend(zip(repeat(ent), run, map(ent.__getitem__, run)))
@@ -401,12 +412,8 @@ class Checker:
         shift = 0 if self.in_cap else 16
         mask = width.mask
         ent = self.ent
-        if entries is None:
-            try:  # every entry one known value (the usual case), all allowed: in one pass
-                if allowed.issuperset([(v >> shift) & mask for v in ent]):  # type: ignore[operator]
-                    return None
-            except TypeError:  # an unknown entry, or one with several possible values
-                pass
+        if entries is None and _all_allowed(allowed, ent, shift, mask):
+            return None
         for i in range(self.n) if entries is None else entries:
             v = ent[i]
             if type(v) is int:  # one known value (the usual case)
@@ -712,3 +719,14 @@ def _show_op(op: HostOp) -> str:
 def _show(w: DeviceWrite) -> str:
     where = "config" if w.bar is None else f"bar{w.bar}"
     return f"{where}[{w.offset:#x}/{w.width}]={w.value:#x}"
+
+
+def _all_allowed(allowed: frozenset[int], ent: list[Value], shift: int, mask: int) -> bool:
+    """Is every entry one known value (the usual case) whose tag is allowed? In one pass."""
+    got = bulk.C.tags_allowed(allowed, ent, shift, mask) if bulk.C is not None else None
+    if got is not None:
+        return got
+    try:
+        return allowed.issuperset([(v >> shift) & mask for v in ent])  # type: ignore[operator]
+    except TypeError:  # an unknown entry, or one with several possible values
+        return False

@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from .. import bulk
 from ..events import DeviceWrite, HostOp
 from ..layouts import MSIX_VECTOR_CTRL
 from ..spec import (
@@ -91,6 +92,27 @@ class RawWrites:
         return True
 
     def writes(self, sess: Session, steps: list[Step]) -> list[DeviceWrite]:
+        geo = sess.geo
+        if bulk.C is not None:
+            got = bulk.C.raw_writes(
+                steps,
+                [cap.ctrl for cap in geo.caps],
+                geo.in_msix,
+                sess.guest_low,
+                sess.dev_low,
+                geo.vc_offsets if geo.in_msix else geo.entry_offsets,
+                geo.msix_bir,
+                _VC_ST.shift,
+                _VC_LOW,
+                CTRL_SIZE,
+                ENTRY_SIZE,
+            )
+            if got is not None:
+                return got
+        return self._writes(sess, steps)
+
+    def _writes(self, sess: Session, steps: list[Step]) -> list[DeviceWrite]:
+        """:meth:`writes`' loop, in Python."""
         geo = sess.geo
         out: list[DeviceWrite] = []
         add = out.append

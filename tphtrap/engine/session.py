@@ -23,8 +23,10 @@ device holds are safe before the kernel's entry writes (it makes them only while
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Literal
 
+from .. import bulk
 from ..device import ConfigSpace
 from ..events import DeviceWrite
 from ..layouts import MSIX_VECTOR_CTRL, PM_CTRL
@@ -320,6 +322,26 @@ class Session:
             self.dev_low,
         )
         resolved = self._resolved  # resolve_entry is a pure function: entries alike ask once
+        if bulk.C is not None:
+            done = bulk.C.resolve(
+                entries,
+                self.guest_tag if msix else self.guest_entry,
+                written,
+                dev_ent,
+                guest_low,
+                dev_low,
+                msix,
+                width,
+                in_use,
+                rules,
+                resolve_entry,
+                resolved,
+                touched,
+                changes,
+                reasons,
+            )
+            if done is not None:
+                return done
         resolved.clear()
         for i in entries:
             guest = guest_of(i)
@@ -399,7 +421,8 @@ class Session:
                 steps.append((_CTRL_STEP, 0, off))
                 dev = off
         if changes:
-            steps += [(_ENTRY_STEP, i, changes[i]) for i in sorted(changes)]
+            order = sorted(changes)
+            steps += zip(repeat(_ENTRY_STEP), order, map(changes.__getitem__, order))
         if dev != target or (rewrite_ctrl and not any(s[0] == _CTRL_STEP for s in steps)):
             steps.append((_CTRL_STEP, 0, target))
         return steps
@@ -476,6 +499,8 @@ class Session:
         """The device now holds what ``steps`` wrote."""
         dev_ctrl, dev_ent, msix = self.dev_ctrl, self.dev_ent, self.geo.in_msix
         guest_low, dev_low = self.guest_low, self.dev_low
+        if bulk.C is not None and bulk.C.commit(steps, dev_ctrl, dev_ent, msix, guest_low, dev_low):
+            return
         for what, index, value in steps:
             if what == _CTRL_STEP:
                 dev_ctrl[index] = value
