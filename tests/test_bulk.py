@@ -10,8 +10,11 @@ engines with and without these loops side by side.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +36,7 @@ from tphtrap.synth import MsixSpec, TphSpec, build_config
 pytestmark = pytest.mark.skipif(bulk.C is None, reason="tphtrap._bulk is not built")
 
 TABLE = 0xFFFF0000
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
@@ -286,3 +290,25 @@ def test_entry_indices_and_apply_disabled(data: st.DataObject) -> None:
     assert checker.ent == twin.ent
     assert [(i, old) for _, i, old in checker._undo] == [(i, old) for _, i, old in twin._undo]
     assert all(e is checker.ent for e, _, _ in checker._undo)
+
+
+@pytest.mark.parametrize(("flag", "in_python"), [([], False), (["--no-native"], True)])
+def test_serve_no_native_runs_every_loop_in_python(flag: list[str], in_python: bool) -> None:
+    """``serve --no-native`` decides everything in Python: the C loops too."""
+    script = (
+        "import sys\n"
+        "from tphtrap import bulk\n"
+        "from tphtrap.cli import main\n"
+        f"rc = main(['serve', '--policy', 'policies/two-tenants.yaml', *{flag!r}])\n"
+        "print(rc, bulk.C is None)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.split()[-2:] == ["0", str(in_python)], done.stderr[-500:]

@@ -19,4 +19,10 @@ except ImportError:  # not built: every loop runs in Python
 else:
     C.bind(DeviceWrite)
 
-__all__ = ["C"]
+__all__ = ["C", "in_python"]
+
+
+def in_python() -> None:
+    """Every loop in Python from now on (``serve --no-native``)."""
+    global C
+    C = None  # type: ignore[assignment]

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any, cast
 
-from . import __version__
+from . import __version__, bulk
 from .audit import Auditor
 from .device import ConfigSpace, load_device, parse_hex_config
 from .engine import AttachRefused, Engine, describe_reason
@@ -873,8 +873,8 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--no-native",
         action="store_true",
-        help="decide every request in Python, without the native steady path (the same "
-        "decisions; for comparison and diagnosis)",
+        help="decide every request in Python, without the native steady path and the "
+        "engine's C loops (the same decisions; for comparison and diagnosis)",
     )
     p.set_defaults(func=run)
 
@@ -897,6 +897,8 @@ def run(args: argparse.Namespace) -> int:
             problems=[p.format() for p in exc.problems],
         )
         return 1
+    if args.no_native:
+        bulk.in_python()  # the engine's per-entry loops too
     recorder = None
     if args.record:
         recorder = open(args.record, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
