@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from tphtrap.audit import Auditor
 from tphtrap.cli import EXIT_MISMATCH
 from tphtrap.errors import PolicyError
 from tphtrap.policyfile import load_policy
-from tphtrap.serve import Server
+from tphtrap.serve import Server, serve_forever
 from tphtrap.wire import expand_runs, hex_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -987,3 +989,72 @@ def test_hex_also_renders_the_corrections_event_of_a_sighup(tmp_path: Path) -> N
     writes = [w for c in event["corrections"] for w in c["decision"]["writes"]]
     assert writes and all(w["offset"].startswith("0x") for w in writes)
     assert {w["value"] for w in writes if w["width"] == 2} == {"0x3"}
+
+
+def test_the_loop_collects_garbage_between_requests_never_inside_one(tmp_path: Path) -> None:
+    """``serve_forever`` runs the cyclic garbage collector before it waits, never while it
+    handles a line, even with the interpreter's threshold at its lowest (where automatic
+    collection would stop nearly every decision); automatic collection is back on after."""
+    auditor = Auditor.to_file(str(tmp_path / "audit.jsonl"))
+    server = Server(load_policy(str(ROOT / "policies/two-tenants.yaml")), None, auditor)
+    inside = False
+    during: list[int] = []
+    between: list[int] = []
+    real = server.handle_line
+
+    def handle_line(line: bytes) -> bytes:
+        nonlocal inside
+        inside = True
+        try:
+            return real(line)
+        finally:
+            inside = False
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            (during if inside else between).append(info["generation"])
+
+    server.handle_line = handle_line  # type: ignore[method-assign]
+    dev = ROOT / "fixtures/devices/nic-st-in-cap.lspci"
+    lines = [
+        {"id": 0, "op": "hello", "versions": [2]},
+        {"id": 1, "op": "attach", **A, "path": str(dev)},
+        *(
+            {"id": 10 + i, "op": "cfg_write", **A, "offset": 0x150, "width": 4, "value": v}
+            for i, v in enumerate([0x101, 0x1, 0x301, 0x100] * 10)
+        ),
+        {"id": 99, "op": "stats"},
+    ]
+    r_in, w_in = os.pipe()
+    r_out, w_out = os.pipe()
+    replies: list[bytes] = []
+
+    def feed() -> None:
+        for line in lines:
+            os.write(w_in, json.dumps(line).encode() + b"\n")
+        os.close(w_in)
+
+    def drain() -> None:
+        with os.fdopen(r_out, "rb") as f:
+            replies.extend(f.read().splitlines())
+
+    threads = [threading.Thread(target=feed), threading.Thread(target=drain)]
+    old = gc.get_threshold()
+    gc.set_threshold(1)
+    gc.callbacks.append(seen)
+    try:
+        for t in threads:
+            t.start()
+        assert serve_forever(server, r_in, w_out) == 0
+        os.close(w_out)
+        for t in threads:
+            t.join(10)
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*old)
+        os.close(r_in)
+        auditor.close()
+    assert len(replies) == len(lines) and all(b'"ok":true' in r for r in replies)
+    assert during == [], f"collections while a line was handled: {during}"
+    assert between, "no collection between the requests"
+    assert gc.isenabled()

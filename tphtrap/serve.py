@@ -694,6 +694,32 @@ class _Waiter:
         }
 
 
+class _IdleCollector:
+    """Python's cyclic garbage collector, run while the loop is about to wait instead of in
+    the middle of a decision.
+
+    While serving, automatic collection is off; before each wait, the generations the
+    interpreter would have collected by then (by its own thresholds and counts) are
+    collected. A decision that allocates thousands of objects (a whole table re-written)
+    otherwise stopped several times for a collection before its reply left. Garbage without
+    cycles is freed by reference counting as ever, and cycles wait at most one request."""
+
+    def __init__(self) -> None:
+        self._thresholds = gc.get_threshold()
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __call__(self) -> None:
+        t0, t1, t2 = self._thresholds
+        c0, c1, c2 = gc.get_count()
+        if t0 and c0 >= t0:
+            gc.collect(2 if c2 >= t2 else 1 if c1 >= t1 else 0)
+
+    def close(self) -> None:
+        if self._was_enabled:
+            gc.enable()
+
+
 def _signalled(server: Server, out_fd: int, rpipe: int, out: bytearray) -> int | None:
     """The signals the wake-up pipe holds, handled; the exit code when one ends serve."""
     signums = os.read(rpipe, 64)
@@ -725,7 +751,8 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
     One ``poll`` waits on stdin, stdout (only while replies are pending) and the signal
     wake-up pipe, so a signal is handled even while the hypervisor is not reading replies.
     Standard output is non-blocking for the duration (restored on exit): replies are written
-    as soon as they are made and whatever the pipe does not take waits in a buffer.
+    as soon as they are made and whatever the pipe does not take waits in a buffer. The
+    garbage collector runs before each wait, never during a decision (:class:`_IdleCollector`).
     """
     rpipe, wpipe = os.pipe()
     os.set_blocking(wpipe, False)
@@ -736,6 +763,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
     out_was_blocking = os.get_blocking(out_fd)
     os.set_blocking(out_fd, False)
     waiter = _Waiter(in_fd, out_fd, rpipe)
+    collect = _IdleCollector()
     buf = bytearray()
     discarding = False  # inside an over-long line: drop bytes up to its newline
     out = bytearray()  # replies not yet taken by the pipe
@@ -754,6 +782,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                 # The common case in C while every line is native: what it leaves (an unread
                 # line for the Python path, replies the pipe did not take, a signal, EOF) is
                 # taken up below as if this loop had read it.
+                collect()
                 got = server.pump(in_fd, out_fd, rpipe)
                 if got is not None:
                     unread, pending, woke, at_eof = got
@@ -763,6 +792,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
                     elif not woke:
                         continue
             if chunk is None:
+                collect()
                 ready = waiter.wait(reading, bool(out))
                 if rpipe in ready:
                     stop = _signalled(server, out_fd, rpipe, out)
@@ -813,6 +843,7 @@ def serve_forever(server: Server, in_fd: int, out_fd: int) -> int:
         server.session_ended("stdout-closed", "warning")
         return 0
     finally:
+        collect.close()
         with contextlib.suppress(OSError):  # the descriptor may be gone
             os.set_blocking(out_fd, out_was_blocking)
         signal.set_wakeup_fd(old_fd)
