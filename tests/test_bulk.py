@@ -240,17 +240,14 @@ def test_raw_writes_declines_unknown_low_bits() -> None:
     mask=st.sampled_from([0xFF, 0xFFFF]),
 )
 def test_tags_allowed(allowed: frozenset[int], ent: list[Any], shift: int, mask: int) -> None:
-    """The C pass answers at the first entry that decides: one not a plain int (None: the
-    Python loop's), one whose tag is not allowed (False), else True."""
+    """The C pass: None for an entry anywhere that is not a plain int (the Python loop's: it
+    takes every tag before it asks), else False for one whose tag is not allowed, else True."""
     assert bulk.C is not None
     want: bool | None = True
-    for v in ent:
-        if type(v) is not int or not 0 <= v < 2**64:
-            want = None
-            break
-        if (v >> shift) & mask not in allowed:
-            want = False
-            break
+    if not all(type(v) is int and 0 <= v < 2**64 for v in ent):
+        want = None
+    elif not all((v >> shift) & mask in allowed for v in ent):
+        want = False
     assert bulk.C.tags_allowed(allowed, ent, shift, mask) is want
 
 

@@ -13,7 +13,12 @@
 #include <structmember.h>
 
 static PyTypeObject *Write; /* tphtrap.events.DeviceWrite, from bind() */
-static PyObject *D_space, *D_bar, *D_offset, *D_width, *D_value; /* its member descriptors */
+static PyObject *D[5]; /* its member descriptors, in the order the Python loops read them */
+#define D_space D[0]
+#define D_bar D[1]
+#define D_offset D[2]
+#define D_width D[3]
+#define D_value D[4]
 static PyObject *S_config, *S_bar, *I_zero, *I_four;
 
 static int is_write(PyObject *w) { return Write && Py_TYPE(w) == Write; }
@@ -66,11 +71,7 @@ static PyObject *bind(PyObject *module, PyObject *type) {
             return NULL;
         }
     }
-    Py_XSETREF(D_space, d[0]);
-    Py_XSETREF(D_bar, d[1]);
-    Py_XSETREF(D_offset, d[2]);
-    Py_XSETREF(D_width, d[3]);
-    Py_XSETREF(D_value, d[4]);
+    for (int k = 0; k < 5; k++) Py_XSETREF(D[k], d[k]);
     Py_INCREF(type);
     Py_XSETREF(Write, t);
     Py_RETURN_NONE;
@@ -133,11 +134,34 @@ static int plain(PyObject *o, unsigned long long *v) {
 
 #define PUT(t, lit) put((t), (lit), sizeof(lit) - 1)
 
+/* A list or tuple as it is (a new reference), a range as a new list; anything else NULL, no
+ * error set: an iterator is never consumed (the Python loop would then find it empty). */
+static PyObject *sequence(PyObject *o) {
+    if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) return Py_NewRef(o);
+    if (PyRange_Check(o)) return PySequence_List(o);
+    return NULL;
+}
+
+/* The first n fields of a write (D's order), new references: 0; or -1 with the error of the
+ * first unset one (what Python's attribute reads raise) and none kept. */
+static int fields(PyObject *w, PyObject **f, int n) {
+    for (int k = 0; k < n; k++) {
+        if (!(f[k] = field(D[k], w))) {
+            while (k--) Py_DECREF(f[k]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* wire.writes_text: each write as {"space":..,["bar":..,]"offset":..,"width":..,"value":..}. */
 static PyObject *writes_text(PyObject *module, PyObject *writes) {
     (void)module;
-    PyObject *seq = PySequence_Fast(writes, "writes_text: a sequence of writes");
-    if (!seq) return NULL;
+    PyObject *seq = sequence(writes);
+    if (!seq) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     Text t = {NULL, 0, 0};
@@ -145,23 +169,17 @@ static PyObject *writes_text(PyObject *module, PyObject *writes) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *w = items[i];
         if (!is_write(w)) goto decline;
-        PyObject *f[5] = {field(D_space, w), field(D_bar, w), field(D_offset, w),
-                          field(D_width, w), field(D_value, w)};
+        PyObject *f[5];
+        if (fields(w, f, 5)) goto done;
         unsigned long long bar = 0, u[3];
-        int ok = f[0] && f[1] && f[2] && f[3] && f[4];
-        int space = 0; /* 1 config, 2 bar */
-        if (ok) {
-            space = PyUnicode_CheckExact(f[0])
-                        ? (PyUnicode_Compare(f[0], S_config) == 0 ? 1
-                           : PyUnicode_Compare(f[0], S_bar) == 0  ? 2
-                                                                  : 0)
-                        : 0;
-            ok = space && (f[1] == Py_None || plain(f[1], &bar)) && plain(f[2], &u[0]) &&
+        int space = !PyUnicode_CheckExact(f[0])                ? 0 /* 1 config, 2 bar */
+                    : PyUnicode_Compare(f[0], S_config) == 0 ? 1
+                    : PyUnicode_Compare(f[0], S_bar) == 0    ? 2
+                                                             : 0;
+        int ok = space && (f[1] == Py_None || plain(f[1], &bar)) && plain(f[2], &u[0]) &&
                  plain(f[3], &u[1]) && plain(f[4], &u[2]);
-        }
-        int has_bar = ok && f[1] != Py_None;
-        for (int k = 0; k < 5; k++) Py_XDECREF(f[k]);
-        if (PyErr_Occurred()) goto done;
+        int has_bar = f[1] != Py_None;
+        for (int k = 0; k < 5; k++) Py_DECREF(f[k]);
         if (!ok) goto decline;
         if ((i && PUT(&t, ",")) || (space == 1 ? PUT(&t, "{\"space\":\"config\"")
                                                : PUT(&t, "{\"space\":\"bar\"")))
@@ -188,14 +206,14 @@ done:
 static PyObject *raw_writes(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 11 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
-        !PyList_CheckExact(args[3]) || !PyList_CheckExact(args[4]) || !Write) {
+        !PyBool_Check(args[2]) || !PyList_CheckExact(args[3]) || !PyList_CheckExact(args[4]) ||
+        !Write) {
         Py_RETURN_NONE;
     }
     PyObject *steps = args[0], *ctrl_at = args[1], *guest_low = args[3], *dev_low = args[4];
     PyObject *where = args[5], *bir = args[6], *ctrl_size = args[9], *entry_size = args[10];
-    int msix = PyObject_IsTrue(args[2]);
+    int msix = args[2] == Py_True;
     unsigned long long shift, vc_low;
-    if (msix < 0) return NULL;
     if (!plain(args[7], &shift) || !plain(args[8], &vc_low) || shift > 32 ||
         !PyTuple_CheckExact(where))
         Py_RETURN_NONE;
@@ -244,49 +262,55 @@ fail:
 }
 
 /* --- the self-check ------------------------------------------------------------------------- */
-/* Checker._entry_indices: entry_at.get((space, bar, offset, width)) of each write, then None. */
+/* Checker._entry_indices: entry_at.get((space, bar, offset, width)) of each write, then None.
+ * A dict key's __eq__ may change the writes: each is read afresh (and held) as Python's map
+ * reads it. */
 static PyObject *entry_indices(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 2 || !PyDict_CheckExact(args[0])) Py_RETURN_NONE;
-    PyObject *at = args[0];
-    PyObject *seq = PySequence_Fast(args[1], "entry_indices: a sequence of writes");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *out = PyList_New(n + 1), *key = NULL;
+    PyObject *at = args[0], *seq = sequence(args[1]);
+    if (!seq) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyList_New(0), *key = NULL, *w = NULL;
     if (!out) goto fail;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *w = items[i];
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        Py_XSETREF(w, Py_NewRef(PySequence_Fast_GET_ITEM(seq, i)));
         if (!is_write(w)) {
+            Py_DECREF(w);
             Py_XDECREF(key);
             Py_DECREF(out);
             Py_DECREF(seq);
             Py_RETURN_NONE;
         }
-        if (!key || Py_REFCNT(key) != 1) { /* one key, its items replaced: none kept it */
+        PyObject *f[4];
+        if (fields(w, f, 4)) goto fail;
+        /* One key, its items replaced while none kept it; a new one where tuples keep their
+         * hash (3.14 on). */
+        if (!key || Py_REFCNT(key) != 1 || PY_VERSION_HEX >= 0x030E0000) {
             Py_XSETREF(key, PyTuple_New(4));
-            if (!key) goto fail;
-        }
-        PyObject *f[4] = {field(D_space, w), field(D_bar, w), field(D_offset, w),
-                          field(D_width, w)};
-        for (int k = 0; k < 4; k++) {
-            if (!f[k]) {
-                for (int j = k + 1; j < 4; j++) Py_XDECREF(f[j]);
+            if (!key) {
+                for (int k = 0; k < 4; k++) Py_DECREF(f[k]);
                 goto fail;
             }
+        }
+        for (int k = 0; k < 4; k++) {
             PyObject *old = PyTuple_GET_ITEM(key, k);
             PyTuple_SET_ITEM(key, k, f[k]);
             Py_XDECREF(old);
         }
         PyObject *got = PyDict_GetItemWithError(at, key); /* borrowed */
         if (!got && PyErr_Occurred()) goto fail;
-        PyList_SET_ITEM(out, i, Py_NewRef(got ? got : Py_None));
+        if (PyList_Append(out, got ? got : Py_None)) goto fail;
     }
-    PyList_SET_ITEM(out, n, Py_NewRef(Py_None));
+    if (PyList_Append(out, Py_None)) goto fail;
+    Py_XDECREF(w);
     Py_XDECREF(key);
     Py_DECREF(seq);
     return out;
 fail:
+    Py_XDECREF(w);
     Py_XDECREF(key);
     Py_XDECREF(out);
     Py_DECREF(seq);
@@ -294,39 +318,38 @@ fail:
 }
 
 /* Checker._apply_run with every control register disabled: undo records (ent, i, old) kept,
- * then ent[i] = writes[start + k].value & mask for the run's entries.
+ * then ent[i] = writes[start + k].value & mask for the run's entries. Only plain ints (the
+ * values, the mask, the run's indices in range): no Python code runs, nothing can change
+ * the lists under the loop.
  * apply_disabled(undo, ent, writes, start, run, mask) */
 static PyObject *apply_disabled(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 6 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
-        !PyList_CheckExact(args[4]))
+        !(PyList_CheckExact(args[2]) || PyTuple_CheckExact(args[2])) ||
+        !PyLong_CheckExact(args[3]) || !PyList_CheckExact(args[4]) || !PyLong_CheckExact(args[5]))
         Py_RETURN_NONE;
-    PyObject *undo = args[0], *ent = args[1], *run = args[4], *mask = args[5];
-    PyObject *seq = PySequence_Fast(args[2], "apply_disabled: a sequence of writes");
-    PyObject *values = NULL;
-    if (!seq) return NULL;
-    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    PyObject *undo = args[0], *ent = args[1], *writes = args[2], *run = args[4], *mask = args[5];
+    int overflow;
+    long long start = PyLong_AsLongLongAndOverflow(args[3], &overflow);
     Py_ssize_t n = PyList_GET_SIZE(run), size = PyList_GET_SIZE(ent);
-    if (start == -1 && PyErr_Occurred()) goto fail;
-    if (start < 0 || start + n > PySequence_Fast_GET_SIZE(seq)) goto decline;
-    PyObject **items = PySequence_Fast_ITEMS(seq) + start;
+    if (overflow || start < 0 || start > PySequence_Fast_GET_SIZE(writes) - n) Py_RETURN_NONE;
+    PyObject **items = PySequence_Fast_ITEMS(writes) + start;
+    PyObject *values = PyList_New(n);
+    if (!values) return NULL;
     for (Py_ssize_t k = 0; k < n; k++) { /* everything checked before anything changes */
         PyObject *i = PyList_GET_ITEM(run, k);
         if (!is_write(items[k]) || !PyLong_CheckExact(i)) goto decline;
-        Py_ssize_t at = PyLong_AsSsize_t(i);
-        if (at == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
+        long long at = PyLong_AsLongLongAndOverflow(i, &overflow);
+        if (overflow || at < 0 || at >= size) goto decline;
+        PyObject *v = field(D_value, items[k]);
+        if (!v) {
+            PyErr_Clear(); /* the Python loop's to raise */
             goto decline;
         }
-        if (at < 0 || at >= size) goto decline;
-    }
-    values = PyList_New(n);
-    if (!values) goto fail;
-    for (Py_ssize_t k = 0; k < n; k++) { /* the values first, as the Python loop takes them */
-        PyObject *v = field(D_value, items[k]);
-        if (!v) goto fail;
-        PyObject *masked = PyNumber_And(v, mask);
+        int plain_value = PyLong_CheckExact(v); /* (then & runs no Python code) */
+        PyObject *masked = plain_value ? PyNumber_And(v, mask) : NULL;
         Py_DECREF(v);
+        if (!plain_value) goto decline;
         if (!masked) goto fail;
         PyList_SET_ITEM(values, k, masked);
     }
@@ -338,64 +361,77 @@ static PyObject *apply_disabled(PyObject *module, PyObject *const *args, Py_ssiz
         Py_DECREF(rec);
         if (bad) goto fail;
     }
-    for (Py_ssize_t k = 0; k < n; k++) {
+    for (Py_ssize_t k = 0; k < n; k++) { /* (each old value is held by its undo record) */
         PyObject *v = Py_NewRef(PyList_GET_ITEM(values, k));
         PyList_SetItem(ent, PyLong_AsSsize_t(PyList_GET_ITEM(run, k)), v); /* steals */
     }
     Py_DECREF(values);
-    Py_DECREF(seq);
     Py_RETURN_TRUE;
 decline:
-    Py_DECREF(seq);
+    Py_DECREF(values);
     Py_RETURN_NONE;
 fail:
-    Py_XDECREF(values);
-    Py_DECREF(seq);
+    Py_DECREF(values);
     return NULL;
 }
 
 /* --- the session ---------------------------------------------------------------------------- */
-/* Session.commit: the device now holds what the steps wrote.
+/* Session.commit: the device now holds what the steps wrote. Only lists and steps of plain
+ * ints (an index in range) are taken, all checked first: no Python code then runs until the
+ * last write (the values replaced are let go after it, their finalizers free to run).
  * commit(steps, dev_ctrl, dev_ent, msix, guest_low, dev_low) */
 static PyObject *commit(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 6 || !PyList_CheckExact(args[0])) Py_RETURN_NONE;
+    if (nargs != 6 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
+        !PyList_CheckExact(args[2]) || !PyBool_Check(args[3]) || !PyList_CheckExact(args[4]) ||
+        !PyList_CheckExact(args[5]))
+        Py_RETURN_NONE;
     PyObject *steps = args[0], *dev_ctrl = args[1], *dev_ent = args[2];
     PyObject *guest_low = args[4], *dev_low = args[5];
-    int msix = PyObject_IsTrue(args[3]);
-    if (msix < 0) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(steps);
-    for (Py_ssize_t k = 0; k < n; k++) { /* every step a (what, index, value) tuple first */
-        PyObject *s = PyList_GET_ITEM(steps, k);
-        if (!PyTuple_CheckExact(s) || PyTuple_GET_SIZE(s) != 3) Py_RETURN_NONE;
-    }
+    int msix = args[3] == Py_True;
+    Py_ssize_t n = PyList_GET_SIZE(steps), moves = 0;
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *s = PyList_GET_ITEM(steps, k);
-        PyObject *what = PyTuple_GET_ITEM(s, 0), *index = PyTuple_GET_ITEM(s, 1);
-        PyObject *value = PyTuple_GET_ITEM(s, 2);
-        int ctrl = PyObject_RichCompareBool(what, I_zero, Py_EQ);
-        if (ctrl < 0) return NULL;
-        if (ctrl) {
-            if (PyObject_SetItem(dev_ctrl, index, value)) return NULL;
-            continue;
-        }
-        if (PyObject_SetItem(dev_ent, index, value)) return NULL;
-        if (msix) {
-            PyObject *low = PyObject_GetItem(guest_low, index);
-            if (!low) return NULL;
-            int bad = low != Py_None && PyObject_SetItem(dev_low, index, low);
-            Py_DECREF(low);
-            if (bad) return NULL;
-        }
+        if (!PyTuple_CheckExact(s) || PyTuple_GET_SIZE(s) != 3) Py_RETURN_NONE;
+        unsigned long long what, index;
+        if (!plain(PyTuple_GET_ITEM(s, 0), &what) || !plain(PyTuple_GET_ITEM(s, 1), &index))
+            Py_RETURN_NONE;
+        PyObject *to = what == 0 ? dev_ctrl : dev_ent;
+        if (index >= (unsigned long long)PyList_GET_SIZE(to)) Py_RETURN_NONE;
+        if (what != 0 && msix &&
+            (index >= (unsigned long long)PyList_GET_SIZE(guest_low) ||
+             index >= (unsigned long long)PyList_GET_SIZE(dev_low)))
+            Py_RETURN_NONE;
+        moves += what != 0 && msix ? 2 : 1;
     }
+    PyObject **old = PyMem_New(PyObject *, moves ? moves : 1);
+    if (!old) return PyErr_NoMemory();
+    Py_ssize_t m = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *s = PyList_GET_ITEM(steps, k);
+        unsigned long long what, index;
+        plain(PyTuple_GET_ITEM(s, 0), &what); /* (both checked above) */
+        plain(PyTuple_GET_ITEM(s, 1), &index);
+        int ctrl = what == 0;
+        PyObject *to = ctrl ? dev_ctrl : dev_ent;
+        old[m++] = PyList_GET_ITEM(to, index);
+        PyList_SET_ITEM(to, index, Py_NewRef(PyTuple_GET_ITEM(s, 2)));
+        if (ctrl || !msix) continue;
+        PyObject *low = PyList_GET_ITEM(guest_low, index);
+        if (low == Py_None) continue;
+        old[m++] = PyList_GET_ITEM(dev_low, index);
+        PyList_SET_ITEM(dev_low, index, Py_NewRef(low));
+    }
+    for (Py_ssize_t k = 0; k < m; k++) Py_XDECREF(old[k]);
+    PyMem_Free(old);
     Py_RETURN_TRUE;
 }
 
-
-/* An int below 2**63 in magnitude: 1 with *v; None: 0; anything else: -1 (no error set). */
+/* A plain int or a bool below 2**63 in magnitude: 1 with *v; None: 0; anything else: -1, no
+ * error set (an int subclass's == is its own, which the Python loop asks). */
 static int num(PyObject *o, long long *v) {
     if (o == Py_None) return 0;
-    if (!PyLong_Check(o)) return -1;
+    if (!PyLong_CheckExact(o) && !PyBool_Check(o)) return -1;
     int overflow;
     *v = PyLong_AsLongLongAndOverflow(o, &overflow);
     if (*v == -1 && PyErr_Occurred()) {
@@ -405,99 +441,107 @@ static int num(PyObject *o, long long *v) {
     return overflow ? -1 : 1;
 }
 
+/* list[i] for i >= 0, borrowed; or NULL with the IndexError Python raises (a callback may
+ * have shortened the list). */
+static PyObject *item(PyObject *list, Py_ssize_t i) {
+    if (i < PyList_GET_SIZE(list)) return PyList_GET_ITEM(list, i);
+    PyErr_SetString(PyExc_IndexError, "list index out of range");
+    return NULL;
+}
+
+/* changes[found[k]] = made[k] for each k, then the codes appended to reasons. */
+static int apply(PyObject *found, PyObject *made, PyObject *codes, PyObject *changes,
+                 PyObject *reasons) {
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(found); k++)
+        if (PyDict_SetItem(changes, PyList_GET_ITEM(found, k), PyList_GET_ITEM(made, k)))
+            return -1;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(codes); k++)
+        if (PyList_Append(reasons, PyList_GET_ITEM(codes, k))) return -1;
+    return 0;
+}
+
 enum { KEEP = -1 }; /* target.KEEP; REFUSE and LATCH (the other negatives) are declined */
 
 /* Session._resolve in its usual case: every tag resolves to a value or KEEP, and no MSI-X
  * entry's low bits are unknown where they matter. Returns False, having filled ``changes``
  * and ``reasons`` as the Python loop does, or None with neither touched (the Python loop then
- * runs, and meets what this one declined: a latch, a refusal, unknown low bits).
+ * runs, and meets what this one declined: a latch, a refusal, unknown low bits; ``resolved``,
+ * which that loop clears first, may hold what this one found). An error is raised where the
+ * Python loop raises, the entries before it applied as that loop leaves them.
  * resolve(entries, guest_of, written, dev_ent, guest_low, dev_low, msix, width, in_use, rules,
  *         resolver, resolved, touched, changes, reasons) */
 static PyObject *resolve(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 15 || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3]) ||
-        !PyList_CheckExact(args[4]) || !PyList_CheckExact(args[5]) ||
-        !PyDict_CheckExact(args[11]) || !PyAnySet_Check(args[12]) ||
+        !PyList_CheckExact(args[4]) || !PyList_CheckExact(args[5]) || !PyBool_Check(args[6]) ||
+        !PyDict_CheckExact(args[11]) || !PyAnySet_CheckExact(args[12]) ||
         !PyDict_CheckExact(args[13]) || !PyList_CheckExact(args[14]))
         Py_RETURN_NONE;
     PyObject *guest_of = args[1], *written = args[2], *dev_ent = args[3];
     PyObject *guest_low = args[4], *dev_low = args[5], *width = args[7], *in_use = args[8];
     PyObject *rules = args[9], *resolver = args[10], *resolved = args[11];
     PyObject *touched = args[12], *changes = args[13], *reasons = args[14];
-    int msix = PyObject_IsTrue(args[6]);
-    if (msix < 0) return NULL;
+    int msix = args[6] == Py_True;
     int tags = PyList_CheckExact(guest_of); /* else a function of the entry */
-    PyObject *seq = PySequence_Fast(args[0], "resolve: a sequence of entries");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     Py_ssize_t size = PyList_GET_SIZE(dev_ent);
     if (PyList_GET_SIZE(written) != size ||
         (msix && (PyList_GET_SIZE(guest_low) != size || PyList_GET_SIZE(dev_low) != size)) ||
-        (tags && PyList_GET_SIZE(guest_of) != size)) {
-        Py_DECREF(seq);
+        (tags && PyList_GET_SIZE(guest_of) != size))
+        Py_RETURN_NONE;
+    PyObject *seq = sequence(args[0]);
+    if (!seq) {
+        if (PyErr_Occurred()) return NULL;
         Py_RETURN_NONE;
     }
     PyObject *found = PyList_New(0), *made = PyList_New(0); /* changes to make: entry, value */
     PyObject *codes = PyList_New(0);  /* reasons to add, in order */
-    PyObject *fallback = NULL, *result = NULL;
-    PyObject *last_key = NULL, *last_got = NULL; /* entries alike in a row: one lookup */
+    /* Held, not borrowed: the callbacks (guest_of, the resolver, rules.fallback, the __eq__
+     * of what reasons or touched hold) may drop what the lists and ``resolved`` hold. */
+    PyObject *io = NULL, *guest = NULL, *key = NULL, *got = NULL, *fallback = NULL;
+    PyObject *result = NULL;
     if (!found || !made || !codes) goto fail;
     PyDict_Clear(resolved);
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *io = items[k];
-        Py_ssize_t i = PyLong_Check(io) ? PyLong_AsSsize_t(io) : -1;
-        if (i == -1 && PyErr_Occurred()) goto fail;
-        if (i < 0 || i >= size) goto decline;
-        PyObject *guest = tags ? Py_NewRef(PyList_GET_ITEM(guest_of, i))
-                               : PyObject_CallOneArg(guest_of, io);
+    for (Py_ssize_t k = 0; k < PySequence_Fast_GET_SIZE(seq); k++) { /* as Python iterates */
+        Py_XSETREF(io, Py_NewRef(PySequence_Fast_GET_ITEM(seq, k)));
+        int overflow = 0;
+        long long i = PyLong_CheckExact(io) ? PyLong_AsLongLongAndOverflow(io, &overflow) : -1;
+        if (overflow || i < 0 || i >= size) goto decline;
+        Py_XSETREF(guest, tags ? Py_XNewRef(item(guest_of, i)) : PyObject_CallOneArg(guest_of, io));
         if (!guest) goto fail;
-        PyObject *wr = PyList_GET_ITEM(written, i), *dev = PyList_GET_ITEM(dev_ent, i);
-        PyObject *got;
-        if (last_key && PyTuple_GET_ITEM(last_key, 1) == wr &&
-            PyTuple_GET_ITEM(last_key, 2) == dev && PyTuple_GET_ITEM(last_key, 0) == guest) {
-            got = last_got;
-            Py_DECREF(guest);
-        } else {
-            PyObject *key = PyTuple_Pack(3, guest, wr, dev);
-            Py_DECREF(guest);
+        PyObject *dev = item(dev_ent, i), *wr = dev ? item(written, i) : NULL; /* key holds */
+        if (!wr) goto fail;
+        if (!key || PyTuple_GET_ITEM(key, 0) != guest || PyTuple_GET_ITEM(key, 1) != wr ||
+            PyTuple_GET_ITEM(key, 2) != dev) { /* (entries alike in a row: one lookup) */
+            Py_CLEAR(got);
+            Py_XSETREF(key, PyTuple_Pack(3, guest, wr, dev));
             if (!key) goto fail;
-            got = PyDict_GetItemWithError(resolved, key); /* borrowed */
+            got = Py_XNewRef(PyDict_GetItemWithError(resolved, key));
             if (!got) {
-                if (PyErr_Occurred() ||
-                    !(got = PyObject_CallFunctionObjArgs(resolver, PyTuple_GET_ITEM(key, 0), wr,
-                                                         dev, width, in_use, rules, NULL))) {
-                    Py_DECREF(key);
-                    goto fail;
-                }
-                int bad = PyDict_SetItem(resolved, key, got);
-                Py_DECREF(got); /* the dict holds it */
-                if (bad) {
-                    Py_DECREF(key);
-                    goto fail;
-                }
+                if (PyErr_Occurred()) goto fail;
+                got = PyObject_CallFunctionObjArgs(resolver, guest, wr, dev, width, in_use,
+                                                   rules, NULL);
+                if (!got || PyDict_SetItem(resolved, key, got)) goto fail;
             }
-            Py_XSETREF(last_key, key);
-            last_got = got;
         }
         if (!PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 2) goto decline;
         PyObject *value = PyTuple_GET_ITEM(got, 0), *code = PyTuple_GET_ITEM(got, 1);
         long long v, d = 0, low = 0, dlow = 0;
         int has_dev = num(dev, &d);
         if (num(value, &v) != 1 || has_dev < 0 || (v < 0 && v != KEEP)) goto decline;
-        if (code != Py_None) {
+        if (code != Py_None) { /* in reasons (those added so far last), then the rule */
             if (!PyUnicode_CheckExact(code)) goto decline;
-            int fb = PyUnicode_CompareWithASCIIString(code, "tag-fallback") == 0;
-            if (!fb || !has_dev || v != d) {
-                int seen = PySequence_Contains(reasons, code);
-                if (seen == 0) seen = PySequence_Contains(codes, code);
-                if (seen < 0) goto fail;
-                if (!seen && PyList_Append(codes, code)) goto fail;
-            }
+            int seen = PySequence_Contains(reasons, code);
+            if (seen == 0) seen = PySequence_Contains(codes, code);
+            if (seen < 0) goto fail;
+            if (!seen && (!has_dev || v != d ||
+                          PyUnicode_CompareWithASCIIString(code, "tag-fallback") != 0) &&
+                PyList_Append(codes, code))
+                goto fail;
         }
-        PyObject *out = value; /* borrowed: the value to write */
+        PyObject *out = value; /* borrowed from got, key or fallback: the value to write */
         if (msix) {
-            PyObject *lo = PyList_GET_ITEM(guest_low, i), *dlo = PyList_GET_ITEM(dev_low, i);
+            PyObject *lo = item(guest_low, i), *dlo = lo ? item(dev_low, i) : NULL;
+            if (!dlo) goto fail;
             if (lo == Py_None) lo = dlo;
             int has_low = num(lo, &low), has_dlow = num(dlo, &dlow);
             if (has_low < 0 || has_dlow < 0) goto decline;
@@ -507,8 +551,7 @@ static PyObject *resolve(PyObject *module, PyObject *const *args, Py_ssize_t nar
                 if (has_dev) {
                     out = dev;
                 } else if (code == Py_None) {
-                    out = tags ? PyList_GET_ITEM(guest_of, i) : NULL;
-                    if (!out) goto decline;
+                    out = guest;
                 } else {
                     if (!fallback) {
                         PyObject *table = PyObject_GetAttrString(rules, "fallback");
@@ -525,31 +568,43 @@ static PyObject *resolve(PyObject *module, PyObject *const *args, Py_ssize_t nar
                 if (num(out, &v) != 1) goto decline;
             }
             if (!has_low) goto decline; /* msix-state-unknown: the Python loop's */
+            if (has_dev && v == d && same_low) { /* (`i in touched` asked last, as Python) */
+                int in = PySet_Contains(touched, io);
+                if (in < 0) goto fail;
+                if (!in) continue;
+            }
+        } else if (v == KEEP) {
+            continue;
+        } else if (has_dev && v == d) {
             int in = PySet_Contains(touched, io);
             if (in < 0) goto fail;
-            if (!(!has_dev || v != d) && same_low && !in) continue;
-        } else {
-            if (v == KEEP) continue;
-            int in = PySet_Contains(touched, io);
-            if (in < 0) goto fail;
-            if (has_dev && v == d && !in) continue;
+            if (!in) continue;
         }
         if (PyList_Append(found, io) || PyList_Append(made, out)) goto fail;
     }
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(found); k++)
-        if (PyDict_SetItem(changes, PyList_GET_ITEM(found, k), PyList_GET_ITEM(made, k)))
-            goto fail;
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(codes); k++)
-        if (PyList_Append(reasons, PyList_GET_ITEM(codes, k))) goto fail;
-    result = Py_NewRef(Py_False);
+    result = apply(found, made, codes, changes, reasons) ? NULL : Py_NewRef(Py_False);
     goto done;
 decline:
     result = Py_NewRef(Py_None);
     goto done;
-fail:
-    result = NULL;
+fail: /* the Python loop raises here, the entries before applied: so are they */
+    if (found && made && codes) {
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *exc = PyErr_GetRaisedException();
+        if (apply(found, made, codes, changes, reasons)) PyErr_Clear();
+        PyErr_SetRaisedException(exc);
+#else
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        if (apply(found, made, codes, changes, reasons)) PyErr_Clear();
+        PyErr_Restore(type, exc, tb);
+#endif
+    }
 done:
-    Py_XDECREF(last_key);
+    Py_XDECREF(io);
+    Py_XDECREF(guest);
+    Py_XDECREF(key);
+    Py_XDECREF(got);
     Py_XDECREF(fallback);
     Py_XDECREF(found);
     Py_XDECREF(made);
@@ -558,34 +613,50 @@ done:
     return result;
 }
 
-
 /* Checker._unsafe's pass over every entry: is each entry's tag ((v >> shift) & mask) in
  * ``allowed``? True: all are; False: one is not; None: an entry that is not one plain int
- * (unknown, or several possible values: the Python loop's). tags_allowed(allowed, ent, shift,
- * mask) */
+ * (unknown, or several possible values: the Python loop's). Every tag is taken first, as
+ * Python makes its list before issuperset asks (a member's __eq__ may change ent); a
+ * TypeError asking is _all_allowed's False. tags_allowed(allowed, ent, shift, mask) */
 static PyObject *tags_allowed(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     unsigned long long shift, mask;
-    if (nargs != 4 || !PyAnySet_Check(args[0]) || !PyList_CheckExact(args[1]) ||
+    if (nargs != 4 || !PyAnySet_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
         !plain(args[2], &shift) || !plain(args[3], &mask) || shift > 63)
         Py_RETURN_NONE;
     PyObject *allowed = args[0], *ent = args[1];
     Py_ssize_t n = PyList_GET_SIZE(ent);
-    long long last = -1; /* the last tag found allowed: entries alike in a row ask once */
+    unsigned long long *tag = PyMem_New(unsigned long long, n ? n : 1);
+    if (!tag) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long v;
-        if (!plain(PyList_GET_ITEM(ent, i), &v)) Py_RETURN_NONE;
-        long long tag = (long long)((v >> shift) & mask);
-        if (tag == last) continue;
-        PyObject *t = PyLong_FromLongLong(tag);
-        if (!t) return NULL;
-        int in = PySet_Contains(allowed, t);
-        Py_DECREF(t);
-        if (in < 0) return NULL;
-        if (!in) Py_RETURN_FALSE;
-        last = tag;
+        if (!plain(PyList_GET_ITEM(ent, i), &v)) {
+            PyMem_Free(tag);
+            Py_RETURN_NONE;
+        }
+        tag[i] = (v >> shift) & mask;
     }
-    Py_RETURN_TRUE;
+    PyObject *result = Py_True;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i && tag[i] == tag[i - 1]) continue; /* entries alike in a row: asked once */
+        PyObject *t = PyLong_FromUnsignedLongLong(tag[i]);
+        int in = t ? PySet_Contains(allowed, t) : -1;
+        Py_XDECREF(t);
+        if (in < 0 && t && PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            in = 0;
+        }
+        if (in < 0) {
+            result = NULL;
+            break;
+        }
+        if (!in) {
+            result = Py_False;
+            break;
+        }
+    }
+    PyMem_Free(tag);
+    return Py_XNewRef(result);
 }
 
 static PyMethodDef methods[] = {
