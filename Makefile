@@ -17,7 +17,7 @@ help:
 	@echo "make policy-check  check every example policy"
 	@echo "make bench         benchmarks; writes bench/results.md"
 	@echo "make bench-compare BASE=COMMIT   serve latency of this tree against COMMIT, side by side"
-	@echo "                   (C=1: with the C client, in both backends)"
+	@echo "                   (C=1: with the C client, in both backends; WORST=N: the worst decision, N rounds)"
 	@echo "make fuzz          a longer fuzzing campaign"
 	@echo "make integration   boot QEMU guests with the SSDT of tphtrap acpi guest (about a minute)"
 	@echo "make traces        record real QEMU guest traces into fixtures/traces (Debian kernel, TCG)"
@@ -58,7 +58,7 @@ bench: $(STAMP)
 
 BASE ?= 31d353d
 bench-compare: $(STAMP)
-	$(BIN)/python bench/compare.py $(BASE) $(if $(C),--c)
+	$(BIN)/python bench/compare.py $(BASE) $(if $(C),--c) $(if $(WORST),--worst $(WORST))
 
 fuzz: $(STAMP)
 	TPHTRAP_FUZZ=long $(PYTEST) -q tests/test_fuzz.py tests/test_engine_stateful.py -p no:cacheprovider

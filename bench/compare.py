@@ -14,6 +14,9 @@ round trips each, then ``--rounds`` rounds of 10 blocks of ``--block`` (500) rou
 child, the children alternating block by block. Reported: medians over rounds of p50 and
 p99, and of the per-round ratios (this tree / the other), which cancel the machine's drift.
 
+With ``--worst N``, the worst single decision instead (``bench/fastpath.py``: an enable at
+another width re-writing 2048 Vector Controls), N rounds, the trees alternating round by round.
+
 With ``--c``, the client is this tree's C library instead (``bench/c/pingpong.c``, as in
 ``make bench``), in both backends (writes and host): per backend and request kind, ``--rounds``
 runs of ``--calls`` round trips against each tree's ``serve``, the trees alternating run by run.
@@ -177,6 +180,26 @@ def measure_c(trees: dict[str, Path], rounds: int, calls: int, tmp: Path) -> lis
     return rows
 
 
+def measure_worst(children: list[Serve], rounds: int, tmp: Path) -> dict[str, Any]:
+    """The worst decision's round trip on each tree's ``serve`` (this tree's driver), in ms."""
+    import fastpath
+
+    per: dict[str, list[float]] = {c.name: [] for c in children}
+    for rnd in range(rounds + 1):  # the first round warms both up
+        for c in children if rnd % 2 == 0 else children[::-1]:
+            got = fastpath.worst_decision(c, tmp, 1).rounds[0]
+            if rnd:
+                per[c.name].append(got)
+        print(f"compare: worst decision round {rnd}/{rounds}", file=sys.stderr, flush=True)
+    new, old = (per[c.name] for c in children)
+    return {
+        "kind": "worst decision (ms)",
+        "this": statistics.median(new),
+        "other": statistics.median(old),
+        "ratio": statistics.median(a / b for a, b in zip(new, old, strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("commit", help="the commit to compare against (anything git rev-parse takes)")
@@ -188,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "--c", action="store_true", help="the C client, in both backends (see the module help)"
     )
     ap.add_argument("--calls", type=int, default=5000, help="round trips per C run (default 5000)")
+    ap.add_argument(
+        "--worst", type=int, metavar="N", help="the worst single decision instead, N rounds"
+    )
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.cpu})
     with tempfile.TemporaryDirectory(prefix="tphtrap-compare-") as tmp:
@@ -200,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in build_extensions(other):
                 print(f"compare: built {name} in {args.commit}", file=sys.stderr, flush=True)
-            if args.c:
+            if args.c and not args.worst:
                 trees = {"this": ROOT, args.commit: other}
                 rows = measure_c(trees, args.rounds, args.calls, Path(tmp))
             else:
@@ -209,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                     Serve(args.commit, other, Path(tmp) / "other.jsonl"),
                 ]
                 try:
-                    rows = measure(children, args.rounds, args.block)
+                    if args.worst:
+                        worst = measure_worst(children, args.worst, Path(tmp))
+                    else:
+                        rows = measure(children, args.rounds, args.block)
                 finally:
                     for c in children:
                         c.close()
@@ -217,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, check=False
             )
+    if args.worst:
+        if args.json:
+            print(json.dumps(worst, indent=2))
+        else:
+            print(
+                f"worst single decision, this tree vs {args.commit}, pinned to CPU {args.cpu}: "
+                f"{worst['this']:.2f} / {worst['other']:.2f} ms (median of {args.worst} "
+                f"rounds), ratio {worst['ratio']:.3f}"
+            )
+        return 0
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
