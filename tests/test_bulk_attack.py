@@ -11,29 +11,23 @@ import copy
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_bulk import python_loops
 
 from tphtrap import bulk, wire
+from tphtrap.engine import session as session_module
 from tphtrap.engine.check import _all_allowed
+from tphtrap.engine.session import Session
 from tphtrap.engine.target import KEEP, LATCH, REFUSE
 from tphtrap.events import DeviceWrite
 
 pytestmark = pytest.mark.skipif(bulk.C is None, reason="tphtrap._bulk is not built")
-
-
-@contextmanager
-def python_loops() -> Iterator[None]:
-    kept, bulk.C = bulk.C, None
-    try:
-        yield
-    finally:
-        bulk.C = kept
 
 
 def c() -> Any:
@@ -109,55 +103,28 @@ def resolve_args(
 
 
 def python_resolve(args: list[Any]) -> Any:
-    """Session._resolve's Python loop (tphtrap/engine/session.py) on resolve()'s arguments:
-    (result, latched)."""
-    entries, guest_of_arg, written, dev_ent, guest_low, dev_low, msix = args[:7]
-    width, in_use, rules, resolve_entry, resolved, touched, changes, reasons = args[7:]
-    guest_of = guest_of_arg.__getitem__ if msix else guest_of_arg
-    latched = False
-    resolved.clear()
-    for i in entries:
-        guest = guest_of(i)
-        dev = dev_ent[i]
-        key = (guest, written[i], dev)
-        got = resolved.get(key)
-        if got is None:
-            got = resolved[key] = resolve_entry(guest, written[i], dev, width, in_use, rules)
-        value, code = got
-        if code is not None and code not in reasons and (code != "tag-fallback" or value != dev):
-            reasons.append(code)
-        if value == LATCH:
-            latched = True
-            reasons.append("tph-forced-off")
-            if in_use:
-                return True, latched
-            value = KEEP
-        if value == REFUSE:
-            reasons.append("enable-refused")
-            return True, latched
-        if msix:
-            low = guest_low[i]
-            if low is None:
-                low = dev_low[i]
-            if value == KEEP:
-                if low == dev_low[i] or low is None:
-                    continue
-                if dev is not None:
-                    value = dev
-                elif code is None:
-                    value = guest
-                else:
-                    value = rules.fallback[width] or 0
-            if low is None:
-                reasons.append("msix-state-unknown")
-                if in_use:
-                    return True, latched
-                continue
-            if value != dev or low != dev_low[i] or i in touched:
-                changes[i] = value
-        elif value != KEEP and (value != dev or i in touched):
-            changes[i] = value
-    return False, latched
+    """Session._resolve's own Python loop on resolve()'s arguments: (result, latched)."""
+    entries, guest_of, written, dev_ent, guest_low, dev_low, msix = args[:7]
+    width, in_use, rules, resolver, resolved, touched, changes, reasons = args[7:]
+    sess = SimpleNamespace(
+        rules=rules,
+        geo=SimpleNamespace(in_msix=msix),
+        guest_tag=guest_of,
+        guest_entry=guest_of,
+        written=written,
+        dev_ent=dev_ent,
+        guest_low=guest_low,
+        dev_low=dev_low,
+        _resolved=resolved,
+        latched=False,
+    )
+    real, session_module.resolve_entry = session_module.resolve_entry, resolver
+    try:
+        with python_loops():
+            got = Session._resolve(sess, entries, width, in_use, changes, reasons, touched)
+    finally:
+        session_module.resolve_entry = real
+    return got, sess.latched
 
 
 def both_resolve(args: list[Any]) -> tuple[Any, Any]:
@@ -371,15 +338,16 @@ def test_resolve_callback_shortens_the_entries() -> None:
 
 # --- commit --------------------------------------------------------------------------------
 def python_commit(steps: Any, dev_ctrl: Any, dev_ent: Any, msix: Any, gl: Any, dl: Any) -> None:
-    for what, index, value in steps:
-        if what == 0:
-            dev_ctrl[index] = value
-        else:
-            dev_ent[index] = value
-            if msix:
-                low = gl[index]
-                if low is not None:
-                    dl[index] = low
+    """Session.commit's own Python loop on commit()'s arguments."""
+    sess = SimpleNamespace(
+        dev_ctrl=dev_ctrl,
+        dev_ent=dev_ent,
+        geo=SimpleNamespace(in_msix=msix),
+        guest_low=gl,
+        dev_low=dl,
+    )
+    with python_loops():
+        Session.commit(sess, steps)
 
 
 @settings(max_examples=300, deadline=None)
