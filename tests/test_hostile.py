@@ -237,10 +237,12 @@ def test_qemu_replay(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_qemu_replay_many_devices() -> None:
     """``many-devices.log.gz`` names 5000 vfio devices (4096 are followed): 1000 of them must
     be attached within the time limit. The guest read none of their config space, so none of
-    their accesses is judged."""
+    their accesses is judged. The limit is 5 s, not the corpus's 2 s: the 1000 attaches take
+    0.6-0.9 s of CPU alone and went past 2 s in a full run on a busy shared VM; the guard is
+    for a hang or a many-fold slowdown, not a budget."""
     lines = list(open_trace(HOSTILE / "qemu" / "many-devices.log.gz"))[:1000]
     rp = Replayer(POLICY, vm_of=lambda name: "tenant-a")
-    with time_limit():
+    with time_limit(5.0):
         records = list(rp.qemu("many-devices.log", lines))
     assert records == []
     assert len(rp.engine.sessions()) == len(rp.summary.implicit_devices) == 1000
