@@ -223,7 +223,7 @@ def test_raw_writes_declines_unknown_low_bits() -> None:
     sess.guest_low = [None] * 3
     sess.dev_low = [None] * 3
     assert bulk.C is not None
-    args = ([(1, 0, 5)], [0], True, sess.guest_low, sess.dev_low, sess.geo.vc_offsets, 4)
+    args = ([(1, 0, 5)], (0,), True, sess.guest_low, sess.dev_low, sess.geo.vc_offsets, 4)
     assert bulk.C.raw_writes(*args, 16, 0xFFFF, 4, 2) is None
     with pytest.raises(AssertionError):
         sess.backend.writes(sess, [(1, 0, 5)])

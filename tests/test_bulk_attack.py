@@ -23,6 +23,7 @@ from test_bulk import python_loops
 from tphtrap import bulk, wire
 from tphtrap.engine import session as session_module
 from tphtrap.engine.check import Checker, _all_allowed
+from tphtrap.engine.render import RawWrites
 from tphtrap.engine.session import Session
 from tphtrap.engine.target import KEEP, LATCH, REFUSE
 from tphtrap.events import DeviceWrite
@@ -645,25 +646,22 @@ def test_raw_writes_generated(data: st.DataObject) -> None:
     gl = data.draw(st.lists(st.sampled_from([None, 0, 1, -1, 2**64]), min_size=n, max_size=n))
     dl = data.draw(st.lists(st.sampled_from([None, 0, 1]), min_size=n, max_size=n))
     where = tuple(range(100, 100 + n))
-    ctrl_at = [0x40]
+    ctrl_at = (0x40,)
     got = outcome(lambda: c().raw_writes(steps, ctrl_at, msix, gl, dl, where, 4, 16, 0xFFFF, 4, 2))
     if got == ("ok", None):
         return
+    geo = SimpleNamespace(
+        caps=[SimpleNamespace(ctrl=ctrl_at[0])],
+        in_msix=msix,
+        msix_bir=4,
+        vc_offsets=where if msix else (),
+        entry_offsets=() if msix else where,
+    )
+    sess = SimpleNamespace(geo=geo, guest_low=gl, dev_low=dl)
 
     def reference() -> list[DeviceWrite]:
-        out = []
-        for what, index, value in steps:
-            if what == 0:
-                out.append(DeviceWrite("config", ctrl_at[index], 4, value))
-            elif msix:
-                low = gl[index]
-                if low is None:
-                    low = dl[index]
-                assert low is not None
-                out.append(DeviceWrite("bar", where[index], 4, (low & 0xFFFF) | (value << 16), 4))
-            else:
-                out.append(DeviceWrite("config", where[index], 2, value))
-        return out
+        """RawWrites' own Python loop on these arguments."""
+        return RawWrites()._writes(sess, steps)
 
     want = outcome(reference)
     assert got == want
@@ -690,7 +688,7 @@ def test_no_leaks_over_many_calls() -> None:
         c().entry_indices(at, writes)
         c().entry_indices(at, bad)
         c().tags_allowed(allowed, ent, 16, 0xFF)
-        c().raw_writes(steps, [0x40], True, [1] * 8, [1] * 8, tuple(range(8)), 4, 16, 0xFFFF, 4, 2)
+        c().raw_writes(steps, (0x40,), True, [1] * 8, [1] * 8, tuple(range(8)), 4, 16, 0xFFFF, 4, 2)
         c().commit(steps, [0], [0] * 8, True, [1] * 8, [1] * 8)
         c().apply_disabled([], [0] * 8, writes, 0, list(range(8)), -1)
         res[13].clear()

@@ -205,7 +205,7 @@ done:
  *            entry_size) */
 static PyObject *raw_writes(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 11 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
+    if (nargs != 11 || !PyList_CheckExact(args[0]) || !PyTuple_CheckExact(args[1]) ||
         !PyBool_Check(args[2]) || !PyList_CheckExact(args[3]) || !PyList_CheckExact(args[4]) ||
         !Write) {
         Py_RETURN_NONE;
@@ -230,8 +230,8 @@ static PyObject *raw_writes(PyObject *module, PyObject *const *args, Py_ssize_t 
             goto decline;
         PyObject *w;
         if (what == 0) {
-            if (index >= (unsigned long long)PyList_GET_SIZE(ctrl_at)) goto decline;
-            w = new_write(S_config, PyList_GET_ITEM(ctrl_at, index), ctrl_size, v, Py_None);
+            if (index >= (unsigned long long)PyTuple_GET_SIZE(ctrl_at)) goto decline;
+            w = new_write(S_config, PyTuple_GET_ITEM(ctrl_at, index), ctrl_size, v, Py_None);
         } else if (index >= (unsigned long long)cells) {
             goto decline;
         } else if (!msix) {

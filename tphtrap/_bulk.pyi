@@ -7,7 +7,7 @@ def bind(device_write: type, /) -> None: ...
 def writes_text(writes: Sequence[Any], /) -> str | None: ...
 def raw_writes(
     steps: list[tuple[int, int, int]],
-    ctrl_at: list[int],
+    ctrl_at: tuple[int, ...],
     msix: bool,
     guest_low: list[int | None],
     dev_low: list[int | None],

@@ -111,6 +111,7 @@ class Geometry:
             )
             for t in cfg.tph_all
         )
+        self.ctrl_offsets = tuple(cap.ctrl for cap in self.caps)  # each control register
         tph = cfg.tph
         self.has_tph = tph is not None
         self.refusal: str | None = None

@@ -96,7 +96,7 @@ class RawWrites:
         if bulk.C is not None:
             got = bulk.C.raw_writes(
                 steps,
-                [cap.ctrl for cap in geo.caps],
+                geo.ctrl_offsets,
                 geo.in_msix,
                 sess.guest_low,
                 sess.dev_low,
