@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,60 @@ def test_audit_file_is_line_buffered_and_appends(tmp_path: Path) -> None:
     assert json.loads(lines[0]) == {"event": "earlier"}
     assert json.loads(lines[1])["event"] == "policy.loaded"
     auditor.close()
+
+
+@pytest.mark.parametrize("whole", [b"", b'{"event":"earlier"}\n'], ids=["only-torn", "after-whole"])
+@pytest.mark.parametrize("torn_len", [1, 4000, 200_000])
+def test_a_torn_last_line_is_sealed_and_named(tmp_path: Path, whole: bytes, torn_len: int) -> None:
+    """A file whose last line was cut (SIGKILL mid-write) keeps every byte; the next writer
+    ends that line and says where it was, so every line after it is whole."""
+    path = tmp_path / "audit.jsonl"
+    torn = (b'{"vm":"tenant-a","bdf":"0000:3b:00.0","region":"msix","pad":"' + b"x" * torn_len)[
+        :torn_len
+    ]
+    path.write_bytes(whole + torn)
+    auditor = Auditor.to_file(str(path))
+    auditor.emit("policy.loaded", path="p.yaml")
+    auditor.close()
+    data = path.read_bytes()
+    assert data.startswith(whole + torn + b"\n")
+    later = [json.loads(line) for line in data[len(whole + torn) + 1 :].splitlines()]
+    assert [e["event"] for e in later] == ["audit.torn", "policy.loaded"]
+    assert later[0]["level"] == "warning"
+    assert (later[0]["offset"], later[0]["bytes"], later[0]["path"]) == (
+        len(whole),
+        len(torn),
+        str(path),
+    )
+
+
+def test_a_whole_or_empty_file_is_left_as_it_is(tmp_path: Path) -> None:
+    for before in (b"", b'{"event":"earlier"}\n'):
+        path = tmp_path / "audit.jsonl"
+        path.write_bytes(before)
+        Auditor.to_file(str(path)).close()
+        assert path.read_bytes() == before
+
+
+def test_a_character_device_is_never_read(tmp_path: Path) -> None:
+    auditor = Auditor.to_file(os.devnull)
+    auditor.emit("policy.loaded", path="p.yaml")
+    auditor.close()
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_reopening_a_torn_file_seals_it_after_audit_reopened(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    auditor = Auditor.to_file(str(path))
+    path.rename(tmp_path / "audit.jsonl.1")
+    path.write_bytes(b'{"event":"x"}\n{"vm":"tenant')
+    assert auditor.reopen("SIGUSR1") is None
+    auditor.close()
+    lines = path.read_bytes().splitlines()
+    assert lines[1] == b'{"vm":"tenant'
+    later = [json.loads(line) for line in lines[2:]]
+    assert [e["event"] for e in later] == ["audit.reopened", "audit.torn"]
+    assert (later[1]["offset"], later[1]["bytes"]) == (14, 13)
 
 
 # --- the access.decided line, written directly ----------------------------------------------

@@ -3,7 +3,8 @@
 The engine returns decisions; this module turns them into canonical log lines. The adapters
 choose where they go (standard error or ``--audit FILE``), never standard output, which is the
 protocol channel of ``tphtrap serve``. Files are opened line-buffered and every event is one
-``write`` of one whole line, so a killed process leaves only whole, parseable lines behind.
+``write`` of one whole line, so a killed process leaves only whole, parseable lines behind,
+but for SIGKILL cutting the last one (which the next ``serve`` on that file seals and names).
 
 Event names are dotted (``access.decided``, ``device.attached``, ``policy.loaded``,
 ``policy.rejected``, ``wire.rejected``, ``engine.failed``, ``session.started``,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -266,9 +268,50 @@ class _DecidedLine:
         )
 
 
-def _open_append(path: str) -> IO[str]:
-    """``path`` opened for appending, line-buffered, created if missing."""
-    return open(path, "a", buffering=1, encoding="utf-8")
+def _open_append(path: str) -> tuple[IO[str], tuple[int, int] | None]:
+    """``path`` opened for appending, line-buffered, created if missing, with a torn last
+    line sealed (see :func:`_seal_torn_line`): the stream and the torn line's offset and
+    length, or None."""
+    flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, os.O_RDWR | flags, 0o666)
+    except PermissionError:  # writable but not readable: nothing to look at
+        fd = os.open(path, os.O_WRONLY | flags, 0o666)
+        return open(fd, "a", buffering=1, encoding="utf-8"), None
+    try:
+        torn = _seal_torn_line(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return open(fd, "a", buffering=1, encoding="utf-8"), torn
+
+
+_TAIL_CHUNK = 65536
+
+
+def _seal_torn_line(fd: int) -> tuple[int, int] | None:
+    """End a regular file's unterminated last line with a newline; its offset and length.
+
+    One ``write`` per line is whole against everything but SIGKILL: the kernel copies a
+    buffered write a page at a time and stops at a page boundary when a fatal signal is
+    pending (``generic_perform_write``), so a line crossing one can be cut there. Its reply
+    was never written (the line comes first), so no hypervisor acted on it; sealing it keeps
+    every line written after it whole, and the bytes of the cut line stay as they are.
+    """
+    st = os.fstat(fd)
+    size = st.st_size
+    if not stat.S_ISREG(st.st_mode) or size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return None
+    start = size
+    while start > 0:
+        begin = max(0, start - _TAIL_CHUNK)
+        newline = os.pread(fd, start - begin, begin).rfind(b"\n")
+        if newline >= 0:
+            start = begin + newline + 1
+            break
+        start = begin
+    os.write(fd, b"\n")
+    return start, size - start
 
 
 class Auditor:
@@ -314,12 +357,19 @@ class Auditor:
 
     @classmethod
     def to_file(cls, path: str, *, include_passes: bool = False) -> Auditor:
-        stream = _open_append(path)
+        stream, torn = _open_append(path)
         # Events are written to its descriptor directly (append mode: each line lands whole
         # at the end); the text stream is kept for closing.
         auditor = cls(stream, include_passes=include_passes, _fd=stream.fileno())
         auditor.path = path
+        auditor._torn(torn)
         return auditor
+
+    def _torn(self, torn: tuple[int, int] | None) -> None:
+        """Say so when the file just opened ended in a line cut short (and now sealed)."""
+        if torn is not None:
+            offset, length = torn
+            self.emit("audit.torn", "warning", path=self.path, offset=offset, bytes=length)
 
     def reopen(self, reason: str) -> OSError | None:
         """Open the audit file again by its name, for log rotation (``logrotate`` with
@@ -333,7 +383,7 @@ class Auditor:
         if self.path is None:
             return None
         try:
-            stream = _open_append(self.path)
+            stream, torn = _open_append(self.path)
         except OSError as exc:
             self.emit("audit.reopen-failed", "error", path=self.path, reason=reason, error=str(exc))
             return exc
@@ -341,6 +391,7 @@ class Auditor:
         self.stream = stream
         old.close()
         self.emit("audit.reopened", path=self.path, reason=reason)
+        self._torn(torn)
         return None
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
