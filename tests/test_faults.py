@@ -333,6 +333,33 @@ def test_sigkill_during_stream(serve: Callable[..., Serve], tmp_path: Path, dela
     assert later[-1]["event"] == "session.ended"
 
 
+def test_serve_seals_an_audit_file_cut_by_an_earlier_kill(
+    serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    """What a SIGKILL at a page boundary leaves (one whole line, then the start of the next,
+    the file a page long), given to a new serve: the bytes stay, the cut line is ended and
+    named, and the new session's lines are whole."""
+    audit = tmp_path / "audit.jsonl"
+    whole = b'{"event":"session.started","level":"info"}\n'
+    cut = b'{"vm":"tenant-a","bdf":"0000:3b:00.0","region":"config","op":"wri'
+    cut += b" " * (PAGE - len(whole) - len(cut))
+    audit.write_bytes(whole + cut)
+    child = serve(POLICY, audit)
+    child.start((A, DUMP_A))
+    assert child.ask({"id": 1, "op": "cfg_write", **A, "offset": CTRL, "width": 4, "value": 1})[
+        "ok"
+    ]
+    child.send({"id": "bye", "op": "shutdown"})
+    assert child.wait() == 0
+    data = audit.read_bytes()
+    assert data.startswith(whole + cut + b"\n")
+    later = [json.loads(x) for x in data[PAGE + 1 :].splitlines()]
+    assert later[0]["event"] == "audit.torn"
+    assert (later[0]["offset"], later[0]["bytes"]) == (len(whole), len(cut))
+    assert [e["id"] for e in later if e["event"] == "access.decided"] == [1]
+    assert later[-1]["event"] == "session.ended"
+
+
 def test_sigterm_while_stdout_is_full(serve: Callable[..., Serve], tmp_path: Path) -> None:
     child = serve(POLICY, tmp_path / "audit.jsonl")
     child.start()
