@@ -273,16 +273,17 @@ def _open_append(path: str) -> tuple[IO[str], tuple[int, int] | None]:
     line sealed (see :func:`_seal_torn_line`): the stream and the torn line's offset and
     length, or None."""
     flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    torn = None
     try:
         fd = os.open(path, os.O_RDWR | flags, 0o666)
     except PermissionError:  # writable but not readable: nothing to look at
         fd = os.open(path, os.O_WRONLY | flags, 0o666)
-        return open(fd, "a", buffering=1, encoding="utf-8"), None
-    try:
-        torn = _seal_torn_line(fd)
-    except OSError:
-        os.close(fd)
-        raise
+    else:
+        try:
+            torn = _seal_torn_line(fd)
+        except OSError:
+            os.close(fd)
+            raise
     return open(fd, "a", buffering=1, encoding="utf-8"), torn
 
 
