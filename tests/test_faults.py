@@ -360,6 +360,20 @@ def test_serve_seals_an_audit_file_cut_by_an_earlier_kill(
     assert later[-1]["event"] == "session.ended"
 
 
+@pytest.mark.parametrize("name", ["missing/audit.jsonl", "."], ids=["no-directory", "a-directory"])
+def test_an_audit_file_that_cannot_be_opened_is_one_line_of_error(
+    serve: Callable[..., Serve], tmp_path: Path, name: str
+) -> None:
+    audit = tmp_path / name
+    child = serve(POLICY, audit)
+    assert child.wait() == 1
+    why = "No such file or directory" if name != "." else "Is a directory"
+    assert child.stderr().splitlines() == [
+        f"tphtrap: error: {audit}: cannot open the audit file: {why}"
+    ]
+    assert child.proc.stdout is not None and child.proc.stdout.read() == b""
+
+
 def test_sigterm_while_stdout_is_full(serve: Callable[..., Serve], tmp_path: Path) -> None:
     child = serve(POLICY, tmp_path / "audit.jsonl")
     child.start()

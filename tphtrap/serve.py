@@ -912,7 +912,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     auditor = (
-        Auditor.to_file(args.audit, include_passes=args.audit_passes)
+        _audit_file(args.audit, args.audit_passes)
         if args.audit
         else Auditor(sys.stderr, include_passes=args.audit_passes)
     )
@@ -953,6 +953,14 @@ def run(args: argparse.Namespace) -> int:
         if recorder is not None:
             recorder.close()
         auditor.close()
+
+
+def _audit_file(path: str, include_passes: bool) -> Auditor:
+    """The ``--audit`` file's auditor; one that cannot be opened is the user's error."""
+    try:
+        return Auditor.to_file(path, include_passes=include_passes)
+    except OSError as exc:
+        raise DeviceError(path, f"cannot open the audit file: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
