@@ -190,9 +190,11 @@ def _served(native_path: bool, audit: Path, lines: list[str]) -> tuple[bytes, di
     return out, stats
 
 
-def test_a_failed_audit_write_answers_as_the_python_path_does(tmp_path: Path) -> None:
-    """A decision whose audit line cannot be written is answered internal-error (drop), with
-    its request id, by either path; the counts agree."""
+def test_a_failed_audit_write_freezes_the_device_as_the_python_path_does(tmp_path: Path) -> None:
+    """A decision whose audit line cannot be written does not go out: its device is frozen
+    instead, by either path alike. Every reply, from the first, turns Requester Enable off on
+    the control register and writes nothing else (the later ones: the frozen device's drop
+    could not be audited either); the counts agree."""
     lines = [
         f'{{"id":{10 + i},"op":"cfg_write",{A},"offset":{0x154 + 2 * (i % 8)},"width":2,"value":1}}'
         for i in range(20)
@@ -202,5 +204,11 @@ def test_a_failed_audit_write_answers_as_the_python_path_does(tmp_path: Path) ->
     assert fast == slow
     replies = [json.loads(line) for line in fast[0].splitlines()]
     assert [r["id"] for r in replies] == [*range(10, 30), 40]
-    assert all(r["error"]["code"] == "internal-error" for r in replies[:-1])
-    assert replies[-1]["ok"]  # a pass writes no audit line
+    for r in replies:
+        d = r["decision"]
+        assert r["ok"] and d["reason"] == "internal-error", r
+        assert "audit line could not be written" in d["detail"]
+        [write] = d["writes"]  # the control register (at 0x150), Requester Enable (9:8) off
+        assert write["offset"] == 0x150 and write["width"] == 4 and not write["value"] >> 8 & 3
+    [dev_a] = [d for d in fast[1]["devices"] if d["vm"] == "tenant-a"]  # type: ignore[attr-defined]
+    assert dev_a["frozen"] and not dev_a["tph_enabled"]

@@ -128,7 +128,7 @@ class Server:
                     try:
                         self.audit.decided_line(audit)
                     except Exception as exc:
-                        return self._audit_failed(exc, line)
+                        return self._native_undelivered(exc, line)
                 return reply
         try:
             return self._handle_line(line)
@@ -169,7 +169,7 @@ class Server:
         elif why == "audit":  # a decided line whose audit line could not be written
             exc, line = cast(tuple[Exception, bytes], failed)
             self.native_answers -= 1  # (answered by the Python path's failure reply)
-            pending += self._audit_failed(exc, line)
+            pending += self._native_undelivered(exc, line)
         return unread, pending, woke, eof
 
     def _native_failed(self, exc: Exception) -> None:
@@ -215,14 +215,47 @@ class Server:
             decision=_drop("internal-error"),
         )
 
-    def _audit_failed(self, exc: Exception, line: bytes) -> bytes:
+    def _native_undelivered(self, exc: Exception, line: bytes) -> bytes:
         """The native path decided ``line`` but its audit line could not be written: the
         answer the Python path gives then (its counts were made)."""
         try:
-            req: Request | None = parse_request(line)
-        except WireError:  # pragma: no cover - the native path only answers valid lines
-            req = None
-        return self._internal_error(exc, req)
+            req = parse_request(line)
+        except Exception:  # pragma: no cover - the native path only answers valid lines
+            return self._internal_error(exc, None)
+        try:
+            return self._undelivered_access(exc, req)
+        finally:
+            self._last = req
+            if self.native is not None:
+                self._rearm(self.native)
+
+    def _undelivered(
+        self, exc: Exception, rid: int | str | None, op: str, vm: Any, bdf: Any
+    ) -> Decision | None:
+        """The engine has made a decision for ``req``'s device whose audit line could not be
+        written (a full disk, a closed pipe). Write-ahead: no decision goes out before its
+        line, so the device does not get what the engine's state now says it has. The device
+        is frozen instead (TPH off, every later access dropped until it is attached again):
+        that decision, the only one the audit trail may miss, takes TPH away and nothing
+        else. None: ``vm`` and ``bdf`` name no attached device (nothing to freeze)."""
+        self.errors["internal-error"] += 1
+        error = f"{type(exc).__name__}: {exc}"
+        frozen = None
+        if isinstance(vm, str) and isinstance(bdf, str):
+            frozen = self.engine.freeze(vm, bdf, f"its audit line could not be written: {error}")
+        fields = decision_json(frozen) if frozen is not None else {}
+        with contextlib.suppress(Exception):  # (the stream may work again)
+            self.audit.emit(
+                "audit.failed", "error", id=rid, op=op, vm=vm, bdf=bdf, error=error, **fields
+            )
+        return frozen
+
+    def _undelivered_access(self, exc: Exception, req: Request) -> bytes:
+        """An access decided but not audited (:meth:`_undelivered`): its reply."""
+        frozen = self._undelivered(exc, req.id, req.op, req.args.get("vm"), req.args.get("bdf"))
+        if frozen is None:
+            return self._internal_error(exc, req)
+        return access_reply(req.id, frozen)
 
     def _wire_error(self, exc: WireError, line: bytes) -> bytes:
         self.errors[exc.code] += 1
@@ -292,7 +325,10 @@ class Server:
         access = to_access(req)
         decision = self.engine.handle(access)
         self._count(decision)
-        self.audit.decided(access, decision, {"id": req.id})
+        try:
+            self.audit.decided(access, decision, {"id": req.id})
+        except Exception as exc:
+            return self._undelivered_access(exc, req)
         if self.recorder is not None:
             self._record(req, decision_json(decision))
         if decision.reason in ("unknown-vm", "unknown-device"):
@@ -325,9 +361,12 @@ class Server:
         else:
             fields["allocated"] = sorted(a["allocated"])
             fields["tags_cleared"] = a.get("tags_cleared", False)
-        self.audit.emit(
-            f"host.{req.op}", vm=a["vm"], bdf=a["bdf"], **fields, **decision_json(decision)
-        )
+        try:
+            self.audit.emit(
+                f"host.{req.op}", vm=a["vm"], bdf=a["bdf"], **fields, **decision_json(decision)
+            )
+        except Exception as exc:
+            return self._undelivered_access(exc, req)
         if decision.reason in ("unknown-vm", "unknown-device"):
             field = "vm" if decision.reason == "unknown-vm" else "bdf"
             return error_reply(
@@ -342,13 +381,22 @@ class Server:
         self.reasons[decision.reason] += 1
 
     def _record(self, req: Request, expect: dict[str, Any]) -> None:
+        """One line of the ``--record`` trace. A trace that cannot be written (a full disk)
+        ends there, with a ``record.failed`` event: the decision still goes out, and a
+        replay of the trace judges only what it holds."""
         if self.recorder is None:
             return
         rec: dict[str, Any] = {"id": req.id, "op": req.op}
         rec.update({k: v for k, v in req.args.items() if k != "expect"})
         rec["expect"] = expect
-        self.recorder.write(encode(rec).decode())
-        self.recorder.flush()
+        try:
+            self.recorder.write(encode(rec).decode())
+            self.recorder.flush()
+        except Exception as exc:
+            self.recorder = None
+            error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):  # (the decision's own line is written)
+                self.audit.emit("record.failed", "error", id=req.id, op=req.op, error=error)
 
     def _op_attach(self, req: Request) -> bytes:
         a = req.args
@@ -408,13 +456,17 @@ class Server:
             "backend": backend,
             **({"replaced": True} if replacing else {}),
         }
-        self.audit.emit(
-            "device.attached",
-            vm=a["vm"],
-            bdf=a["bdf"],
-            source=cfg.source,
-            **decision_json(decision) | extra,
-        )
+        try:
+            self.audit.emit(
+                "device.attached",
+                vm=a["vm"],
+                bdf=a["bdf"],
+                source=cfg.source,
+                **decision_json(decision) | extra,
+            )
+        except Exception as exc:
+            frozen = self._undelivered(exc, req.id, req.op, a["vm"], a["bdf"])
+            decision = frozen or decision  # (it is attached, so it is frozen)
         self._record(req, decision_json(decision))
         return reply(
             req.id,
@@ -507,12 +559,19 @@ class Server:
         self.policy_loads += 1
         corrections = []
         for sess, decision in applied:
+            try:
+                self.audit.emit(
+                    "policy.applied", vm=sess.vm, bdf=sess.bdf, **decision_json(decision)
+                )
+            except Exception as exc:  # its correction cannot go out: the device is frozen
+                frozen = self._undelivered(exc, None, "reload", sess.vm, sess.bdf)
+                decision = frozen or decision
             entry = {"vm": sess.vm, "bdf": sess.bdf, "decision": decision_wire(decision)}
             corrections.append(entry)
-            self.audit.emit("policy.applied", vm=sess.vm, bdf=sess.bdf, **decision_json(decision))
-        self.audit.emit(
-            "policy.loaded", path=path, vms=sorted(policy.vms), devices=len(corrections)
-        )
+        with contextlib.suppress(Exception):  # (every correction above is in the trail)
+            self.audit.emit(
+                "policy.loaded", path=path, vms=sorted(policy.vms), devices=len(corrections)
+            )
         return corrections
 
     def reload_event(self, path: str) -> bytes:

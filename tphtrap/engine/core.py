@@ -443,6 +443,18 @@ class Engine:
         verdict = _REWRITE if busy else _PASS
         return self._decision(sess, verdict, reasons, tuple(r.writes), ops=r.ops)
 
+    def freeze(self, vm: str, bdf: str, message: str) -> Decision | None:
+        """Freeze the device of (vm, bdf) from outside the engine: a decision it made cannot
+        be delivered as made (its audit line could not be written), so what it changed of
+        the session is not what the device has. The decision turns TPH off on the device
+        (the one thing that is safe whatever it holds) and every later access is dropped
+        until it is attached again; a frozen device gets TPH off again (the decision that
+        froze it may be the one that was lost). None: no such session (nothing to freeze)."""
+        sess = self._sessions.get((vm, bdf))
+        if sess is None:
+            return None
+        return self._poison(sess, sess.poisoned or message)
+
     def _poison(self, sess: Session, message: str, code: str = "internal-error") -> Decision:
         """Freeze ``sess``: TPH off on every capability, every later access dropped."""
         sess.poisoned = message

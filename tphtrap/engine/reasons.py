@@ -166,12 +166,14 @@ REASONS: dict[str, Reason] = {
     "unknown-device": Reason("device not attached for this VM", "drop"),
     "bad-access": Reason("malformed access (offset, width or value out of range)", "drop"),
     "internal-error": Reason(
-        "internal error: access dropped, device frozen until re-attached", "drop"
+        "internal error, or a decision whose audit line could not be written: access dropped, "
+        "TPH disabled, device frozen until re-attached",
+        "rewrite drop",
     ),
     "unsafe-plan": Reason(
         "the engine's self-check refused its own plan (a bug): TPH disabled, device frozen "
         "until re-attached",
-        "drop",
+        "rewrite drop",
     ),
 }
 
