@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import errno
 import json
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +219,85 @@ def test_a_record_trace_that_cannot_be_written_ends_and_costs_no_reply() -> None
     got = write(srv, CTRL, EN_IV, rid=2)
     assert got["ok"] and got["decision"]["reason"] != "internal-error"
     assert not frozen(srv, A)
+
+
+def test_an_unaudited_read_is_dropped_without_freezing() -> None:
+    """A read changes nothing the engine knows of the device: when its line cannot be
+    written it is dropped (an internal-error reply), and the device is not frozen."""
+    srv, sink = server()
+    assert call(srv, "attach", **A, path=NIC_CAP)["ok"]
+    sink.fail = lambda line: '"access.decided"' in line
+    got = call(srv, "cfg_read", 2, **A, offset=CTRL, width=4)
+    sink.fail = lambda line: False
+    assert got["error"]["code"] == "internal-error" and got["decision"]["verdict"] == "drop"
+    assert got["decision"]["writes"] == [] and not frozen(srv, A)
+
+
+class FullDiskServe:
+    """``tphtrap serve --audit FILE`` whose file may not grow past a limit that the test
+    moves (``RLIMIT_FSIZE``, raised and lowered from outside with ``prlimit``): a write that
+    crosses it is cut short, the next one fails with EFBIG, as on a disk that fills up."""
+
+    def __init__(self, audit: Path) -> None:
+        self.audit = audit
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tphtrap", "serve", "--policy", str(POLICY), "--audit", audit],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+        )
+
+    def send(self, rid: Any, op: str, **fields: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
+        self.proc.stdin.flush()
+        reply: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return reply
+
+    def limit(self, size: int) -> None:
+        resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="Linux prlimit")
+def test_a_disk_that_fills_mid_line_and_frees_again(tmp_path: Path) -> None:
+    """The disk fills in the middle of an ``access.decided`` line: its device is frozen; a
+    SIGHUP then (its corrections, the reopening of the file) neither stops serve nor loses
+    the corrections; once the disk has room, the cut line is ended before the next line, so
+    every line after it is whole JSON."""
+    audit = tmp_path / "audit.jsonl"
+    serve = FullDiskServe(audit)
+    try:
+        assert serve.send(0, "hello", versions=[2])["ok"]
+        assert serve.send(1, "attach", **A, path=NIC_CAP)["ok"]
+        assert serve.send(2, "cfg_write", **A, offset=CTRL, width=4, value=EN_IV)["ok"]
+        size = audit.stat().st_size
+        serve.limit(size + 40)  # room for the first 40 bytes of the next line only
+        got = serve.send(3, "cfg_write", **A, offset=ENTRY0, width=2, value=1)
+        assert_tph_off(got["decision"])
+        assert audit.stat().st_size == size + 40  # the cut line
+        serve.proc.send_signal(signal.SIGHUP)  # reload and reopen on a full disk
+        assert serve.proc.stdout
+        event = json.loads(serve.proc.stdout.readline())
+        assert event["event"] == "corrections" and event["corrections"][0]["bdf"] == A["bdf"]
+        assert serve.proc.poll() is None
+        serve.limit(resource.RLIM_INFINITY)  # room again
+        later = serve.send(4, "cfg_write", **A, offset=CTRL, width=4, value=EN_IV)
+        assert later["decision"]["verdict"] == "drop"  # frozen
+        assert serve.send(5, "stats")["ok"]
+    finally:
+        assert serve.proc.stdin
+        serve.proc.stdin.close()
+        assert serve.proc.wait(timeout=10) == 0
+    data = audit.read_bytes()
+    head, cut, rest = data[:size], data[size : size + 40], data[size + 41 :]
+    assert data[size + 40 : size + 41] == b"\n" and b"\n" not in cut  # the cut line, ended
+    assert all(json.loads(x) for x in head.splitlines())
+    events = [json.loads(x) for x in rest.splitlines()]  # every later line whole
+    assert [e["event"] for e in events][-1] == "session.ended"
+    # (what was written while the disk was full is lost: the SIGHUP's events, audit.failed)
+    assert [(e["event"], e.get("id")) for e in events] == [
+        ("engine.failed", 4),
+        ("session.ended", None),
+    ]

@@ -13,6 +13,7 @@ Event names are dotted (``access.decided``, ``device.attached``, ``policy.loaded
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -108,6 +109,9 @@ class _LineWriter:
     def __init__(self, stream: IO[str], fd: int | None = None) -> None:
         self._stream = stream
         self._fd = fd
+        #: A write to ``fd`` failed (a full disk): it may have left part of its line. The next
+        #: line ends that one first, so that every line after it is whole.
+        self.doubtful = False
 
     @property
     def fd(self) -> int | None:
@@ -117,6 +121,7 @@ class _LineWriter:
         """Write to ``stream`` (and ``fd``) from now on; returns the previous stream."""
         old = self._stream
         self._stream, self._fd = stream, fd
+        self.doubtful = False
         return old
 
     def msg(self, message: str) -> None:
@@ -132,10 +137,18 @@ class _LineWriter:
             self._stream.write(data.decode("utf-8"))
             self._stream.flush()
             return
-        n = os.write(self._fd, data)
-        while n < len(data):  # a regular file takes it whole unless the disk is full
-            data = data[n:]
-            n = os.write(self._fd, data)
+        fd = self._fd
+        try:
+            if self.doubtful:
+                _end_cut_line(fd)
+                self.doubtful = False
+            n = os.write(fd, data)
+            while n < len(data):  # a regular file takes it whole unless the disk is full
+                data = data[n:]
+                n = os.write(fd, data)
+        except BaseException:
+            self.doubtful = True
+            raise
 
     debug = info = warning = error = msg
 
@@ -315,6 +328,17 @@ def _seal_torn_line(fd: int) -> tuple[int, int] | None:
     return start, size - start
 
 
+def _end_cut_line(fd: int) -> None:
+    """After a failed write: end the line it may have cut (:func:`_seal_torn_line`; on a file
+    opened write-only, which cannot be read, with a newline anyway)."""
+    try:
+        _seal_torn_line(fd)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+        os.write(fd, b"\n")
+
+
 class Auditor:
     """Renders audit events as JSON lines on ``stream`` (stderr or a line-buffered file).
 
@@ -421,6 +445,16 @@ class Auditor:
     def fd(self) -> int | None:
         """The descriptor events go to when they are written to it directly (``--audit``)."""
         return self._writer.fd
+
+    def write_failed(self) -> None:
+        """A line written elsewhere (the native path's loop) failed: the next one here ends
+        what it may have cut (:attr:`_LineWriter.doubtful`)."""
+        self._writer.doubtful = True
+
+    @property
+    def doubtful(self) -> bool:
+        """Whether the last write failed and may have cut its line."""
+        return self._writer.doubtful
 
     def decided_line(self, line: bytes) -> None:
         """An ``access.decided`` line rendered elsewhere (the native path, tphtrap.native)."""

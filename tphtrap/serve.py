@@ -155,8 +155,8 @@ class Server:
         not take, woken by a signal, EOF), or None when there is no native path or the audit
         stream is not a file tphtrap writes to directly."""
         native, fd = self.native, self.audit.fd
-        if native is None or fd is None:
-            return None
+        if native is None or fd is None or self.audit.doubtful:
+            return None  # (a failed write may have cut a line: the Python path ends it)
         counters = (self.ops, self.verdicts, self.reasons)
         unread, pending, woke, eof, failed, why, answered, audited = native.pump(
             in_fd, out_fd, wake_fd, fd, counters
@@ -168,6 +168,7 @@ class Server:
             self._native_failed(cast(Exception, failed))
         elif why == "audit":  # a decided line whose audit line could not be written
             exc, line = cast(tuple[Exception, bytes], failed)
+            self.audit.write_failed()
             self.native_answers -= 1  # (answered by the Python path's failure reply)
             pending += self._native_undelivered(exc, line)
         return unread, pending, woke, eof
@@ -212,7 +213,7 @@ class Server:
             rid,
             "internal-error",
             f"internal error: {type(exc).__name__}: {exc}",
-            decision=_drop("internal-error"),
+            decision=_drop("internal-error", "internal error: access dropped"),
         )
 
     def _native_undelivered(self, exc: Exception, line: bytes) -> bytes:
@@ -238,20 +239,36 @@ class Server:
         is frozen instead (TPH off, every later access dropped until it is attached again):
         that decision, the only one the audit trail may miss, takes TPH away and nothing
         else. None: ``vm`` and ``bdf`` name no attached device (nothing to freeze)."""
-        self.errors["internal-error"] += 1
         error = f"{type(exc).__name__}: {exc}"
         frozen = None
         if isinstance(vm, str) and isinstance(bdf, str):
             frozen = self.engine.freeze(vm, bdf, f"its audit line could not be written: {error}")
-        fields = decision_json(frozen) if frozen is not None else {}
-        with contextlib.suppress(Exception):  # (the stream may work again)
-            self.audit.emit(
-                "audit.failed", "error", id=rid, op=op, vm=vm, bdf=bdf, error=error, **fields
-            )
+        if frozen is None:
+            return None
+        self.errors["internal-error"] += 1
+        self._note(
+            "audit.failed",
+            "error",
+            id=rid,
+            op=op,
+            vm=vm,
+            bdf=bdf,
+            error=error,
+            **decision_json(frozen),
+        )
         return frozen
 
+    def _note(self, event: str, level: str = "info", **fields: Any) -> None:
+        """An event that goes with no decision (the hypervisor performs nothing on it): one
+        that cannot be written is lost, never a reason to stop serving."""
+        with contextlib.suppress(Exception):
+            self.audit.emit(event, level, **fields)
+
     def _undelivered_access(self, exc: Exception, req: Request) -> bytes:
-        """An access decided but not audited (:meth:`_undelivered`): its reply."""
+        """An access decided but not audited (:meth:`_undelivered`): its reply. A read changes
+        nothing the engine knows of the device: it is dropped, as an internal error."""
+        if req.op in ("cfg_read", "msix_read"):
+            return self._internal_error(exc, req)
         frozen = self._undelivered(exc, req.id, req.op, req.args.get("vm"), req.args.get("bdf"))
         if frozen is None:
             return self._internal_error(exc, req)
@@ -259,7 +276,7 @@ class Server:
 
     def _wire_error(self, exc: WireError, line: bytes) -> bytes:
         self.errors[exc.code] += 1
-        self.audit.emit(
+        self._note(
             "wire.rejected",
             "warning",
             id=exc.request_id,
@@ -533,18 +550,18 @@ class Server:
             policy = _load_policy(path)
         except PolicyError as exc:
             self.policy_rejects += 1
-            self.audit.emit(
+            self._note(
                 "policy.rejected", "error", path=path, problems=[p.format() for p in exc.problems]
             )
             return exc
         except TphtrapError as exc:
             self.policy_rejects += 1
-            self.audit.emit("policy.rejected", "error", path=path, problems=[str(exc)])
+            self._note("policy.rejected", "error", path=path, problems=[str(exc)])
             return exc
         except OSError as exc:
             self.policy_rejects += 1
             err = DeviceError(path, exc.strerror or str(exc))
-            self.audit.emit("policy.rejected", "error", path=path, problems=[str(err)])
+            self._note("policy.rejected", "error", path=path, problems=[str(err)])
             return err
         except Exception as exc:  # fail closed: the old policy stays
             return self._reload_failed(path, exc)
@@ -586,7 +603,7 @@ class Server:
         self.policy_rejects += 1
         message = f"internal error: {type(exc).__name__}: {exc}; the old policy stays"
         err = PolicyError([Problem(1, 1, "internal-error", message, "", path)])
-        self.audit.emit("policy.rejected", "error", path=path, problems=[str(err)])
+        self._note("policy.rejected", "error", path=path, problems=[str(err)])
         return err
 
     def _op_stats(self, req: Request) -> bytes:
@@ -622,7 +639,7 @@ class Server:
 
     def session_ended(self, reason: str, level: str = "info") -> None:
         """The ``session.ended`` event: why, and what the session asked and got."""
-        self.audit.emit(
+        self._note(
             "session.ended",
             level,
             reason=reason,
@@ -799,7 +816,8 @@ def _signalled(server: Server, out_fd: int, rpipe: int, out: bytearray) -> int |
     # alone, the --audit file is opened again by its name.
     for rotate in (signal.SIGHUP, signal.SIGUSR1):
         if rotate in signums:
-            server.audit.reopen(signal.Signals(rotate).name)
+            with contextlib.suppress(Exception):  # (a full disk: events stay in the old file)
+                server.audit.reopen(signal.Signals(rotate).name)
             break
     return None
 
@@ -1010,7 +1028,8 @@ def run(args: argparse.Namespace) -> int:
             return serve_forever(server, sys.stdin.fileno(), sys.stdout.fileno())
     finally:
         if recorder is not None:
-            recorder.close()
+            with contextlib.suppress(OSError):  # (a full disk: the trace ended, record.failed)
+                recorder.close()
         auditor.close()
 
 

@@ -166,8 +166,8 @@ REASONS: dict[str, Reason] = {
     "unknown-device": Reason("device not attached for this VM", "drop"),
     "bad-access": Reason("malformed access (offset, width or value out of range)", "drop"),
     "internal-error": Reason(
-        "internal error, or a decision whose audit line could not be written: access dropped, "
-        "TPH disabled, device frozen until re-attached",
+        "internal error, or an audit line that could not be written: access dropped; when it "
+        "struck a device's decision, TPH disabled and the device frozen until re-attached",
         "rewrite drop",
     ),
     "unsafe-plan": Reason(
