@@ -4,7 +4,7 @@ attached again) instead of being left behind what the engine takes it to hold.
 
 Each entry point that changes a device is taken in turn: an access (either path), attach, a
 host report, a reload's corrections; and the ``--record`` trace, whose failure must not cost
-the reply. tests/test_audit_failure_attack.py attacks the same with a simulated device.
+the reply; and a disk that fills in the middle of a line, with a real ``serve``.
 """
 
 from __future__ import annotations
