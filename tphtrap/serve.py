@@ -177,8 +177,7 @@ class Server:
         """Turn the native path off for good, and say why (the Python path serves on)."""
         self.native = None
         self.errors["internal-error"] += 1
-        with contextlib.suppress(Exception):
-            self.audit.emit("native.failed", "error", error=f"{type(exc).__name__}: {exc}")
+        self._note("native.failed", "error", error=f"{type(exc).__name__}: {exc}")
 
     def _handle_line(self, line: bytes) -> bytes:
         self.requests += 1
@@ -199,16 +198,15 @@ class Server:
         answers drop for this request, and the server keeps serving."""
         self.errors["internal-error"] += 1
         rid = req.id if req is not None else None
-        with contextlib.suppress(Exception):
-            self.audit.emit(
-                "engine.failed",
-                "error",
-                id=rid,
-                op=req.op if req is not None else None,
-                error=f"{type(exc).__name__}: {exc}",
-                vm=req.args.get("vm") if req is not None else None,
-                bdf=req.args.get("bdf") if req is not None else None,
-            )
+        self._note(
+            "engine.failed",
+            "error",
+            id=rid,
+            op=req.op if req is not None else None,
+            error=f"{type(exc).__name__}: {exc}",
+            vm=req.args.get("vm") if req is not None else None,
+            bdf=req.args.get("bdf") if req is not None else None,
+        )
         return error_reply(
             rid,
             "internal-error",
@@ -233,7 +231,7 @@ class Server:
     def _undelivered(
         self, exc: Exception, rid: int | str | None, op: str, vm: Any, bdf: Any
     ) -> Decision | None:
-        """The engine has made a decision for ``req``'s device whose audit line could not be
+        """The engine has made a decision for device (vm, bdf) whose audit line could not be
         written (a full disk, a closed pipe). Write-ahead: no decision goes out before its
         line, so the device does not get what the engine's state now says it has. The device
         is frozen instead (TPH off, every later access dropped until it is attached again):
@@ -412,8 +410,7 @@ class Server:
         except Exception as exc:
             self.recorder = None
             error = f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(Exception):  # (the decision's own line is written)
-                self.audit.emit("record.failed", "error", id=req.id, op=req.op, error=error)
+            self._note("record.failed", "error", id=req.id, op=req.op, error=error)
 
     def _op_attach(self, req: Request) -> bytes:
         a = req.args
@@ -585,10 +582,8 @@ class Server:
                 decision = frozen or decision
             entry = {"vm": sess.vm, "bdf": sess.bdf, "decision": decision_wire(decision)}
             corrections.append(entry)
-        with contextlib.suppress(Exception):  # (every correction above is in the trail)
-            self.audit.emit(
-                "policy.loaded", path=path, vms=sorted(policy.vms), devices=len(corrections)
-            )
+        # (every correction above is in the trail: this line is only the reload's summary)
+        self._note("policy.loaded", path=path, vms=sorted(policy.vms), devices=len(corrections))
         return corrections
 
     def reload_event(self, path: str) -> bytes:
