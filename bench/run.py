@@ -323,6 +323,8 @@ C_KINDS = {
     "st-entry": "ST table entry of tenant-a (allowed tag)",
     "vector-control": "Vector Control of tenant-b (16-bit tag, mask bit toggled)",
     "non-tph": "PCI Command register (outside TPH)",
+    "tph-control-read": "TPH control of tenant-a read (served from the guest's view)",
+    "vector-control-read": "Vector Control of tenant-b read (its tag from the guest's view)",
 }
 
 
@@ -332,6 +334,8 @@ C_KIND_OF = {
     "st-entry": "cfg_write ST entry",
     "vector-control": "msix_write Vector Control",
     "non-tph": "cfg_write non-TPH",
+    "tph-control-read": "cfg_read TPH control",
+    "vector-control-read": "msix_read Vector Control",
 }
 C_STATS = ("p50_us", "p99_us", "mean_us")
 

@@ -72,7 +72,7 @@ from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
 from tphtrap.spec import PCI_EXP_FLAGS, PcieType, StLocation
 from tphtrap.synth import MsixSpec, TphSpec, build_config
-from tphtrap.wire import Request, parse_request
+from tphtrap.wire import Request, access_reply, parse_request, to_access
 
 EXAMPLES = int(os.environ.get("TPHTRAP_EXAMPLES", 2_000))
 
@@ -237,7 +237,8 @@ class Side:
         self.audit.close()
 
 
-SHAPES = ("pass", "entry", "entry-general", "control", "other", "frozen")
+SHAPES = ("pass", "entry", "entry-general", "control", "other", "frozen", "read")
+READS = ("cfg_read", "msix_read")
 
 
 class Hits:
@@ -367,7 +368,9 @@ class Twins:
             self.hits.sent[shape] += 1
             self.hits.native[shape] += len(self.answered)
             for _, _, _, _, reason in self.answered:
-                if shape != "control":  # (a control write's: any the engine gives)
+                if shape == "read":
+                    assert reason in ("not-tph", "tph-virtualized"), where
+                elif shape != "control":  # (a control write's: any the engine gives)
                     assert reason in (("not-tph",) if shape == "pass" else native.CODES), where
                 self.hits.reasons[reason] += 1
         return got_off
@@ -409,17 +412,19 @@ class LineEngine:
         return self.twins.send(self.line(op, fields), self.form, shape)
 
     def shape(self, op: str, f: dict[str, Any]) -> str | None:
-        """A write's shape: "frozen" (its session revoked or frozen), "pass" (outside
-        everything the engine filters), "entry" (one whole ST entry or Vector Control word),
-        "control" (the whole control register of a device's one TPH capability) or "other";
-        None for any other request."""
-        if op not in ("cfg_write", "msix_write") or f["value"] >= 10**19:
+        """An access's shape: "frozen" (its session revoked or frozen), "read", or a write's:
+        "pass" (outside everything the engine filters), "entry" (one whole ST entry or Vector
+        Control word), "control" (the whole control register of a device's one TPH
+        capability) or "other"; None for any other request."""
+        if op not in ("cfg_write", "msix_write", *READS) or f.get("value", 0) >= 10**19:
             return None  # (a number of 20 digits the C side does not read: see below)
         sess = self.twins.off.server.engine.session(f["vm"], f["bdf"])
         if sess is None:
             return None
         if sess.revoked or sess.poisoned is not None:
             return "frozen"
+        if op in READS:
+            return "read"
         geo, off, width = sess.geo, f["offset"], f["width"]
         if op == "cfg_write":
             if off + width <= geo.watch_lo or off >= geo.watch_hi:
@@ -1013,6 +1018,69 @@ def test_audit_passes_leaves_passes_to_python(twins: Callable[..., Twins]) -> No
     assert g.native and t.on.audit.events == events + 4
 
 
+@pytest.mark.parametrize("where", ["cap", "msix"])
+def test_reads_are_served_natively_from_the_guests_view(
+    twins: Callable[..., Twins], where: str
+) -> None:
+    """A read of an armed session is the native path's: the TPH registers and the ST half of
+    a Vector Control word from the guest's own view (what it last wrote, natively or not, and
+    power-on values after a reset), audited; anything else passed, not audited."""
+    t = twins()
+    g = Guest(t, CAP_BDF if where == "cap" else MSIX_BDF)
+
+    def read(offset: int, width: int) -> dict[str, Any]:
+        if where == "cap":
+            reply = g.send("cfg_read", offset=offset, width=width)
+        else:
+            reply = g.send("msix_read", bar=2, offset=offset, width=width)
+        return reply["decision"]  # type: ignore[no-any-return]
+
+    g.attach()
+    g.enable(EN8)
+    d = g.entry(1, FOREIGN)  # rewritten on the device; the guest still sees its own tag
+    assert g.native and d["verdict"] == "rewrite"
+    at = E0 + 2 if where == "cap" else TABLE + 16 + 12
+    events = t.on.audit.events
+    d = read(at, 4 if where == "msix" else 2)
+    assert g.native and d["reason"] == "tph-virtualized" and t.on.audit.events == events + 1
+    view = FOREIGN << 16 if where == "msix" else FOREIGN
+    assert d["guest_value"] == view, d
+    d = read(at + 1, 1) if where == "cap" else read(at + 2, 1)
+    assert g.native and d["guest_value"] == FOREIGN >> (8 if where == "cap" else 0), d
+    d = read(0x10, 4) if where == "cap" else read(TABLE, 8)  # a BAR, the message address
+    assert g.native and d["verdict"] == "pass" and t.on.audit.events == events + 2, d
+    assert g.send("reset")["ok"]  # the Python path's: the guest's view is at power-on again
+    d = read(at, 4 if where == "msix" else 2)
+    assert g.native and d["guest_value"] == 0, d
+
+
+def test_reads_of_a_frozen_session_or_audited_passes_are_the_python_paths(
+    twins: Callable[..., Twins], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--audit-passes: a read passed to the device is audited, so the Python path answers it,
+    and one served from the guest's view is still native. A frozen session's reads are
+    dropped by the Python path."""
+    from tphtrap.engine.session import Session
+
+    t = twins(passes=True)
+    g = Guest(t, CAP_BDF)
+    g.attach()
+    g.enable(EN8)
+    d = g.send("cfg_read", offset=0x10, width=4)["decision"]
+    assert not g.native and d["reason"] == "not-tph"
+    d = g.send("cfg_read", offset=CTRL, width=4)["decision"]
+    assert g.native and d["reason"] == "tph-virtualized" and d["guest_value"] == EN8
+
+    def fault(*_: Any) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Session, "plan", fault)
+    assert g.enable(0x100)["reason"] == "internal-error"
+    monkeypatch.undo()
+    d = g.send("cfg_read", offset=CTRL, width=4)["decision"]
+    assert not g.native and d["verdict"] == "drop" and d["reason"] == "internal-error"
+
+
 def test_two_sessions_and_a_host_backend_session(twins: Callable[..., Twins]) -> None:
     """Lines of two armed sessions interleaved, one of them in the host backend: its entry
     writes are the native path's while they need no host operation (the device holds the
@@ -1159,7 +1227,24 @@ def parsed(req: Request) -> dict[str, Any]:
     return {"op": req.op, "id": req.id} | {k: a.get(k) for k in keep}
 
 
-def differential(armed: dict[bytes, Any], line: bytes) -> str:
+def read_answered(
+    server: Server, got: tuple[bytes, bytes | None, str, str, str], req: Request
+) -> None:
+    """A read the C side answered: the reply the engine gives the request the protocol reads,
+    and the audit line of a read served from the guest's view names its place."""
+    reply, audit, op, _, _ = got
+    assert op == req.op
+    decision = server.engine.handle(to_access(req))
+    assert reply == access_reply(req.id, decision)
+    if audit is not None:
+        a = json.loads(audit)
+        assert (a["vm"], a["bdf"], a["id"]) == (req.args["vm"], req.args["bdf"], req.id), a
+        assert (a["offset"], a["width"], a.get("bar")) == tuple(
+            req.args.get(k) for k in ("offset", "width", "bar")
+        ), a
+
+
+def differential(server: Server, armed: dict[bytes, Any], line: bytes) -> str:
     """Check one line; what happened: "answered", "declined" or "refused"."""
     try:
         req: Request | None = parse_request(line)
@@ -1171,7 +1256,10 @@ def differential(armed: dict[bytes, Any], line: bytes) -> str:
         if isinstance(got, tuple):
             assert req is not None, f"{line!r}: answered natively, refused by the protocol"
             assert type(json.loads(got[0])["id"]) is type(req.id), line
-            assert answered(got, key) == parsed(req), line
+            if req.op in READS:
+                read_answered(server, got, req)
+            else:
+                assert answered(got, key) == parsed(req), line
             outcome = "answered"
         else:
             assert got is None or got == _c_key(line), (line, got)
@@ -1195,7 +1283,8 @@ def request_lines(draw: st.DrawFn) -> bytes:
     def mostly(usual: st.SearchStrategy[Any], wild: st.SearchStrategy[Any]) -> Any:
         return draw(wild if draw(st.integers(0, 9)) == 0 else usual)
 
-    op = draw(st.sampled_from(["cfg_write"] * 4 + ["msix_write"] * 4 + ["cfg_read", "reset"]))
+    ops = ["cfg_write"] * 4 + ["msix_write"] * 4 + ["cfg_read", "msix_read"] * 2 + ["reset"]
+    op = draw(st.sampled_from(ops))
     rid = mostly(
         st.integers(-(10**18) + 1, 10**18 - 1) | st.text(_PRINTABLE, min_size=1, max_size=8),
         st.integers(-(2**63) - 1, 2**64) | st.text(_PRINTABLE, max_size=130),
@@ -1221,7 +1310,7 @@ def request_lines(draw: st.DrawFn) -> bytes:
     }
     if op.startswith("cfg") or op == "reset":
         del fields["bar"]
-    if op in ("cfg_read", "reset"):
+    if op in (*READS, "reset"):
         del fields["value"]
     if op == "reset":
         del fields["offset"], fields["width"]
@@ -1281,6 +1370,20 @@ def _bar(**over: str) -> bytes:
         ms = _set(ms, k, v)
     return render(ms)
 
+
+#: Reads the C side answers: in and around the TPH capability, and the MSI-X table's Vector
+#: Control words (whole, in halves, straddling), passed or served from the guest's view.
+READ_LINES = [
+    *(
+        render(members(7, "cfg_read", {"vm": VM, "bdf": CAP_BDF, "offset": off, "width": w}))
+        for off, w in [(0x10, 4), (CTRL, 4), (CTRL + 2, 2), (E0, 2), (E0 + 1, 1), (0x146, 4)]
+    ),
+    *(
+        render(members(7, "msix_read", {"vm": VM, "bdf": bdf, "bar": 2, "offset": off, "width": w}))
+        for bdf in (MSIX_BDF, CAP_BDF)
+        for off, w in [(TABLE + 12, 4), (TABLE + 14, 2), (TABLE + 8, 8), (TABLE + 15, 1), (8, 8)]
+    ),
+]
 
 NASTY_LINES = [
     # ids: the C side reads what it can write back as it came, or leaves the line
@@ -1382,27 +1485,27 @@ NASTY_LINES = [
 
 @pytest.mark.parametrize("line", NASTY_LINES, ids=range(len(NASTY_LINES)))
 def test_the_c_parser_on_nasty_lines(tmp_path: Path, line: bytes) -> None:
-    _, armed = parser_server(tmp_path)
-    differential(armed, line)
+    server, armed = parser_server(tmp_path)
+    differential(server, armed, line)
 
 
 def test_the_c_parser_reads_the_plain_lines(tmp_path: Path) -> None:
     """The lines it must read, it reads (so the tests above do not pass by refusing all)."""
-    _, armed = parser_server(tmp_path)
-    for line in (PLAIN, ID_18_DIGITS, OP_LAST):
-        assert differential(armed, line) == "answered", line
+    server, armed = parser_server(tmp_path)
+    for line in (PLAIN, ID_18_DIGITS, OP_LAST, *READ_LINES):
+        assert differential(server, armed, line) == "answered", line
 
 
 def test_the_c_parser_reads_exactly_what_the_protocol_reads(tmp_path: Path) -> None:
     """Random and mutated lines: every line the C side answers is the request
     parse_request reads; every line parse_request refuses, the C side leaves."""
-    _, armed = parser_server(tmp_path)
+    server, armed = parser_server(tmp_path)
     seen: Counter[str] = Counter()
 
     @settings(max_examples=max(1, EXAMPLES), deadline=None)
     @given(line=request_lines() | mutated_lines())
     def check(line: bytes) -> None:
-        seen[differential(armed, line)] += 1
+        seen[differential(server, armed, line)] += 1
 
     check()
     print(f"parser differential: {dict(seen)}")
@@ -1419,7 +1522,7 @@ def test_native_servers_answer_as_python_servers(machine: type[LineTwinMachine])
     # Only what the engine decides by its steady path, or passes untouched.
     assert not hits.native["other"] and not hits.native["entry-general"], hits
     assert not hits.native["frozen"], hits
-    assert hits.share("pass") == 1, hits
+    assert hits.share("pass") == 1 and hits.native["read"], hits
     if machine is SteadyLineTwinMachine:
         # Not every one: a session armed while latched stays passes-only for its entries
         # (the known fault at the end of this file).
@@ -1436,7 +1539,7 @@ def test_native_servers_answer_as_python_servers_host_backend(
     steady = machine is SteadyLineTwinHostMachine
     hits = run_machine(machine, EXAMPLES // (10 if steady else 40))
     print(f"{machine.__name__}: native path answered, of the plain write lines: {hits}")
-    assert hits.sent["pass"] and hits.share("pass") == 1, hits
+    assert hits.sent["pass"] and hits.share("pass") == 1 and hits.native["read"], hits
     assert not hits.native["other"] and not hits.native["entry-general"], hits
     assert not hits.native["frozen"], hits
     if steady:  # (how many entry lines a run sends varies with its worlds: 30 to 500 here)

@@ -32,7 +32,7 @@ from .render import HostFacts, HostOps, HostResultRefused, RawWrites, Rendering
 from .session import _ENTRY_STEP, Session, Step
 from .target import MODE, REQ, control_value
 
-__all__ = ["Engine", "WrongBackend", "decided", "passed"]
+__all__ = ["Engine", "WrongBackend", "decided", "passed", "served"]
 
 _PASS, _REWRITE, _DROP = Verdict.PASS, Verdict.REWRITE, Verdict.DROP
 _CONFIG_WIDTHS = (1, 2, 4)
@@ -405,24 +405,19 @@ class Engine:
                 ["bad-access"],
                 guest_value=(1 << (8 * a.width)) - 1 if width_ok else None,
             )
-        mask, patch = sess.config_view(a.offset, a.width)
-        if not mask:
-            return self._decision(sess, _PASS, ["not-tph"])
-        return self._decision(
-            sess, _REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
-        )
+        return self._served(sess, *sess.config_view(a.offset, a.width))
 
     def _msix_read(self, sess: Session, a: MsixRead) -> Decision:
         if not _valid(a.offset, a.width, _BAR_WIDTHS, _BAR_LIMIT, 0) or not 0 <= a.bar <= 5:
             return self._decision(sess, _DROP, ["bad-access"])
         if a.bar != sess.geo.msix_bir:
             return self._decision(sess, _PASS, ["not-tph"])
-        mask, patch = sess.msix_view(a.offset, a.width)
-        if not mask:
-            return self._decision(sess, _PASS, ["not-tph"])
-        return self._decision(
-            sess, _REWRITE, ["tph-virtualized"], guest_value=patch, read_mask=mask
-        )
+        return self._served(sess, *sess.msix_view(a.offset, a.width))
+
+    def _served(self, sess: Session, mask: int, patch: int) -> Decision:
+        d = served(sess, mask, patch)
+        sess.counts[d.verdict] = sess.counts.get(d.verdict, 0) + 1
+        return d
 
     # --- decisions -------------------------------------------------------------------------------
     def _settle(
@@ -504,6 +499,14 @@ def passed(sess: Session, write: DeviceWrite) -> Decision:
     """The decision on a write outside everything the engine filters: it passes untouched."""
     ops = None if sess.backend.name == "writes" else ()
     return Decision(_PASS, "not-tph", _NOT_TPH, (write,), reasons=("not-tph",), ops=ops)
+
+
+def served(sess: Session, mask: int, patch: int) -> Decision:
+    """The decision on a valid read whose bytes under ``mask`` are served from the guest's
+    view (their values: ``patch``): passed to the device when none are."""
+    if not mask:
+        return decided(sess, _PASS, ("not-tph",))
+    return decided(sess, _REWRITE, ("tph-virtualized",), guest_value=patch, read_mask=mask)
 
 
 def decided(

@@ -10,7 +10,9 @@ or ``msix_write`` of an armed session that is
   to do (the device holds that tag already, or its vector is not allocated, or the entries
   are not in use); one that sets a tag is the Python path's;
 - a write of the whole control register whose decision the engine made in the same state
-  before (either backend).
+  before (either backend);
+- a valid read (either backend), its bytes in a TPH capability or in the ST half of a Vector
+  Control word served from the session's own guest view, any other passed.
 Anything else is None and the Python path decides. After the Python path has handled an
 access, its session waits to be armed again from the engine's state (:meth:`NativePath.refresh`),
 which its next native-eligible request does; any other request, and a reload, drops every
@@ -25,6 +27,8 @@ What is armed is the engine's own knowledge, taken from it, never restated:
   rules, width and use), the checker's own rule for that control value (the tags allowed at its
   width) for the check of each entry in use;
 - what a host decision with no operation leaves (:meth:`HostOps.idle`);
+- a read's decision, :func:`served` (the engine's), its reply and audit line rendered once
+  with marker numbers where the read's own go (:func:`_template`);
 - a control write's decision made by the engine on a copy of the session and its backend,
   kept under :func:`control_key` with what it changed and what it read of the entries
   (:meth:`NativePath._learn`);
@@ -39,11 +43,11 @@ import copy
 from array import array
 from typing import TYPE_CHECKING, Any, Final
 
-from ..engine.core import decided, passed
+from ..engine.core import decided, passed, served
 from ..engine.geometry import CTRL_WRITABLE
 from ..engine.render import HostOps, RawWrites
 from ..engine.target import resolve_entry
-from ..events import VERDICT_NAMES, ConfigWrite, DeviceWrite, Verdict
+from ..events import VERDICT_NAMES, ConfigRead, ConfigWrite, DeviceWrite, MsixRead, Verdict
 from ..policy import TagRules
 from ..spec import TagWidth
 from ..wire import access_reply, decision_head, decision_text, rule_text, write_text
@@ -88,6 +92,11 @@ _NOT_STATE: Final = frozenset(
 _NO_ENTRIES: Final = (0, 0, None, None, None)  # _entries_of for passes only
 _ID_MARK = "\x00"  # an id no request has: its JSON text marks where the id goes
 _TS_MARK = "\x00"  # (a timestamp no clock writes)
+#: Numbers no read has, each marking where one of its own goes in a read's texts (_template):
+#: offset, width, BAR, the guest's view and the read mask.
+_READ_MARKS: Final = {
+    f"{9_000_000_000_000_000_000 + k}": slot for k, slot in enumerate("owbvm", 101)
+}
 
 
 class NativePath:
@@ -107,6 +116,7 @@ class NativePath:
         #: -1 for none, unknown until asked) and the resolver that fills them
         self._tags: dict[tuple[int, TagWidth, bool], tuple[TagRules, bytearray, Any]] = {}
         self._texts: dict[tuple[int, str, str, str], tuple[TagRules, tuple[Any, ...]]] = {}
+        self._reads: dict[tuple[int, str, str, str], tuple[TagRules, tuple[Any, ...] | None]] = {}
 
     def handle(self, line: bytes) -> Reply | None:
         """The reply of ``line`` decided natively, or None (the Python path decides)."""
@@ -178,6 +188,7 @@ class NativePath:
             return self._learn(sess, controls, ckey)
 
         host = _host_of(sess) if armable else None
+        reads = self._reads_of(sess) if armable else None
         self.armed[key] = _steady.Armed(
             sess.counts,
             sess.written,
@@ -202,6 +213,7 @@ class NativePath:
             _KEY_ATTRS,
             _backend_key_attrs(sess),
             host,
+            reads,
         )
         return True
 
@@ -380,6 +392,74 @@ class NativePath:
         )
         self._texts[key] = (sess.rules, texts)
         return texts
+
+    def _reads_of(self, sess: Session) -> tuple[Any, ...] | None:
+        """What the C side serves ``sess``'s reads from: (each TPH capability's start and end,
+        the verdicts, names and reasons of a read passed and of one served from the guest's
+        view, the texts of their replies and of a served config and MSI-X read's audit line);
+        None when a text does not take its slots as :func:`_template` needs."""
+        key = (id(sess.rules), sess.vm, sess.bdf, sess.backend.name)
+        got = self._reads.get(key)
+        if got is None or got[0] is not sess.rules:
+            got = (sess.rules, self._read_texts(sess))
+            if len(self._reads) >= 256:
+                self._reads.clear()
+            self._reads[key] = got
+        texts = got[1]
+        if texts is None:
+            return None
+        caps = tuple((cap.start, cap.end) for cap in sess.geo.caps)
+        return (caps, *texts)
+
+    def _read_texts(self, sess: Session) -> tuple[Any, ...] | None:
+        o, w, b, v, m = (int(n) for n in _READ_MARKS)
+        passed_, viewed = served(sess, 0, 0), served(sess, m, v)
+        cfg = ConfigRead(sess.vm, sess.bdf, o, w)
+        msix = MsixRead(sess.vm, sess.bdf, b, o, w)
+        line = self.audit._line.render
+        templates = (
+            _template(access_reply(_ID_MARK, passed_).decode()),
+            _template(access_reply(_ID_MARK, viewed).decode()),
+            _template(line(cfg, viewed, _ID_MARK, _TS_MARK) + "\n"),
+            _template(line(msix, viewed, _ID_MARK, _TS_MARK) + "\n"),
+        )
+        if any(t is None for t in templates):
+            return None
+        return (
+            (passed_.verdict, viewed.verdict),
+            (VERDICT_NAMES[passed_.verdict], VERDICT_NAMES[viewed.verdict]),
+            (passed_.reason, viewed.reason),
+            templates,
+        )
+
+
+def _template(text: str) -> tuple[tuple[bytes, ...], bytes] | None:
+    """``text`` as (pieces, slots) for the C side, which writes a read's own id, timestamp and
+    numbers between the pieces; None unless each mark that is in ``text`` is in it once, and
+    a number mark is not part of a longer number."""
+    marks = {'"\\u0000"': "i", _TS_MARK: "t", **_READ_MARKS}
+    found: list[tuple[int, str, str]] = []
+    for mark, slot in marks.items():
+        at = text.find(mark)
+        if at < 0:
+            continue
+        if text.find(mark, at + 1) >= 0:
+            return None
+        if slot in "owbvm" and (
+            text[at - 1 : at].isdigit() or text[at + len(mark) :][:1].isdigit()
+        ):
+            return None
+        found.append((at, mark, slot))
+    found.sort()
+    pieces, slots, start = [], "", 0
+    for at, mark, slot in found:
+        pieces.append(text[start:at].encode())
+        slots += slot
+        start = at + len(mark)
+    pieces.append(text[start:].encode())
+    if sum(map(len, pieces)) > _steady.MAX_TEXT:
+        return None
+    return tuple(pieces), slots.encode()
 
 
 def _key(vm: str, bdf: str) -> bytes:

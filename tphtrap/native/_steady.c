@@ -2,9 +2,9 @@
  * The native steady path of tphtrap serve: one request line in, its reply and audit line out,
  * for the requests that dominate a running guest, in the state the Python engine armed.
  *
- * handle(armed, passes, line) takes a cfg_write or msix_write line in the plainest JSON (no
- * escapes, printable ASCII strings, integers, each member once, nothing else) naming a
- * session in ``armed`` (a dict: b"vm\0bdf" -> Armed), and decides it when it is
+ * handle(armed, passes, line) takes a cfg_write, msix_write, cfg_read or msix_read line in the
+ * plainest JSON (no escapes, printable ASCII strings, integers, each member once, nothing else)
+ * naming a session in ``armed`` (a dict: b"vm\0bdf" -> Armed), and decides it when it is
  *   - a write outside what the engine filters (the config bytes outside the TPH capability
  *     and the reset registers, the MSI-X BAR outside the ST table): passed untouched, or
  *   - a write of one whole ST entry or Vector Control word while the session is in the state
@@ -12,7 +12,10 @@
  *     device value checked against the checker's rule, the guest view, the device state and
  *     the self-check's copy updated as the engine's steady path updates them. In the host
  *     backend only while the decision has no host operation to do (the device already holds
- *     that tag, or cannot be set now): one that sets a tag is the Python path's.
+ *     that tag, or cannot be set now): one that sets a tag is the Python path's; or
+ *   - a valid read of a session armed with its reads: its bytes in a TPH capability, or in
+ *     the ST half of a Vector Control word, served from the guest's view (the session's own
+ *     image and tags), any other passed to the device.
  * Anything else returns None, and the Python path decides (the same decision: the engines run
  * side by side in tests/test_native.py). Nothing is changed before every test has passed.
  */
@@ -40,12 +43,13 @@ typedef struct {
     PyObject *verdicts, *who, *pass_head, *pass_tail, *ops_text;
     PyObject *sess, *controls, *learn, *key_attrs, *backend_attrs; /* control writes */
     PyObject *host; /* None (the writes backend), or (allocated vectors or None, idle effects) */
+    PyObject *reads; /* None (reads are the Python path's), or what they need (armed_reads) */
     long long ctrl_off;
-    int in_msix, entries;
+    int in_msix, entries, reads_ok;
     long long watch_lo, watch_hi, first, n, bir, msix_start, msix_end, mask;
 } Armed;
 
-static PyObject *S_CFG, *S_MSIX, *S_PASS, *S_NOT_TPH, *S_PASS_KEY;
+static PyObject *S_CFG, *S_MSIX, *S_CFG_READ, *S_MSIX_READ, *S_PASS, *S_NOT_TPH, *S_PASS_KEY;
 /* attribute names, interned once */
 static PyObject *N_image, *N_checker, *N_dirty, *N_rules, *N_dev_ctrl, *N_ctrl, *N_backend, *N_ent;
 
@@ -55,7 +59,7 @@ static PyObject *N_image, *N_checker, *N_dirty, *N_rules, *N_dev_ctrl, *N_ctrl, 
     X(counts) X(written) X(guest_tag) X(guest_low) X(dev_ent) X(dev_low) X(check_ent)         \
     X(image) X(dirty) X(table) X(resolver) X(allowed) X(heads) X(whys) X(rules) X(reasons)    \
     X(verdicts) X(who) X(pass_head) X(pass_tail) X(ops_text) X(sess) X(controls) X(learn)  \
-    X(key_attrs) X(backend_attrs) X(host)
+    X(key_attrs) X(backend_attrs) X(host) X(reads)
 
 static int armed_traverse(Armed *a, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(a->f);
@@ -113,6 +117,59 @@ static int list_or_none(PyObject *o, long long n, const char *what) {
     return 0;
 }
 
+/* A text with slots, as tphtrap.native._template builds it: (pieces, slots), the pieces bytes,
+ * one more of them than the slots, each slot one of SLOTS. */
+#define SLOTS "itowbvm" /* id, timestamp, offset, width, bar, guest view, read mask */
+static int template_valid(PyObject *t) {
+    if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 2) return -1;
+    PyObject *pieces = PyTuple_GET_ITEM(t, 0), *slots = PyTuple_GET_ITEM(t, 1);
+    if (!PyBytes_CheckExact(slots) || tuple_of(pieces, PyBytes_GET_SIZE(slots) + 1,
+                                               &PyBytes_Type, "template pieces"))
+        return -1;
+    const char *k = PyBytes_AS_STRING(slots);
+    Py_ssize_t length = 0;
+    for (Py_ssize_t i = 0; i < PyBytes_GET_SIZE(slots); i++)
+        if (k[i] == 0 || strchr(SLOTS, k[i]) == NULL) return -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pieces); i++)
+        length += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pieces, i));
+    return length <= MAX_TEXT ? 0 : -1;
+}
+
+/* What reads need (tphtrap.native, NativePath._reads_of): (caps, verdicts, their names,
+ * reasons, templates). caps: the (start, end) of each TPH capability, served from the image;
+ * verdicts, names, reasons: of a read passed and of one served from the guest's view;
+ * templates: the replies of both, the audit lines of a served config and MSI-X read. */
+static int reads_valid(Armed *a) {
+    PyObject *r = a->reads, *caps, *templates;
+    if (!PyTuple_CheckExact(r) || PyTuple_GET_SIZE(r) != 5) goto bad;
+    caps = PyTuple_GET_ITEM(r, 0);
+    templates = PyTuple_GET_ITEM(r, 4);
+    if (!PyTuple_CheckExact(caps) || !PyByteArray_CheckExact(a->image) ||
+        tuple_of(PyTuple_GET_ITEM(r, 1), 2, NULL, "read verdicts") ||
+        tuple_of(PyTuple_GET_ITEM(r, 2), 2, &PyUnicode_Type, "read verdict names") ||
+        tuple_of(PyTuple_GET_ITEM(r, 3), 2, &PyUnicode_Type, "read reasons") ||
+        tuple_of(templates, 4, &PyTuple_Type, "read templates"))
+        goto bad;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(caps); i++) {
+        PyObject *c = PyTuple_GET_ITEM(caps, i);
+        if (!PyTuple_CheckExact(c) || PyTuple_GET_SIZE(c) != 2) goto bad;
+        long long start = PyLong_AsLongLong(PyTuple_GET_ITEM(c, 0));
+        long long end = PyLong_AsLongLong(PyTuple_GET_ITEM(c, 1));
+        if (PyErr_Occurred() || start < 0 || end <= start ||
+            end > PyByteArray_GET_SIZE(a->image))
+            goto bad;
+    }
+    for (Py_ssize_t i = 0; i < 4; i++)
+        if (template_valid(PyTuple_GET_ITEM(templates, i))) goto bad;
+    if (a->in_msix && (a->n <= 0 || list_or_none(a->guest_tag, a->n, "guest_tag") ||
+                       a->guest_tag == Py_None))
+        goto bad;
+    return 0;
+bad:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "reads");
+    return -1;
+}
+
 static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (kw != NULL && PyDict_GET_SIZE(kw)) {
         PyErr_SetString(PyExc_TypeError, "Armed takes positional arguments only");
@@ -125,16 +182,16 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                          &a->resolver, &a->allowed, &a->heads, &a->whys, &a->rules,
                          &a->reasons, &a->verdicts, &a->who, &a->pass_head, &a->pass_tail,
                          &a->ops_text, &a->sess, &a->controls, &a->learn, &a->key_attrs,
-                         &a->backend_attrs, &a->host};
+                         &a->backend_attrs, &a->host, &a->reads};
     enum { N = sizeof slot / sizeof slot[0] };
     PyObject *o[N];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOOOOOLOOOOO:Armed", &o[0], &o[1],
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO(pLLLLLLL)iOOOLOOOOOOOOOOLOOOOOO:Armed", &o[0], &o[1],
                           &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &a->in_msix,
                           &a->watch_lo, &a->watch_hi, &a->first, &a->n, &a->bir,
                           &a->msix_start, &a->msix_end, &a->entries, &o[9], &o[10], &o[11],
                           &a->mask, &o[12], &o[13], &o[14], &o[15], &o[16], &o[17], &o[18],
                           &o[19], &o[20], &o[21], &a->ctrl_off, &o[22], &o[23], &o[24], &o[25],
-                          &o[26])) {
+                          &o[26], &o[27])) {
         Py_DECREF(a);
         return NULL;
     }
@@ -176,6 +233,10 @@ static PyObject *armed_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                   &PyUnicode_Type, "key_attrs"))) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "control writes");
         goto fail;
+    }
+    if (a->reads != Py_None) {
+        if (reads_valid(a)) goto fail;
+        a->reads_ok = 1;
     }
     if (a->entries != E_NONE && a->entries != E_IN_USE && a->entries != E_UNUSED) {
         PyErr_SetString(PyExc_ValueError, "entries mode");
@@ -239,6 +300,7 @@ fail:
 static PyObject *armed_stale(Armed *a, PyObject *noargs) {
     (void)noargs;
     a->entries = E_STALE;
+    a->reads_ok = 0;
     Py_RETURN_NONE;
 }
 
@@ -246,14 +308,17 @@ static PyObject *armed_passes_only(Armed *a, PyObject *noargs) {
     (void)noargs;
     a->entries = E_NONE;
     a->ctrl_off = -1;
+    a->reads_ok = 0;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef armed_methods[] = {
     {"stale", (PyCFunction)armed_stale, METH_NOARGS,
-     "The engine changed the session: its entry writes wait to be armed again; passes go on."},
+     "The engine changed the session: its entry writes and reads wait to be armed again; "
+     "passes go on."},
     {"passes_only", (PyCFunction)armed_passes_only, METH_NOARGS,
-     "Passes only: entry and control writes are the Python path's until the session is armed."},
+     "Passes only: entry and control writes and reads are the Python path's until the session "
+     "is armed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -275,6 +340,8 @@ enum { F_ID = 1, F_OP = 2, F_VM = 4, F_BDF = 8, F_BAR = 16, F_OFFSET = 32, F_WID
        F_VALUE = 128 };
 #define OP_CFG 1
 #define OP_MSIX 2
+#define OP_CFG_READ 3
+#define OP_MSIX_READ 4
 #define MAX_ID_LEN 128
 #define MAX_NAME_LEN 64
 
@@ -369,6 +436,8 @@ static int member(Cur *c, Req *r) {
     if (flag == F_OP) {
         if (key_is(s, len, "cfg_write")) r->op = OP_CFG;
         else if (key_is(s, len, "msix_write")) r->op = OP_MSIX;
+        else if (key_is(s, len, "cfg_read")) r->op = OP_CFG_READ;
+        else if (key_is(s, len, "msix_read")) r->op = OP_MSIX_READ;
         else return -1;
     } else if (flag == F_VM) {
         if (len < 1 || len > MAX_NAME_LEN) return -1;
@@ -397,15 +466,16 @@ static int parse(const char *p, Py_ssize_t n, Req *r) {
     c.p++;
     blank(&c);
     if (c.p != c.end) return -1;
-    int need = F_ID | F_OP | F_VM | F_BDF | F_OFFSET | F_WIDTH | F_VALUE;
+    int need = F_ID | F_OP | F_VM | F_BDF | F_OFFSET | F_WIDTH;
     unsigned long long w = r->width;
-    if (r->op == OP_CFG) {
-        if (r->seen != need || (w != 1 && w != 2 && w != 4) || r->offset + w > 4096) return -1;
-    } else if (r->op == OP_MSIX) {
-        if (r->seen != (need | F_BAR) || r->bar > 5 || (w != 1 && w != 2 && w != 4 && w != 8))
-            return -1;  /* (an offset of 19 digits is below 2^64 - 8) */
-    } else {
-        return -1;
+    int cfg = r->op == OP_CFG || r->op == OP_CFG_READ;
+    if (r->op == OP_CFG || r->op == OP_MSIX) need |= F_VALUE;
+    if (!cfg) need |= F_BAR;
+    if (r->seen != need) return -1;
+    if (cfg) {
+        if ((w != 1 && w != 2 && w != 4) || r->offset + w > 4096) return -1;
+    } else if (r->bar > 5 || (w != 1 && w != 2 && w != 4 && w != 8)) {
+        return -1;  /* (an offset of 19 digits is below 2^64 - 8) */
     }
     if (w < 8 && r->value >> (8 * w)) return -1;
     return 0;
@@ -1003,6 +1073,97 @@ done:
 
 /* One line: (reply, audit line or None, op, verdict, reason), None, or the key of a session
  * to arm first. */
+/* --- reads: the bytes a read is served from the guest's view ------------------------------ */
+static void put_template(Text *t, PyObject *tpl, const Req *r, unsigned long long view,
+                         unsigned long long mask) {
+    PyObject *pieces = PyTuple_GET_ITEM(tpl, 0), *slots = PyTuple_GET_ITEM(tpl, 1);
+    const char *k = PyBytes_AS_STRING(slots);
+    Py_ssize_t n = PyBytes_GET_SIZE(slots);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        put_bytes(t, PyTuple_GET_ITEM(pieces, i));
+        switch (k[i]) {
+        case 'i': put_id(t, r); break;
+        case 't': put_timestamp(t); break;
+        case 'o': put_u(t, r->offset); break;
+        case 'w': put_u(t, r->width); break;
+        case 'b': put_u(t, r->bar); break;
+        case 'v': put_u(t, view); break;
+        default: put_u(t, mask); break; /* 'm' (template_valid) */
+        }
+    }
+    put_bytes(t, PyTuple_GET_ITEM(pieces, n));
+}
+
+/* The bytes of a read served from the guest's view, as Session.config_view and
+ * Session.msix_view give them: 0, -1 on an error, 1 when the read is the Python path's. */
+static int read_view(Armed *a, const Req *r, unsigned long long *mask, unsigned long long *view) {
+    unsigned long long m = 0, v = 0, off = r->offset, end = r->offset + r->width;
+    if (r->op == OP_CFG_READ) { /* the capabilities' bytes, from the image */
+        PyObject *caps = PyTuple_GET_ITEM(a->reads, 0);
+        const unsigned char *image = (const unsigned char *)PyByteArray_AS_STRING(a->image);
+        for (Py_ssize_t c = 0; c < PyTuple_GET_SIZE(caps); c++) {
+            PyObject *cap = PyTuple_GET_ITEM(caps, c);
+            unsigned long long lo = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(cap, 0));
+            unsigned long long hi = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(cap, 1));
+            if (lo < off) lo = off;
+            if (hi > end) hi = end;
+            for (unsigned long long b = lo; b < hi; b++) { /* (reads_valid: inside the image) */
+                m |= 0xFFULL << (8 * (b - off));
+                v |= (unsigned long long)image[b] << (8 * (b - off));
+            }
+        }
+    } else if (a->in_msix && (long long)r->bar == a->bir &&
+               end > (unsigned long long)a->msix_start && off < (unsigned long long)a->msix_end) {
+        /* the ST bytes (bits 31:16) of each Vector Control word, from the guest's tags */
+        for (unsigned long long b = off; b < end; b++) {
+            if (b < (unsigned long long)a->msix_start) continue;
+            unsigned long long rel = b - (unsigned long long)a->msix_start;
+            if (rel >= 16 * (unsigned long long)a->n || rel % 16 < 14) continue;
+            PyObject *tag = PyList_GET_ITEM(a->guest_tag, (Py_ssize_t)(rel / 16));
+            if (!PyLong_CheckExact(tag)) return 1;
+            unsigned long long t = PyLong_AsUnsignedLongLong(tag);
+            if (PyErr_Occurred()) return -1;
+            if (t >> 16) return 1;
+            m |= 0xFFULL << (8 * (b - off));
+            v |= ((t >> (8 * (rel % 16 - 14))) & 0xFF) << (8 * (b - off));
+        }
+    }
+    *mask = m;
+    *view = v;
+    return 0;
+}
+
+/* A read of an armed session: passed (its bytes are the device's), or served from the guest's
+ * view, counted and audited as Engine._served and the audit do. */
+static PyObject *read_reply(Armed *a, const Req *r, int passes) {
+    unsigned long long mask, view;
+    int rc = read_view(a, r, &mask, &view);
+    if (rc) return rc < 0 ? NULL : Py_NewRef(Py_None);
+    int served = mask != 0;
+    if (!served && !passes) Py_RETURN_NONE; /* passes are audited: the Python path's */
+    PyObject *templates = PyTuple_GET_ITEM(a->reads, 4);
+    Text rep, aud;
+    rep.n = aud.n = 0;
+    put_template(&rep, PyTuple_GET_ITEM(templates, served), r, view, mask);
+    PyObject *reply = text_bytes(&rep), *audit = Py_NewRef(Py_None), *out = NULL;
+    if (reply == NULL) goto done;
+    if (served) {
+        put_template(&aud, PyTuple_GET_ITEM(templates, r->op == OP_CFG_READ ? 2 : 3), r, view,
+                     mask);
+        Py_SETREF(audit, text_bytes(&aud));
+        if (audit == NULL) goto done;
+    }
+    out = PyTuple_Pack(5, reply, audit, r->op == OP_CFG_READ ? S_CFG_READ : S_MSIX_READ,
+                       PyTuple_GET_ITEM(PyTuple_GET_ITEM(a->reads, 2), served),
+                       PyTuple_GET_ITEM(PyTuple_GET_ITEM(a->reads, 3), served));
+    if (out != NULL && bump(a->counts, PyTuple_GET_ITEM(PyTuple_GET_ITEM(a->reads, 1), served)))
+        Py_CLEAR(out);
+done:
+    Py_XDECREF(reply);
+    Py_XDECREF(audit);
+    return out;
+}
+
 static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_t len) {
     Req r;
     if (len > MAX_LINE || parse(line, len, &r)) Py_RETURN_NONE;
@@ -1031,6 +1192,13 @@ static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_
     unsigned long long off = r.offset, w = r.width;
     Py_ssize_t i = -1;
     int pass;
+    if (r.op == OP_CFG_READ || r.op == OP_MSIX_READ) {
+        out = a->reads_ok ? read_reply(a, &r, passes)
+                          : Py_NewRef(a->entries == E_STALE ? k : Py_None); /* armed again first */
+        Py_DECREF(k);
+        Py_DECREF(a);
+        return out;
+    }
     if (r.op == OP_CFG)
         pass = (long long)(off + w) <= a->watch_lo || (long long)off >= a->watch_hi;
     else
@@ -1278,6 +1446,8 @@ PyMODINIT_FUNC PyInit__steady(void) {
     if (m == NULL) return NULL;
     S_CFG = PyUnicode_InternFromString("cfg_write");
     S_MSIX = PyUnicode_InternFromString("msix_write");
+    S_CFG_READ = PyUnicode_InternFromString("cfg_read");
+    S_MSIX_READ = PyUnicode_InternFromString("msix_read");
     S_PASS = PyUnicode_InternFromString("pass");
     S_NOT_TPH = PyUnicode_InternFromString("not-tph");
     S_PASS_KEY = S_PASS;
@@ -1290,7 +1460,7 @@ PyMODINIT_FUNC PyInit__steady(void) {
     N_backend = PyUnicode_InternFromString("backend");
     N_ent = PyUnicode_InternFromString("ent");
     Py_INCREF(&ArmedType);
-    if (!S_CFG || !S_MSIX || !S_PASS || !S_NOT_TPH || !N_image || !N_checker || !N_dirty ||
+    if (!S_CFG || !S_MSIX || !S_CFG_READ || !S_MSIX_READ || !S_PASS || !S_NOT_TPH || !N_image || !N_checker || !N_dirty ||
         !N_rules || !N_dev_ctrl || !N_ctrl || !N_backend || !N_ent ||
         PyModule_AddObject(m, "Armed", (PyObject *)&ArmedType) < 0 ||
         PyModule_AddIntConstant(m, "TAGS", TAGS) < 0 ||
