@@ -212,3 +212,46 @@ def test_a_failed_audit_write_freezes_the_device_as_the_python_path_does(tmp_pat
         assert write["offset"] == 0x150 and write["width"] == 4 and not write["value"] >> 8 & 3
     [dev_a] = [d for d in fast[1]["devices"] if d["vm"] == "tenant-a"]  # type: ignore[attr-defined]
     assert dev_a["frozen"] and not dev_a["tph_enabled"]
+
+
+_CONVERSATION = r"""
+import json, os, sys, threading
+sys.path.insert(0, "tests")
+from test_native_loop import _setup
+from tphtrap.audit import Auditor
+from tphtrap.policyfile import load_policy
+from tphtrap.serve import Server, serve_forever
+
+server = Server(load_policy("policies/two-tenants.yaml"), None, Auditor.to_file(sys.argv[1]))
+for line in _setup():
+    assert b'"ok":true' in server.handle_line(line.encode())
+r_in, w_in = os.pipe()
+r_out, w_out = os.pipe()
+got = []
+
+def talk():  # one request at a time, each after the reply to the one before
+    with os.fdopen(r_out, "rb") as replies:
+        for i in range(20):
+            line = f'{{"id":{i},"op":"cfg_read",{sys.argv[2]},"offset":336,"width":4}}\n'
+            os.write(w_in, line.encode())
+            got.append(json.loads(replies.readline()))
+        os.close(w_in)
+
+t = threading.Thread(target=talk)
+t.start()
+assert serve_forever(server, r_in, w_out) == 0
+t.join()
+assert [r["id"] for r in got] == list(range(20)) and server.native_answers >= 20, got
+print("ok")
+"""
+
+
+def test_the_c_loop_waits_without_holding_the_interpreter(tmp_path: Path) -> None:
+    """The C loop's wait for the next line lets the process's other threads run: here the
+    thread that writes each request only after it has read the reply to the one before (with
+    the wait holding the interpreter's lock, that thread never ran again: a deadlock)."""
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", _CONVERSATION, str(tmp_path / "a.jsonl"), A],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

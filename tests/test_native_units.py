@@ -98,3 +98,25 @@ def test_a_kept_control_decision_of_another_layout_is_a_fault_not_a_crash(
     kept[key] = memo
     reply = json.loads(server.handle_line(_control(50, 0x101)))
     assert reply["ok"] and server.native is not None
+
+
+def test_a_read_template_takes_each_mark_once_and_whole() -> None:
+    """A read's text becomes pieces around its slots only where each mark stands once, and a
+    number mark is not the middle of a longer number (a VM named with the digits of a mark,
+    say): otherwise the read is the Python path's."""
+    from tphtrap.native import _READ_MARKS, _template
+
+    offset, width, bar, view, mask = _READ_MARKS
+    text = f'{{"id":"\\u0000","offset":{offset},"width":{width},"view":{view},"mask":{mask}}}'
+    assert _template(text) == (
+        (b'{"id":', b',"offset":', b',"width":', b',"view":', b',"mask":', b"}"),
+        b"iowvm",
+    )
+    assert _template(f"{text}\x00\n") == (
+        (b'{"id":', b',"offset":', b',"width":', b',"view":', b',"mask":', b"}", b"\n"),
+        b"iowvmt",
+    )
+    assert _template(text.replace('"view"', f'"vm":"{view}","view"')) is None  # twice
+    assert _template(f'{{"bar":1{bar}}}') is None  # inside a longer number
+    assert _template(f'{{"bar":{bar}0}}') is None
+    assert _template('{"id":1}') == ((b'{"id":1}',), b"")  # nothing to fill in

@@ -1101,13 +1101,15 @@ static int read_view(Armed *a, const Req *r, unsigned long long *mask, unsigned 
     if (r->op == OP_CFG_READ) { /* the capabilities' bytes, from the image */
         PyObject *caps = PyTuple_GET_ITEM(a->reads, 0);
         const unsigned char *image = (const unsigned char *)PyByteArray_AS_STRING(a->image);
+        unsigned long long size = (unsigned long long)PyByteArray_GET_SIZE(a->image);
         for (Py_ssize_t c = 0; c < PyTuple_GET_SIZE(caps); c++) {
             PyObject *cap = PyTuple_GET_ITEM(caps, c);
             unsigned long long lo = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(cap, 0));
             unsigned long long hi = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(cap, 1));
+            if (hi > size) return 1; /* (reads_valid saw it inside; the image never shrinks) */
             if (lo < off) lo = off;
             if (hi > end) hi = end;
-            for (unsigned long long b = lo; b < hi; b++) { /* (reads_valid: inside the image) */
+            for (unsigned long long b = lo; b < hi; b++) {
                 m |= 0xFFULL << (8 * (b - off));
                 v |= (unsigned long long)image[b] << (8 * (b - off));
             }
@@ -1119,6 +1121,7 @@ static int read_view(Armed *a, const Req *r, unsigned long long *mask, unsigned 
             if (b < (unsigned long long)a->msix_start) continue;
             unsigned long long rel = b - (unsigned long long)a->msix_start;
             if (rel >= 16 * (unsigned long long)a->n || rel % 16 < 14) continue;
+            if ((Py_ssize_t)(rel / 16) >= PyList_GET_SIZE(a->guest_tag)) return 1;
             PyObject *tag = PyList_GET_ITEM(a->guest_tag, (Py_ssize_t)(rel / 16));
             if (!PyLong_CheckExact(tag)) return 1;
             unsigned long long t = PyLong_AsUnsignedLongLong(tag);
@@ -1314,7 +1317,15 @@ static PyObject *pump(PyObject *module, PyObject *args) {
     PyObject *result = NULL;
     for (;;) {
         struct pollfd fds[2] = {{in_fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
-        if (poll(fds, 2, -1) < 0) {
+        int ready, err;
+        /* the wait without the GIL: a thread of the embedding process may be the one that
+         * writes the next request (or wakes the loop) */
+        Py_BEGIN_ALLOW_THREADS
+        ready = poll(fds, 2, -1);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        errno = err;
+        if (ready < 0) {
             if (errno != EINTR) goto io_error;
             woke = 1;
             break;
