@@ -4,8 +4,10 @@
   plugin (they cost the guest nothing: the VMM handles them itself);
 * :func:`worst_decision`: the largest single decision (enable on a 2048-vector MSI-X device
   after a width change, every Vector Control re-written) through ``serve``'s pipes;
-* :func:`tph_pipelined`: TPH decisions per second with a window of requests in flight,
-  ``serve`` against the C echo child on the same pipes.
+* :func:`linux_update`: each request of Linux's ST entry update (read, disable, entry, read,
+  enable), one in flight, ``serve`` against the C echo child;
+* :func:`kind_pipelined`: requests per second of each latency kind with a window of requests
+  in flight, ``serve`` against the C echo child on the same pipes.
 
 Each returns plain data; ``bench/run.py`` renders it with the goals.
 """
@@ -162,6 +164,46 @@ def _pipe(child: Any, data: bytes, replies: int) -> None:
         if not chunk:
             raise RuntimeError(f"{child.name} exited (see its stderr)")
         got += chunk.count(b"\n")
+
+
+# --- Linux's ST entry update, request by request ---------------------------------------------
+#: What Linux's pcie_tph_set_st_entry sends for one entry of tenant-a's ST table (in the
+#: capability): the control register read and written with Requester Enable off, the entry,
+#: the control register read and written back with it on (drivers/pci/tph.c).
+UPDATE_STEPS = ("read control", "disable", "write the entry", "read control again", "enable")
+
+
+def update_lines(i: int) -> list[bytes]:
+    """The requests of one update of entry ``i % 8`` (its tag alternating 0x01 / 0x02)."""
+    a, ctrl, table = workload.A, workload.CTRL_A, workload.TABLE_A
+    reqs: list[dict[str, Any]] = [
+        {"op": "cfg_read", "offset": ctrl, "width": 4},
+        {"op": "cfg_write", "offset": ctrl, "width": 4, "value": 0x001},
+        {"op": "cfg_write", "offset": table + 2 * (i % 8), "width": 2, "value": 1 + i // 8 % 2},
+        {"op": "cfg_read", "offset": ctrl, "width": 4},
+        {"op": "cfg_write", "offset": ctrl, "width": 4, "value": 0x101},
+    ]
+    return [
+        json.dumps({"id": f"u{i}.{k}", **r, **a}, separators=(",", ":")).encode() + b"\n"
+        for k, r in enumerate(reqs)
+    ]
+
+
+def linux_update(children: dict[str, Any], updates: int) -> dict[str, dict[str, list[float]]]:
+    """Round trips (µs) of each request of ``updates`` ST entry updates, one request in flight,
+    for each of ``children`` (name -> Child), the children alternating update by update."""
+    out: dict[str, dict[str, list[float]]] = {n: {s: [] for s in UPDATE_STEPS} for n in children}
+    clock = time.perf_counter_ns
+    for i in range(updates + 16):  # (the first 16: a warm-up)
+        for name, child in children.items():
+            for step, line in zip(UPDATE_STEPS, update_lines(i), strict=True):
+                t0 = clock()
+                reply = child.call(line)
+                if i >= 16:
+                    out[name][step].append((clock() - t0) / 1000)
+                if b'"ok":true' not in reply:
+                    raise RuntimeError(f"{name} refused an update request: {reply[:300]!r}")
+    return out
 
 
 # --- per request kind, pipelined ----------------------------------------------------------------

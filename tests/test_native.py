@@ -1054,6 +1054,44 @@ def test_reads_are_served_natively_from_the_guests_view(
     assert g.native and d["guest_value"] == 0, d
 
 
+@pytest.mark.parametrize("where", ["cap", "msix"])
+def test_linuxs_entry_update_is_native_from_end_to_end(
+    twins: Callable[..., Twins], where: str
+) -> None:
+    """Linux's ``pcie_tph_set_st_entry``: the control register read, Requester Enable off, the
+    entry, the control register read, Requester Enable on. Once each step has been decided in
+    its state, the whole update is the native path's, the enable included: it settles the
+    entry written while TPH was off (dirty), as the engine decided it the first time, on a
+    copy. A foreign tag never reaches the device."""
+    t = twins()
+    g = Guest(t, CAP_BDF if where == "cap" else MSIX_BDF)
+    g.attach()
+    g.enable(EN8)
+
+    def update(tag: int) -> tuple[list[bool], list[dict[str, Any]]]:
+        natives, decisions = [], []
+        for step in (
+            lambda: g.send("cfg_read", offset=CTRL, width=4)["decision"],
+            lambda: g.enable(0x001),
+            lambda: g.entry(1, tag),
+            lambda: g.send("cfg_read", offset=CTRL, width=4)["decision"],
+            lambda: g.enable(EN8),
+        ):
+            decisions.append(step())
+            natives.append(g.native)
+        return natives, decisions
+
+    for tag in (OWN, FOREIGN):  # each state once: the engine decides, on a copy too
+        update(tag)
+    for tag in (OWN, FOREIGN, OWN):
+        natives, (_, _, entry, _, enable) = update(tag)
+        assert all(natives), (tag, natives)
+        assert g.session(t.on).dirty == set()
+        assert [(w["offset"], w["value"]) for w in enable["writes"]] == [(CTRL, EN8)], enable
+        for w in entry["writes"]:
+            assert w["value"] >> (16 if where == "msix" else 0) & 0xFF != FOREIGN, entry
+
+
 def test_reads_of_a_frozen_session_or_audited_passes_are_the_python_paths(
     twins: Callable[..., Twins], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,6 +84,7 @@ _HOST_KEY_ATTRS: Final = ("refusal", "allocated")
 #: self-check's verify_host): the undo records of its operations.
 _OVERWRITTEN: Final = frozenset({"backend.last", "checker._host_marks", "checker._host_undo"})
 _CONTROLS_KEPT = 64  # control decisions kept per session (each one learnt on a copy)
+_DIRTY_KEYED: Final = 8  # dirty entries a kept control decision may settle
 #: Caches of pure functions (and the copy's watch on _resolve), left out of the state a
 #: learnt decision may change.
 _NOT_STATE: Final = frozenset(
@@ -231,8 +232,11 @@ class NativePath:
 
     def _control_memo(self, sess: Session, key: tuple[Any, ...]) -> Any:
         value = key[0]
-        if key != control_key(sess, value) or sess.dirty:
-            return None
+        if key != control_key(sess, value) or type(key[4]) is not tuple:
+            return None  # (or more dirty entries than _DIRTY_KEYED)
+        dirty = frozenset(sess.dirty)
+        if dirty and type(sess.backend) is not RawWrites:
+            return None  # (the host backend: an entry settled is an st_set, not kept)
         # An enable at a width the entries are not settled at re-resolves them (a decision
         # that depends on every entry): not kept, and not worth deciding on a copy first.
         guest = (key[1] & ~CTRL_WRITABLE) | (value & CTRL_WRITABLE)
@@ -245,7 +249,7 @@ class NativePath:
         real = clone._resolve
 
         def resolve(*args: Any) -> Any:
-            resolved.append(args)  # the plan read entries: not a function of key alone
+            resolved.append(args)  # the plan read entries: a function of key for dirty ones
             return real(*args)
 
         clone._resolve = resolve  # type: ignore[method-assign,assignment]
@@ -253,7 +257,9 @@ class NativePath:
         before = _state(clone)
         access = ConfigWrite(sess.vm, sess.bdf, off, 4, value)
         decision = self.engine._config_write(clone, access)
-        if resolved or decision.reason in ("not-tph", "internal-error"):
+        if decision.reason in ("not-tph", "internal-error"):
+            return None
+        if any(not dirty.issuperset(entries) for entries, *_ in resolved):
             return None
         lists = {id(v): k for k, v in vars(clone.checker).items() if type(v) is list}
         effects = _effects(before, _state(clone), off, decision.verdict, lists)
@@ -275,6 +281,9 @@ class NativePath:
         audit_mid, audit_tail = audit_rest.split(_TS_MARK, 1)
         if head or _TS_MARK in audit_tail or b"\\u0000" in rest:
             return None
+        # the entries it settles: checked by the engine's self-check as it decided, their
+        # values a function of key (the C side checks the others, unchanged, against the rule)
+        settled = frozenset(i for owner, attr, i, _ in effects if (owner, attr) == (1, "ent"))
         return (
             rest,
             audit_head.encode(),
@@ -288,6 +297,7 @@ class NativePath:
             check,
             sess.rules,
             guard,
+            settled,
         )
 
     def _geometry_of(self, sess: Session) -> tuple[bool, tuple[Any, ...]]:
@@ -554,17 +564,30 @@ def _regular(sess: Session) -> bool:
 
 def control_key(sess: Session, value: int) -> tuple[Any, ...]:
     """What the decision on a write of ``value`` to the control register depends on, when it
-    resolves no entry (the C side's control_key builds the same tuple)."""
+    resolves no entry but dirty ones (the C side's control_key builds the same tuple)."""
     off = sess.geo.caps[0].ctrl
     return (
         value,
         int.from_bytes(sess.image[off : off + 4], "little"),
         sess.dev_ctrl[0],
         sess.checker.ctrl[0],
-        len(sess.dirty),
+        _dirty_key(sess),
         id(sess.rules),
         *(getattr(sess, name) for name in _KEY_ATTRS),
         *(getattr(sess.backend, name) for name in _backend_key_attrs(sess)),
+    )
+
+
+def _dirty_key(sess: Session) -> tuple[tuple[Any, ...], ...] | int:
+    """The dirty entries as a control write's decision may read them, in order: (entry, the
+    guest's value, written, the device's value, the self-check's copy) each; their number when
+    there are more than _DIRTY_KEYED (such a decision is not kept)."""
+    dirty = sess.dirty
+    if len(dirty) > _DIRTY_KEYED:
+        return len(dirty)
+    ent = sess.checker.ent
+    return tuple(
+        (i, sess.guest_entry(i), sess.written[i], sess.dev_ent[i], ent[i]) for i in sorted(dirty)
     )
 
 
@@ -591,6 +614,15 @@ def _state(sess: Session) -> dict[str, Any]:
     return out
 
 
+#: The lists a control write may change item by item: (owner, attribute), as _effects names them.
+_LISTS: Final = {
+    "dev_ctrl": (0, "dev_ctrl"),
+    "checker.ctrl": (1, "ctrl"),
+    "dev_ent": (0, "dev_ent"),
+    "checker.ent": (1, "ent"),
+}
+
+
 def _effects(
     before: dict[str, Any],
     after: dict[str, Any],
@@ -600,9 +632,9 @@ def _effects(
 ) -> tuple[tuple[int, str, int, Any], ...] | None:
     """What a control write changed, as effects the C side applies (owner: 0 the session, 1
     its checker, 2 its backend; index -1: the attribute, -2: the checker's undo records of
-    host operations, naming the checker's lists by attribute (``lists``: by id), else a list
-    item or bytes from there), or None when it changed anything else (then it is not
-    replayed). Every value set is immutable."""
+    host operations, naming the checker's lists by attribute (``lists``: by id), -3: the set
+    emptied in place, else a list item or bytes from there), or None when it changed anything
+    else (then it is not replayed). Every value set is immutable."""
     out: list[tuple[int, str, int, Any]] = []
     if set(after) != set(before):
         return None
@@ -630,9 +662,14 @@ def _effects(
             if any(id(regs) not in lists for regs, _, _ in new):
                 return None
             out.append((1, "_host_undo", -2, tuple((lists[id(r)], i, v) for r, i, v in new)))
-        elif name in ("dev_ctrl", "checker.ctrl") and len(new) == len(old):
-            owner, attr = (1, "ctrl") if name == "checker.ctrl" else (0, name)
-            out.extend((owner, attr, i, v) for i, v in enumerate(new) if v != old[i])
+        elif name in _LISTS and len(new) == len(old):
+            owner, attr = _LISTS[name]
+            items = [(i, v) for i, v in enumerate(new) if v != old[i]]
+            if any(v is not None and type(v) is not int for _, v in items):
+                return None
+            out.extend((owner, attr, i, v) for i, v in items)
+        elif name == "dirty" and not new:
+            out.append((0, "dirty", -3, None))  # (emptied where it is: the C side holds it)
         else:
             return None
     return tuple(out)

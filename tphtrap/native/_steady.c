@@ -794,6 +794,47 @@ static PyObject *item0(PyObject *owner, PyObject *attr) {
 
 /* (value, guest control, device control, checker's control, dirty entries, rules, the
  * session's attributes..., the backend's...): tphtrap.native.control_key builds the same. */
+/* The dirty entries as tphtrap.native._dirty_key gives them: (entry, the guest's value,
+ * written, the device's value, the self-check's copy) each, in order, or their number when
+ * there are more than DIRTY_KEYED. */
+#define DIRTY_KEYED 8
+static PyObject *dirty_key(Armed *a, PyObject *dirty, PyObject *image, PyObject *checker) {
+    Py_ssize_t n = PySet_GET_SIZE(dirty);
+    if (n > DIRTY_KEYED) return PyLong_FromSsize_t(n);
+    PyObject *order = PySequence_List(dirty), *ent = PyObject_GetAttr(checker, N_ent);
+    PyObject *out = order && ent && !PyList_Sort(order) ? PyTuple_New(n) : NULL;
+    if (out != NULL && !PyList_CheckExact(ent)) {
+        PyErr_SetString(PyExc_TypeError, "control key: checker.ent");
+        Py_CLEAR(out);
+    }
+    for (Py_ssize_t k = 0; out != NULL && k < n; k++) {
+        PyObject *i = PyList_GET_ITEM(order, k), *guest = NULL;
+        Py_ssize_t at = PyLong_AsSsize_t(i);
+        if (at < 0 || at >= a->n || at >= PyList_GET_SIZE(a->written) ||
+            at >= PyList_GET_SIZE(a->dev_ent) || at >= PyList_GET_SIZE(ent)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "control key: dirty");
+            Py_CLEAR(out);
+            break;
+        }
+        if (a->in_msix) {
+            guest = Py_NewRef(PyList_GET_ITEM(a->guest_tag, at));
+        } else {
+            const unsigned char *img = (const unsigned char *)PyByteArray_AS_STRING(image);
+            guest = PyLong_FromLong(img[a->first + 2 * at] | img[a->first + 2 * at + 1] << 8);
+        }
+        PyObject *item = guest == NULL ? NULL
+                                       : PyTuple_Pack(5, i, guest, PyList_GET_ITEM(a->written, at),
+                                                      PyList_GET_ITEM(a->dev_ent, at),
+                                                      PyList_GET_ITEM(ent, at));
+        Py_XDECREF(guest);
+        if (item == NULL) Py_CLEAR(out);
+        else PyTuple_SET_ITEM(out, k, item);
+    }
+    Py_XDECREF(order);
+    Py_XDECREF(ent);
+    return out;
+}
+
 static PyObject *control_key(Armed *a, unsigned long long value) {
     Py_ssize_t n = PyTuple_GET_SIZE(a->key_attrs), nb = PyTuple_GET_SIZE(a->backend_attrs);
     PyObject *key = PyTuple_New(6 + n + nb);
@@ -812,7 +853,7 @@ static PyObject *control_key(Armed *a, unsigned long long value) {
     unsigned long guest = img[0] | img[1] << 8 | img[2] << 16 | (unsigned long)img[3] << 24;
     PyObject *parts[6] = {PyLong_FromUnsignedLongLong(value), PyLong_FromUnsignedLong(guest),
                           item0(a->sess, N_dev_ctrl), item0(checker, N_ctrl),
-                          PyLong_FromSsize_t(PySet_GET_SIZE(dirty)), PyLong_FromVoidPtr(rules)};
+                          dirty_key(a, dirty, image, checker), PyLong_FromVoidPtr(rules)};
     int bad = 0;
     for (int k = 0; k < 6; k++) {
         if (parts[k] == NULL) bad = 1;
@@ -845,10 +886,11 @@ fail:
     return NULL;
 }
 
-/* Does every entry of the checker's copy hold a tag ``check`` (allowed, mask, shift) allows?
+/* Does every entry of the checker's copy but those in ``skip`` (NULL: none) hold a tag
+ * ``check`` (allowed, mask, shift) allows?
  * 1 yes, 0 no, 2 some entry is unknown or one of several values (the Python path tells),
  * -1 an error. */
-static int entries_allowed(Armed *a, PyObject *check) {
+static int entries_allowed(Armed *a, PyObject *check, PyObject *skip) {
     PyObject *allowed = PyTuple_GET_ITEM(check, 0);
     long long mask = PyLong_AsLongLong(PyTuple_GET_ITEM(check, 1));
     long long shift = PyLong_AsLongLong(PyTuple_GET_ITEM(check, 2));
@@ -860,6 +902,16 @@ static int entries_allowed(Armed *a, PyObject *check) {
     if (ent == NULL) return -1;
     int ok = PyList_CheckExact(ent);
     for (Py_ssize_t i = 0; ok == 1 && i < PyList_GET_SIZE(ent); i++) {
+        if (skip != NULL && PySet_GET_SIZE(skip)) {
+            PyObject *o = PyLong_FromSsize_t(i);
+            int in = o == NULL ? -1 : PySet_Contains(skip, o);
+            Py_XDECREF(o);
+            if (in < 0) {
+                ok = -1;
+                break;
+            }
+            if (in) continue; /* settled by the decision: the engine checked it as it decided */
+        }
         PyObject *v = PyList_GET_ITEM(ent, i);
         if (!PyLong_CheckExact(v)) {
             ok = 2; /* unknown, or several values: the Python path's */
@@ -904,8 +956,8 @@ static PyObject *undo_records(PyObject *checker, PyObject *named) {
 }
 
 /* One effect (owner, attribute, index, value): owner 0 the session, 1 its checker, 2 its
- * backend; index -1 sets the attribute, -2 the checker's undo records (undo_records), else
- * the list item, or (bytes) the bytearray's bytes from there. */
+ * backend; index -1 sets the attribute, -2 the checker's undo records (undo_records), -3
+ * empties the set, else the list item, or (bytes) the bytearray's bytes from there. */
 static int apply(Armed *a, PyObject *effect) {
     long owner = PyLong_AsLong(PyTuple_GET_ITEM(effect, 0));
     PyObject *attr = PyTuple_GET_ITEM(effect, 1);
@@ -917,7 +969,11 @@ static int apply(Armed *a, PyObject *effect) {
                                 : PyObject_GetAttr(a->sess, N_backend);
     if (on == NULL) return -1;
     int rc;
-    if (index == -2) {
+    if (index == -3) { /* the set emptied where it is */
+        PyObject *target = PyObject_GetAttr(on, attr);
+        rc = target == NULL ? -1 : PySet_Clear(target);
+        Py_XDECREF(target);
+    } else if (index == -2) {
         PyObject *records = undo_records(on, value);
         rc = records == NULL ? -1 : PyObject_SetAttr(on, attr, records);
         Py_XDECREF(records);
@@ -949,7 +1005,7 @@ static int apply(Armed *a, PyObject *effect) {
 }
 
 enum { M_REPLY, M_AUDIT_HEAD, M_AUDIT_MID, M_AUDIT_TAIL, M_VERDICT, M_REASON, M_COUNT,
-       M_EFFECTS, M_NEXT, M_CHECK, M_RULES, M_GUARD, M_SIZE };
+       M_EFFECTS, M_NEXT, M_CHECK, M_RULES, M_GUARD, M_SETTLED, M_SIZE };
 
 /* Is ``tup`` a tuple of ``n`` items (n < 0: any number)? */
 static int tuple_n(PyObject *tup, Py_ssize_t n) {
@@ -979,6 +1035,7 @@ static int memo_ok(PyObject *memo) {
             return 0;
     }
     if (check != Py_None && !check_ok(check, 3)) return 0;
+    if (!PyFrozenSet_CheckExact(PyTuple_GET_ITEM(memo, M_SETTLED))) return 0;
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(guard); k++)
         if (!check_ok(PyTuple_GET_ITEM(guard, k), 4)) return 0;
     return 1;
@@ -1017,7 +1074,7 @@ static PyObject *control(Armed *a, const Req *r, PyObject *op) {
     PyObject *guard = PyTuple_GET_ITEM(memo, M_GUARD);
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(guard); k++) {
         PyObject *g = PyTuple_GET_ITEM(guard, k);
-        int ok = entries_allowed(a, g);
+        int ok = entries_allowed(a, g, NULL);
         if (ok < 0) goto done;
         if (ok != PyObject_IsTrue(PyTuple_GET_ITEM(g, 3))) {
             out = Py_NewRef(Py_None);
@@ -1026,7 +1083,7 @@ static PyObject *control(Armed *a, const Req *r, PyObject *op) {
     }
     PyObject *check = PyTuple_GET_ITEM(memo, M_CHECK);
     if (check != Py_None) {
-        int ok = entries_allowed(a, check);
+        int ok = entries_allowed(a, check, PyTuple_GET_ITEM(memo, M_SETTLED));
         if (ok < 0) goto done;
         if (ok != 1) {
             out = Py_NewRef(Py_None);
@@ -1071,8 +1128,6 @@ done:
     return out;
 }
 
-/* One line: (reply, audit line or None, op, verdict, reason), None, or the key of a session
- * to arm first. */
 /* --- reads: the bytes a read is served from the guest's view ------------------------------ */
 static void put_template(Text *t, PyObject *tpl, const Req *r, unsigned long long view,
                          unsigned long long mask) {
@@ -1167,6 +1222,8 @@ done:
     return out;
 }
 
+/* One line: (reply, audit line or None, op, verdict, reason), None, or the key of a session
+ * to arm first. */
 static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_t len) {
     Req r;
     if (len > MAX_LINE || parse(line, len, &r)) Py_RETURN_NONE;
