@@ -61,7 +61,7 @@ bench-compare: $(STAMP)
 	$(BIN)/python bench/compare.py $(BASE) $(if $(C),--c) $(if $(WORST),--worst $(WORST))
 
 fuzz: $(STAMP)
-	TPHTRAP_FUZZ=long $(PYTEST) -q tests/test_fuzz.py tests/test_engine_stateful.py -p no:cacheprovider
+	TPHTRAP_FUZZ=long $(PYTEST) -q tests/test_fuzz.py tests/test_engine_stateful.py tests/test_audit_attack.py -p no:cacheprovider
 
 integration: $(STAMP)
 	TPHTRAP_INTEGRATION=1 $(PYTEST) -q -s -p no:cacheprovider tests/test_acpi_integration.py
