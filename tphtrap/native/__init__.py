@@ -265,6 +265,8 @@ class NativePath:
         effects = _effects(before, _state(clone), off, decision.verdict, lists)
         if effects is None:
             return None
+        if any(attr in ("dev_ent", "ent") and i not in dirty for _, attr, i, _ in effects):
+            return None  # (an entry outside the key: as before, not kept)
         nxt = self._entries_of(clone) or _NO_ENTRIES
         dev = clone.dev_ctrl[0]
         if dev is None:

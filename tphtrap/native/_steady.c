@@ -811,7 +811,8 @@ static PyObject *dirty_key(Armed *a, PyObject *dirty, PyObject *image, PyObject 
         PyObject *i = PyList_GET_ITEM(order, k), *guest = NULL;
         Py_ssize_t at = PyLong_AsSsize_t(i);
         if (at < 0 || at >= a->n || at >= PyList_GET_SIZE(a->written) ||
-            at >= PyList_GET_SIZE(a->dev_ent) || at >= PyList_GET_SIZE(ent)) {
+            at >= PyList_GET_SIZE(a->dev_ent) || at >= PyList_GET_SIZE(ent) ||
+            (!a->in_msix && a->first + 2 * at + 1 >= PyByteArray_GET_SIZE(image))) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "control key: dirty");
             Py_CLEAR(out);
             break;
