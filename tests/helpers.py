@@ -6,12 +6,18 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tphtrap.device import normalize_bdf
+from tphtrap import serve
+from tphtrap.device import ConfigSpace, normalize_bdf
+from tphtrap.layouts import PCIE_FLAGS
+from tphtrap.policy import Policy
+from tphtrap.spec import PCI_EXP_FLAGS, PcieType
 
 __all__ = [
     "DEVICES",
@@ -24,7 +30,10 @@ __all__ = [
     "debian_packages",
     "good_lspci_fixtures",
     "lspci_vvv",
+    "named_policies",
     "parse_lspci_vvv",
+    "policy_name",
+    "rciep_config",
     "require_lspci",
     "require_tool",
 ]
@@ -183,3 +192,42 @@ class AuditSink:
 
     def flush(self) -> None:
         pass
+
+
+# --- serve in process, as the stateful attackers drive it --------------------------------------
+#: The machines' policies are Policy objects, many of which ``policy check`` would refuse for
+#: reasons beside the point here (a VM owning no tag, say): the reload requests name them, and
+#: serve's policy loader finds them here (any other name is read from its file as ever).
+_POLICIES: dict[str, Policy] = {}
+
+
+def policy_name(policy: Policy) -> str:
+    name = f"<policy {len(_POLICIES)}>"
+    _POLICIES[name] = policy
+    return name
+
+
+@contextmanager
+def named_policies() -> Iterator[None]:
+    real = serve._load_policy
+
+    def load(path: str) -> Policy:
+        return _POLICIES[path] if path in _POLICIES else real(path)
+
+    serve._load_policy = load
+    try:
+        yield
+    finally:
+        serve._load_policy = real
+        _POLICIES.clear()
+
+
+def rciep_config(config: ConfigSpace) -> bytes:
+    """``config`` as a root-complex integrated endpoint (what serve checks ``rciep`` by)."""
+    cap = config.pcie
+    assert cap is not None
+    data = bytearray(config.data)
+    at = cap.offset + PCI_EXP_FLAGS
+    flags = PCIE_FLAGS["device_port_type"].put(config.u16(at), PcieType.RC_END)
+    data[at : at + 2] = flags.to_bytes(2, "little")
+    return bytes(data)

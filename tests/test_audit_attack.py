@@ -49,14 +49,13 @@ import errno
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from devsim import LOC_CAP, LOC_MSIX, ResetKind, Shape
-from helpers import AuditSink
+from helpers import AuditSink, named_policies, policy_name, rciep_config
 from host_worlds import CTRL_WRITABLE
 from host_worlds import VM as HOST_VM
 from hypothesis import HealthCheck, Phase, settings, target
@@ -77,8 +76,9 @@ from test_engine_stateful import (
     shapes,
 )
 from test_host_stateful import HostMachine
+from wireclient import expand_runs
 
-from tphtrap import native, serve
+from tphtrap import native
 from tphtrap.audit import Auditor
 from tphtrap.device import ConfigSpace
 from tphtrap.engine import Engine
@@ -153,40 +153,16 @@ class FullDisk(AuditSink):
 
 
 # --- the engine calls of the attackers, spoken as lines ---------------------------------------
-#: The machines' policies are Policy objects (many of which ``policy check`` would refuse for
-#: reasons beside the point): a reload names one, and serve's loader finds it here.
-POLICIES: dict[str, Policy] = {}
-
-
-def policy_name(policy: Policy) -> str:
-    name = f"<policy {len(POLICIES)}>"
-    POLICIES[name] = policy
-    return name
-
-
-@contextmanager
-def named_policies() -> Iterator[None]:
-    real = serve._load_policy
-    serve._load_policy = lambda path: POLICIES[path] if path in POLICIES else real(path)
-    try:
-        yield
-    finally:
-        serve._load_policy = real
-        POLICIES.clear()
-
-
 class Refused(TphtrapError):
     """An error reply (what the engine would have raised)."""
 
 
 def expanded(writes: list[dict[str, Any]]) -> tuple[DeviceWrite, ...]:
     """A reply's ``writes``, each run (``count``, ``stride``) listed one by one, in order."""
-    out = []
-    for w in writes:
-        for k in range(w.get("count", 1)):
-            off = w["offset"] + k * w.get("stride", 0)
-            out.append(DeviceWrite(w["space"], off, w["width"], w["value"], w.get("bar")))
-    return tuple(out)
+    return tuple(
+        DeviceWrite(w["space"], w["offset"], w["width"], w["value"], w.get("bar"))
+        for w in expand_runs({"writes": writes})["writes"]
+    )
 
 
 def host_ops(ops: list[dict[str, Any]]) -> tuple[HostOp, ...]:
@@ -216,16 +192,6 @@ def decision(d: dict[str, Any]) -> Decision:
         rule=d.get("rule"),
         ops=host_ops(d["ops"]) if "ops" in d else None,
     )
-
-
-def as_rciep(cfg: ConfigSpace) -> bytes:
-    """``cfg`` as a root-complex integrated endpoint: Device/Port Type (bits 7:4 of the PCI
-    Express Capabilities register) 9, which serve checks ``rciep`` against."""
-    assert cfg.pcie is not None
-    data = bytearray(cfg.data)
-    at = cfg.pcie.offset + 2
-    data[at] = (data[at] & 0x0F) | 0x90
-    return bytes(data)
 
 
 class Wire:
@@ -294,7 +260,7 @@ class Wire:
         if host is not None:
             fields["backend"] = "host"
             if host.rciep:
-                fields["rciep"], data = True, as_rciep(cfg)
+                fields["rciep"], data = True, rciep_config(cfg)
             else:
                 fields["completer"] = host.completer
         return self.decided("attach", **fields, config=data.hex())

@@ -25,14 +25,13 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from devsim import LOC_CAP, LOC_MSIX, Shape
-from helpers import AuditSink
+from helpers import AuditSink, named_policies, policy_name, rciep_config
 from host_worlds import BDF as BDF_HOST
 from host_worlds import BIR, TABLE_OFF, build_device, vms
 from host_worlds import CTRL_WRITABLE as CTRL_WRITABLE_HOST
@@ -52,7 +51,7 @@ from test_engine_stateful import (
 )
 from test_host_stateful import HostMachine, host_devices, host_hosts
 
-from tphtrap import native, serve
+from tphtrap import native
 from tphtrap.audit import Auditor
 from tphtrap.device import ConfigSpace
 from tphtrap.engine.render import HostFacts
@@ -66,11 +65,10 @@ from tphtrap.events import (
     MsixWrite,
     Reset,
 )
-from tphtrap.layouts import PCIE_FLAGS
 from tphtrap.policy import CpuTags, DeviceSettings, HostPolicy, OnViolation, Policy, VmPolicy
 from tphtrap.policyfile import load_policy
 from tphtrap.serve import Server
-from tphtrap.spec import PCI_EXP_FLAGS, PcieType, StLocation
+from tphtrap.spec import StLocation
 from tphtrap.synth import MsixSpec, TphSpec, build_config
 from tphtrap.wire import Request, access_reply, parse_request, to_access
 
@@ -86,34 +84,6 @@ if not native.AVAILABLE:  # pragma: no cover - the set-up builds it (python3-dev
 _STAMP = re.compile(rb'"timestamp":"([^"]*)"')
 _ISO = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 HELLO = b'{"id":0,"op":"hello","versions":[2]}'
-
-
-# --- policies the machines make, for the reload requests --------------------------------------
-#: The machines' policies are Policy objects, many of which ``policy check`` would refuse for
-#: reasons beside the point here (a VM owning no tag, say): the reload requests name them, and
-#: serve's policy loader finds them here (any other name is read from its file as ever).
-_POLICIES: dict[str, Policy] = {}
-
-
-def policy_name(policy: Policy) -> str:
-    name = f"<policy {len(_POLICIES)}>"
-    _POLICIES[name] = policy
-    return name
-
-
-@contextmanager
-def named_policies() -> Iterator[None]:
-    real = serve._load_policy
-
-    def load(path: str) -> Policy:
-        return _POLICIES[path] if path in _POLICIES else real(path)
-
-    serve._load_policy = load
-    try:
-        yield
-    finally:
-        serve._load_policy = real
-        _POLICIES.clear()
 
 
 # --- request lines -----------------------------------------------------------------------------
@@ -511,17 +481,6 @@ class LineEngine:
         self.n += 1
         reply = self.twins.send(NOISE[kind](members(self.n, "cfg_write", fields)), kind)
         assert json.loads(reply)["ok"] is False, f"{kind}: {reply!r}"
-
-
-def rciep_config(config: ConfigSpace) -> bytes:
-    """``config`` as a root-complex integrated endpoint (what serve checks ``rciep`` by)."""
-    cap = config.pcie
-    assert cap is not None
-    data = bytearray(config.data)
-    at = cap.offset + PCI_EXP_FLAGS
-    flags = PCIE_FLAGS["device_port_type"].put(config.u16(at), PcieType.RC_END)
-    data[at : at + 2] = flags.to_bytes(2, "little")
-    return bytes(data)
 
 
 VM_BDF = "0000:3b:00.0"  # the attackers' device

@@ -12,17 +12,11 @@ import os
 from collections import Counter
 from typing import Any
 
+from helpers import named_policies, policy_name, rciep_config
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
-from test_native import (
-    Twins,
-    members,
-    named_policies,
-    policy_name,
-    rciep_config,
-    render,
-)
+from test_native import Twins, members, render
 
 from tphtrap.device import ConfigSpace
 from tphtrap.policy import CpuTags, DeviceSettings, HostPolicy, OnViolation, Policy, VmPolicy

@@ -178,7 +178,7 @@ class Hypervisor:
 
     def outcome(self, reply: Line) -> Outcome:
         """The decision of a reply (an error reply's decision is a drop)."""
-        return Outcome.from_json(_expanded(reply["decision"]))
+        return Outcome.from_json(expand_runs(reply["decision"]))
 
     # --- the hypervisor's own operations ------------------------------------------------------
     def attach(self, size: int = 4096) -> Line:
@@ -265,7 +265,7 @@ class Hypervisor:
         return self.rig.sim.u32(c.ctrl_at) & 0x307
 
 
-def _expanded(decision: Line) -> Line:
+def expand_runs(decision: Line) -> Line:
     """The decision with every run of writes listed one by one (docs/protocol.md: a run is one
     write object with ``count`` and ``stride``, meaning ``count`` writes ``stride`` apart)."""
     writes: list[Line] = []
