@@ -116,8 +116,8 @@ class NativePath:
         #: (rules, width, in use) -> the resolved tags (int32 each: reason << 16 | value,
         #: -1 for none, unknown until asked) and the resolver that fills them
         self._tags: dict[tuple[int, TagWidth, bool], tuple[TagRules, bytearray, Any]] = {}
-        self._texts: dict[tuple[int, str, str, str], tuple[TagRules, tuple[Any, ...]]] = {}
-        self._reads: dict[tuple[int, str, str, str], tuple[TagRules, tuple[Any, ...] | None]] = {}
+        #: per (rules, VM, device, backend): the texts of its writes' and its reads' decisions
+        self._texts: dict[tuple[int, str, str, str], tuple[TagRules, Any, Any]] = {}
 
     def handle(self, line: bytes) -> Reply | None:
         """The reply of ``line`` decided natively, or None (the Python path decides)."""
@@ -173,7 +173,7 @@ class NativePath:
         if not armable and armed is not None:
             armed.passes_only()  # (what it needs for passes does not change)
             return True
-        texts = self._texts_of(sess)
+        texts, read_texts = self._texts_of(sess)
         if not armable:
             geometry = (*geometry[:3], -1, -1, *geometry[5:])  # passes only
         mode, mask, allowed, table, resolver = entries or _NO_ENTRIES
@@ -189,7 +189,9 @@ class NativePath:
             return self._learn(sess, controls, ckey)
 
         host = _host_of(sess) if armable else None
-        reads = self._reads_of(sess) if armable else None
+        reads = None  # (what the C side serves reads from: the capabilities, then the texts)
+        if armable and read_texts is not None:
+            reads = (tuple((cap.start, cap.end) for cap in sess.geo.caps), *read_texts)
         self.armed[key] = _steady.Armed(
             sess.counts,
             sess.written,
@@ -360,15 +362,22 @@ class NativePath:
         self._tags[key] = (rules, table, resolver)
         return table, resolver
 
-    def _texts_of(self, sess: Session) -> tuple[Any, ...]:
-        """(heads, whys, rules, reasons, verdicts and their names, who, pass head and tail,
-        the decision's ops): the C side's texts."""
+    def _texts_of(self, sess: Session) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+        """The C side's texts: of the writes (:meth:`_write_texts`) and of the reads
+        (:meth:`_read_texts`), made once per rules, VM, device and backend."""
         key = (id(sess.rules), sess.vm, sess.bdf, sess.backend.name)
         got = self._texts.get(key)
         if got is not None and got[0] is sess.rules:
-            return got[1]
+            return got[1], got[2]
         if len(self._texts) >= 256:
             self._texts.clear()
+        texts, reads = self._write_texts(sess), self._read_texts(sess)
+        self._texts[key] = (sess.rules, texts, reads)
+        return texts, reads
+
+    def _write_texts(self, sess: Session) -> tuple[Any, ...]:
+        """(heads, whys, rules, reasons, verdicts and their names, who, pass head and tail,
+        the decision's ops)."""
         heads: list[bytes] = []
         whys: list[bytes] = []
         rules: list[bytes] = []
@@ -391,7 +400,7 @@ class NativePath:
         before, after = f'{decision_head(d)},"writes":[]', f"{rule_text(d.rule)}}}"
         ops = bare[len(before) : len(bare) - len(after)]
         assert bare == before + ops + after
-        texts = (
+        return (
             tuple(heads),
             tuple(whys),
             tuple(rules),
@@ -402,28 +411,11 @@ class NativePath:
             tail[:-1].encode(),  # (the decision's closing brace is the C side's)
             ops.encode(),
         )
-        self._texts[key] = (sess.rules, texts)
-        return texts
-
-    def _reads_of(self, sess: Session) -> tuple[Any, ...] | None:
-        """What the C side serves ``sess``'s reads from: (each TPH capability's start and end,
-        the verdicts, names and reasons of a read passed and of one served from the guest's
-        view, the texts of their replies and of a served config and MSI-X read's audit line);
-        None when a text does not take its slots as :func:`_template` needs."""
-        key = (id(sess.rules), sess.vm, sess.bdf, sess.backend.name)
-        got = self._reads.get(key)
-        if got is None or got[0] is not sess.rules:
-            got = (sess.rules, self._read_texts(sess))
-            if len(self._reads) >= 256:
-                self._reads.clear()
-            self._reads[key] = got
-        texts = got[1]
-        if texts is None:
-            return None
-        caps = tuple((cap.start, cap.end) for cap in sess.geo.caps)
-        return (caps, *texts)
 
     def _read_texts(self, sess: Session) -> tuple[Any, ...] | None:
+        """(the verdicts, names and reasons of a read passed and of one served from the
+        guest's view, the texts of their replies and of a served config and MSI-X read's audit
+        line), or None when a text does not take its slots as :func:`_template` needs."""
         o, w, b, v, m = (int(n) for n in _READ_MARKS)
         passed_, viewed = served(sess, 0, 0), served(sess, m, v)
         cfg = ConfigRead(sess.vm, sess.bdf, o, w)

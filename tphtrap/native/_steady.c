@@ -135,7 +135,7 @@ static int template_valid(PyObject *t) {
     return length <= MAX_TEXT ? 0 : -1;
 }
 
-/* What reads need (tphtrap.native, NativePath._reads_of): (caps, verdicts, their names,
+/* What reads need (tphtrap.native, NativePath._arm): (caps, verdicts, their names,
  * reasons, templates). caps: the (start, end) of each TPH capability, served from the image;
  * verdicts, names, reasons: of a read passed and of one served from the guest's view;
  * templates: the replies of both, the audit lines of a served config and MSI-X read. */
@@ -902,17 +902,25 @@ static int entries_allowed(Armed *a, PyObject *check, PyObject *skip) {
     Py_DECREF(checker);
     if (ent == NULL) return -1;
     int ok = PyList_CheckExact(ent);
-    for (Py_ssize_t i = 0; ok == 1 && i < PyList_GET_SIZE(ent); i++) {
-        if (skip != NULL && PySet_GET_SIZE(skip)) {
-            PyObject *o = PyLong_FromSsize_t(i);
-            int in = o == NULL ? -1 : PySet_Contains(skip, o);
-            Py_XDECREF(o);
-            if (in < 0) {
-                ok = -1;
-                break;
-            }
-            if (in) continue; /* settled by the decision: the engine checked it as it decided */
+    /* the entries settled by the decision (the engine checked them as it decided): at most
+     * DIRTY_KEYED of them, the dirty entries its key holds */
+    Py_ssize_t skipped[DIRTY_KEYED], n_skipped = 0;
+    if (skip != NULL) {
+        PyObject *it = PyObject_GetIter(skip), *o;
+        while (ok == 1 && it != NULL && (o = PyIter_Next(it)) != NULL) {
+            Py_ssize_t i = PyLong_AsSsize_t(o);
+            Py_DECREF(o);
+            if (i == -1 && PyErr_Occurred()) ok = -1;
+            else if (n_skipped == DIRTY_KEYED) ok = 2; /* (not a memo _control_memo makes) */
+            else skipped[n_skipped++] = i;
         }
+        if (it == NULL || PyErr_Occurred()) ok = -1;
+        Py_XDECREF(it);
+    }
+    for (Py_ssize_t i = 0; ok == 1 && i < PyList_GET_SIZE(ent); i++) {
+        int settled = 0;
+        for (Py_ssize_t k = 0; k < n_skipped; k++) settled |= skipped[k] == i;
+        if (settled) continue;
         PyObject *v = PyList_GET_ITEM(ent, i);
         if (!PyLong_CheckExact(v)) {
             ok = 2; /* unknown, or several values: the Python path's */
