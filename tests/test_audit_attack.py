@@ -540,7 +540,13 @@ class HostAuditAttack(Stream, HostMachine):
         if not self.frozen and not self.read_lost():
             assert d.read_mask == 0xFF and d.guest_value == self.guest_byte(off), (off, d)
 
-    @precondition(lambda self: self.frozen)
+    def snapshot_shows_tph(self) -> bool:
+        """Does a snapshot of the kernel model's config space still show the TPH capability?
+        The model's bytes are all writable, a real device's capability list is not: a guest
+        write of the Capabilities Pointer (passed: not a TPH register) can hide it there."""
+        return ConfigSpace.from_bytes(bytes(self.kernel.cfg), "<sim>", BDF).tph is not None
+
+    @precondition(lambda self: self.frozen and self.snapshot_shows_tph())
     @rule()
     def thaw(self) -> None:
         """The hypervisor attaches the frozen device again, from a fresh snapshot of its
