@@ -62,9 +62,12 @@ def test_quick_benchmark_writes_the_tables(tmp_path: Path) -> None:
     assert re.search(
         r"Self-check share of a decision's time: -?[\d.]+% \(goal under 20%: \*\*", text
     )
-    # the C client against serve (both backends) and the C echo child, every request kind
+    # the C client against serve (both backends), the C echo child and the same auditing to a
+    # file, every request kind
     for kind in ("tph-control", "st-entry", "vector-control", "non-tph"):
-        assert re.search(rf"\| any \| {kind} \|( [\d.]+x? \|){{8}}", text), kind
+        assert re.search(rf"\| any \| {kind} \|( [\d.]+x? \|){{10}}", text), kind
+    assert re.search(r"\| p99 against the C echo \+ audit file's p99, .* \| [\d.]+x \|", text)
+    assert "| memory given back to the host | " in text
     replay = [r for r in rows if r.startswith("| native |") or r.startswith("| qemu |")]
     assert len(replay) == 4
     for r in replay:
