@@ -185,10 +185,14 @@ def serve_argv(audit: Path) -> list[str]:
     return [sys.executable, "-m", "tphtrap", "serve", "--policy", policy, "--audit", str(audit)]
 
 
+#: The audit file of the latency runs' serve child, in the work directory.
+SERVE_AUDIT = "audit.jsonl"
+
+
 def start_children(workdir: Path) -> dict[str, Child]:
     py = sys.executable
     argv = {
-        "serve": serve_argv(workdir / "audit.jsonl"),
+        "serve": serve_argv(workdir / SERVE_AUDIT),
         "echo-json": [py, str(HERE / "echo_child.py"), "json"],
         "echo-bytes": [py, str(HERE / "echo_child.py"), "bytes"],
     }
@@ -238,7 +242,10 @@ class LatencyRow:
         )
 
 
-def bench_latency(children: dict[str, Child], sizes: Sizes) -> list[LatencyRow]:
+def bench_latency(children: dict[str, Child], sizes: Sizes, audit: Path) -> list[LatencyRow]:
+    """Each kind's rounds; serve's audit file (``audit``) is emptied before each round, as
+    logrotate's ``copytruncate`` does (serve appends: its next line starts the file again),
+    so that no round pays for writing back what the rounds before it left."""
     rows = []
     names = list(LATENCY_CHILDREN)
     for kind in workload.LATENCY_KINDS:
@@ -249,6 +256,7 @@ def bench_latency(children: dict[str, Child], sizes: Sizes) -> list[LatencyRow]:
                 pingpong(children[name], lines, min(50, sizes.warmup - i), i)
             row.rounds[name] = []
         for rnd in range(sizes.rounds):
+            os.truncate(audit, 0)
             samples: dict[str, list[int]] = {name: [] for name in names}
             for b in range(sizes.blocks):
                 order = names[b % 3 :] + names[: b % 3]  # rotate who goes first
@@ -384,8 +392,11 @@ def bench_c(
         return built
     pingpong, echo = built
     taskset = shutil.which("taskset")
-    serve = serve_argv(workdir / "audit-c.jsonl")
-    audited = [str(echo), "--audit", str(workdir / "audit-c-echo.jsonl")]  # (a file alike)
+    # Each run audits to a new file, removed after it: a file grown by every run before would
+    # have each later run pay for writing back what the earlier ones left.
+    audit_files = (workdir / "audit-c.jsonl", workdir / "audit-c-echo.jsonl")
+    serve = serve_argv(audit_files[0])
+    audited = [str(echo), "--audit", str(audit_files[1])]
     rows: list[CRow] = []
     for pinned in (False, True):
         if pinned and taskset is None:
@@ -408,6 +419,8 @@ def bench_c(
                     done = subprocess.run(
                         argv, cwd=ROOT, capture_output=True, text=True, check=False, timeout=300
                     )
+                    for path in audit_files:
+                        path.unlink(missing_ok=True)
                     if done.returncode != 0:
                         raise RuntimeError(f"C ping-pong {kind} {backend} failed: {done.stderr}")
                     got[backend].append(json.loads(done.stdout))
@@ -994,8 +1007,9 @@ def report(
     w("")
     w(
         "- **serve**: `tphtrap serve --policy policies/two-tenants.yaml --audit FILE` (audit "
-        "events to a file in the work directory, as a deployment would; `not-tph` accesses "
-        "are not audited by default), after `hello` and both attaches. The four request kinds "
+        "events to a file in the work directory, as a deployment would, emptied before each "
+        "round as logrotate's `copytruncate` does; `not-tph` accesses are not audited by "
+        "default), after `hello` and both attaches. The request kinds "
         "are ones its native path answers (docs/engine.md), in the `writes` backend; while "
         "every line is native, its loop runs in C too."
     )
@@ -1088,7 +1102,9 @@ def report(
         "the same pipes that answers every line with a fixed decision of the same size: the "
         "floor of any plugin on pipes; and against the same child with `--audit FILE`, which "
         "first appends an audit line of serve's size per request to a file (the floor of a "
-        "plugin that audits to a file before it replies). "
+        "plugin that audits to a file before it replies). Each run, serve's or the echo's, "
+        "audits to a new file in the work directory, removed after the run (a file grown "
+        "by all the runs before had each later run pay for writing back what they left). "
         f"Pinned: `taskset -c {cpu}` on the client, which its child inherits (both on one "
         "CPU); unpinned: the scheduler places them. Microseconds."
     )
@@ -1241,7 +1257,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {cpu})  # the children started now inherit it
         children = start_children(workdir)
         try:
-            latency = bench_latency(children, sizes)
+            latency = bench_latency(children, sizes, workdir / SERVE_AUDIT)
             piped = bench_pipelined(children, sizes)
             kinds = {"serve": children["serve"]}
             if not isinstance(built, str):
