@@ -90,9 +90,11 @@ def test_the_big_decision_takes_every_c_loop(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(bulk, "C", counting)
     d = engine.handle(ConfigWrite("a", A, ctrl, 4, 0x301))
     wire.writes_text(tuple(d.writes))
+    wire.access_reply(1, d)
     assert len(d.writes) == 2050
     assert set(counting.answered) == {
         "resolve",
+        "run_starts",
         "raw_writes",
         "entry_indices",
         "apply_disabled",
@@ -110,6 +112,8 @@ ODD_INTS = st.one_of(
     st.booleans(),
 )
 SPACES = st.sampled_from(["config", "bar", "other", 'q"uote', "é"])
+#: values alike often (runs), now and then one that is not plain
+VALUES = st.one_of(st.sampled_from([0, 1, 1, 0x10001]), ODD_INTS)
 
 
 @given(
@@ -132,6 +136,23 @@ def test_writes_text(writes: list[DeviceWrite]) -> None:
         for w in writes
     )
     assert (got is not None) == plain, (got, want)
+
+
+@given(
+    st.lists(
+        st.builds(DeviceWrite, st.just("config"), st.integers(0, 9), st.just(4), VALUES, st.none()),
+        max_size=8,
+    )
+)
+def test_run_starts(writes: list[DeviceWrite]) -> None:
+    """The C loop finds where the Python one does, or declines a value that is not plain."""
+    assert bulk.C is not None
+    got = bulk.C.run_starts(tuple(writes))
+    values = [w.value for w in writes]
+    want = [i for i in range(len(values) - 1) if values[i] == values[i + 1]]
+    plain = all(type(v) is int and 0 <= v < 2**64 for v in values)
+    assert got == (want if plain else None), (values, got)
+    assert wire._run_starts(tuple(writes)) == want  # (either loop, the same answer)
 
 
 # --- the session's loops -------------------------------------------------------------------

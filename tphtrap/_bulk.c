@@ -199,6 +199,47 @@ done:
     return result;
 }
 
+/* wire._run_starts: the indices i whose write i + 1 has the same value. The values are read
+ * first (no Python code runs: slot reads of exact DeviceWrites, exact ints), the list made
+ * after, the writes no longer looked at. */
+static PyObject *run_starts(PyObject *module, PyObject *writes) {
+    (void)module;
+    PyObject *seq = sequence(writes);
+    if (!seq) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    unsigned long long *v = PyMem_Malloc(sizeof *v * (size_t)(n ? n : 1));
+    PyObject *out = NULL;
+    if (!v) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = is_write(items[i]) ? field(D_value, items[i]) : NULL;
+        int ok = f && plain(f, &v[i]);
+        Py_XDECREF(f);
+        if (!ok) { /* (an unset value: the Python loop's error to raise) */
+            PyErr_Clear();
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    out = PyList_New(0);
+    for (Py_ssize_t i = 0; out && i + 1 < n; i++) {
+        if (v[i] != v[i + 1]) continue;
+        PyObject *at = PyLong_FromSsize_t(i);
+        if (!at || PyList_Append(out, at)) Py_CLEAR(out);
+        Py_XDECREF(at);
+    }
+done:
+    PyMem_Free(v);
+    Py_DECREF(seq);
+    return out;
+}
+
 /* --- renderings ----------------------------------------------------------------------------- */
 /* RawWrites.writes: the steps as DeviceWrites (see render.py).
  * raw_writes(steps, ctrl_at, msix, guest_low, dev_low, where, bir, shift, vc_low, ctrl_size,
@@ -663,6 +704,8 @@ static PyMethodDef methods[] = {
     {"bind", bind, METH_O, "bind(DeviceWrite): the type the functions build and read."},
     {"writes_text", writes_text, METH_O,
      "writes_text(writes) -> str | None: wire.writes_text's text (None: not plain writes)."},
+    {"run_starts", run_starts, METH_O,
+     "run_starts(writes) -> list | None: wire._run_starts (None: not plain writes)."},
     {"raw_writes", (PyCFunction)(void (*)(void))raw_writes, METH_FASTCALL,
      "raw_writes(steps, ctrl_at, msix, guest_low, dev_low, where, bir, shift, vc_low, "
      "ctrl_size, entry_size) -> list | None: RawWrites.writes."},

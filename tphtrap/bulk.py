@@ -2,10 +2,10 @@
 
 A decision re-writing every entry of a large table (an enable after a width change on a
 2048-vector device) runs a handful of loops once per entry: the planner's resolution, the
-rendering as device writes, the self-check's run, the commit, the writes' text. Each of those
-Python loops asks ``C`` first and runs itself when ``C`` is None or answers None (an input
-the C side does not take); the Python loop is the reference the C one is tested against
-(tests/test_bulk.py).
+rendering as device writes, the self-check's run, the commit, the writes' text and where
+their runs start. Each of those Python loops asks ``C`` first and runs itself when ``C`` is
+None or answers None (an input the C side does not take); the Python loop is the reference
+the C one is tested against (tests/test_bulk.py).
 """
 
 from __future__ import annotations

@@ -865,8 +865,11 @@ def _write_groups(
 def _run_starts(writes: Sequence[DeviceWrite]) -> list[int]:
     """Where a run may start: the writes whose next one has the same value (any other write
     is a lone write, or inside a run)."""
-    values = [w.value for w in writes]
-    return list(compress(range(len(values) - 1), map(eq, values, values[1:])))
+    starts = bulk.C.run_starts(writes) if bulk.C is not None else None
+    if starts is None:
+        values = [w.value for w in writes]
+        starts = list(compress(range(len(values) - 1), map(eq, values, values[1:])))
+    return starts
 
 
 def _same_but_offset(a: DeviceWrite, b: DeviceWrite) -> bool:
