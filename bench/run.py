@@ -89,7 +89,7 @@ FULL = Sizes(
     replay_rounds=3,
     c_pingpong=10_000,
     c_rounds=3,
-    worst_rounds=5,
+    worst_rounds=21,
     updates=2_000,
     check_cycles=100,
 )
@@ -729,7 +729,7 @@ def fastpath_section(
             w(
                 f"| {kind} | {wr.p50:.1f} / {wr.p99:.1f} | {ho.p50:.1f} / {ho.p99:.1f} | "
                 f"{ec.p50:.1f} / {ec.p99:.1f} | {ea.p50:.1f} / {ea.p99:.1f} | "
-                f"+{wr.p50 - ec.p50:.1f} / +{ho.p50 - ec.p50:.1f} | {s} | {e} |"
+                f"{wr.p50 - ec.p50:+.1f} / {ho.p50 - ec.p50:+.1f} | {s} | {e} |"
             )
         w("")
         w(
@@ -751,7 +751,7 @@ def fastpath_section(
             added, ratio = r.p50 - e.p50, r.p99 / e.p99
             w(
                 f"| added p50 over the C echo, pinned, {backend} backend, {kind} | "
-                f"+{added:.1f} µs | <= {GOAL_ADDED_P50_US:.0f} µs | "
+                f"{added:+.1f} µs | <= {GOAL_ADDED_P50_US:.0f} µs | "
                 f"{verdict(added <= GOAL_ADDED_P50_US)} |"
             )
             w(
@@ -791,7 +791,7 @@ def fastpath_section(
         added = p50 - echo50
         w(
             f"| added p50 over the C echo, Linux ST entry update: {step} (pinned, Python "
-            f"driver) | +{added:.1f} µs | <= {GOAL_ADDED_P50_US:.0f} µs | "
+            f"driver) | {added:+.1f} µs | <= {GOAL_ADDED_P50_US:.0f} µs | "
             f"{verdict(added <= GOAL_ADDED_P50_US)} |"
         )
     ms = median(fast.worst.rounds)
@@ -857,7 +857,7 @@ def fastpath_section(
         for step, (p50, p99, echo50, echo99) in update.items():
             w(
                 f"| {step} | {p50:.1f} | {p99:.1f} | {echo50:.1f} | {echo99:.1f} | "
-                f"+{p50 - echo50:.1f} |"
+                f"{p50 - echo50:+.1f} |"
             )
         w("")
     return out
