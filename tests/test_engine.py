@@ -600,6 +600,31 @@ def test_attach_refusals() -> None:
         engine.attach("b", A, cfg)
 
 
+def test_overlapping_tph_capabilities_are_refused() -> None:
+    """Two TPH capabilities whose registers overlap (the first one's next pointer inside its
+    own ST table, where a second header sits) cannot both be kept disabled: one's control or
+    entry bytes are the other's read-only header. Refused at attach (``bad-config``), with
+    both spans named; the same device with the second capability apart attaches."""
+
+    def second_tph_at(at: int) -> ConfigSpace:
+        data = bytearray(build_config(tph=TphSpec()))  # TPH at 0x148, 8 entries: 0x148-0x163
+        header = int.from_bytes(data[0x148:0x14C], "little")
+        data[0x148:0x14C] = (header & 0xFFFFF | at << 20).to_bytes(4, "little")
+        data[at : at + 4] = (0x17 | 1 << 16 | (header >> 20) << 20).to_bytes(4, "little")
+        data[at + 4 : at + 8] = (0x1).to_bytes(4, "little")  # No ST Mode only, no ST table
+        cfg = ConfigSpace.from_bytes(bytes(data), f"second TPH at {at:#x}", A)
+        assert [t.offset for t in cfg.tph_all] == [0x148, at]
+        return cfg
+
+    with pytest.raises(AttachRefused) as refused:
+        Engine(policy()).attach("a", A, second_tph_at(0x158))
+    assert refused.value.code == "bad-config"
+    assert "0x148 (0x148-0x163) and 0x158 (0x158-0x163) overlap" in refused.value.message
+    engine = Engine(policy())
+    engine.attach("a", A, second_tph_at(0x200))
+    assert engine.session("a", A).geo.refusal == "multiple-tph-caps"  # kept disabled, both
+
+
 def test_internal_error_drops_and_freezes_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = Engine(policy())
     cfg = ConfigSpace.from_bytes(fixture(CAP).data, "cap", A)

@@ -104,7 +104,11 @@ ERRORS: dict[str, tuple[str, str]] = {
     "unsupported-version": ("no common protocol version", "`versions`"),
     "unknown-vm": ("the VM is not in the policy", "`vm`"),
     "unknown-device": ("the device is not attached for this VM, or not assigned to it", "`bdf`"),
-    "bad-config": ("`attach` got a config space that does not decode", "`config`/`path`"),
+    "bad-config": (
+        "`attach` got a config space that does not decode, or one no filter can keep safe (a "
+        "short snapshot, overlapping TPH capabilities)",
+        "`config`/`path`",
+    ),
     "already-attached": (
         '`attach` of a device attached to this VM, without `"replace": true`',
         "`bdf`",

@@ -14,6 +14,7 @@ It also says whether the device can be trapped at all, and if not, why (a reason
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from ..device import ConfigSpace, TphInfo
@@ -101,6 +102,7 @@ class Geometry:
 
     def __init__(self, cfg: ConfigSpace) -> None:
         _check_snapshot(cfg)
+        _check_tph_caps_apart(cfg)
         self.caps = tuple(
             TphRegs(
                 t.offset,
@@ -197,6 +199,23 @@ class Geometry:
                 self.no_soft_reset = bool(PM_CTRL["no_soft_reset"].get(pmcsr))
                 self.pm_offset = c.offset + PCI_PM_CTRL
                 self._put(Reg(K_PMCSR, c.offset + PCI_PM_CTRL, 2))
+
+
+def _check_tph_caps_apart(cfg: ConfigSpace) -> None:
+    """Refuse TPH capabilities whose registers overlap (fail closed): one's control register
+    would be another's header or ST entry, so no write can keep both disabled, and the
+    self-check refuses every plan that tries (a broken capability list; no device has it)."""
+    spans = sorted(
+        (t.offset, min(t.offset + t.region_length, PCI_CFG_SPACE_EXP_SIZE)) for t in cfg.tph_all
+    )
+    for (a, a_end), (b, b_end) in itertools.pairwise(spans):
+        if b < a_end:
+            raise AttachRefused(
+                "bad-config",
+                f"{cfg.source}: the TPH capabilities at {a:#x} ({a:#x}-{a_end - 1:#x}) and "
+                f"{b:#x} ({b:#x}-{b_end - 1:#x}) overlap: the registers of one are the "
+                "other's, and neither can be kept disabled",
+            )
 
 
 def _check_snapshot(cfg: ConfigSpace) -> None:
