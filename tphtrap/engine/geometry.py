@@ -102,7 +102,6 @@ class Geometry:
 
     def __init__(self, cfg: ConfigSpace) -> None:
         _check_snapshot(cfg)
-        _check_tph_caps_apart(cfg)
         self.caps = tuple(
             TphRegs(
                 t.offset,
@@ -113,6 +112,7 @@ class Geometry:
             )
             for t in cfg.tph_all
         )
+        _check_tph_caps_apart(cfg.source, self.caps)
         self.ctrl_offsets = tuple(cap.ctrl for cap in self.caps)  # each control register
         tph = cfg.tph
         self.has_tph = tph is not None
@@ -201,20 +201,17 @@ class Geometry:
                 self._put(Reg(K_PMCSR, c.offset + PCI_PM_CTRL, 2))
 
 
-def _check_tph_caps_apart(cfg: ConfigSpace) -> None:
-    """Refuse TPH capabilities whose registers overlap (fail closed): one's control register
-    would be another's header or ST entry, so no write can keep both disabled, and the
-    self-check refuses every plan that tries (a broken capability list; no device has it)."""
-    spans = sorted(
-        (t.offset, min(t.offset + t.region_length, PCI_CFG_SPACE_EXP_SIZE)) for t in cfg.tph_all
-    )
-    for (a, a_end), (b, b_end) in itertools.pairwise(spans):
-        if b < a_end:
+def _check_tph_caps_apart(source: str, caps: tuple[TphRegs, ...]) -> None:
+    """Refuse TPH capabilities whose claimed ranges overlap (fail closed): one's control
+    register would be another's header or ST entry, so no write can keep both disabled, and
+    the self-check refuses every plan that tries (a broken capability list; no device has it)."""
+    for a, b in itertools.pairwise(sorted(caps, key=lambda c: c.start)):
+        if b.start < a.end:
             raise AttachRefused(
                 "bad-config",
-                f"{cfg.source}: the TPH capabilities at {a:#x} ({a:#x}-{a_end - 1:#x}) and "
-                f"{b:#x} ({b:#x}-{b_end - 1:#x}) overlap: the registers of one are the "
-                "other's, and neither can be kept disabled",
+                f"{source}: the TPH capabilities at {a.start:#x} ({a.start:#x}-{a.end - 1:#x}) "
+                f"and {b.start:#x} ({b.start:#x}-{b.end - 1:#x}) overlap: the registers of one "
+                "are the other's, and neither can be kept disabled",
             )
 
 
