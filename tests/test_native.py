@@ -356,6 +356,19 @@ def _unstamped(lines: list[bytes]) -> list[bytes]:
 
 
 # --- the engine API of the machines, spoken as lines ---------------------------------------
+_VC_BYTES: dict[int, tuple[Any, frozenset[int]]] = {}
+
+
+def vector_control_bytes(geo: Any) -> frozenset[int]:
+    """The BAR offsets of every byte of every Vector Control word of a filtered MSI-X table
+    (bytes 12-15 of each entry)."""
+    kept = _VC_BYTES.get(id(geo))
+    if kept is None or kept[0] is not geo:
+        words = frozenset(b for off in geo.vc_offsets for b in range(off, off + 4))
+        kept = _VC_BYTES[id(geo)] = (geo, words)
+    return kept[1]
+
+
 class LineEngine:
     """What the attackers call an engine: each call a request line to :class:`Twins`, its
     answer the Python server's engine's."""
@@ -404,8 +417,8 @@ class LineEngine:
             return "entry" if width == 2 and off in geo.entry_offsets else "other"
         if not geo.in_msix or f["bar"] != geo.msix_bir:
             return "pass"
-        if off + width <= geo.msix_start or off >= geo.msix_end:
-            return "pass"
+        if vector_control_bytes(geo).isdisjoint(range(off, off + width)):
+            return "pass"  # (the rest of the table goes through untouched)
         return "entry" if width == 4 and off in geo.vc_index else "other"
 
     # --- the calls the machines make ---
@@ -1112,7 +1125,8 @@ def test_writes_at_the_edges_of_what_is_filtered(
 ) -> None:
     """Writes of every width across the first and last bytes the engine filters, the ends
     of the ST table (the padding after an odd number of entries), the MSI-X table's ends:
-    the native path answers exactly those outside, and the whole entries."""
+    the native path answers exactly those outside, the MSI-X table's writes that hold no byte
+    of a Vector Control word (8-byte ones too), and the whole entries."""
     t = twins()
     g = Guest(t, CAP_BDF if where == "cap" else MSIX_BDF, size)
     g.attach()
@@ -1133,13 +1147,43 @@ def test_writes_at_the_edges_of_what_is_filtered(
                 entry = where == "cap" and width == 2 and off in geo.entry_offsets
                 assert g.native == (off + width <= lo or off >= hi or entry), (off, width)
     end = TABLE + 16 * size
-    for off in (TABLE - 8, TABLE - 4, TABLE - 2, TABLE, end - 8, end - 4, end - 2, end):
-        for width in (2, 4, 8):
+    edges = [TABLE - 8, TABLE - 4, TABLE - 2, TABLE, end - 8, end - 4, end - 2, end]
+    edges += [TABLE + k for k in (1, 4, 8, 10, 11, 12, 13, 14, 15, 16 + 8)]  # within entry 0
+    for off in edges:
+        for width in (1, 2, 4, 8):
             vc = width == 4 and (off - TABLE) % 16 == 12  # a Vector Control word's offset
             g.msix(off, OWN << 16 if vc else 0, width)
-            outside = where == "cap" or off + width <= TABLE or off >= end
-            entry = where == "msix" and vc
-            assert g.native == (outside or entry), (hex(off), width)
+            # (a byte of a Vector Control word: bytes 12-15 of an entry of the table)
+            words = any(
+                TABLE <= b < end and (b - TABLE) % 16 >= 12 for b in range(off, off + width)
+            )
+            assert g.native == (where == "cap" or not words or vc), (hex(off), width)
+
+
+def test_a_line_the_native_path_never_answers_does_not_arm_its_session_again(
+    twins: Callable[..., Twins],
+) -> None:
+    """After the Python path, a session waits to be armed again; a line the native path
+    would not answer armed either (an 8-byte write of an entry's message data and Vector
+    Control word) goes on to the Python path without arming it, its passes stay native, and
+    the next whole entry arms it once."""
+    t = twins()
+    g = Guest(t, MSIX_BDF)
+    g.attach()
+    g.enable(EN8)
+    g.entry(0, OWN)
+    assert g.native
+    armed: list[Any] = []
+    arm = t.path._arm
+    t.path._arm = lambda sess: armed.append(sess) or arm(sess)  # type: ignore[method-assign]
+    for vector in range(3):
+        g.msix(TABLE + 16 * vector + 8, OWN << 48 | 0x4000 + vector, 8)
+        assert not g.native
+        g.msix(TABLE + 16 * vector, 0xFEE0_0000, 8)  # its address: passed untouched
+        assert g.native
+    assert armed == []
+    g.entry(1, OWN)
+    assert g.native and len(armed) == 1
 
 
 def test_the_native_path_checks_the_checkers_rule_itself(

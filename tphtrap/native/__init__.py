@@ -4,7 +4,8 @@ in C (``_steady.c``) in the states the engine describes here.
 ``serve`` asks :meth:`NativePath.handle` first with every line (and runs its loop in C,
 :meth:`NativePath.pump`, while every line is one it answers). It answers a plain ``cfg_write``
 or ``msix_write`` of an armed session that is
-- outside everything the engine filters (passed untouched, either backend);
+- outside everything the engine filters, or in the MSI-X table with no byte in a Vector
+  Control word (passed untouched, either backend);
 - a write of one whole ST entry or Vector Control word in the engine's usual state: in the
   ``writes`` backend always, in the ``host`` backend when the decision has no host operation
   to do (the device holds that tag already, or its vector is not allocated, or the entries

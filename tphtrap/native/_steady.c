@@ -1233,6 +1233,18 @@ done:
 
 /* One line: (reply, audit line or None, op, verdict, reason), None, or the key of a session
  * to arm first. */
+/* Whether a byte of the MSI-X table write [off, off + w) is in a Vector Control word (bytes
+ * 12-15 of an entry): the engine passes any other write of the table untouched, and keeps
+ * nothing of it (Session.msix_write). Unknown bounds: yes (the Python path decides). */
+static int in_vector_control(const Armed *a, unsigned long long off, unsigned long long w) {
+    if (a->msix_start < 0 || a->msix_end < a->msix_start) return 1;
+    unsigned long long start = (unsigned long long)a->msix_start;
+    unsigned long long end = (unsigned long long)a->msix_end;
+    for (unsigned long long p = off; p < off + w; p++)
+        if (p >= start && p < end && (p - start) % 16 >= 12) return 1;
+    return 0;
+}
+
 static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_t len) {
     Req r;
     if (len > MAX_LINE || parse(line, len, &r)) Py_RETURN_NONE;
@@ -1271,27 +1283,30 @@ static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_
     if (r.op == OP_CFG)
         pass = (long long)(off + w) <= a->watch_lo || (long long)off >= a->watch_hi;
     else
-        pass = !a->in_msix || (long long)r.bar != a->bir ||
-               off + w <= (unsigned long long)a->msix_start ||
-               off >= (unsigned long long)a->msix_end;
-    if (pass) {
-        out = passes ? pass_reply(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX) : Py_NewRef(Py_None);
-    } else if (a->entries == E_STALE) {
-        out = Py_NewRef(k); /* armed again first */
-    } else if (r.op == OP_CFG && w == 4 && (long long)off == a->ctrl_off) {
-        out = control(a, &r, S_CFG);
-    } else {
+        pass = !a->in_msix || (long long)r.bar != a->bir || !in_vector_control(a, off, w);
+    int control_write = r.op == OP_CFG && w == 4 && (long long)off == a->ctrl_off;
+    if (!pass && !control_write) {
         if (r.op == OP_CFG) {
             if (!a->in_msix && w == 2 && (long long)off >= a->first &&
                 (long long)off < a->first + 2 * a->n && ((long long)off - a->first) % 2 == 0)
                 i = (Py_ssize_t)(((long long)off - a->first) / 2);
         } else {
             unsigned long long rel = off - (unsigned long long)a->msix_start;
-            if (w == 4 && rel % 16 == 12 && rel / 16 < (unsigned long long)a->n)
+            if (w == 4 && rel % 16 == 12 && a->n > 0 && rel / 16 < (unsigned long long)a->n)
                 i = (Py_ssize_t)(rel / 16);
         }
-        out = i < 0 || a->entries == E_NONE ? Py_NewRef(Py_None)
-                                            : entry(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX, i);
+    }
+    if (pass) {
+        out = passes ? pass_reply(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX) : Py_NewRef(Py_None);
+    } else if (!control_write && i < 0) {
+        out = Py_NewRef(Py_None); /* never this path's: not worth arming again for */
+    } else if (a->entries == E_STALE) {
+        out = Py_NewRef(k); /* armed again first */
+    } else if (control_write) {
+        out = control(a, &r, S_CFG);
+    } else {
+        out = a->entries == E_NONE ? Py_NewRef(Py_None)
+                                   : entry(a, &r, r.op == OP_CFG ? S_CFG : S_MSIX, i);
     }
     Py_DECREF(k);
     Py_DECREF(a);
