@@ -334,6 +334,7 @@ C_KINDS = {
     "st-entry": "ST table entry of tenant-a (allowed tag)",
     "vector-control": "Vector Control of tenant-b (16-bit tag, mask bit toggled)",
     "non-tph": "PCI Command register (outside TPH)",
+    "msix-non-tph": "Message Address of a tenant-b vector, moved (MSI-X table, not Vector Control)",
     "tph-control-read": "TPH control of tenant-a read (served from the guest's view)",
     "vector-control-read": "Vector Control of tenant-b read (its tag from the guest's view)",
 }
@@ -345,6 +346,7 @@ C_KIND_OF = {
     "st-entry": "cfg_write ST entry",
     "vector-control": "msix_write Vector Control",
     "non-tph": "cfg_write non-TPH",
+    "msix-non-tph": "msix_write non-TPH",
     "tph-control-read": "cfg_read TPH control",
     "vector-control-read": "msix_read Vector Control",
 }
@@ -735,7 +737,7 @@ def fastpath_section(
         w(
             "The goals compare serve with the C echo, which writes nothing else. Serve writes "
             "the `access.decided` line of each TPH decision to its audit file before the reply "
-            "(`cfg_write non-TPH` is not audited); the C echo + audit file "
+            "(the two non-TPH kinds are not audited); the C echo + audit file "
             "(`bench/c/echo.c --audit FILE`) appends a line of that size and shape per request "
             "to a file in the same directory before its replies: what that write alone costs "
             "this machine, beside the floor."

@@ -63,6 +63,8 @@ LATENCY_KINDS = {
     "cfg_write ST entry": "ST table entry of tenant-a (allowed tag; 1 in 8 foreign: rewritten)",
     "cfg_write non-TPH": "PCI Command register (outside TPH: passed untouched, not audited)",
     "msix_write Vector Control": "Vector Control of tenant-b (16-bit tag, mask bit toggled)",
+    "msix_write non-TPH": "Message Address of a tenant-b vector, moved (in the MSI-X table, "
+    "no byte of Vector Control: passed untouched, not audited)",
     "cfg_read TPH control": "TPH control register of tenant-a (served from the guest's view)",
     "msix_read Vector Control": "Vector Control of tenant-b (its tag from the guest's view)",
 }
@@ -87,6 +89,10 @@ def latency_requests(kind: str, n: int = 64) -> list[bytes]:
             req = {"op": "msix_write", **B, "bar": BAR_B, "width": 4}
             req["offset"] = MSIX_B + 16 * vector + 12
             req["value"] = 0x0202_0000 | (i // 32) % 2
+        elif kind == "msix_write non-TPH":
+            req = {"op": "msix_write", **B, "bar": BAR_B, "width": 4}
+            req["offset"] = MSIX_B + 16 * (i % 32)
+            req["value"] = 0xFEE0_0000 | (i // 32) % 2 << 12
         elif kind == "cfg_read TPH control":
             req = {"op": "cfg_read", **A, "offset": CTRL_A, "width": 4}
         elif kind == "msix_read Vector Control":

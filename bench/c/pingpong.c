@@ -5,8 +5,8 @@
  *
  *   pingpong KIND BACKEND N REPO [--echo] -- CHILD ARGV...
  *
- * KIND: tph-control | st-entry | vector-control | non-tph | tph-control-read |
- * vector-control-read. BACKEND: writes | host. With
+ * KIND: tph-control | st-entry | vector-control | non-tph | msix-non-tph |
+ * tph-control-read | vector-control-read. BACKEND: writes | host. With
  * --echo the child is the C echo (no handshake, no attach); otherwise it is tphtrap serve,
  * set up with both devices of policies/two-tenants.yaml in BACKEND.
  */
@@ -39,6 +39,9 @@ static int one(const char *kind, unsigned i, struct tphtrap_reply *r) {
     if (strcmp(kind, "vector-control") == 0)
         return tphtrap_msix_write(c, B, 2, 0x4000 + 16 * (i % 4) + 12, 4,
                                   0x02020000u | (i % 2), r);
+    if (strcmp(kind, "msix-non-tph") == 0)
+        return tphtrap_msix_write(c, B, 2, 0x4000 + 16 * (i % 4), 4,
+                                  0xFEE00000u | (i % 2) << 12, r);
     if (strcmp(kind, "tph-control-read") == 0) return tphtrap_cfg_read(c, A, 0x150, 4, r);
     if (strcmp(kind, "vector-control-read") == 0)
         return tphtrap_msix_read(c, B, 2, 0x4000 + 16 * (i % 4) + 12, 4, r);
