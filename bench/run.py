@@ -1076,7 +1076,7 @@ def report(
     w("## Pipelined throughput")
     w("")
     w(
-        f"Up to *window* requests in flight (the four request kinds above, interleaved), "
+        f"Up to *window* requests in flight (every request kind above, interleaved), "
         f"{sizes.pipelined:,} requests per measurement, the children alternating, median of "
         f"{sizes.rounds} rounds. Requests per second."
     )
