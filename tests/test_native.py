@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -1158,6 +1159,62 @@ def test_writes_at_the_edges_of_what_is_filtered(
                 TABLE <= b < end and (b - TABLE) % 16 >= 12 for b in range(off, off + width)
             )
             assert g.native == (where == "cap" or not words or vc), (hex(off), width)
+
+
+def _msix_config(size: int, bir: int, table: int) -> bytes:
+    tph = TphSpec(extended=True, location=StLocation.MSIX, table_size=size)
+    return build_config(tph=tph, msix=MsixSpec(size, bir=bir, table_offset=table))
+
+
+@pytest.mark.parametrize("backend", ["writes", "host"])
+@pytest.mark.parametrize(
+    ("size", "bir", "table"),
+    [(1, 2, 0x1000), (2, 0, 0x0), (3, 5, 0x8), (2048, 4, 0x2000), (1, 3, 0xFFFF_FFF8)],
+)
+def test_msix_table_writes_outside_vector_control_in_every_geometry(
+    twins: Callable[..., Twins], size: int, bir: int, table: int, backend: str
+) -> None:
+    """Every width at every offset around the table's ends and inside its first entries, of
+    the table's BAR and another, in a session fresh, in use and stale (after a Python-path
+    line), in either backend: a write with no byte of a Vector Control word passes untouched
+    (natively, unless its value has 20 digits); the twins compare everything else."""
+    t = twins()
+    rnd = random.Random(size * 7 + table)
+    n = [100]
+
+    def send(op: str, **f: Any) -> dict[str, Any]:
+        n[0] += 1
+        line = render(members(n[0], op, {"vm": VM, "bdf": MSIX_BDF, **f}))
+        return json.loads(t.send(line))  # type: ignore[no-any-return]
+
+    extra: dict[str, Any] = {"vector_ctrl": [1] * size}
+    if backend == "host":
+        extra = {"backend": "host", "completer": 3}
+    assert send("attach", config=_msix_config(size, bir, table).hex(), **extra)["ok"]
+    if backend == "host":
+        assert send("vectors", allocated=list(range(min(size, 4))), tags_cleared=True)["ok"]
+    vc = {table + 16 * i + k for i in range(size) for k in range(12, 16)}
+    end = table + 16 * size
+    offs = sorted({b + k for b in (table, table + 16, end - 16, end) for k in range(-9, 18)})
+    for stage in ("fresh", "in use", "stale"):
+        if stage == "in use":
+            send("cfg_write", offset=CTRL, width=4, value=EN8)
+            send("msix_write", bar=bir, offset=table + 12, width=4, value=OWN << 16)
+        elif stage == "stale":
+            send("msix_write", bar=bir, offset=table + 14, width=1, value=FOREIGN)
+            assert not t.answered
+        for off in (o for o in offs if o >= 0):
+            for width in (1, 2, 4, 8):
+                for bar in (bir, (bir + 1) % 6):
+                    value = rnd.getrandbits(8 * width)
+                    f = {"bar": bar, "offset": off, "width": width, "value": value}
+                    d = send("msix_write", **f)["decision"]
+                    if bar == bir and not vc.isdisjoint(range(off, off + width)):
+                        continue
+                    assert (d["verdict"], d["reason"]) == ("pass", "not-tph"), (stage, f, d)
+                    assert d["writes"] == [{"space": "bar", **f}], (stage, f, d)
+                    assert backend == "writes" or d["ops"] == [], d
+                    assert bool(t.answered) == (value < 10**19), (stage, f)
 
 
 def test_a_line_the_native_path_never_answers_does_not_arm_its_session_again(

@@ -1231,8 +1231,6 @@ done:
     return out;
 }
 
-/* One line: (reply, audit line or None, op, verdict, reason), None, or the key of a session
- * to arm first. */
 /* Whether a byte of the MSI-X table write [off, off + w) is in a Vector Control word (bytes
  * 12-15 of an entry): the engine passes any other write of the table untouched, and keeps
  * nothing of it (Session.msix_write). Unknown bounds: yes (the Python path decides). */
@@ -1245,6 +1243,8 @@ static int in_vector_control(const Armed *a, unsigned long long off, unsigned lo
     return 0;
 }
 
+/* One line: (reply, audit line or None, op, verdict, reason), None, or the key of a session
+ * to arm first. */
 static PyObject *decide(PyObject *armed, int passes, const char *line, Py_ssize_t len) {
     Req r;
     if (len > MAX_LINE || parse(line, len, &r)) Py_RETURN_NONE;
