@@ -599,9 +599,13 @@ PATHS = [
 @pytest.mark.parametrize("native_path", PATHS)
 @pytest.mark.parametrize("host", [False, True], ids=["writes", "host"])
 def test_no_lost_audit_line_lets_the_device_escape(native_path: bool, host: bool) -> None:
-    """The machine's oracles judge every step; the run must have lost decision lines."""
+    """The machine's oracles judge every step; the run must have lost decision lines (a
+    short run may fill no disk: then up to 4 more runs)."""
     HITS.clear()
-    run(machine(native_path, host), HOST_EXAMPLES if host else EXAMPLES)
+    for _ in range(5):
+        run(machine(native_path, host), HOST_EXAMPLES if host else EXAMPLES)
+        if sum(HITS.values()):
+            break
     assert sum(HITS.values()) > 0, "no audit line was lost in the whole run"
 
 

@@ -154,10 +154,14 @@ def audit_events(path: Path, *, killed: bool = False, start: int = 0) -> list[di
 
 
 def wait_for_event(path: Path, name: str, count: int = 1) -> list[dict[str, Any]]:
+    """The ``name`` events of an audit file once it has ``count`` of them. Serve may be
+    writing to it: a read may see the line being written half done (a line crossing a page
+    is copied a page at a time), so only the whole lines are looked at, each whole JSON."""
     deadline = time.monotonic() + WAIT
     while True:
-        events = audit_events(path) if path.exists() else []
-        found = [e for e in events if e["event"] == name]
+        data = path.read_bytes() if path.exists() else b""
+        text = data[: data.rfind(b"\n") + 1].decode("utf-8")
+        found = [e for e in map(json.loads, text.splitlines()) if e["event"] == name]
         if len(found) >= count:
             return found
         assert time.monotonic() < deadline, f"no {name!r} event (#{count}) in the audit"
@@ -485,20 +489,6 @@ def test_sighup_broken_policy_keeps_the_old_one(
 
 
 # --- audit log rotation -------------------------------------------------------------------------
-def wait_for_live_event(path: Path, name: str) -> list[dict[str, Any]]:
-    """:func:`wait_for_event` for a file serve is writing to under load: a read may see the
-    line being written half done, so only the whole lines are looked at."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        text = path.read_text("utf-8") if path.exists() else ""
-        whole = text[: text.rfind("\n") + 1]
-        found = [e for e in map(json.loads, whole.splitlines()) if e["event"] == name]
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"no {name!r} event in {path}"
-        time.sleep(0.02)
-
-
 def decided_ids(*paths: Path) -> list[Any]:
     return [e["id"] for p in paths for e in audit_events(p) if e["event"] == "access.decided"]
 
@@ -521,7 +511,7 @@ def test_audit_rotation_under_load_loses_nothing(
         rotated.append(moved)
         sig = signal.SIGHUP if n % 2 else signal.SIGUSR1
         child.proc.send_signal(sig)
-        reopened = wait_for_live_event(audit, "audit.reopened")
+        reopened = wait_for_event(audit, "audit.reopened")
         assert reopened == [
             {**reopened[0], "path": str(audit), "reason": sig.name, "event": "audit.reopened"}
         ]

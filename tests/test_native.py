@@ -640,18 +640,25 @@ def _host_location(tph: TphSpec) -> StLocation:
     return tph.location if tph.location in (StLocation.CAP, StLocation.MSIX) else StLocation.CAP
 
 
-def run_machine(machine: type[Any], examples: int) -> Hits:
+def run_machine(
+    machine: type[Any], examples: int, covered: Callable[[Hits], bool] = lambda _: True
+) -> Hits:
+    """Run ``machine``, then again (up to 4 more runs, the hits added up) while its hits are
+    not ``covered``: the random worlds of one run may send none of a kind the test counts."""
     hits = LineEngine.hits = Hits()
     with named_policies():
-        run_state_machine_as_test(
-            machine,
-            settings=settings(
-                max_examples=max(1, examples),
-                stateful_step_count=30,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-            ),
-        )
+        for _ in range(5):
+            run_state_machine_as_test(
+                machine,
+                settings=settings(
+                    max_examples=max(1, examples),
+                    stateful_step_count=30,
+                    deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                ),
+            )
+            if covered(hits):
+                break
     return hits
 
 
@@ -1615,16 +1622,21 @@ def test_the_c_parser_reads_exactly_what_the_protocol_reads(tmp_path: Path) -> N
 def test_native_servers_answer_as_python_servers(machine: type[LineTwinMachine]) -> None:
     """The writes backend: the attacker of test_engine_stateful, line by line, in its own
     worlds and in worlds that allow TPH."""
-    hits = run_machine(machine, EXAMPLES // 10)
+    steady = machine is SteadyLineTwinMachine
+
+    def covered(hits: Hits) -> bool:
+        return bool(hits.native["read"]) and (not steady or hits.sent["entry"] >= 50)
+
+    hits = run_machine(machine, EXAMPLES // 10, covered)
     print(f"{machine.__name__}: native path answered, of the plain write lines: {hits}")
     # Only what the engine decides by its steady path, or passes untouched.
     assert not hits.native["other"] and not hits.native["entry-general"], hits
     assert not hits.native["frozen"], hits
-    assert hits.share("pass") == 1 and hits.native["read"], hits
-    if machine is SteadyLineTwinMachine:
+    assert covered(hits) and hits.share("pass") == 1, hits
+    if steady:
         # Not every one: a session armed while latched stays passes-only for its entries
         # (the known fault at the end of this file).
-        assert hits.sent["entry"] >= 50 and hits.share("entry") >= 0.3, hits
+        assert hits.share("entry") >= 0.3, hits
 
 
 @pytest.mark.parametrize("machine", [LineTwinHostMachine, SteadyLineTwinHostMachine])
@@ -1635,14 +1647,20 @@ def test_native_servers_answer_as_python_servers_host_backend(
     and in worlds that allow TPH. The native path answers passes, entries that need no host
     operation, and control writes the engine decided before in the same state."""
     steady = machine is SteadyLineTwinHostMachine
-    hits = run_machine(machine, EXAMPLES // (10 if steady else 40))
+
+    def covered(hits: Hits) -> bool:
+        # (what a run sends varies with its worlds: 30 to 500 entry lines here, and one run
+        # in about eight has no control write the native path answers)
+        seen = bool(hits.sent["pass"] and hits.native["read"])
+        return seen and (not steady or (hits.sent["entry"] >= 20 and bool(hits.native["control"])))
+
+    hits = run_machine(machine, EXAMPLES // (10 if steady else 40), covered)
     print(f"{machine.__name__}: native path answered, of the plain write lines: {hits}")
-    assert hits.sent["pass"] and hits.share("pass") == 1 and hits.native["read"], hits
+    assert covered(hits) and hits.share("pass") == 1, hits
     assert not hits.native["other"] and not hits.native["entry-general"], hits
     assert not hits.native["frozen"], hits
-    if steady:  # (how many entry lines a run sends varies with its worlds: 30 to 500 here)
-        assert hits.sent["entry"] >= 20 and hits.share("entry") >= 0.3, hits
-        assert hits.native["control"], hits
+    if steady:
+        assert hits.share("entry") >= 0.3, hits
 
 
 # --- faults the twins found (mended) ------------------------------------------------------
