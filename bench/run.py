@@ -764,7 +764,7 @@ def fastpath_section(
     audited = [
         (r.p99 / a.p99, r.backend, kind)
         for ck, kind in kinds_c.items()
-        if ck != "non-tph" and (a := got.get((AUDITED, ck))) is not None
+        if kind in fastpath.TPH_KINDS and (a := got.get((AUDITED, ck))) is not None
         for r in (got.get(("writes", ck)), got.get(("host", ck)))
         if r is not None
     ]
@@ -1220,7 +1220,7 @@ def report(
     w("## Reproduce")
     w("")
     w("```sh")
-    w("make bench                                   # this file, about 2-3 minutes on 2 cores")
+    w("make bench                                   # this file, about 4 minutes on 2 cores")
     w(".venv/bin/python bench/run.py --quick --output /tmp/bench.md   # a smoke run, seconds")
     w(".venv/bin/pip install pyinstrument && .venv/bin/python bench/profile.py   # profiles")
     w("```")

@@ -5,14 +5,17 @@
  * handle(armed, passes, line) takes a cfg_write, msix_write, cfg_read or msix_read line in the
  * plainest JSON (no escapes, printable ASCII strings, integers, each member once, nothing else)
  * naming a session in ``armed`` (a dict: b"vm\0bdf" -> Armed), and decides it when it is
- *   - a write outside what the engine filters (the config bytes outside the TPH capability
- *     and the reset registers, the MSI-X BAR outside the ST table): passed untouched, or
+ *   - a write the engine passes untouched: outside what it filters (the config bytes outside
+ *     the TPH capability and the reset registers, the MSI-X BAR outside the ST table), or in
+ *     the MSI-X table with no byte in a Vector Control word (in_vector_control), or
  *   - a write of one whole ST entry or Vector Control word while the session is in the state
  *     Armed describes: the tag resolved by the engine's own resolver (kept per tag), the
  *     device value checked against the checker's rule, the guest view, the device state and
  *     the self-check's copy updated as the engine's steady path updates them. In the host
  *     backend only while the decision has no host operation to do (the device already holds
  *     that tag, or cannot be set now): one that sets a tag is the Python path's; or
+ *   - a write of the whole TPH control register the engine decided before in the same state
+ *     (control(): its decision and effects kept, made on a copy of the session); or
  *   - a valid read of a session armed with its reads: its bytes in a TPH capability, or in
  *     the ST half of a Vector Control word, served from the guest's view (the session's own
  *     image and tags), any other passed to the device.
