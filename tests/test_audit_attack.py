@@ -655,6 +655,29 @@ def test_a_lost_entry_line_freezes_the_device_until_it_is_attached_again(
         assert enabled(m) and not m.frozen
 
 
+@pytest.mark.parametrize("kind", [ResetKind.ZEROED, ResetKind.KEPT], ids=["zeroed", "kept"])
+@pytest.mark.parametrize("native_path", PATHS)
+def test_a_reset_of_a_frozen_device_leaves_later_freezes_nothing_to_change(
+    native_path: bool, kind: ResetKind
+) -> None:
+    """TPH on in Interrupt Vector mode; a reload's line is lost: frozen, TPH off with the mode
+    bits kept. The hypervisor resets the device (which zeroes its TPH registers, or keeps
+    them): TPH is written off at the power-on value, so the next reload whose line is lost
+    (a freeze, which writes TPH off again) changes nothing on the device (found by the
+    machine: it wrote the mode bits the reset had cleared)."""
+    with named_policies():
+        m = story(native_path)
+        m.driver_enables(enable=1, linux=False, mode=1, tags=[])
+        assert enabled(m)
+        m.disk_full(kind='"event":"policy.applied"')
+        m.reload(Change("unchanged"))
+        assert m.frozen and not enabled(m)
+        m.hypervisor_reset(kind)
+        assert not enabled(m) and m.rig.sim.u32(m.device.tph_caps[0].ctrl_at) == 0
+        m.reload(Change("unchanged"))  # (the machine's oracle: nothing changes)
+        assert m.frozen and not enabled(m)
+
+
 @pytest.mark.parametrize("native_path", PATHS)
 def test_a_lost_read_line_drops_the_read_and_freezes_nothing(native_path: bool) -> None:
     """The read is dropped; the device keeps TPH, and the guest's next write and read are

@@ -697,6 +697,13 @@ class Checker:
         if self.caps:
             self.ctrl[0] = 0
 
+    def power_on_controls(self) -> None:
+        """A reset the engine did not follow (its device is frozen): each control register is
+        taken to hold its power-on value, which the poison path writes next (a device that
+        kept its own value gets it too)."""
+        for k, c in enumerate(self.ctrl):
+            self.ctrl[k] = (_values(c) or (0,))[0] & ~_WRITABLE
+
     def disable_all(self) -> tuple[DeviceWrite, ...]:
         """Writes that clear Requester Enable on every TPH capability (the poison path)."""
         writes = []

@@ -233,6 +233,12 @@ class Engine:
         if sess is None:
             return self._unknown(access.vm, access.bdf)
         if sess.poisoned is not None:
+            if isinstance(access, Reset):
+                # The device's TPH registers are back at power-on, or kept: TPH off again,
+                # at the power-on value, so that the engine knows what they hold (a later
+                # freeze writes that value again, and changes nothing).
+                sess.checker.power_on_controls()
+                return self._poison(sess, sess.poisoned)
             return self._decision(sess, _DROP, ["internal-error"], detail=sess.poisoned)
         if sess.revoked and not isinstance(access, Reset):
             return self._decision(sess, _DROP, ["device-revoked"])
