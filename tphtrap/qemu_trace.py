@@ -124,6 +124,10 @@ MAX_KEPT_ERRORS: Final = 100
 MAX_DEVICES: Final = 4096  # distinct device names kept; more come from a garbled trace
 GROUP_WINDOW: Final = 64  # lines a config access waits for its other views, at most
 VFIO_BAR_REGIONS: Final = 6  # BARs are 0-5 (PCI and vfio); 6 is the ROM (vfio: 7 config, 8 VGA)
+# Lines whose (immutable) event the reader keeps, so that a line seen again is not parsed again
+# (a guest repeats its accesses, and a trace without timestamps their lines); when full, the
+# reader starts again with the lines that follow.
+DECODED_LINES: Final = 4096
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -967,14 +971,22 @@ class QemuTraceReader:
         groups = self._groups
         handlers = self._handlers
         decode = _decode
+        decoded: dict[str, QemuEvent | _OtherRegion] = {}  # only events, in fact
+        remembered = decoded.get
         lineno = 0
         try:
             for lineno, line in enumerate(self._lines, 1):
                 try:
-                    ev = decode(line, True)
+                    ev = remembered(line)
                     if ev is None:
-                        stats.skipped += 1
-                        continue
+                        ev = decode(line, True)
+                        if ev is None:
+                            stats.skipped += 1
+                            continue
+                        if type(ev) in handlers:
+                            if len(decoded) == DECODED_LINES:
+                                decoded.clear()  # keep the recent ones
+                            decoded[line] = ev
                     if isinstance(ev, _OtherRegion):
                         stats.other_regions += 1
                         continue
