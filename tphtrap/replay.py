@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +52,7 @@ from .qemu_trace import (
     QemuTraceReader,
     open_trace,
 )
+from .replay_memo import DecisionMemo, Effect
 from .replay_summary import (
     MAX_FIRST,
     MAX_LISTED,
@@ -74,6 +77,29 @@ __all__ = [
 # Decisions that need no reviewer's attention: the guest got what it asked for.
 _PASS = Verdict.PASS
 _EXT_START = 0x100  # config offsets from here on are extended config space
+
+# A native line the memo may know: its id (a 64-bit integer or a short plain string: any such
+# id decodes alike) first, then the rest of the line, which is the key.
+_ID_START = '{"id":'
+_ID_TOKEN = re.compile(r'0|-?[1-9][0-9]{0,17}|"[A-Za-z0-9_.-]{1,32}"')
+# A QEMU access the memo may know: its type, whether its width was inferred, and its fields
+_QEMU_KEY: dict[type, Callable[[Any], tuple[Any, ...]]] = {
+    ConfigWrite: attrgetter("vm", "bdf", "offset", "width", "value"),
+    ConfigRead: attrgetter("vm", "bdf", "offset", "width"),
+    MsixWrite: attrgetter("vm", "bdf", "bar", "offset", "width", "value"),
+    MsixRead: attrgetter("vm", "bdf", "bar", "offset", "width"),
+    Reset: attrgetter("vm", "bdf"),
+}
+
+
+def _native_key(text: str) -> str | None:
+    """The memo's key of a native trace line: the line after its id, or None."""
+    if not text.startswith(_ID_START):
+        return None
+    cut = text.find(",", 6)
+    if cut < 0 or _ID_TOKEN.fullmatch(text, 6, cut) is None:
+        return None
+    return text[cut + 1 :]
 
 
 class NotJudged(TphtrapError):
@@ -245,6 +271,10 @@ class Replayer:
     per-device lines, notable writes), never what it counts. With ``strict``, the first
     malformed line raises :class:`TraceError` and, unless ``allow_unjudged``, the first access
     that cannot be judged raises :class:`NotJudged`.
+
+    With ``memo`` (see :mod:`tphtrap.replay_memo`), a line the memo knows in the device's
+    state is counted from memory, and yields no record: the summary is the same; only the
+    records decided afresh are yielded. ``tick`` is then called every 1024 lines.
     """
 
     def __init__(
@@ -259,6 +289,8 @@ class Replayer:
         check_expect: bool = False,
         select: Callable[[Record], bool] | None = None,
         filter_text: str | None = None,
+        memo: bool = False,
+        tick: Callable[[str], None] | None = None,
     ) -> None:
         self.policy = policy
         self.engine = Engine(policy)
@@ -275,6 +307,19 @@ class Replayer:
         self._refused: dict[str, str] = {}  # bdf -> why the engine refused it
         self._seen: set[str] = set()  # device names the traces named (for absent bindings)
         self._readers: list[QemuTraceReader] = []
+        self.memo = DecisionMemo(self.engine, self.summary) if memo else None
+        self.tick = tick
+
+    def records_so_far(self) -> int:
+        """The records judged so far (with those counted from memory not yet added)."""
+        memo = self.memo
+        return self.summary.records + (memo.pending() if memo is not None else 0)
+
+    def _settle(self) -> None:
+        """Bring the engine and the summary up to date with the memo, which forgets
+        everything (before the engine's devices or policy change, and after a trace)."""
+        if self.memo is not None:
+            self.memo.settle()
 
     # --- shared ----------------------------------------------------------------------------
     def _malformed(self, trace: str, line: int, message: str) -> None:
@@ -317,6 +362,7 @@ class Replayer:
         self, vm: str, bdf: str, cfg: ConfigSpace, where: str, overlay: str | None = None
     ) -> str | None:
         """Attach ``bdf`` to ``vm``; why the engine refused it, or None."""
+        self._settle()
         ov = self.overlays.get(bdf)
         if ov is not None:
             cfg = cfg.with_tph_overlay(ov)
@@ -388,6 +434,56 @@ class Replayer:
             s.notable.append(_notable(rec))
         return rec
 
+    def _memo_decide(
+        self,
+        key: Any,
+        trace: str,
+        line: int,
+        access: Access,
+        expect: Any = None,
+        inferred: bool = False,
+    ) -> Record:
+        """:meth:`_decide`, the device's session first brought up to date with the memo, which
+        then learns the line (``key``; None: not to be learned) if its record may repeat."""
+        memo = self.memo
+        assert memo is not None
+        dev = memo.before(access.vm, access.bdf)
+        if dev is None:
+            return self._decide(trace, line, access, expect, inferred)
+        s = self.summary
+        before = (s.records, len(s.notable), s.contradictions, s.mismatches, s.expected, s.shown)
+        view = memo.view_counters(access.bdf)
+        counts = memo.counts(dev)
+        rec = self._decide(trace, line, access, expect, inferred)
+        effect = None
+        if key is not None and self._memo_learnable(before, rec):
+            d = rec.decision
+            effect = Effect(
+                (d.verdict, d.reason, access.vm, access.bdf, type(access)),
+                inferred,
+                s.expected != before[4],
+                (VERDICT_NAMES[d.verdict], d.reason) if s.shown != before[5] else None,
+                tuple(b - a for a, b in zip(view, memo.view_counters(access.bdf), strict=True)),
+                memo.effect_counts(dev, counts),
+            )
+        memo.after(dev, key if effect is not None else None, effect)
+        return rec
+
+    def _memo_learnable(self, before: tuple[int, ...], rec: Record) -> bool:
+        """Whether a repetition of ``rec`` would change the summary only by its counts:
+        nothing of it names its line (a first record, a notable write, a contradiction, a
+        mismatch)."""
+        s = self.summary
+        records, notable, contradictions, mismatches = before[:4]
+        if records < MAX_FIRST or s.contradictions != contradictions:
+            return False
+        if s.mismatches != mismatches or len(s.notable) != notable:
+            return False
+        # a refused or changed write is listed while there is room (if the filter shows it)
+        return not (
+            notable < MAX_NOTABLE and rec.decision.verdict is not _PASS and rec.access.is_write
+        )
+
     def _check_expect(self, rec: Record, expect: Any) -> None:
         s = self.summary
         s.expected += 1
@@ -413,9 +509,25 @@ class Replayer:
         engine = self.engine
         seen = self._seen
         skipped = self.summary.buckets["skipped"]
+        memo, tick = self.memo, self.tick
+        routes = memo.routes if memo is not None else None
+        id_token = _ID_TOKEN.fullmatch
         lineno = 0
         try:
             for lineno, text in enumerate(source, 1):
+                if routes is not None and text.startswith(_ID_START):  # the memo's fast path
+                    cut = text.find(",", 6)
+                    tail = text[cut + 1 :]
+                    dev = routes.get(tail)
+                    if dev is not None and cut > 0 and id_token(text, 6, cut) is not None:
+                        edge = dev.node.edges.get(tail)  # type: ignore[union-attr]
+                        if edge is not None:
+                            dev.node, effect = edge
+                            effect.hits += 1
+                            dev.ahead += 1
+                            if tick is not None and not lineno & 1023:
+                                tick(path)
+                            continue
                 body = text.rstrip("\r\n")
                 if not body or body.isspace():  # (both strip() would leave empty)
                     skipped.add(path, lineno, None, "blank line")
@@ -430,13 +542,19 @@ class Replayer:
                     if engine.session(access.vm, access.bdf) is None:
                         seen.add(access.bdf)
                         self._auto_attach(access.vm, access.bdf, f"{path}:{lineno}")
-                    yield self._decide(path, lineno, access, req.args.get("expect"))
+                    if memo is not None:
+                        yield self._memo_decide(
+                            _native_key(text), path, lineno, access, req.args.get("expect")
+                        )
+                    else:
+                        yield self._decide(path, lineno, access, req.args.get("expect"))
                     continue
                 usable = True  # False: the request went to the malformed bucket instead
                 if req.op == "attach":
                     seen.add(req.args["bdf"])
                     usable = self._native_attach(req, path, lineno)
                 elif req.op == "detach":
+                    self._settle()
                     self.engine.detach(req.args["vm"], req.args["bdf"])
                     self._attached.pop(req.args["bdf"], None)
                 elif req.op == "reload":
@@ -444,6 +562,7 @@ class Replayer:
                 if usable:
                     skipped.add(path, lineno, None, f"{req.op} request (no access)")
         finally:
+            self._settle()
             self.summary.lines += lineno
 
     def _native_attach(self, req: Request, path: str, lineno: int) -> bool:
@@ -487,6 +606,7 @@ class Replayer:
         except (TphtrapError, OSError) as exc:
             self._malformed(path, lineno, f"reload: {exc}")
             return False
+        self._settle()
         self.policy = policy
         self.engine.reload(policy)
         return True
@@ -506,6 +626,10 @@ class Replayer:
         s = self.summary
         known = self._qemu
         skipped = s.buckets["skipped"]
+        memo, tick = self.memo, self.tick
+        remembered = memo.devices if memo is not None else None
+        qemu_key = _QEMU_KEY
+        hits = 0
         try:
             for lineno, access, note, bucket, reason in reader:
                 if bucket:
@@ -533,8 +657,26 @@ class Replayer:
                     assert why is not None
                     self._not_judged("unjudged", path, lineno, bdf, why, "")
                     continue
-                yield self._decide(path, lineno, access, inferred=note.startswith(WIDTH_INFERRED))
+                inferred = note.startswith(WIDTH_INFERRED)
+                if remembered is None:
+                    yield self._decide(path, lineno, access, inferred=inferred)
+                    continue
+                kind = type(access)
+                key = (kind, inferred, qemu_key[kind](access))
+                mdev = remembered.get((access.vm, bdf))
+                if mdev is not None:
+                    edge = mdev.node.edges.get(key)  # type: ignore[union-attr]
+                    if edge is not None:  # the memo's fast path
+                        mdev.node, effect = edge
+                        effect.hits += 1
+                        mdev.ahead += 1
+                        hits += 1
+                        if tick is not None and not hits & 1023:
+                            tick(path)
+                        continue
+                yield self._memo_decide(key, path, lineno, access, inferred=inferred)
         finally:
+            self._settle()
             st = reader.stats
             for reason, n in (
                 (REASON_UNRELATED, st.skipped),
@@ -722,6 +864,12 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="accesses that cannot be judged are expected: report them but exit 0",
     )
     p.add_argument(
+        "--no-memo",
+        action="store_true",
+        help="decide every access afresh, also one the trace repeated in the same device "
+        "state (same summary, slower; --decisions implies it)",
+    )
+    p.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
         default="auto",
@@ -817,6 +965,10 @@ def run(args: argparse.Namespace) -> int:
         return owner.name if owner else None
 
     select, filter_text = _selector(shown, args.only_tph)
+    progress = _Progress(
+        sys.stderr,
+        args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty()),
+    )
     rp = Replayer(
         policy,
         devices=devices,
@@ -827,10 +979,8 @@ def run(args: argparse.Namespace) -> int:
         check_expect=args.expect,
         select=select,
         filter_text=filter_text,
-    )
-    progress = _Progress(
-        sys.stderr,
-        args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty()),
+        memo=not (args.no_memo or args.decisions),
+        tick=lambda trace: progress.update(trace, rp.records_so_far()),
     )
     out = open(args.decisions, "w", encoding="utf-8") if args.decisions else None  # noqa: SIM115
     started = time.monotonic()
@@ -846,7 +996,7 @@ def run(args: argparse.Namespace) -> int:
                 if out is not None and (select is None or select(rec)):
                     out.write(_decision_line(rec))
                 if not rec.line % 1024:
-                    progress.update(trace, rp.summary.records)
+                    progress.update(trace, rp.records_so_far())
     except NotJudged as exc:
         progress.done()
         print(f"tphtrap: error: {exc}", file=sys.stderr)

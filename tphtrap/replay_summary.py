@@ -308,6 +308,8 @@ class TphView:
 class ReplaySummary:
     # judged records, all of them (filters narrow what is shown, never what is counted)
     records: int = 0
+    # of them, counted from replay's memo (the same line again in the same device state)
+    from_memory: int = 0
     # (verdict, reason, VM, device, access type) -> records: one count per record, from which
     # the verdict, reason, VM and device tables are derived (see :attr:`verdicts`)
     tally: Counter[tuple[Verdict, str, str, str, type]] = field(default_factory=Counter)
@@ -390,6 +392,7 @@ class ReplaySummary:
             devices[bdf] += n
         return {
             "count": self.records,
+            "from_memory": self.from_memory,
             "devices": dict(devices.most_common()),
             "reasons": dict(self.reasons.most_common()),
             "first_lines": self.first_records,
@@ -479,7 +482,10 @@ def _bucket_lines(name: str, b: Bucket) -> list[str]:
 
 def _accounting(s: ReplaySummary) -> list[str]:
     out = [f"accounting ({s.lines:,} lines, each in one bucket):"]
-    out.append(f"  {'records':<13}{s.records:>10,}  judged by the engine")
+    memo = ""
+    if s.from_memory:
+        memo = f"; {s.from_memory:,} of them again (the same line in the same device state)"
+    out.append(f"  {'records':<13}{s.records:>10,}  judged by the engine{memo}")
     for name in BUCKETS[1:]:
         out += _bucket_lines(name, s.buckets[name])
     out += [f"      {line}" for line in s.absent]
