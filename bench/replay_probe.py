@@ -67,6 +67,7 @@ def replay(args: list[str]) -> dict[str, Any]:
         "seconds": seconds,
         "rc": rc,
         "records": summary["records"]["count"],
+        "from_memory": summary["records"]["from_memory"],
         "skipped": summary["skipped"]["count"],
         "malformed": summary["malformed"]["count"],
         "not_judged": summary["not_judged"],
