@@ -271,6 +271,23 @@ def test_a_structural_change_between_repetitions_is_seen(between: int) -> None:
     assert memo.memo is not None and memo.memo.replayed > 4 * len(CYCLE)
 
 
+@pytest.mark.parametrize("vm", [B["vm"], "nobody"])
+def test_an_access_naming_a_remembered_device_under_another_vm_is_seen(vm: str) -> None:
+    """The summary's view of a device is kept by device: a reset naming it under another VM
+    resets that view, and the memo of the device's own VM does not write it back."""
+    read = f'{{"id":1,{_tail(ACCESSES[8], None)}\n'
+    enable = f'{{"id":1,{_tail(ACCESSES[0], None)}\n'
+    foreign = json.dumps({"id": 1, "op": "reset", "vm": vm, "bdf": A["bdf"]}) + "\n"
+    lines = [_attach(A["bdf"]) + "\n", _attach(B["bdf"]) + "\n"]
+    lines += [*[read] * 6, enable, *[read] * 10, foreign, *[read] * 3, enable, *[read] * 4]
+    memo, plain = _replayers()
+    list(memo.native("t.jsonl", lines))
+    list(plain.native("t.jsonl", lines))
+    assert _summary(memo) == _summary(plain)
+    assert plain.summary.tph[A["bdf"]].enables == 2
+    _same_afterwards(memo, plain)
+
+
 def test_odd_ids_are_never_counted_from_memory() -> None:
     """A line the memo knows but for an id that does not decode alike is decided afresh:
     it is malformed (or not), as without the memo."""

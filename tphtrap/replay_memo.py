@@ -163,6 +163,12 @@ class DecisionMemo:
             if dev.ahead:
                 self._restore(dev)
             return dev
+        for other in [d for d in self.devices.values() if d.bdf == bdf]:
+            # The access names the device under another VM: whatever it does to the
+            # summary's view of the device (kept by device) is not in that memo's states.
+            if other.ahead:
+                self._restore(other)
+            self._give_up(other)
         if key in self.untracked:
             return None
         sess = self.engine.session(vm, bdf)
